@@ -1,0 +1,248 @@
+"""The feature schema: one definition shared by training, ingestion and serving.
+
+A schema names the behaviour actions, the tasks a model predicts (each task is "did any of these
+actions happen"), the sequence limits and the vocabularies that map raw ids to dense indices.
+Dense index 0 is the out-of-vocabulary bucket of every vocabulary. The schema hash covers the
+spec *and* the vocabularies' contents, because the feature store keeps dense indices: a bundle
+trained on one vocabulary cannot read a store written with another, and is refused at load.
+
+The derived features (time-gap buckets, weekday, history counters) are pure numpy functions here
+so that the offline sample builder and the online service compute them with the same code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+
+# Canonical behaviour actions. The code of an action is its position in this tuple.
+ACTIONS: tuple[str, ...] = ("click", "cart", "fav", "buy")
+ACTION_CODE: dict[str, int] = {name: code for code, name in enumerate(ACTIONS)}
+
+SCHEMA_FILE = "schema.json"
+VOCAB_FILES = {"user": "vocab_user.npy", "item": "vocab_item.npy", "category": "vocab_category.npy"}
+
+IntArray = npt.NDArray[np.int64]
+
+
+class SchemaError(ValueError):
+    """A schema or vocabulary file is missing, malformed, or does not match its hash."""
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """A prediction task: positive when any of `actions` happened for the (user, item) target."""
+
+    name: str
+    actions: tuple[str, ...]
+
+
+DEFAULT_TASKS: tuple[TaskSpec, ...] = (
+    TaskSpec("click", ("click", "cart", "fav", "buy")),
+    TaskSpec("cart", ("cart", "fav")),
+    TaskSpec("buy", ("buy",)),
+)
+
+
+@dataclass(frozen=True)
+class SchemaSpec:
+    """The non-vocabulary part of the schema (small, JSON)."""
+
+    name: str = "default"
+    actions: tuple[str, ...] = ACTIONS
+    tasks: tuple[TaskSpec, ...] = DEFAULT_TASKS
+    max_sequence_length: int = 10_000  # lifelong sequence cap kept in the store and served
+    short_sequence_length: int = 20  # most recent behaviours attended directly
+    time_gap_buckets: int = 16  # bucket b covers gaps of [2^b - 1, 2^(b+1) - 1) hours
+    weekday_buckets: int = 7
+
+    def __post_init__(self) -> None:
+        if tuple(self.actions) != ACTIONS:
+            raise SchemaError(f"actions must be {ACTIONS}, got {self.actions}")
+        if not self.tasks:
+            raise SchemaError("a schema needs at least one task")
+        names = [t.name for t in self.tasks]
+        if len(set(names)) != len(names):
+            raise SchemaError(f"task names must be unique, got {names}")
+        for task in self.tasks:
+            unknown = set(task.actions) - set(ACTIONS)
+            if unknown or not task.actions:
+                raise SchemaError(f"task {task.name!r} names unknown actions {sorted(unknown)}")
+        if self.max_sequence_length < 1 or self.short_sequence_length < 1:
+            raise SchemaError("sequence lengths must be positive")
+
+    @property
+    def task_names(self) -> tuple[str, ...]:
+        return tuple(t.name for t in self.tasks)
+
+    @property
+    def n_history_features(self) -> int:
+        """Width of `history_features`: log1p count per action plus log1p length."""
+        return len(self.actions) + 1
+
+    def task_action_matrix(self) -> npt.NDArray[np.bool_]:
+        """[n_actions, n_tasks] bool: action a makes task t positive."""
+        m = np.zeros((len(self.actions), len(self.tasks)), dtype=bool)
+        for t, task in enumerate(self.tasks):
+            for a in task.actions:
+                m[ACTION_CODE[a], t] = True
+        return m
+
+    def to_dict(self) -> dict[str, object]:
+        d = asdict(self)
+        d["actions"] = list(self.actions)
+        d["tasks"] = [{"name": t.name, "actions": list(t.actions)} for t in self.tasks]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, object]) -> SchemaSpec:
+        data = dict(d)
+        tasks = data.pop("tasks", None)
+        actions = data.pop("actions", ACTIONS)
+        kwargs: dict[str, object] = dict(data)
+        if tasks is not None:
+            if not isinstance(tasks, list):
+                raise SchemaError("schema 'tasks' must be a list")
+            kwargs["tasks"] = tuple(TaskSpec(str(t["name"]), tuple(t["actions"])) for t in tasks)
+        if not isinstance(actions, list | tuple):
+            raise SchemaError("schema 'actions' must be a list")
+        kwargs["actions"] = tuple(actions)
+        try:
+            return cls(**kwargs)  # type: ignore[arg-type]
+        except TypeError as exc:
+            raise SchemaError(f"bad schema fields: {exc}") from exc
+
+
+@dataclass(frozen=True, eq=False)
+class Vocabulary:
+    """Raw int64 ids -> dense indices. Index 0 is out-of-vocabulary; known ids are 1..len(ids)."""
+
+    ids: IntArray  # sorted, unique
+
+    @classmethod
+    def build(cls, raw_ids: npt.ArrayLike) -> Vocabulary:
+        return cls(np.unique(np.asarray(raw_ids, dtype=np.int64)))
+
+    @property
+    def size(self) -> int:
+        """Rows an embedding table needs: known ids plus the OOV bucket."""
+        return int(self.ids.shape[0]) + 1
+
+    def lookup(self, raw_ids: npt.ArrayLike) -> IntArray:
+        raw = np.asarray(raw_ids, dtype=np.int64)
+        if self.ids.shape[0] == 0:
+            return np.zeros(raw.shape, dtype=np.int64)
+        pos = np.searchsorted(self.ids, raw)
+        pos_clipped = np.minimum(pos, self.ids.shape[0] - 1)
+        found = self.ids[pos_clipped] == raw
+        return np.where(found, pos_clipped + 1, 0).astype(np.int64)
+
+    def digest(self) -> str:
+        return hashlib.sha256(np.ascontiguousarray(self.ids, dtype="<i8").tobytes()).hexdigest()
+
+
+@dataclass(frozen=True, eq=False)
+class FeatureSchema:
+    """Spec plus vocabularies; `hash` identifies both."""
+
+    spec: SchemaSpec
+    users: Vocabulary
+    items: Vocabulary
+    categories: Vocabulary
+    hash: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        h = hashlib.sha256()
+        h.update(json.dumps(self.spec.to_dict(), sort_keys=True).encode())
+        for vocab in (self.users, self.items, self.categories):
+            h.update(vocab.digest().encode())
+        object.__setattr__(self, "hash", h.hexdigest())
+
+    def vocab_sizes(self) -> dict[str, int]:
+        return {"user": self.users.size, "item": self.items.size, "category": self.categories.size}
+
+    def manifest_entry(self) -> dict[str, object]:
+        """What a bundle manifest records about its schema."""
+        return {"hash": self.hash, "spec": self.spec.to_dict(), "vocab_sizes": self.vocab_sizes()}
+
+    def save(self, directory: str | Path) -> list[Path]:
+        """Write `schema.json` and one `.npy` per vocabulary; returns the files written."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        doc = {"hash": self.hash, "spec": self.spec.to_dict(), "vocab_sizes": self.vocab_sizes()}
+        written = [d / SCHEMA_FILE]
+        (d / SCHEMA_FILE).write_text(json.dumps(doc, indent=2, sort_keys=True))
+        for key, vocab in zip(VOCAB_FILES, (self.users, self.items, self.categories), strict=True):
+            np.save(d / VOCAB_FILES[key], vocab.ids.astype("<i8"))
+            written.append(d / VOCAB_FILES[key])
+        return written
+
+    @classmethod
+    def load(cls, directory: str | Path, mmap: bool = True) -> FeatureSchema:
+        """Read a saved schema and check that its contents still match the recorded hash."""
+        d = Path(directory)
+        try:
+            doc = json.loads((d / SCHEMA_FILE).read_text())
+            vocabs = [
+                np.load(d / VOCAB_FILES[k], mmap_mode="r" if mmap else None, allow_pickle=False)
+                for k in VOCAB_FILES
+            ]
+        except FileNotFoundError as exc:
+            raise SchemaError(f"schema file missing: {exc.filename}") from exc
+        except (OSError, ValueError) as exc:
+            raise SchemaError(f"cannot read schema in {d}: {exc}") from exc
+        schema = cls(SchemaSpec.from_dict(doc["spec"]), *(Vocabulary(v) for v in vocabs))
+        if schema.hash != doc.get("hash"):
+            raise SchemaError(
+                f"schema in {d} does not match its recorded hash "
+                f"({schema.hash[:12]} != {str(doc.get('hash'))[:12]}): files were changed"
+            )
+        return schema
+
+
+# ---------------------------------------------------------------------------------------------
+# Derived features: used verbatim by the offline sample builder and by the online service.
+
+
+def time_gap_bucket(gap_seconds: npt.ArrayLike, n_buckets: int) -> IntArray:
+    """Log2 bucket of a non-negative gap in hours: 0 for < 1 h, b for [2^b - 1, 2^(b+1) - 1) h."""
+    gap_hours = np.maximum(np.asarray(gap_seconds, dtype=np.float64), 0.0) / 3600.0
+    bucket = np.floor(np.log2(1.0 + gap_hours)).astype(np.int64)
+    return np.clip(bucket, 0, n_buckets - 1)
+
+
+def weekday(ts: npt.ArrayLike) -> IntArray:
+    """Day of week (Monday = 0) of unix seconds, UTC. 1970-01-01 was a Thursday."""
+    return ((np.asarray(ts, dtype=np.int64) // 86_400) + 3) % 7
+
+
+def history_features(actions: npt.NDArray[np.integer], n_actions: int = len(ACTIONS)) -> npt.NDArray[np.float32]:
+    """User dense features from the user's (already time-filtered) history of action codes.
+
+    log1p of the count of each action, then log1p of the history length.
+    """
+    counts = np.bincount(np.asarray(actions, dtype=np.int64), minlength=n_actions)[:n_actions]
+    out = np.empty(n_actions + 1, dtype=np.float32)
+    out[:n_actions] = np.log1p(counts)
+    out[n_actions] = np.log1p(len(actions))
+    return out
+
+
+def history_features_batch(
+    actions: npt.NDArray[np.integer], lengths: Sequence[int] | npt.NDArray[np.integer], n_actions: int = len(ACTIONS)
+) -> npt.NDArray[np.float32]:
+    """`history_features` for many histories laid end to end in `actions` (CSR by `lengths`)."""
+    lengths_arr = np.asarray(lengths, dtype=np.int64)
+    owner = np.repeat(np.arange(lengths_arr.shape[0]), lengths_arr)
+    counts = np.zeros((lengths_arr.shape[0], n_actions), dtype=np.int64)
+    np.add.at(counts, (owner, np.asarray(actions, dtype=np.int64)), 1)
+    out = np.empty((lengths_arr.shape[0], n_actions + 1), dtype=np.float32)
+    out[:, :n_actions] = np.log1p(counts)
+    out[:, n_actions] = np.log1p(lengths_arr)
+    return out

@@ -1,0 +1,60 @@
+"""The `rankserve` command line.
+
+Each subcommand lives in its own module, which exposes `add_arguments(parser)` and
+`run(args) -> int`. Modules are imported only when their subcommand runs, so `rankserve serve`
+never imports torch and `rankserve --help` starts fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "synth": ("models.data.synth", "write a deterministic synthetic event set at production scale"),
+    "train": ("models.train", "train the multi-task ranker on a dataset (needs the train extra)"),
+    "evaluate": ("models.evaluate", "offline evaluation: AUC, GAUC, logloss, WR@K, IA, baselines"),
+    "export": ("export.exporter", "export a trained run to a versioned bundle (ONNX + TorchScript + tables)"),
+    "verify-bundle": ("export.verify", "open a bundle without torch and verify its manifest and hashes"),
+    "ingest": ("feature_store.ingest", "bulk-load events into the online feature store"),
+    "serve": ("service.server", "run the REST and gRPC ranking server"),
+    "bench": ("loadtest.bench", "run the benchmark suite and print JSON plus a markdown table"),
+}
+
+
+def _build_parser(command: str | None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rankserve", description="Online ranking microservice.")
+    parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module_name, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == command:
+            importlib.import_module(module_name).add_arguments(p)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in args_list if a in COMMANDS), None)
+    parser = _build_parser(command)
+    args = parser.parse_args(args_list)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    from service.logging_setup import configure_logging
+
+    configure_logging(args.log_level)
+    module = importlib.import_module(COMMANDS[args.command][0])
+    try:
+        return int(module.run(args) or 0)
+    except KeyboardInterrupt:
+        logging.getLogger("rankserve").warning("interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
