@@ -15,7 +15,9 @@ index. All little-endian, fixed width, so a decode is a `frombuffer` and never a
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
+from itertools import repeat
 
 import numpy as np
 import numpy.typing as npt
@@ -111,7 +113,7 @@ def decode_profile(raw: bytes | None) -> int | None:
         return None
     if len(raw) != PROFILE_RECORD.itemsize:
         raise CodecError(f"profile value has {len(raw)} bytes, expected {PROFILE_RECORD.itemsize}")
-    return int(np.frombuffer(raw, dtype=PROFILE_RECORD)["user"][0])
+    return int.from_bytes(raw, "little")  # u32 LE; a tenth of the cost of a frombuffer
 
 
 def encode_items(item_index: npt.ArrayLike, category_index: npt.ArrayLike) -> list[bytes]:
@@ -124,7 +126,9 @@ def encode_items(item_index: npt.ArrayLike, category_index: npt.ArrayLike) -> li
     return [raw[k * size : (k + 1) * size] for k in range(rec.shape[0])]
 
 
-def decode_items(values: list[bytes | None]) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.bool_]]:
+def decode_items(
+    values: list[bytes | None],
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.bool_]]:
     """(item index, category index, found) in input order; misses decode to index 0."""
     n = len(values)
     size = ITEM_RECORD.itemsize
@@ -136,4 +140,27 @@ def decode_items(values: list[bytes | None]) -> tuple[npt.NDArray[np.int64], npt
                 raise CodecError(f"item value has {len(v)} bytes, expected {size}")
             buf[k * size : (k + 1) * size] = v
     rec = np.frombuffer(bytes(buf), dtype=ITEM_RECORD)
+    return rec["item"].astype(np.int64), rec["category"].astype(np.int64), found
+
+
+_ITEM_MISS = bytes(ITEM_RECORD.itemsize)
+
+
+def decode_item_values(
+    values: list[bytes | None],
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.bool_]]:
+    """Same result as `decode_items`, with one join and one `frombuffer` instead of a per-item copy.
+
+    The serving path decodes a few hundred item values per request; this keeps that to a few
+    microseconds. Falls back to `decode_items` (which names the bad value) when a size is wrong.
+    """
+    n = len(values)
+    if n == 0:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), np.zeros(0, dtype=bool)
+    found = np.fromiter(map(operator.is_not, values, repeat(None)), dtype=bool, count=n)
+    joined = b"".join([_ITEM_MISS if v is None else v for v in values])
+    # The total catches empty values, the set of lengths catches a short value offset by a long one.
+    if len(joined) != n * ITEM_RECORD.itemsize or not set(map(len, filter(None, values))) <= {ITEM_RECORD.itemsize}:
+        return decode_items(values)
+    rec = np.frombuffer(joined, dtype=ITEM_RECORD)
     return rec["item"].astype(np.int64), rec["category"].astype(np.int64), found

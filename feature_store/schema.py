@@ -246,3 +246,69 @@ def history_features_batch(
     out[:, :n_actions] = np.log1p(counts)
     out[:, n_actions] = np.log1p(lengths_arr)
     return out
+
+
+N_CROSS_FEATURES = len(ACTIONS) + 2
+
+
+def cross_features(
+    hist_item: npt.NDArray[np.integer],
+    hist_action: npt.NDArray[np.integer],
+    hist_ts: npt.NDArray[np.integer],
+    cand_item: npt.NDArray[np.integer],
+    request_ts: int,
+    n_actions: int = len(ACTIONS),
+) -> npt.NDArray[np.float32]:
+    """User-item cross features of each candidate against one user's history, [B, n_actions + 2].
+
+    log1p(count of each action on this exact item), 1 if any, log1p(hours since the latest
+    event on it) / 10. Unknown items (dense index 0) never match. TWIN feeds such user-item
+    crosses to the model as scalars; a revisit is the strongest signal in behaviour logs.
+    """
+    cand = np.asarray(cand_item, dtype=np.int64)
+    out = np.zeros((cand.shape[0], n_actions + 2), dtype=np.float32)
+    items = np.asarray(hist_item, dtype=np.int64)
+    if items.shape[0] == 0 or cand.shape[0] == 0:
+        return out
+    actions = np.asarray(hist_action, dtype=np.int64)
+    pairs, counts = np.unique(items * n_actions + actions, return_counts=True)
+    known = cand != 0
+    for a in range(n_actions):
+        want = cand * n_actions + a
+        pos = np.minimum(np.searchsorted(pairs, want), pairs.shape[0] - 1)
+        hit = (pairs[pos] == want) & known
+        out[:, a] = np.where(hit, np.log1p(counts[pos]), 0.0)
+    ts = np.asarray(hist_ts, dtype=np.int64)
+    order = np.lexsort((ts, items))
+    sorted_items = items[order]
+    last = np.r_[sorted_items[1:] != sorted_items[:-1], True]
+    uniq, last_ts = sorted_items[last], ts[order][last]
+    pos = np.minimum(np.searchsorted(uniq, cand), uniq.shape[0] - 1)
+    hit = (uniq[pos] == cand) & known
+    hours = np.maximum(request_ts - last_ts[pos], 0) / 3600.0
+    out[:, n_actions] = hit
+    out[:, n_actions + 1] = np.where(hit, np.log1p(hours) / 10.0, 0.0)
+    return out
+
+
+def cross_features_batch(
+    hist_item: npt.NDArray[np.integer],
+    hist_action: npt.NDArray[np.integer],
+    hist_ts: npt.NDArray[np.integer],
+    hist_valid: npt.NDArray[np.bool_],
+    cand_item: npt.NDArray[np.integer],
+    request_ts: npt.NDArray[np.integer],
+    n_actions: int = len(ACTIONS),
+) -> npt.NDArray[np.float32]:
+    """`cross_features` for a batch of samples with padded [B, L] histories (one candidate each)."""
+    cand = np.asarray(cand_item, dtype=np.int64)
+    match = hist_valid & (hist_item == cand[:, None]) & (cand[:, None] != 0)
+    out = np.zeros((cand.shape[0], n_actions + 2), dtype=np.float32)
+    for a in range(n_actions):
+        out[:, a] = np.log1p((match & (hist_action == a)).sum(axis=1))
+    latest = np.where(match, hist_ts, -1).max(axis=1, initial=-1)
+    hit = latest >= 0
+    hours = np.maximum(np.asarray(request_ts, dtype=np.int64) - latest, 0) / 3600.0
+    out[:, n_actions] = hit
+    out[:, n_actions + 1] = np.where(hit, np.log1p(hours) / 10.0, 0.0)
+    return out

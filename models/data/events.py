@@ -7,6 +7,7 @@ user's events are one contiguous, chronological slice. Torch-free: ingestion use
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -50,7 +51,7 @@ class EventLog:
         dedup: bool = True,
     ) -> EventLog:
         """Sort into canonical order and, by default, drop exact duplicate rows."""
-        cols = [
+        cols: list[npt.NDArray[Any]] = [
             np.asarray(user_id, dtype=np.int64),
             np.asarray(item_id, dtype=np.int64),
             np.asarray(category_id, dtype=np.int64),

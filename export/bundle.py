@@ -1,0 +1,197 @@
+"""The model bundle: format constants and the torch-free reader the service uses.
+
+A bundle is one immutable directory, `<root>/<name>/<version>/`:
+
+    manifest.json          name, version, created, schema (hash, spec, vocab sizes), tasks,
+                           default fusion, retrieval settings, model config, scorer inputs and
+                           outputs, tables, parity results, sha256 of every other file
+    scorer.onnx            the dense scorer (ONNX)
+    scorer.torchscript.pt  the same scorer (TorchScript)
+    tables/*.npy           item/category keys and queries (TWIN-precomputed), representation
+                           tables, GSU bias tables; memory-mapped so worker processes share pages
+    schema/                the FeatureSchema (schema.json + vocabulary .npy files)
+
+Opening a bundle verifies every file's sha256 *before* any of it is used, and the manifest is
+plain JSON: nothing in a bundle is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from feature_store.schema import FeatureSchema, SchemaError
+
+FORMAT = "rankserve.bundle/1"
+MANIFEST = "manifest.json"
+ONNX_FILE = "scorer.onnx"
+TORCHSCRIPT_FILE = "scorer.torchscript.pt"
+TABLES_DIR = "tables"
+SCHEMA_DIR = "schema"
+# The scorer's inputs, in order: the exporter's graph signature and what the service builds.
+SCORER_INPUTS: tuple[str, ...] = (
+    "cand_query",  # [B, A]    float32  candidate's attention query (item + category rows)
+    "cand_repr",  # [B, R]     float32  candidate's representation (item + category rows)
+    "cand_cross",  # [B, C]    float32  user-item cross features (schema.cross_features)
+    "ret_key",  # [B, K, A]    float32  keys of the retrieved behaviours
+    "ret_repr",  # [B, K, R]   float32  representations of the retrieved behaviours
+    "ret_action",  # [B, K]    int64    action codes
+    "ret_gap",  # [B, K]       int64    time-gap buckets
+    "ret_mask",  # [B, K]      float32  1 = real behaviour, 0 = padding
+    "short_key",  # [B, S, A]  float32  the most recent S behaviours, same fields
+    "short_repr",  # [B, S, R]
+    "short_action",  # [B, S]
+    "short_gap",  # [B, S]
+    "short_mask",  # [B, S]
+    "user_repr",  # [B, U]     float32  user representation row
+    "user_dense",  # [B, D]    float32  schema.history_features
+    "weekday",  # [B]          int64    weekday of the request time
+)
+SCORER_OUTPUT = "probs"  # [B, T] float32 task probabilities, in schema task order
+TABLE_NAMES: tuple[str, ...] = (
+    "item_key",
+    "category_key",
+    "item_query",
+    "category_query",
+    "item_repr",
+    "category_repr",
+    "user_repr",
+    "gsu_action_bias",
+    "gsu_gap_bias",
+)
+
+
+class BundleError(Exception):
+    """A bundle that cannot be used: missing or tampered files, bad manifest, wrong schema."""
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True, eq=False)
+class Bundle:
+    """An opened, verified bundle. Tables are read-only memory maps."""
+
+    path: Path
+    manifest: dict[str, Any]
+    schema: FeatureSchema
+    tables: dict[str, npt.NDArray[np.float32]]
+
+    @property
+    def name(self) -> str:
+        return str(self.manifest["name"])
+
+    @property
+    def version(self) -> int:
+        return int(self.manifest["version"])
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(self.manifest["tasks"])
+
+    @property
+    def retrieval(self) -> dict[str, Any]:
+        return dict(self.manifest["retrieval"])
+
+    @property
+    def fusion(self) -> dict[str, Any]:
+        return dict(self.manifest["fusion"])
+
+    def scorer_path(self, runtime: str) -> Path:
+        """Path of the scorer for `runtime` ("onnx" or "torchscript")."""
+        files = {"onnx": ONNX_FILE, "torchscript": TORCHSCRIPT_FILE}
+        if runtime not in files:
+            raise BundleError(f"unknown scorer runtime {runtime!r}; expected one of {sorted(files)}")
+        return self.path / files[runtime]
+
+    def describe(self) -> dict[str, Any]:
+        """A short summary for logs and the /v1/models endpoint."""
+        return {
+            "name": self.name,
+            "version": self.version,
+            "created": self.manifest.get("created"),
+            "schema_hash": self.schema.hash,
+            "tasks": self.tasks,
+            "fusion": self.fusion,
+            "retrieval": self.retrieval,
+        }
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except FileNotFoundError as exc:
+        raise BundleError(f"{path}: no {MANIFEST} (not a bundle, or still being written)") from exc
+    except (OSError, json.JSONDecodeError) as exc:
+        raise BundleError(f"{path}: unreadable {MANIFEST}: {exc}") from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise BundleError(f"{path}: manifest format is not {FORMAT!r}")
+    for key in ("name", "version", "schema", "tasks", "fusion", "retrieval", "files", "tables"):
+        if key not in manifest:
+            raise BundleError(f"{path}: manifest lacks {key!r}")
+    return manifest
+
+
+def verify_files(path: Path, manifest: dict[str, Any]) -> None:
+    """Check every file the manifest lists against its sha256, and that nothing escapes the bundle."""
+    root = path.resolve()
+    for rel, expected in manifest["files"].items():
+        file = (path / rel).resolve()
+        if root not in file.parents:
+            raise BundleError(f"{path}: manifest file {rel!r} points outside the bundle")
+        if not file.is_file():
+            raise BundleError(f"{path}: file {rel} listed in the manifest is missing")
+        actual = sha256_file(file)
+        if actual != expected:
+            raise BundleError(
+                f"{path}: sha256 mismatch for {rel} (manifest {expected[:12]}..., file {actual[:12]}...): "
+                "the bundle was modified or corrupted after export"
+            )
+
+
+def open_bundle(path: str | Path, verify: bool = True) -> Bundle:
+    """Open a bundle directory; with `verify`, refuse it unless every file matches its hash."""
+    p = Path(path)
+    manifest = read_manifest(p)
+    if verify:
+        verify_files(p, manifest)
+    try:
+        schema = FeatureSchema.load(p / SCHEMA_DIR)
+    except SchemaError as exc:
+        raise BundleError(f"{p}: bad schema: {exc}") from exc
+    if schema.hash != manifest["schema"]["hash"]:
+        raise BundleError(f"{p}: schema hash {schema.hash[:12]} differs from the manifest's")
+    tables: dict[str, npt.NDArray[np.float32]] = {}
+    for name, meta in manifest["tables"].items():
+        try:
+            arr = np.load(p / meta["file"], mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise BundleError(f"{p}: cannot map table {name}: {exc}") from exc
+        if list(arr.shape) != list(meta["shape"]) or str(arr.dtype) != meta["dtype"]:
+            raise BundleError(
+                f"{p}: table {name} is {arr.dtype}{arr.shape}, manifest says {meta['dtype']}{meta['shape']}"
+            )
+        tables[name] = arr
+    missing = set(TABLE_NAMES) - set(tables)
+    if missing:
+        raise BundleError(f"{p}: tables missing from the manifest: {sorted(missing)}")
+    return Bundle(path=p, manifest=manifest, schema=schema, tables=tables)
+
+
+def list_versions(root: str | Path, name: str) -> list[int]:
+    """Versions present under `root/name/` (directories with integer names), ascending."""
+    d = Path(root) / name
+    if not d.is_dir():
+        return []
+    return sorted(int(c.name) for c in d.iterdir() if c.is_dir() and c.name.isdigit())

@@ -1,0 +1,223 @@
+"""`rankserve export`: a trained run -> an immutable, versioned bundle (see export/bundle.py).
+
+The exporter writes the scorer as ONNX and TorchScript plus the tables, checks PyTorch vs ONNX
+Runtime vs TorchScript on one batch (padded and short histories, unknown ids included), records
+the differences and every file's sha256 in the manifest, and only then moves the directory into
+place with one rename, so a model registry never sees a half-written bundle.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from export.bundle import (
+    FORMAT,
+    MANIFEST,
+    ONNX_FILE,
+    SCHEMA_DIR,
+    SCORER_INPUTS,
+    SCORER_OUTPUT,
+    TABLES_DIR,
+    TORCHSCRIPT_FILE,
+    list_versions,
+    sha256_file,
+)
+from export.parity import PARITY_TOLERANCE, parity_batch, scorer_parity
+from models.checkpoint import load_run
+from models.model import RankingModel
+
+log = logging.getLogger("rankserve.export")
+
+DEFAULT_FUSION_WEIGHTS = {"click": 1.0, "cart": 3.0, "fav": 3.0, "buy": 10.0}
+
+DYNAMIC_AXES: dict[str, dict[int, str]] = {
+    "cand_query": {0: "batch"},
+    "cand_repr": {0: "batch"},
+    "cand_cross": {0: "batch"},
+    "ret_key": {0: "batch", 1: "k"},
+    "ret_repr": {0: "batch", 1: "k"},
+    "ret_action": {0: "batch", 1: "k"},
+    "ret_gap": {0: "batch", 1: "k"},
+    "ret_mask": {0: "batch", 1: "k"},
+    "short_key": {0: "batch", 1: "short"},
+    "short_repr": {0: "batch", 1: "short"},
+    "short_action": {0: "batch", 1: "short"},
+    "short_gap": {0: "batch", 1: "short"},
+    "short_mask": {0: "batch", 1: "short"},
+    "user_repr": {0: "batch"},
+    "user_dense": {0: "batch"},
+    "weekday": {0: "batch"},
+    SCORER_OUTPUT: {0: "batch"},
+}
+
+
+def default_fusion(tasks: list[str]) -> dict[str, Any]:
+    """Additive fusion s = Σ w_t·p_t; weights favour the rarer, more valuable events."""
+    return {
+        "weights": {t: DEFAULT_FUSION_WEIGHTS.get(t, 1.0) for t in tasks},
+        "transforms": {t: "identity" for t in tasks},
+    }
+
+
+def export_onnx(scorer: torch.nn.Module, example: dict[str, torch.Tensor], path: Path) -> None:
+    args = tuple(example[name] for name in SCORER_INPUTS)
+    torch.onnx.export(
+        scorer,
+        args,
+        str(path),
+        dynamo=False,  # the TorchScript-based exporter: fast and exact for these ops
+        opset_version=17,
+        input_names=list(SCORER_INPUTS),
+        output_names=[SCORER_OUTPUT],
+        dynamic_axes=DYNAMIC_AXES,
+        do_constant_folding=True,
+    )
+
+
+def export_torchscript(scorer: torch.nn.Module, example: dict[str, torch.Tensor], path: Path) -> None:
+    traced = torch.jit.trace(scorer, tuple(example[name] for name in SCORER_INPUTS), check_trace=False)
+    traced.save(str(path))
+
+
+def _io_spec(example: dict[str, torch.Tensor], probs: torch.Tensor) -> dict[str, Any]:
+    def spec(name: str, t: torch.Tensor) -> dict[str, Any]:
+        axes = DYNAMIC_AXES[name]
+        return {
+            "name": name,
+            "dtype": str(t.dtype).removeprefix("torch."),
+            "shape": [axes.get(i, int(d)) for i, d in enumerate(t.shape)],
+        }
+
+    return {
+        "inputs": [spec(n, example[n]) for n in SCORER_INPUTS],
+        "outputs": [spec(SCORER_OUTPUT, probs)],
+    }
+
+
+def write_bundle(
+    model: RankingModel,
+    schema_dir: Path,
+    run_config: dict[str, Any],
+    out_root: Path,
+    name: str,
+    version: int | None = None,
+    fusion: dict[str, Any] | None = None,
+    metrics: dict[str, Any] | None = None,
+) -> Path:
+    """Write `out_root/name/version/` and return its path. Refuses to overwrite a version."""
+    from feature_store.schema import FeatureSchema
+
+    model.eval()
+    schema = FeatureSchema.load(schema_dir, mmap=False)
+    if version is None:
+        existing = list_versions(out_root, name)
+        version = (existing[-1] + 1) if existing else 1
+    final = out_root / name / str(version)
+    if final.exists():
+        raise FileExistsError(f"bundle {final} already exists; bundles are immutable, pick a new version")
+    (out_root / name).mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{version}.", dir=out_root / name))
+    try:
+        example = parity_batch(model, schema.spec, seed=0)
+        with torch.no_grad():
+            probs = model.scorer(*(example[n] for n in SCORER_INPUTS))
+        export_onnx(model.scorer, example, staging / ONNX_FILE)
+        export_torchscript(model.scorer, example, staging / TORCHSCRIPT_FILE)
+        parity = scorer_parity(model, staging / ONNX_FILE, staging / TORCHSCRIPT_FILE, schema.spec)
+        if parity["max_abs_diff"] > PARITY_TOLERANCE:
+            raise RuntimeError(f"export parity failed: {parity}")
+
+        (staging / TABLES_DIR).mkdir()
+        tables_meta: dict[str, Any] = {}
+        for table_name, tensor in model.precomputed_tables().items():
+            arr = np.ascontiguousarray(tensor.detach().cpu().numpy().astype("<f4"))
+            rel = f"{TABLES_DIR}/{table_name}.npy"
+            np.save(staging / rel, arr)
+            tables_meta[table_name] = {"file": rel, "shape": list(arr.shape), "dtype": "float32"}
+        schema.save(staging / SCHEMA_DIR)
+
+        tasks = list(schema.spec.task_names)
+        cfg = model.cfg
+        manifest: dict[str, Any] = {
+            "format": FORMAT,
+            "name": name,
+            "version": version,
+            "created": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "schema": schema.manifest_entry(),
+            "tasks": tasks,
+            "fusion": fusion or default_fusion(tasks),
+            "retrieval": {
+                "strategy": "twin_exact",
+                "metric": "inner_product",
+                "k": cfg.retrieval_k,
+                "head_dim": cfg.attn_dim // cfg.n_heads,
+                "short_length": cfg.short_length,
+                "use_retrieval": cfg.use_retrieval,
+                "max_sequence_length": schema.spec.max_sequence_length,
+            },
+            "model": {"config": cfg.to_dict(), "variant": run_config.get("variant"), "data": run_config.get("data")},
+            "scorer": {"onnx": ONNX_FILE, "torchscript": TORCHSCRIPT_FILE, **_io_spec(example, probs)},
+            "tables": tables_meta,
+            "parity": parity,
+            "metrics": metrics or {},
+        }
+        files = sorted(p for p in staging.rglob("*") if p.is_file())
+        manifest["files"] = {str(p.relative_to(staging)): sha256_file(p) for p in files}
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+        for p in staging.rglob("*"):  # immutable on disk too
+            if p.is_file():
+                os.chmod(p, 0o444)
+        os.chmod(staging, 0o755)
+        staging.rename(final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return final
+
+
+def export_run(run_dir: Path, out_root: Path, name: str | None = None, version: int | None = None) -> Path:
+    model, _schema, config = load_run(run_dir)
+    metrics_file = run_dir / "metrics.json"
+    metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
+    bundle_name = name or str(config.get("data", "model")).replace(":", "-").replace("/", "-")
+    return write_bundle(
+        model,
+        run_dir / "schema",
+        config,
+        out_root,
+        bundle_name,
+        version=version,
+        metrics={"best_valid_mean_auc": metrics.get("best_valid_mean_auc")},
+    )
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run", type=Path, required=True, help="run directory written by `rankserve train`")
+    p.add_argument("--out", type=Path, required=True, help="model root; the bundle goes to OUT/NAME/VERSION")
+    p.add_argument("--name", help="bundle name (default: derived from the dataset)")
+    p.add_argument("--version", type=int, help="bundle version (default: next integer)")
+
+
+def run(args: argparse.Namespace) -> int:
+    t0 = time.perf_counter()
+    path = export_run(args.run, args.out, args.name, args.version)
+    manifest = json.loads((path / MANIFEST).read_text())
+    log.info(
+        "bundle exported",
+        extra={"bundle": str(path), "parity": manifest["parity"], "seconds": round(time.perf_counter() - t0, 1)},
+    )
+    sys.stdout.write(f"{path}\n")  # the one machine-readable output: the bundle path, for scripts
+    return 0

@@ -1,0 +1,85 @@
+"""Parity between PyTorch, ONNX Runtime and TorchScript scorers on the same inputs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from export.bundle import SCORER_INPUTS
+from feature_store.schema import ACTIONS, N_CROSS_FEATURES, SchemaSpec
+from models.model import Batch, RankingModel
+
+PARITY_TOLERANCE = 1e-5
+
+
+def parity_batch(model: RankingModel, spec: SchemaSpec, seed: int, batch_size: int = 48) -> dict[str, torch.Tensor]:
+    """Scorer inputs from a random batch that covers the edge cases.
+
+    Rows have empty, shorter-than-k, and long histories, and ids that are out of vocabulary (0).
+    """
+    g = torch.Generator().manual_seed(seed)
+    n_users = model.repr_user.num_embeddings
+    n_items = model.attn_item.num_embeddings
+    n_cats = model.attn_category.num_embeddings
+    length = max(model.cfg.retrieval_k * 2, 8)
+    lengths = torch.randint(0, length + 1, (batch_size,), generator=g)
+    lengths[0], lengths[1], lengths[2] = 0, 1, length  # empty, single, full
+    lengths[3] = max(model.cfg.retrieval_k - 1, 1)  # just under k
+    pos = torch.arange(length).unsqueeze(0)
+    mask = (pos >= (length - lengths).unsqueeze(1)).float()
+
+    def ids(high: int, shape: tuple[int, ...]) -> torch.Tensor:
+        x = torch.randint(0, high, shape, generator=g)
+        return torch.where(torch.rand(shape, generator=g) < 0.1, torch.zeros_like(x), x)  # 10% unknown
+
+    batch = Batch(
+        user=ids(n_users, (batch_size,)),
+        item=ids(n_items, (batch_size,)),
+        category=ids(n_cats, (batch_size,)),
+        cand_cross=torch.rand((batch_size, N_CROSS_FEATURES), generator=g)
+        * (torch.rand((batch_size, 1), generator=g) < 0.5),  # half the candidates are revisits
+        hist_item=ids(n_items, (batch_size, length)) * mask.long(),
+        hist_category=ids(n_cats, (batch_size, length)) * mask.long(),
+        hist_action=torch.randint(0, len(ACTIONS), (batch_size, length), generator=g) * mask.long(),
+        hist_gap=torch.randint(0, spec.time_gap_buckets, (batch_size, length), generator=g) * mask.long(),
+        hist_mask=mask,
+        user_dense=torch.rand((batch_size, spec.n_history_features), generator=g) * 5,
+        weekday=torch.randint(0, 7, (batch_size,), generator=g),
+    )
+    model.eval()
+    with torch.no_grad():
+        return {k: v.contiguous() for k, v in model.scorer_inputs(batch).items()}
+
+
+def onnx_session(path: Path, threads: int = 1) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+def scorer_parity(model: RankingModel, onnx_path: Path, torchscript_path: Path, spec: SchemaSpec) -> dict[str, Any]:
+    """Max |Δp| per task between the three runtimes, over two batches of different shapes."""
+    sess = onnx_session(onnx_path)
+    scripted = torch.jit.load(str(torchscript_path))
+    tasks = list(spec.task_names)
+    worst = {"onnx": np.zeros(len(tasks)), "torchscript": np.zeros(len(tasks))}
+    for seed, size in ((1, 64), (2, 5)):
+        inputs = parity_batch(model, spec, seed=seed, batch_size=size)
+        args = tuple(inputs[n] for n in SCORER_INPUTS)
+        with torch.no_grad():
+            ref = model.scorer(*args).numpy()
+            ts = scripted(*args).numpy()
+        ox = sess.run(None, {n: inputs[n].numpy() for n in SCORER_INPUTS})[0]
+        worst["onnx"] = np.maximum(worst["onnx"], np.abs(ox - ref).max(axis=0))
+        worst["torchscript"] = np.maximum(worst["torchscript"], np.abs(ts - ref).max(axis=0))
+    per_task = {rt: dict(zip(tasks, map(float, diff), strict=True)) for rt, diff in worst.items()}
+    return {
+        "tolerance": PARITY_TOLERANCE,
+        "max_abs_diff": float(max(d.max() for d in worst.values())),
+        "per_task": per_task,
+    }

@@ -1,0 +1,35 @@
+"""Run directories: save and load a trained model with its schema and config (weights only)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from feature_store.schema import FeatureSchema
+from models.model import ModelConfig, RankingModel
+
+
+def save_run(
+    run_dir: Path, model: RankingModel, schema: FeatureSchema, config: dict[str, Any], metrics: dict[str, Any]
+) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    schema.save(run_dir / "schema")
+    torch.save(model.state_dict(), run_dir / "checkpoint.pt")
+    (run_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+
+
+def load_run(run_dir: str | Path) -> tuple[RankingModel, FeatureSchema, dict[str, Any]]:
+    """Rebuild a trained model from its run directory (`weights_only`: nothing is unpickled)."""
+    run = Path(run_dir)
+    config = json.loads((run / "config.json").read_text())
+    schema = FeatureSchema.load(run / "schema", mmap=False)
+    model_cfg = ModelConfig(**config["model"])
+    sizes = schema.vocab_sizes()
+    model = RankingModel(model_cfg, schema.spec, sizes["user"], sizes["item"], sizes["category"])
+    model.load_state_dict(torch.load(run / "checkpoint.pt", weights_only=True))
+    model.eval()
+    return model, schema, config

@@ -1,0 +1,229 @@
+"""`rankserve evaluate`: offline metrics of a run and its baselines on the run's own test split.
+
+Per task: AUC, GAUC (per-user AUC weighted by the user's sample count), logloss; CVR AUC (buy
+among clicked samples); Weighted Recall@K over ranking queries (one query = one user at one
+request time: that moment's positives and their sampled negatives), with each R_e@K; and the
+information abundance of every embedding table. Baselines, on the same samples: popularity
+(train-period event counts per task, calibrated to probabilities by a 1-D logistic fit on the
+training samples) and DIN-short (the same model on the last 50 behaviours, no retrieval), when
+the run trained one. Writes eval.json, eval.md and spectra.png into the run directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from models.batching import Collator
+from models.checkpoint import load_run
+from models.data.readers import load_dataset
+from models.data.samples import SampleSet
+from models.metrics import auc, gauc, logloss, weighted_recall_at_k
+from models.model import RankingModel
+from models.train import SPLIT_TEST, SPLIT_TRAIN, predict, samples_for_run
+
+log = logging.getLogger("rankserve.evaluate")
+
+# Offline fusion weights and the event weights λ_e of WR@K (ResFlow). Documented in BENCHMARKS.md.
+FUSION_WEIGHTS = {"click": 1.0, "cart": 3.0, "fav": 3.0, "buy": 10.0}
+WR_WEIGHTS = {"click": 0.2, "cart": 0.3, "buy": 0.5}
+
+
+def popularity_scores(samples: SampleSet) -> npt.NDArray[np.float64]:
+    """log1p(train-period events per item and task) for every sample, [N, T]."""
+    split = samples.time_split
+    if split is None:
+        raise ValueError("popularity needs the samples' time split")
+    before = samples.ev_ts < split.valid_start
+    matrix = samples.schema.spec.task_action_matrix()  # [A, T]
+    n_items = samples.schema.items.size
+    out = np.zeros((samples.item.shape[0], matrix.shape[1]), dtype=np.float64)
+    for t in range(matrix.shape[1]):
+        hit = before & matrix[samples.ev_action, t]
+        counts = np.bincount(samples.ev_item[hit], minlength=n_items).astype(np.float64)
+        counts[0] = 0.0  # the OOV row pools unrelated items
+        out[:, t] = np.log1p(counts[samples.item])
+    return out
+
+
+def fit_logistic_1d(x: npt.NDArray[np.float64], y: npt.NDArray[np.float64], steps: int = 50) -> tuple[float, float]:
+    """Newton's method for p = σ(a·x + b): calibrates a score into a probability."""
+    a, b = 0.0, float(np.log((y.mean() + 1e-6) / (1 - y.mean() + 1e-6)))
+    for _ in range(steps):
+        p = 1 / (1 + np.exp(-(a * x + b)))
+        w = p * (1 - p) + 1e-9
+        g = np.array([np.sum((p - y) * x), np.sum(p - y)])
+        h = np.array([[np.sum(w * x * x), np.sum(w * x)], [np.sum(w * x), np.sum(w)]]) + 1e-6 * np.eye(2)
+        da, db = np.linalg.solve(h, g)
+        a, b = a - da, b - db
+        if abs(da) + abs(db) < 1e-9:
+            break
+    return a, b
+
+
+def popularity_probs(samples: SampleSet) -> npt.NDArray[np.float64]:
+    scores = popularity_scores(samples)
+    train = samples.split == SPLIT_TRAIN
+    probs = np.empty_like(scores)
+    for t in range(scores.shape[1]):
+        a, b = fit_logistic_1d(scores[train, t], samples.labels[train, t].astype(np.float64))
+        probs[:, t] = 1 / (1 + np.exp(-(a * scores[:, t] + b)))
+    return probs
+
+
+def task_metrics(samples: SampleSet, idx: npt.NDArray[np.int64], probs: npt.NDArray[Any], k: int) -> dict[str, Any]:
+    tasks = list(samples.schema.spec.task_names)
+    labels = samples.labels[idx]
+    users = samples.user[idx]
+    out: dict[str, Any] = {}
+    for t, name in enumerate(tasks):
+        out[name] = {
+            "auc": auc(labels[:, t], probs[:, t]),
+            "gauc": gauc(labels[:, t], probs[:, t], users),
+            "logloss": logloss(labels[:, t], probs[:, t]),
+            "positives": int(labels[:, t].sum()),
+        }
+    if "click" in tasks and "buy" in tasks:
+        clicked = labels[:, tasks.index("click")] > 0.5
+        out["cvr"] = {"auc": auc(labels[clicked, tasks.index("buy")], probs[clicked, tasks.index("buy")])}
+    fused = sum(FUSION_WEIGHTS.get(name, 1.0) * probs[:, t] for t, name in enumerate(tasks))
+    queries = samples.user[idx] * np.int64(1 << 32) + (samples.ts[idx] // 86_400)  # user x day
+    wr_labels = {e: labels[:, tasks.index(e)] for e in WR_WEIGHTS if e in tasks}
+    weights = {e: w for e, w in WR_WEIGHTS.items() if e in tasks}
+    out["ranking"] = weighted_recall_at_k(wr_labels, fused, queries, k, weights)
+    out["ranking"]["queries"] = int(np.unique(queries).shape[0])
+    return out
+
+
+def table_spectra(model: RankingModel) -> dict[str, npt.NDArray[np.float64]]:
+    """Singular values of each embedding table, via the d×d Gram matrix (fast for tall tables)."""
+    out = {}
+    for name, table in model.embedding_tables().items():
+        w = table.weight.detach().double().numpy()
+        eig = np.clip(np.linalg.eigvalsh(w.T @ w), 0.0, None)
+        out[name] = np.sqrt(eig)[::-1]
+    return out
+
+
+def information_abundances(spectra: dict[str, npt.NDArray[np.float64]]) -> dict[str, dict[str, float]]:
+    return {
+        name: {"ia": float(sv.sum() / sv.max()) if sv.max() > 0 else 0.0, "dim": int(sv.shape[0])}
+        for name, sv in spectra.items()
+    }
+
+
+def plot_spectra(spectra: dict[str, dict[str, npt.NDArray[np.float64]]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = sorted({t for s in spectra.values() for t in s})
+    fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.2), squeeze=False)
+    for ax, table in zip(axes[0], names, strict=True):
+        for model_name, s in spectra.items():
+            if table in s:
+                sv = s[table]
+                ax.semilogy(np.arange(1, sv.shape[0] + 1), sv / sv.max(), marker=".", label=model_name)
+        ax.set_title(table)
+        ax.set_xlabel("index")
+        ax.set_ylabel("σ / σ_max")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend()
+    fig.suptitle("Singular spectra of the embedding tables (flat = information-rich, steep = collapsed)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def markdown_table(results: dict[str, Any], tasks: list[str], k: int) -> str:
+    head = ["model"]
+    for t in tasks:
+        head += [f"{t} AUC", f"{t} GAUC", f"{t} logloss"]
+    head += ["CVR AUC", *[f"R_{e}@{k}" for e in WR_WEIGHTS if e in tasks], f"WR@{k}"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for model_name, r in results.items():
+        row = [model_name]
+        for t in tasks:
+            row += [f"{r[t]['auc']:.4f}", f"{r[t]['gauc']:.4f}", f"{r[t]['logloss']:.4f}"]
+        row.append(f"{r['cvr']['auc']:.4f}" if "cvr" in r else "-")
+        row += [f"{r['ranking'][f'R_{e}@{k}']:.4f}" for e in WR_WEIGHTS if e in tasks]
+        row.append(f"{r['ranking'][f'WR@{k}']:.4f}")
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def evaluate_run(run_dir: Path, data_root: Path | None, eval_negatives: int, k: int) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    model, schema, config = load_run(run_dir)
+    events = load_dataset(config["data"], data_root, max_users=config["train"]["max_users"])
+    samples = samples_for_run(config, events, negatives_per_positive=eval_negatives)
+    if samples.schema.hash != schema.hash:
+        raise RuntimeError("rebuilt samples have a different schema than the run: data or code changed")
+    spec = schema.spec
+    tasks = list(spec.task_names)
+    test_idx = np.flatnonzero(samples.split == SPLIT_TEST).astype(np.int64)
+    collator = Collator(samples, spec, spec.max_sequence_length)  # serving searches the whole history
+    results: dict[str, Any] = {}
+    spectra: dict[str, dict[str, npt.NDArray[np.float64]]] = {}
+    models = {"twin (ours)": model}
+    din_dir = run_dir / "din_short"
+    if (din_dir / "checkpoint.pt").exists():
+        models["din-short"] = load_run(din_dir)[0]
+    for name, m in models.items():
+        probs = predict(m, collator, test_idx)
+        results[name] = task_metrics(samples, test_idx, probs, k)
+        spectra[name] = table_spectra(m)
+        results[name]["information_abundance"] = information_abundances(spectra[name])
+    results["popularity"] = task_metrics(samples, test_idx, popularity_probs(samples)[test_idx], k)
+    report = {
+        "run": str(run_dir),
+        "data": config["data"],
+        "test_samples": int(test_idx.shape[0]),
+        "eval_negatives_per_positive": eval_negatives,
+        "k": k,
+        "fusion_weights": {t: FUSION_WEIGHTS.get(t, 1.0) for t in tasks},
+        "wr_weights": WR_WEIGHTS,
+        "results": results,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    (run_dir / "eval.json").write_text(json.dumps(report, indent=2, sort_keys=True, default=float))
+    table_names = list(spectra[next(iter(spectra))])
+    ia_lines = ["| model | " + " | ".join(table_names) + " |", "|---|" + "---|" * len(table_names)]
+    for name, s in spectra.items():
+        ia = information_abundances(s)
+        ia_lines.append(f"| {name} | " + " | ".join(f"{v['ia']:.2f} / {v['dim']}" for v in ia.values()) + " |")
+    md = (
+        f"Test split of `{config['data']}`: {test_idx.shape[0]} samples "
+        f"({eval_negatives} popularity negatives per positive), K = {k}.\n\n"
+        + markdown_table(results, tasks, k)
+        + "\n\nInformation abundance (Σσ/σ_max / width) of the embedding tables:\n\n"
+        + "\n".join(ia_lines)
+        + "\n"
+    )
+    (run_dir / "eval.md").write_text(md)
+    plot_spectra(spectra, run_dir / "spectra.png")
+    return report
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run", type=Path, required=True, help="run directory written by `rankserve train`")
+    p.add_argument("--data-root", type=Path, default=None, help="root of the real data (default ../shared/data)")
+    p.add_argument("--eval-negatives", type=int, default=19, help="popularity negatives per test positive")
+    p.add_argument("--k", type=int, default=10, help="K of Weighted Recall@K")
+
+
+def run(args: argparse.Namespace) -> int:
+    report = evaluate_run(args.run, args.data_root, args.eval_negatives, args.k)
+    log.info("evaluation written", extra={"run": str(args.run), "seconds": report["seconds"]})
+    import sys
+
+    sys.stdout.write((args.run / "eval.md").read_text())
+    return 0

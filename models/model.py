@@ -1,0 +1,400 @@
+"""The ranking model: DARE decoupled embeddings, TWIN general/exact search units, multi-task heads.
+
+The model is split along the line the service draws:
+
+* `RankingModel` holds the embedding tables (DARE: a small *attention* table for retrieval and a
+  *representation* table for aggregation) and the TWIN key/query projections. At export, the
+  item and category keys and queries are precomputed per row (TWIN caches item-side
+  projections), so the service gathers them with numpy from memory-mapped `.npy` files.
+* The general search unit (GSU) scores every behaviour with the exact search unit's own metric,
+  summed over heads: s_j = Σ_h k_jh·q_h/√d_h + Σ_h (b_act[a_j,h] + b_gap[g_j,h]); it keeps the
+  top-k with `topk` + `gather` (no Python loops), so the graph exports too.
+* `Scorer` is everything after retrieval (exact search unit, feature interaction, task heads)
+  on gathered dense inputs. It is what goes to ONNX and TorchScript.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from export.bundle import SCORER_INPUTS
+from feature_store.schema import ACTIONS, N_CROSS_FEATURES, SchemaSpec
+
+
+@dataclass
+class ModelConfig:
+    """Architecture hyper-parameters; recorded in checkpoints and bundle manifests."""
+
+    attn_dim: int = 16  # DARE attention table width = n_heads * head dim (the retrieval dimension)
+    n_heads: int = 2
+    repr_dim: int = 32  # DARE representation table width
+    user_dim: int = 16
+    retrieval_k: int = 64  # GSU keeps this many behaviours per candidate
+    short_length: int = 20  # most recent behaviours attended directly
+    use_retrieval: bool = True  # False: DIN-short baseline (recent behaviours only)
+    train_history: int = 1000  # training-time cap on behaviours searched (serving searches the whole sequence)
+    heads: str = "resflow"  # mmoe | ple | resflow
+    esmm: bool = True  # later tasks are conditional on click: p_t = p_click * p(t | click)
+    n_experts: int = 4
+    expert_dim: int = 64
+    tower_dims: list[int] = field(default_factory=lambda: [64, 32])
+    weekday_dim: int = 4
+    sparse_embeddings: bool = False  # SparseAdam on the big tables (million-item catalogues)
+
+    def __post_init__(self) -> None:
+        if self.attn_dim % self.n_heads or self.repr_dim % self.n_heads:
+            raise ValueError("attn_dim and repr_dim must be divisible by n_heads")
+        if self.heads not in ("mmoe", "ple", "resflow"):
+            raise ValueError(f"heads must be mmoe, ple or resflow, got {self.heads!r}")
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def _mlp(dims: list[int]) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for a, b in itertools.pairwise(dims):
+        layers += [nn.Linear(a, b), nn.ReLU()]
+    return nn.Sequential(*layers)
+
+
+class SmallEmbedding(nn.Module):
+    """An embedding table of a few rows, looked up as one-hot @ weight.
+
+    Same values as `nn.Embedding` (exactly: 1·w + 0·rest), but its backward is one matmul
+    instead of a sort-based scatter over tens of thousands of indices per batch, which made the
+    action/gap/weekday tables the most expensive op of a training step.
+    """
+
+    def __init__(self, rows: int, dim: int) -> None:
+        super().__init__()
+        self.rows = rows
+        self.weight = nn.Parameter(torch.randn(rows, dim))
+
+    def forward(self, idx: Tensor) -> Tensor:
+        return torch.nn.functional.one_hot(idx, self.rows).to(self.weight.dtype) @ self.weight
+
+
+class TargetAttention(nn.Module):
+    """TWIN's multi-head target attention with a scalar cross-feature bias per head.
+
+    logit_jh = k_jh·q_h/√d_h + b_act[a_j, h] + b_gap[g_j, h]; values are the DARE representation
+    plus action and gap embeddings, projected. The GSU uses the same logits (summed over heads).
+    """
+
+    def __init__(self, attn_dim: int, repr_dim: int, n_heads: int, n_actions: int, n_gaps: int) -> None:
+        super().__init__()
+        self.n_heads = n_heads
+        self.head_dim = attn_dim // n_heads
+        self.action_bias = SmallEmbedding(n_actions, n_heads)
+        self.gap_bias = SmallEmbedding(n_gaps, n_heads)
+        self.action_emb = SmallEmbedding(n_actions, repr_dim)
+        self.gap_emb = SmallEmbedding(n_gaps, repr_dim)
+        self.value = nn.Linear(repr_dim, repr_dim)
+        nn.init.zeros_(self.action_bias.weight)
+        nn.init.zeros_(self.gap_bias.weight)
+
+    def logits(self, key: Tensor, query: Tensor, action: Tensor, gap: Tensor) -> Tensor:
+        """Per-head logits [B, L, H] for keys [B, L, A] against one query [B, A] per row."""
+        b, length, _ = key.shape
+        k = key.reshape(b, length, self.n_heads, self.head_dim)
+        q = query.reshape(b, 1, self.n_heads, self.head_dim)
+        dot = (k * q).sum(-1) / math.sqrt(self.head_dim)
+        return dot + self.action_bias(action) + self.gap_bias(gap)
+
+    def forward(self, key: Tensor, repr_: Tensor, action: Tensor, gap: Tensor, mask: Tensor, query: Tensor) -> Tensor:
+        logits = self.logits(key, query, action, gap)  # [B, L, H]
+        m = mask.unsqueeze(-1)
+        logits = logits * m + (1.0 - m) * -1e9
+        weights = torch.softmax(logits, dim=1) * m  # padding (and empty histories) weigh exactly 0
+        values = self.value(repr_ + self.action_emb(action) + self.gap_emb(gap))  # [B, L, R]
+        b, length, r = values.shape
+        v = values.reshape(b, length, self.n_heads, r // self.n_heads)
+        out = (weights.unsqueeze(-1) * v).sum(1)  # [B, H, R/H]
+        return out.reshape(b, r)
+
+
+class MMoE(nn.Module):
+    """Multi-gate mixture of experts: shared experts, one softmax gate and tower per task."""
+
+    def __init__(self, in_dim: int, n_tasks: int, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.experts = nn.ModuleList([_mlp([in_dim, cfg.expert_dim]) for _ in range(cfg.n_experts)])
+        self.gates = nn.ModuleList([nn.Linear(in_dim, cfg.n_experts) for _ in range(n_tasks)])
+        self.towers = nn.ModuleList([_mlp([cfg.expert_dim, *cfg.tower_dims]) for _ in range(n_tasks)])
+        self.out = nn.ModuleList([nn.Linear(cfg.tower_dims[-1], 1) for _ in range(n_tasks)])
+
+    def forward(self, x: Tensor) -> Tensor:
+        e = torch.stack([expert(x) for expert in self.experts], dim=1)  # [B, E, H]
+        logits = []
+        for gate, tower, out in zip(self.gates, self.towers, self.out, strict=True):
+            g = torch.softmax(gate(x), dim=-1).unsqueeze(-1)
+            logits.append(out(tower((g * e).sum(1))))
+        return torch.cat(logits, dim=-1)
+
+
+class PLE(nn.Module):
+    """Progressive layered extraction (one CGC level): shared plus task-specific experts."""
+
+    def __init__(self, in_dim: int, n_tasks: int, cfg: ModelConfig) -> None:
+        super().__init__()
+        n_shared = max(1, cfg.n_experts // 2)
+        n_own = max(1, cfg.n_experts - n_shared)
+        self.shared = nn.ModuleList([_mlp([in_dim, cfg.expert_dim]) for _ in range(n_shared)])
+        self.own = nn.ModuleList(
+            [nn.ModuleList([_mlp([in_dim, cfg.expert_dim]) for _ in range(n_own)]) for _ in range(n_tasks)]
+        )
+        self.gates = nn.ModuleList([nn.Linear(in_dim, n_shared + n_own) for _ in range(n_tasks)])
+        self.towers = nn.ModuleList([_mlp([cfg.expert_dim, *cfg.tower_dims]) for _ in range(n_tasks)])
+        self.out = nn.ModuleList([nn.Linear(cfg.tower_dims[-1], 1) for _ in range(n_tasks)])
+
+    def forward(self, x: Tensor) -> Tensor:
+        shared = [expert(x) for expert in self.shared]
+        logits = []
+        for own, gate, tower, out in zip(self.own, self.gates, self.towers, self.out, strict=True):
+            e = torch.stack([expert(x) for expert in own] + shared, dim=1)
+            g = torch.softmax(gate(x), dim=-1).unsqueeze(-1)
+            logits.append(out(tower((g * e).sum(1))))
+        return torch.cat(logits, dim=-1)
+
+
+class ResFlow(nn.Module):
+    """ResFlow: residual links from task k-1 to task k in every layer and on the logit.
+
+    h_k^l = f_k^l(h_k^{l-1}) + h_{k-1}^l and z_k = g_k(h_k^L) + z_{k-1}.
+    """
+
+    def __init__(self, in_dim: int, n_tasks: int, cfg: ModelConfig) -> None:
+        super().__init__()
+        dims = [in_dim, cfg.expert_dim, *cfg.tower_dims]
+        self.layers = nn.ModuleList(
+            [nn.ModuleList([nn.Linear(a, b) for a, b in itertools.pairwise(dims)]) for _ in range(n_tasks)]
+        )
+        self.out = nn.ModuleList([nn.Linear(dims[-1], 1) for _ in range(n_tasks)])
+
+    def forward(self, x: Tensor) -> Tensor:
+        prev_hidden: list[Tensor] = []
+        prev_logit: Tensor | None = None
+        logits = []
+        for layers, out in zip(self.layers, self.out, strict=True):
+            h = x
+            hidden: list[Tensor] = []
+            for depth, layer in enumerate(layers):
+                h = torch.relu(layer(h))
+                if prev_hidden:
+                    h = h + prev_hidden[depth]
+                hidden.append(h)
+            z = out(h)
+            if prev_logit is not None:
+                z = z + prev_logit
+            logits.append(z)
+            prev_hidden, prev_logit = hidden, z
+        return torch.cat(logits, dim=-1)
+
+
+HEADS: dict[str, type[nn.Module]] = {"mmoe": MMoE, "ple": PLE, "resflow": ResFlow}
+
+
+class Scorer(nn.Module):
+    """Exact search unit + feature interaction + task heads, on gathered dense inputs.
+
+    This is the exported part: its inputs are `SCORER_INPUTS`, its output the task probabilities.
+    """
+
+    def __init__(self, cfg: ModelConfig, spec: SchemaSpec) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.n_tasks = len(spec.tasks)
+        self.attention = TargetAttention(cfg.attn_dim, cfg.repr_dim, cfg.n_heads, len(ACTIONS), spec.time_gap_buckets)
+        self.weekday_emb = SmallEmbedding(spec.weekday_buckets, cfg.weekday_dim)
+        n_dense = spec.n_history_features
+        self.dense_norm = nn.BatchNorm1d(n_dense)
+        in_dim = cfg.repr_dim * 5 + cfg.user_dim + n_dense + cfg.weekday_dim + N_CROSS_FEATURES
+        self.heads = HEADS[cfg.heads](in_dim, self.n_tasks, cfg)
+
+    def forward(
+        self,
+        cand_query: Tensor,
+        cand_repr: Tensor,
+        cand_cross: Tensor,
+        ret_key: Tensor,
+        ret_repr: Tensor,
+        ret_action: Tensor,
+        ret_gap: Tensor,
+        ret_mask: Tensor,
+        short_key: Tensor,
+        short_repr: Tensor,
+        short_action: Tensor,
+        short_gap: Tensor,
+        short_mask: Tensor,
+        user_repr: Tensor,
+        user_dense: Tensor,
+        weekday: Tensor,
+    ) -> Tensor:
+        long_interest = self.attention(ret_key, ret_repr, ret_action, ret_gap, ret_mask, cand_query)
+        short_interest = self.attention(short_key, short_repr, short_action, short_gap, short_mask, cand_query)
+        x = torch.cat(
+            [
+                cand_repr,
+                long_interest,
+                short_interest,
+                cand_repr * long_interest,
+                cand_repr * short_interest,
+                cand_cross,
+                user_repr,
+                self.dense_norm(user_dense),
+                self.weekday_emb(weekday),
+            ],
+            dim=-1,
+        )
+        logits = self.heads(x)
+        if not self.cfg.esmm:
+            return torch.sigmoid(logits)
+        # ESMM: the first task is click; every later task is click AND that task (CTCVR-style), so
+        # the conditional towers are trained over all impressions, not only clicked ones.
+        p = torch.sigmoid(logits)
+        return torch.cat([p[:, :1], p[:, :1] * p[:, 1:]], dim=-1)
+
+
+@dataclass
+class Batch:
+    """Training/evaluation inputs as dense indices (right-aligned histories, newest last)."""
+
+    user: Tensor  # [B]
+    item: Tensor  # [B]
+    category: Tensor  # [B]
+    cand_cross: Tensor  # [B, C] schema.cross_features of the candidate against the history
+    hist_item: Tensor  # [B, L]
+    hist_category: Tensor  # [B, L]
+    hist_action: Tensor  # [B, L]
+    hist_gap: Tensor  # [B, L]
+    hist_mask: Tensor  # [B, L] float
+    user_dense: Tensor  # [B, D]
+    weekday: Tensor  # [B]
+
+
+class RankingModel(nn.Module):
+    """Tables + GSU + Scorer. `forward(batch)` gives task probabilities [B, T]."""
+
+    def __init__(self, cfg: ModelConfig, spec: SchemaSpec, n_users: int, n_items: int, n_categories: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        sparse = cfg.sparse_embeddings
+        # DARE: attention tables (retrieval metric) and representation tables are separate.
+        self.attn_item = nn.Embedding(n_items, cfg.attn_dim, sparse=sparse)
+        self.attn_category = nn.Embedding(n_categories, cfg.attn_dim, sparse=sparse)
+        self.repr_item = nn.Embedding(n_items, cfg.repr_dim, sparse=sparse)
+        self.repr_category = nn.Embedding(n_categories, cfg.repr_dim, sparse=sparse)
+        self.repr_user = nn.Embedding(n_users, cfg.user_dim, sparse=sparse)
+        for table in (self.attn_item, self.attn_category, self.repr_item, self.repr_category, self.repr_user):
+            nn.init.normal_(table.weight, std=0.05)
+        # TWIN key/query projections; linear without bias, so keys of (item + category) rows
+        # decompose into precomputable per-item and per-category parts.
+        self.key_proj = nn.Linear(cfg.attn_dim, cfg.attn_dim, bias=False)
+        self.query_proj = nn.Linear(cfg.attn_dim, cfg.attn_dim, bias=False)
+        self.scorer = Scorer(cfg, spec)
+
+    def embedding_tables(self) -> dict[str, nn.Embedding]:
+        return {
+            "attn_item": self.attn_item,
+            "attn_category": self.attn_category,
+            "repr_item": self.repr_item,
+            "repr_category": self.repr_category,
+            "repr_user": self.repr_user,
+        }
+
+    def keys(self, item: Tensor, category: Tensor) -> Tensor:
+        return self.key_proj(self.attn_item(item)) + self.key_proj(self.attn_category(category))
+
+    def queries(self, item: Tensor, category: Tensor) -> Tensor:
+        return self.query_proj(self.attn_item(item)) + self.query_proj(self.attn_category(category))
+
+    def reprs(self, item: Tensor, category: Tensor) -> Tensor:
+        return self.repr_item(item) + self.repr_category(category)
+
+    def gsu_scores(self, key: Tensor, query: Tensor, action: Tensor, gap: Tensor) -> Tensor:
+        """The GSU relevance of every behaviour [B, L]: ESU logits summed over heads."""
+        return self.scorer.attention.logits(key, query, action, gap).sum(-1)
+
+    def scorer_inputs(self, batch: Batch) -> dict[str, Tensor]:
+        """Gather and retrieve: the exact inputs the exported scorer receives.
+
+        The GSU scores all L behaviours without gradients; only the candidate, the k retrieved
+        and the S most recent behaviours are embedded again with gradients (TWIN trains the
+        shared metric through the ESU), in one lookup per table, which keeps the autograd graph
+        at B x (1 + k + S) rather than B x L.
+        """
+        cfg = self.cfg
+        b, length = batch.hist_item.shape
+        s = min(cfg.short_length, length)
+        if cfg.use_retrieval:
+            k = min(cfg.retrieval_k, length)
+            with torch.no_grad():
+                query = self.queries(batch.item, batch.category)
+                hist_key = self.keys(batch.hist_item, batch.hist_category)
+                relevance = self.gsu_scores(hist_key, query, batch.hist_action, batch.hist_gap)
+                relevance = relevance.masked_fill(batch.hist_mask == 0, float("-inf"))
+                top = torch.topk(relevance, k, dim=1).indices  # [B, k]
+            pick = torch.cat([top, torch.arange(length - s, length).expand(b, s)], dim=1)
+        else:  # DIN-short: recent behaviours only
+            k = 0
+            pick = torch.arange(length - s, length).expand(b, s)
+
+        def take(t: Tensor) -> Tensor:
+            return torch.gather(t, 1, pick)
+
+        # one lookup per table for [candidate | retrieved | recent]
+        item = torch.cat([batch.item[:, None], take(batch.hist_item)], dim=1)
+        category = torch.cat([batch.category[:, None], take(batch.hist_category)], dim=1)
+        attn_item, attn_category = self.attn_item(item), self.attn_category(category)
+        key = self.key_proj(attn_item) + self.key_proj(attn_category)
+        repr_ = self.repr_item(item) + self.repr_category(category)
+        action, gap, mask = take(batch.hist_action), take(batch.hist_gap), take(batch.hist_mask)
+        out = {
+            "cand_query": self.query_proj(attn_item[:, 0]) + self.query_proj(attn_category[:, 0]),
+            "cand_repr": repr_[:, 0],
+            "cand_cross": batch.cand_cross,
+        }
+        if k:
+            ret = slice(1, 1 + k)
+            out |= {"ret_key": key[:, ret], "ret_repr": repr_[:, ret], "ret_action": action[:, :k],
+                    "ret_gap": gap[:, :k], "ret_mask": mask[:, :k]}
+        else:  # an all-padding block keeps the scorer's signature
+            z = torch.zeros(b, 1, dtype=torch.long)
+            out |= {"ret_key": key.new_zeros(b, 1, cfg.attn_dim), "ret_repr": repr_.new_zeros(b, 1, cfg.repr_dim),
+                    "ret_action": z, "ret_gap": z, "ret_mask": mask.new_zeros(b, 1)}
+        short = slice(1 + k, None)
+        out |= {"short_key": key[:, short], "short_repr": repr_[:, short], "short_action": action[:, k:],
+                "short_gap": gap[:, k:], "short_mask": mask[:, k:]}
+        return out | {
+            "user_repr": self.repr_user(batch.user),
+            "user_dense": batch.user_dense,
+            "weekday": batch.weekday,
+        }
+
+    def forward(self, batch: Batch) -> Tensor:
+        inputs = self.scorer_inputs(batch)
+        return self.scorer(*(inputs[name] for name in SCORER_INPUTS))  # type: ignore[no-any-return]
+
+    @torch.no_grad()
+    def precomputed_tables(self) -> dict[str, Tensor]:
+        """The tables a bundle ships: TWIN-precomputed keys/queries and DARE representations."""
+        att = self.scorer.attention
+        tables = {
+            "item_key": self.key_proj(self.attn_item.weight),
+            "category_key": self.key_proj(self.attn_category.weight),
+            "item_query": self.query_proj(self.attn_item.weight),
+            "category_query": self.query_proj(self.attn_category.weight),
+            "item_repr": self.repr_item.weight,
+            "category_repr": self.repr_category.weight,
+            "user_repr": self.repr_user.weight,
+            # GSU bias, summed over heads (the service folds it into an extra key column)
+            "gsu_action_bias": att.action_bias.weight.sum(-1),
+            "gsu_gap_bias": att.gap_bias.weight.sum(-1),
+        }
+        return {name: t.detach().clone() for name, t in tables.items()}

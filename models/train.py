@@ -1,0 +1,239 @@
+"""`rankserve train`: seeded, reproducible training with early stopping on validation.
+
+A run directory holds everything later steps need:
+
+    RUN/config.json        data spec, split, sampling and model config, seed
+    RUN/schema/            the FeatureSchema (spec + vocabularies) the model was trained on
+    RUN/checkpoint.pt      best state_dict (by validation mean AUC)
+    RUN/metrics.json       per-epoch losses and validation metrics, timings
+    RUN/din_short/         the DIN-short baseline (same data and split), unless --no-baselines
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from feature_store.schema import SchemaSpec
+from models.batching import Collator
+from models.checkpoint import save_run
+from models.data.readers import add_dataset_arguments, dataset_from_args
+from models.data.samples import SampleSet, TimeSplit, build_samples, default_split
+from models.metrics import auc
+from models.model import ModelConfig, RankingModel
+
+log = logging.getLogger("rankserve.train")
+
+SPLIT_TRAIN, SPLIT_VALID, SPLIT_TEST = 0, 1, 2
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 4
+    batch_size: int = 512
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    patience: int = 1
+    seed: int = 0
+    negatives_per_positive: int = 4
+    max_users: int | None = None
+    threads: int = 2
+
+
+def set_seed(seed: int) -> None:
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def make_optimizers(model: RankingModel, cfg: TrainConfig) -> list[torch.optim.Optimizer]:
+    """Adam for dense weights; SparseAdam for the big tables when they produce sparse gradients."""
+    if not model.cfg.sparse_embeddings:
+        return [torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)]
+    table_params = [t.weight for t in model.embedding_tables().values()]
+    ids = {id(p) for p in table_params}
+    dense = [p for p in model.parameters() if id(p) not in ids]
+    return [torch.optim.SparseAdam(table_params, lr=cfg.lr), torch.optim.Adam(dense, lr=cfg.lr)]
+
+
+@torch.no_grad()
+def predict(model: RankingModel, collator: Collator, idx: npt.NDArray[np.int64], batch_size: int = 2048) -> np.ndarray:
+    """Task probabilities [N, T] for sample indices `idx` (eval mode)."""
+    model.eval()
+    out = [model(batch).numpy() for _, batch in collator.batches(idx, batch_size)]
+    n_tasks = model.scorer.n_tasks
+    return np.concatenate(out) if out else np.zeros((0, n_tasks), dtype=np.float32)
+
+
+def validation_auc(labels: np.ndarray, probs: np.ndarray) -> list[float]:
+    return [auc(labels[:, t], probs[:, t]) for t in range(labels.shape[1])]
+
+
+def fit(
+    samples: SampleSet, model_cfg: ModelConfig, train_cfg: TrainConfig, progress: bool = True
+) -> tuple[RankingModel, dict[str, Any]]:
+    """Train on split 0 with early stopping on split 1; returns the best model and its history."""
+    set_seed(train_cfg.seed)
+    torch.set_num_threads(train_cfg.threads)
+    schema = samples.schema
+    spec = schema.spec
+    sizes = schema.vocab_sizes()
+    model = RankingModel(model_cfg, spec, sizes["user"], sizes["item"], sizes["category"])
+    optimizers = make_optimizers(model, train_cfg)
+    collator = Collator(samples, spec, model_cfg.train_history)
+    train_idx = np.flatnonzero(samples.split == SPLIT_TRAIN).astype(np.int64)
+    valid_idx = np.flatnonzero(samples.split == SPLIT_VALID).astype(np.int64)
+    if train_idx.size == 0 or valid_idx.size == 0:
+        raise ValueError(f"need training and validation samples, got {train_idx.size} and {valid_idx.size}")
+    bce = nn.BCELoss()
+    history: list[dict[str, Any]] = []
+    best_score, best_state, bad_epochs = -1.0, None, 0
+    started = time.perf_counter()
+    for epoch in range(train_cfg.epochs):
+        model.train()
+        t0 = time.perf_counter()
+        losses = []
+        batches = collator.batches(train_idx, train_cfg.batch_size, shuffle_seed=train_cfg.seed + epoch)
+        n_batches = -(-train_idx.size // train_cfg.batch_size)
+        for chunk, batch in tqdm(batches, total=n_batches, desc=f"epoch {epoch + 1}", disable=not progress):
+            labels = torch.from_numpy(samples.labels[chunk])
+            probs = model(batch).clamp(1e-7, 1 - 1e-7)
+            loss = bce(probs, labels)
+            for opt in optimizers:
+                opt.zero_grad(set_to_none=True)
+            loss.backward()  # type: ignore[no-untyped-call]
+            for opt in optimizers:
+                opt.step()
+            losses.append(float(loss.detach()))
+        val_probs = predict(model, Collator(samples, spec, spec.max_sequence_length), valid_idx)
+        val_auc = validation_auc(samples.labels[valid_idx], val_probs)
+        score = float(np.nanmean(val_auc))
+        record = {
+            "epoch": epoch + 1,
+            "train_loss": float(np.mean(losses)),
+            "valid_auc": dict(zip(spec.task_names, val_auc, strict=True)),
+            "valid_mean_auc": score,
+            "seconds": round(time.perf_counter() - t0, 2),
+        }
+        history.append(record)
+        log.info("epoch done", extra=record)
+        if score > best_score:
+            best_score, bad_epochs = score, 0
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        else:
+            bad_epochs += 1
+            if bad_epochs > train_cfg.patience:
+                log.info("early stop", extra={"epoch": epoch + 1, "best_valid_mean_auc": best_score})
+                break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    model.eval()
+    return model, {"epochs": history, "best_valid_mean_auc": best_score, "seconds": time.perf_counter() - started}
+
+
+def samples_for_run(config: dict[str, Any], log_events: Any, negatives_per_positive: int | None = None) -> SampleSet:
+    """Rebuild the run's samples (deterministic), optionally with another negative count.
+
+    `log_events` must be loaded as the run loaded it (`max_users` applied at load time).
+    """
+    split = TimeSplit(**config["split"])
+    return build_samples(
+        log_events,
+        SchemaSpec.from_dict(config["schema_spec"]),
+        split=split,
+        negatives_per_positive=negatives_per_positive or config["train"]["negatives_per_positive"],
+        seed=config["train"]["seed"],
+    )
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_dataset_arguments(p)
+    p.add_argument("--out", type=Path, required=True, help="run directory to write")
+    p.add_argument("--heads", choices=["mmoe", "ple", "resflow"], default="resflow", help="multi-task head")
+    p.add_argument("--no-esmm", action="store_true", help="independent task probabilities instead of ESMM chaining")
+    p.add_argument("--epochs", type=int, default=TrainConfig.epochs)
+    p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
+    p.add_argument("--lr", type=float, default=TrainConfig.lr)
+    p.add_argument("--patience", type=int, default=TrainConfig.patience)
+    p.add_argument("--seed", type=int, default=TrainConfig.seed)
+    p.add_argument("--negatives", type=int, default=TrainConfig.negatives_per_positive, help="negatives per positive")
+    p.add_argument("--max-users", type=int, default=None, help="train on a deterministic subset of users")
+    p.add_argument("--retrieval-k", type=int, default=ModelConfig.retrieval_k)
+    p.add_argument(
+        "--train-history", type=int, default=ModelConfig.train_history, help="behaviours searched in training"
+    )
+    p.add_argument("--threads", type=int, default=TrainConfig.threads, help="torch intra-op threads")
+    p.add_argument("--short-length", type=int, default=ModelConfig.short_length)
+    p.add_argument("--attn-dim", type=int, default=ModelConfig.attn_dim)
+    p.add_argument("--repr-dim", type=int, default=ModelConfig.repr_dim)
+    p.add_argument("--sparse", action="store_true", help="sparse embedding gradients (large catalogues)")
+    p.add_argument("--no-baselines", action="store_true", help="skip training the DIN-short baseline")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    t0 = time.perf_counter()
+    # subset users while loading, so a 100M-event synthetic set is never read whole
+    events = dataset_from_args(args, max_users=args.max_users)
+    spec = SchemaSpec(name=str(args.data))
+    train_cfg = TrainConfig(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        patience=args.patience,
+        seed=args.seed,
+        negatives_per_positive=args.negatives,
+        max_users=args.max_users,
+        threads=args.threads,
+    )
+    split = default_split(events)
+    samples = build_samples(
+        events, spec, split=split, negatives_per_positive=args.negatives, seed=args.seed
+    )
+    log.info(
+        "samples built",
+        extra={
+            "events": len(events),
+            "samples": int(samples.labels.shape[0]),
+            "per_split": np.bincount(samples.split, minlength=3).tolist(),
+            "seconds": round(time.perf_counter() - t0, 1),
+        },
+    )
+    model_cfg = ModelConfig(
+        heads=args.heads,
+        esmm=not args.no_esmm,
+        retrieval_k=args.retrieval_k,
+        train_history=args.train_history,
+        short_length=args.short_length,
+        attn_dim=args.attn_dim,
+        repr_dim=args.repr_dim,
+        sparse_embeddings=args.sparse,
+    )
+    variants = [("", model_cfg)]
+    if not args.no_baselines:
+        din = ModelConfig(**{**model_cfg.to_dict(), "use_retrieval": False, "short_length": 50})
+        variants.append(("din_short", din))
+    for sub, cfg in variants:
+        run_dir = args.out / sub if sub else args.out
+        model, metrics = fit(samples, cfg, train_cfg, progress=not args.no_progress)
+        config = {
+            "data": args.data,
+            "split": {"valid_start": split.valid_start, "test_start": split.test_start},
+            "schema_spec": spec.to_dict(),
+            "model": cfg.to_dict(),
+            "train": train_cfg.__dict__,
+            "variant": sub or "twin",
+        }
+        save_run(run_dir, model, samples.schema, config, metrics)
+        log.info("run saved", extra={"run": str(run_dir), "best_valid_mean_auc": metrics["best_valid_mean_auc"]})
+    log.info("training finished", extra={"seconds": round(time.perf_counter() - t0, 1)})
+    return 0

@@ -1,0 +1,163 @@
+"""Build the scorer's inputs for one request: gather from memory-mapped tables, retrieve, pad.
+
+This is the online twin of `RankingModel.scorer_inputs` (models/model.py): the same tables, the
+same GSU metric, the same derived features (`feature_store.schema`), in numpy, without torch.
+The GSU's per-behaviour bias is folded into one extra key column, so retrieval is a plain
+inner-product top-k over [L, A + 1] keys:
+
+    s_j = k_j·q/√d_h + b_act[a_j] + b_gap[g_j] = [k_j/√d_h, b_j] · [q, 1]
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from feature_store.codecs import Sequence
+from feature_store.schema import cross_features, history_features, time_gap_bucket, weekday
+
+F32 = npt.NDArray[np.float32]
+I64 = npt.NDArray[np.int64]
+
+
+class TopK(Protocol):
+    """A retrieval strategy: top-k keys by inner product per query (see service/retrieval.py)."""
+
+    def search(self, queries: F32, keys: F32, k: int) -> tuple[F32, I64]: ...
+
+
+@dataclass(frozen=True)
+class RetrievalSettings:
+    """The bundle's retrieval settings (manifest "retrieval")."""
+
+    k: int
+    head_dim: int
+    short_length: int
+    use_retrieval: bool
+    time_gap_buckets: int
+
+    @classmethod
+    def from_manifest(cls, retrieval: dict[str, object], time_gap_buckets: int) -> RetrievalSettings:
+        return cls(
+            k=int(retrieval["k"]),  # type: ignore[call-overload]
+            head_dim=int(retrieval["head_dim"]),  # type: ignore[call-overload]
+            short_length=int(retrieval["short_length"]),  # type: ignore[call-overload]
+            use_retrieval=bool(retrieval["use_retrieval"]),
+            time_gap_buckets=time_gap_buckets,
+        )
+
+
+@dataclass(frozen=True)
+class Tables:
+    """The bundle's memory-mapped tables (see export/bundle.py TABLE_NAMES)."""
+
+    item_key: F32
+    category_key: F32
+    item_query: F32
+    category_query: F32
+    item_repr: F32
+    category_repr: F32
+    user_repr: F32
+    gsu_action_bias: F32
+    gsu_gap_bias: F32
+
+    @classmethod
+    def from_dict(cls, tables: dict[str, F32]) -> Tables:
+        return cls(**{name: tables[name] for name in cls.__dataclass_fields__})
+
+    def clamp_rows(self, item: I64, category: I64) -> tuple[I64, I64]:
+        """Indices past a table's end (ids newer than the bundle's vocabulary) become OOV 0."""
+        item = np.where((item >= 0) & (item < self.item_key.shape[0]), item, 0)
+        category = np.where((category >= 0) & (category < self.category_key.shape[0]), category, 0)
+        return item, category
+
+
+def _broadcast(row: npt.NDArray[np.generic], n: int) -> npt.NDArray[np.generic]:
+    """`n` copies of `row` along a new first axis, as one contiguous array (ORT wants contiguous)."""
+    return np.ascontiguousarray(np.broadcast_to(row, (n, *row.shape)))
+
+
+def scorer_inputs(
+    tables: Tables,
+    settings: RetrievalSettings,
+    retriever: TopK,
+    history: Sequence,
+    user_index: int,
+    cand_item: I64,
+    cand_category: I64,
+    request_ts: int,
+) -> dict[str, npt.NDArray[np.generic]]:
+    """Inputs for scoring `cand_item` for one user; `history` holds only events before `request_ts`."""
+    n_cand = int(cand_item.shape[0])
+    cand_item, cand_category = tables.clamp_rows(cand_item, cand_category)
+    h_item, h_cat = tables.clamp_rows(history.item, history.category)
+    length = h_item.shape[0]
+    gap = time_gap_bucket(request_ts - history.timestamp, settings.time_gap_buckets)
+    key = tables.item_key[h_item] + tables.category_key[h_cat]  # [L, A]
+    query = tables.item_query[cand_item] + tables.category_query[cand_category]  # [B, A]
+    a_dim = query.shape[1]
+
+    if settings.use_retrieval and length:
+        keys_aug = np.empty((length, a_dim + 1), dtype=np.float32)
+        keys_aug[:, :a_dim] = key * np.float32(1.0 / math.sqrt(settings.head_dim))
+        keys_aug[:, a_dim] = tables.gsu_action_bias[history.action] + tables.gsu_gap_bias[gap]
+        queries_aug = np.ones((n_cand, a_dim + 1), dtype=np.float32)
+        queries_aug[:, :a_dim] = query
+        _, idx = retriever.search(queries_aug, keys_aug, settings.k)
+        valid = idx >= 0
+        rows = np.where(valid, idx, 0)
+        mask = valid.astype(np.float32)
+        ret_key = key[rows] * mask[..., None]
+        ret_repr = (tables.item_repr[h_item[rows]] + tables.category_repr[h_cat[rows]]) * mask[..., None]
+        ret_action = np.where(valid, history.action[rows], 0)
+        ret_gap = np.where(valid, gap[rows], 0)
+    else:  # no long-term retrieval (DIN-short bundles) or an empty history: one padding slot
+        r_dim = tables.item_repr.shape[1]
+        ret_key = np.zeros((n_cand, 1, a_dim), dtype=np.float32)
+        ret_repr = np.zeros((n_cand, 1, r_dim), dtype=np.float32)
+        ret_action = ret_gap = np.zeros((n_cand, 1), dtype=np.int64)
+        mask = np.zeros((n_cand, 1), dtype=np.float32)
+
+    # the most recent behaviours, identical for every candidate (at least one padding slot)
+    s = min(settings.short_length, length)
+    width = max(s, 1)
+    short_valid = np.zeros(width, dtype=np.float32)
+    short_valid[width - s :] = 1.0
+    pick = np.zeros(width, dtype=np.int64)
+    pick[width - s :] = np.arange(length - s, length)
+    sv = short_valid[:, None]
+    if length:
+        short_key = key[pick] * sv
+        short_repr = (tables.item_repr[h_item[pick]] + tables.category_repr[h_cat[pick]]) * sv
+        short_action = np.where(short_valid > 0, history.action[pick], 0)
+        short_gap = np.where(short_valid > 0, gap[pick], 0)
+    else:
+        short_key = np.zeros((width, a_dim), dtype=np.float32)
+        short_repr = np.zeros((width, tables.item_repr.shape[1]), dtype=np.float32)
+        short_action = short_gap = np.zeros(width, dtype=np.int64)
+
+    user_row = user_index if 0 <= user_index < tables.user_repr.shape[0] else 0
+    return {
+        "cand_query": np.ascontiguousarray(query, dtype=np.float32),
+        "cand_repr": np.ascontiguousarray(
+            tables.item_repr[cand_item] + tables.category_repr[cand_category], dtype=np.float32
+        ),
+        "cand_cross": cross_features(h_item, history.action, history.timestamp, cand_item, request_ts),
+        "ret_key": np.ascontiguousarray(ret_key, dtype=np.float32),
+        "ret_repr": np.ascontiguousarray(ret_repr, dtype=np.float32),
+        "ret_action": np.ascontiguousarray(ret_action, dtype=np.int64),
+        "ret_gap": np.ascontiguousarray(ret_gap, dtype=np.int64),
+        "ret_mask": np.ascontiguousarray(mask, dtype=np.float32),
+        "short_key": _broadcast(short_key.astype(np.float32), n_cand),
+        "short_repr": _broadcast(short_repr.astype(np.float32), n_cand),
+        "short_action": _broadcast(short_action.astype(np.int64), n_cand),
+        "short_gap": _broadcast(short_gap.astype(np.int64), n_cand),
+        "short_mask": _broadcast(short_valid, n_cand),
+        "user_repr": _broadcast(np.asarray(tables.user_repr[user_row], dtype=np.float32), n_cand),
+        "user_dense": _broadcast(history_features(history.action), n_cand),
+        "weekday": np.full(n_cand, int(weekday(request_ts)), dtype=np.int64),
+    }

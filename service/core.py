@@ -1,0 +1,207 @@
+"""The transport-free ranking core: fetch -> retrieve -> score -> fuse -> top-N.
+
+`RankingService.rank(RankRequest) -> RankResponse`. REST and gRPC only decode, call and encode.
+The feature fetch is I/O on the event loop; retrieval and scoring are CPU work, run on a small
+dedicated thread pool so the loop keeps accepting and fetching meanwhile. A bounded number of
+requests may wait for that pool; beyond it the service answers "overloaded" at once rather than
+letting queueing delay blow up the tail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+
+from feature_store.codecs import Sequence
+from feature_store.errors import FeatureStoreError
+from feature_store.store import FetchResult, OnlineStore
+from service.errors import DeadlineExceeded, InvalidRequest, Overloaded
+from service.metrics import Metrics
+from service.registry import LoadedModel, ModelRegistry
+from service.settings import Settings
+from service.types import RankedItem, RankRequest, RankResponse
+
+log = logging.getLogger("rankserve.core")
+
+INT64_MAX = (1 << 63) - 1
+DEFAULT_ARM = "default"
+
+
+@dataclass
+class StageClock:
+    """Per-stage wall times of one request (ms), also observed into the stage histograms."""
+
+    metrics: Metrics
+    timings_ms: dict[str, float] = field(default_factory=dict)
+    _t: float = field(default_factory=time.perf_counter)
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        seconds = now - self._t
+        self._t = now
+        self.timings_ms[stage] = round(seconds * 1000, 3)
+        self.metrics.stage_seconds.labels(stage).observe(seconds)
+
+
+@dataclass(frozen=True)
+class Features:
+    """What the fetch stage produced for one request."""
+
+    user_index: int
+    history: Sequence
+    item_index: npt.NDArray[np.int64]
+    category_index: npt.NDArray[np.int64]
+    degraded_reason: str | None
+
+
+def top_n(scores: npt.NDArray[np.float64], n: int) -> npt.NDArray[np.int64]:
+    """Indices of the n highest scores, best first; ties keep the candidates' input order."""
+    n = min(n, scores.shape[0])
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    if n < scores.shape[0]:
+        part = np.argpartition(-scores, n - 1)[:n]
+        # include every candidate tied with the n-th score, so the stable sort decides ties by input order
+        cutoff = scores[part].min()
+        part = np.flatnonzero(scores >= cutoff)
+    else:
+        part = np.arange(scores.shape[0])
+    order = part[np.lexsort((part, -scores[part]))]
+    return order[:n].astype(np.int64)
+
+
+class RankingService:
+    """Ranks candidates for one user. Owns nothing transport-specific."""
+
+    def __init__(self, settings: Settings, registry: ModelRegistry, store: OnlineStore, metrics: Metrics) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.store = store
+        self.metrics = metrics
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rank-cpu")
+        self._waiting = 0
+        self.max_waiting = 64
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=False)
+
+    def validate(self, req: RankRequest) -> int:
+        """Check limits; returns the effective top_n. Raises InvalidRequest saying what to fix."""
+        s = self.settings
+        if not 0 <= req.user_id <= INT64_MAX:
+            raise InvalidRequest(f"user_id must be an integer in 0..{INT64_MAX}, got {req.user_id}")
+        if len(req.candidates) > s.max_candidates:
+            raise InvalidRequest(
+                f"{len(req.candidates)} candidates exceed the limit of {s.max_candidates}; split the request"
+            )
+        for item in req.candidates:
+            if not 0 <= item <= INT64_MAX:
+                raise InvalidRequest(f"candidate ids must be integers in 0..{INT64_MAX}, got {item}")
+        n = s.default_top_n if req.top_n is None else req.top_n
+        if not 1 <= n <= s.max_top_n:
+            raise InvalidRequest(f"top_n must be between 1 and {s.max_top_n}, got {n}")
+        if req.request_time is not None and not 0 <= req.request_time < 1 << 32:
+            raise InvalidRequest(f"request_time must be unix seconds in 0..{(1 << 32) - 1}, got {req.request_time}")
+        return n
+
+    async def fetch(self, req: RankRequest) -> Features:
+        """One store round trip within the fetch budget; on failure, rank with what we have."""
+        n = len(req.candidates)
+        try:
+            result: FetchResult = await asyncio.wait_for(
+                self.store.fetch(req.user_id, req.candidates), timeout=self.settings.fetch_budget_s
+            )
+        except (FeatureStoreError, TimeoutError) as exc:
+            reason = "timeout" if isinstance(exc, TimeoutError) else type(exc).__name__
+            self.metrics.degraded.labels(reason).inc()
+            log.warning("feature store unavailable, ranking degraded", extra={"reason": reason, "error": str(exc)})
+            zeros = np.zeros(n, dtype=np.int64)
+            return Features(0, Sequence.empty(), zeros, zeros, reason)
+        return Features(
+            user_index=result.user_index or 0,
+            history=result.sequence,
+            item_index=result.item_index,
+            category_index=result.category_index,
+            degraded_reason=None,
+        )
+
+    def _compute(
+        self, model: LoadedModel, feats: Features, request_ts: int, n: int, clock: StageClock
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64], npt.NDArray[np.float32]]:
+        history = feats.history.before(request_ts)
+        self.metrics.history_length.observe(len(history))
+        inputs = model.inputs(history, feats.user_index, feats.item_index, feats.category_index, request_ts)
+        clock.lap("retrieve")
+        probs = model.scorer.predict(inputs)
+        clock.lap("score")
+        fused = model.fusion(probs)
+        order = top_n(fused, n)
+        clock.lap("fuse")
+        return order, fused, probs
+
+    async def rank(self, req: RankRequest) -> RankResponse:
+        n = self.validate(req)
+        model = self.registry.require()
+        started = time.perf_counter()
+        clock = StageClock(self.metrics)
+        self.metrics.candidates.observe(len(req.candidates))
+        request_ts = int(time.time()) if req.request_time is None else req.request_time
+        arm = req.arm or DEFAULT_ARM
+        if not req.candidates:
+            return RankResponse([], model.key, arm, False, req.request_id)
+
+        feats = await self.fetch(req)
+        clock.lap("fetch")
+        if self._waiting >= self.max_waiting:
+            raise Overloaded(f"{self._waiting} requests are waiting for CPU; retry with backoff")
+        self._waiting += 1
+        try:
+            loop = asyncio.get_running_loop()
+            remaining = self.settings.request_timeout_s - (time.perf_counter() - started)
+            order, fused, probs = await asyncio.wait_for(
+                loop.run_in_executor(self._pool, self._compute, model, feats, request_ts, n, clock), timeout=remaining
+            )
+        except TimeoutError as exc:
+            raise DeadlineExceeded(f"ranking took longer than {self.settings.request_timeout_s}s") from exc
+        finally:
+            self._waiting -= 1
+
+        tasks = model.bundle.tasks
+        cands = req.candidates
+        items = [
+            RankedItem(
+                item_id=int(cands[i]),
+                score=float(fused[i]),
+                task_scores={t: float(probs[i, j]) for j, t in enumerate(tasks)},
+            )
+            for i in order
+        ]
+        clock.lap("encode")
+        elapsed = time.perf_counter() - started
+        self.metrics.request_seconds.labels(arm).observe(elapsed)
+        if items:
+            self.metrics.fused_score.labels(arm).observe(items[0].score)
+        debug: dict[str, object] = {}
+        if req.debug:
+            debug = {
+                "history_length": len(feats.history),
+                "user_known": feats.user_index != 0,
+                "items_known": int(np.count_nonzero(feats.item_index)),
+                "degraded_reason": feats.degraded_reason,
+                "fusion": model.fusion.describe(),
+            }
+        return RankResponse(
+            items=items,
+            model=model.key,
+            arm=arm,
+            degraded=feats.degraded_reason is not None,
+            request_id=req.request_id,
+            timings_ms={**clock.timings_ms, "total": round(elapsed * 1000, 3)} if req.debug else {},
+            debug=debug,
+        )

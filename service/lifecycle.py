@@ -1,0 +1,260 @@
+"""The serving core shared by REST and gRPC: store + model registry + ranking service.
+
+One place builds it (`ServingCore.create`), starts its background work (`start`: the initial
+model load, the registry poller, the readiness monitor) and tears it down (`aclose`). The
+FastAPI lifespan uses it when the app runs alone; `rankserve serve` builds one per process and
+hands it to both transports.
+
+Readiness (KServe's data plane): ready only once a bundle is loaded *and warmed up* and the
+feature store answers with a complete active version. Transports listen before the model is
+loaded, so liveness answers during a long load; readiness stays false until then.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from feature_store.errors import FeatureStoreError
+from feature_store.store import OnlineStore, StoreHealth, create_store
+from service.assemble import TopK
+from service.core import RankingService
+from service.errors import BundleRejected, ModelUnavailable
+from service.metrics import Metrics
+from service.registry import LoadedModel, ModelRegistry, RetrieverFactory
+from service.settings import Settings
+
+log = logging.getLogger("rankserve.lifecycle")
+
+READINESS_INTERVAL_S = 1.0  # how often the monitor re-checks readiness (gRPC health follows it)
+SCHEMA_HASH_TTL_S = 2.0  # a bundle load re-reads the store's schema hash when older than this
+
+ReadinessListener = Callable[[bool], Awaitable[None]]
+
+REQUEST_ID_HEADER = "x-request-id"  # HTTP header and gRPC metadata key
+# Client-supplied ids end up in logs and headers: accept only short, plain tokens.
+_REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+def request_id_from(given: str | None) -> str:
+    """The caller's request id when it is a plain token, else a fresh one."""
+    return given if given and _REQUEST_ID_RE.fullmatch(given) else new_request_id()
+
+
+@dataclass(frozen=True)
+class Readiness:
+    """Whether this process should receive traffic, and why not."""
+
+    ready: bool
+    reason: str | None
+    model: str | None
+    store: StoreHealth | None
+
+
+class StoreSchemaHash:
+    """The feature store's active schema hash as the sync callable `ModelRegistry` wants.
+
+    Bundle loads run in worker threads; when the cached value is stale, the thread asks the
+    event loop for a fresh one (the store client lives on the loop). On the loop thread itself,
+    or when the store does not answer, the last known value is returned.
+    """
+
+    def __init__(self, store: OnlineStore, loop: asyncio.AbstractEventLoop, ttl_s: float = SCHEMA_HASH_TTL_S) -> None:
+        self._store = store
+        self._loop = loop
+        self._ttl_s = ttl_s
+        self._value: str | None = None
+        self._read_at = float("-inf")
+
+    async def refresh(self) -> str | None:
+        try:
+            self._value = await self._store.active_schema_hash()
+            self._read_at = time.monotonic()
+        except FeatureStoreError as exc:
+            log.warning("cannot read the feature store's schema hash; using the last known one: %s", exc)
+        return self._value
+
+    def __call__(self) -> str | None:
+        if time.monotonic() - self._read_at < self._ttl_s or self._on_loop_thread():
+            return self._value
+        try:
+            future = asyncio.run_coroutine_threadsafe(self.refresh(), self._loop)
+        except RuntimeError:  # the loop is closing (a load still running at shutdown)
+            return self._value
+        try:
+            return future.result(timeout=self._store.config.request_timeout_s * 3)
+        except TimeoutError:
+            future.cancel()
+            return self._value
+
+    def _on_loop_thread(self) -> bool:
+        try:
+            return asyncio.get_running_loop() is self._loop
+        except RuntimeError:
+            return False
+
+
+def _retriever_factory(settings: Settings) -> RetrieverFactory:
+    def make() -> TopK:
+        # imported on first load: the strategy registry may pull in faiss or a compiled kernel
+        from service.retrieval import make_retriever
+
+        retriever: TopK = make_retriever(settings.retrieval_strategy)
+        return retriever
+
+    return make
+
+
+class ServingCore:
+    """Everything both transports share in one process."""
+
+    def __init__(
+        self, settings: Settings, store: OnlineStore, registry: ModelRegistry, schema_hash: StoreSchemaHash,
+        metrics: Metrics,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.registry = registry
+        self.schema_hash = schema_hash
+        self.metrics = metrics
+        self.service = RankingService(settings, registry, store, metrics)
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._listeners: list[ReadinessListener] = []
+        self._load_lock = asyncio.Lock()
+        self._last_ready: bool | None = None
+        self._draining = False
+        self._synced_swaps = 0
+        self._synced_refused = 0
+        self._closed = False
+
+    @classmethod
+    async def create(cls, settings: Settings, metrics: Metrics | None = None) -> ServingCore:
+        """Connect the store (starting the embedded Valkey if configured) and build the registry.
+
+        Raises ValueError for an unknown retrieval strategy (before anything is started).
+        """
+        _retriever_factory(settings)()  # fail fast on a bad RANKSERVE_RETRIEVAL_STRATEGY, not at first load
+        # create_store may start and wait for an embedded server: keep the loop free meanwhile
+        store = await asyncio.to_thread(create_store, settings.feature_store)
+        schema_hash = StoreSchemaHash(store, asyncio.get_running_loop())
+        registry = ModelRegistry(settings, _retriever_factory(settings), schema_hash=schema_hash)
+        log.info(
+            "serving core built",
+            extra={"model_dir": str(settings.model_dir), "store_mode": settings.feature_store.resolved_mode()},
+        )
+        return cls(settings, store, registry, schema_hash, metrics or Metrics())
+
+    # -- lifecycle -----------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start the background work: initial load, then the poller; the readiness monitor."""
+        self._tasks.append(asyncio.create_task(self._load_then_poll(), name="model-loader"))
+        self._tasks.append(asyncio.create_task(self._monitor_readiness(), name="readiness-monitor"))
+
+    async def _load_then_poll(self) -> None:
+        await self.schema_hash.refresh()
+        try:
+            async with self._load_lock:
+                model = await asyncio.to_thread(self.registry.load_version)
+            log.info("initial model loaded and warmed up", extra={"model": model.key})
+        except (ModelUnavailable, BundleRejected) as exc:
+            log.error("no model loaded at startup; watching %s for one", self.settings.model_dir,
+                      extra={"reason": exc.message})
+        await self.check_readiness()
+        await self.registry.poll(self._stop)
+
+    async def _monitor_readiness(self) -> None:
+        while not self._stop.is_set():
+            await self.check_readiness()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), timeout=READINESS_INTERVAL_S)
+
+    def begin_drain(self) -> None:
+        """Shutting down: report not ready from now on (load balancers stop sending traffic)."""
+        self._draining = True
+
+    async def aclose(self) -> None:
+        """Stop background tasks, the CPU pool and the store (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._draining = True
+        self._stop.set()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.to_thread(self.service.close)
+        await self.store.aclose()
+        log.info("serving core closed")
+
+    # -- readiness ------------------------------------------------------------------------------------
+
+    def on_readiness_change(self, listener: ReadinessListener) -> None:
+        """Call `listener(ready)` whenever readiness flips (and once with the current state)."""
+        self._listeners.append(listener)
+        self._last_ready = None  # make the next check notify everyone, the new listener included
+
+    async def readiness(self) -> Readiness:
+        model = self.registry.current
+        key = model.key if model else None
+        if self._draining:
+            return Readiness(False, "shutting down", key, None)
+        try:
+            async with asyncio.timeout(self.settings.feature_store.request_timeout_s * 3):
+                health = await self.store.health()
+        except TimeoutError:
+            health = StoreHealth(False, "unknown", 0, None, None, None, "feature store health check timed out")
+        if model is None:
+            return Readiness(False, f"no model loaded from {self.settings.model_dir} yet", None, health)
+        if not health.ok:
+            return Readiness(False, f"feature store not ready: {health.error}", key, health)
+        return Readiness(True, None, key, health)
+
+    async def check_readiness(self) -> Readiness:
+        """Evaluate readiness, keep metrics in sync, and notify listeners on a change."""
+        state = await self.readiness()
+        self.sync_metrics()
+        if state.ready != self._last_ready:
+            if self._last_ready is not None or not state.ready:
+                log.info("readiness changed", extra={"ready": state.ready, "reason": state.reason})
+            self._last_ready = state.ready
+            for listener in self._listeners:
+                await listener(state.ready)
+        return state
+
+    # -- models ---------------------------------------------------------------------------------------
+
+    async def reload(self, version: int | None = None) -> tuple[LoadedModel, LoadedModel | None]:
+        """Load `version` (default: the newest loadable) now; returns (serving, previous)."""
+        await self.schema_hash.refresh()
+        previous = self.registry.current
+        async with self._load_lock:
+            model = await asyncio.to_thread(self.registry.load_version, version)
+        await self.check_readiness()
+        return model, previous
+
+    def sync_metrics(self) -> None:
+        """Mirror the registry's state into the metrics (the registry itself stays metrics-free)."""
+        m, reg = self.metrics, self.registry
+        if reg.swaps > self._synced_swaps:
+            m.model_swaps.inc(reg.swaps - self._synced_swaps)
+            self._synced_swaps = reg.swaps
+        refused = len(reg.refused())
+        if refused > self._synced_refused:
+            m.bundles_refused.inc(refused - self._synced_refused)
+        self._synced_refused = refused
+        current = reg.current
+        m.model_info.clear()
+        if current is not None:
+            m.model_info.labels(current.bundle.name, str(current.bundle.version)).set(1)

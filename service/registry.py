@@ -1,0 +1,245 @@
+"""Model registry: bundles in MODEL_DIR/<name>/<version>/, verified, warmed up, swapped atomically.
+
+A `LoadedModel` is immutable. Swapping replaces one reference, so a request that already took
+the old model finishes on it while new requests get the new one. A bundle that fails any check
+(sha256, schema hash against the feature store, scorer load, warm-up inference) is refused
+with a logged reason and the current model keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from export.bundle import Bundle, BundleError, list_versions, open_bundle
+from feature_store.codecs import Sequence
+from service.assemble import RetrievalSettings, Tables, TopK, scorer_inputs
+from service.errors import BundleRejected, ModelUnavailable
+from service.scoring import Fusion, Scorer, make_scorer
+from service.settings import Settings
+
+log = logging.getLogger("rankserve.registry")
+
+RetrieverFactory = Callable[[], TopK]
+
+
+@dataclass(frozen=True, eq=False)
+class LoadedModel:
+    """Everything a request needs from one bundle, ready to use."""
+
+    bundle: Bundle
+    scorer: Scorer
+    tables: Tables
+    retrieval: RetrievalSettings
+    fusion: Fusion
+    retriever: TopK
+    loaded_at: float
+
+    @property
+    def key(self) -> str:
+        return f"{self.bundle.name}/{self.bundle.version}"
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            **self.bundle.describe(),
+            "fusion": self.fusion.describe(),
+            "runtime": self.scorer.runtime,
+            "provider": self.scorer.provider,
+            "loaded_at": self.loaded_at,
+        }
+
+    def inputs(
+        self, history: Sequence, user_index: int, item: np.ndarray, category: np.ndarray, request_ts: int
+    ) -> dict[str, np.ndarray]:
+        """Gather and retrieve: the scorer inputs for one request."""
+        return scorer_inputs(
+            self.tables, self.retrieval, self.retriever, history, user_index, item, category, request_ts
+        )
+
+    def score(
+        self, history: Sequence, user_index: int, item: np.ndarray, category: np.ndarray, request_ts: int
+    ) -> np.ndarray:
+        return self.scorer.predict(self.inputs(history, user_index, item, category, request_ts))
+
+    def warm_up(self) -> None:
+        """Run synthetic requests through retrieval and scoring (JIT, allocators, page cache)."""
+        rng = np.random.default_rng(0)
+        n_items = self.tables.item_key.shape[0]
+        n_cats = self.tables.category_key.shape[0]
+        now = int(time.time())
+        for length, n_cand in ((0, 1), (3, 7), (2 * self.retrieval.k + 5, 64)):
+            hist = Sequence(
+                item=rng.integers(0, n_items, length),
+                category=rng.integers(0, n_cats, length),
+                action=rng.integers(0, 4, length),
+                timestamp=np.sort(rng.integers(now - 30 * 86_400, now, length)),
+            )
+            probs = self.score(hist, 0, rng.integers(0, n_items, n_cand), rng.integers(0, n_cats, n_cand), now)
+            if probs.shape != (n_cand, len(self.bundle.tasks)) or not np.all(np.isfinite(probs)):
+                raise BundleRejected(f"warm-up produced {probs.shape} / non-finite scores")
+
+
+class ModelRegistry:
+    """Holds the serving model and loads new versions; thread-safe, swap is one assignment."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        retriever_factory: RetrieverFactory,
+        schema_hash: Callable[[], str | None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self._retriever_factory = retriever_factory
+        self._schema_hash = schema_hash or (lambda: None)
+        self._current: LoadedModel | None = None
+        self._loaded: dict[str, LoadedModel] = {}
+        self._refused: dict[Path, str] = {}  # path -> reason, so a bad bundle is not retried every poll
+        self._lock = threading.Lock()
+        self.swaps = 0
+
+    # -- reads -----------------------------------------------------------------------------------
+
+    @property
+    def current(self) -> LoadedModel | None:
+        return self._current
+
+    def require(self) -> LoadedModel:
+        model = self._current
+        if model is None:
+            raise ModelUnavailable(f"no model is loaded yet from {self.settings.model_dir}")
+        return model
+
+    def get(self, key: str) -> LoadedModel | None:
+        """A loaded model by "name/version" (experiments pin versions)."""
+        return self._loaded.get(key)
+
+    def loaded(self) -> list[LoadedModel]:
+        return list(self._loaded.values())
+
+    def refused(self) -> dict[str, str]:
+        return {str(p): reason for p, reason in self._refused.items()}
+
+    # -- loading ---------------------------------------------------------------------------------
+
+    def model_name(self) -> str:
+        if self.settings.model_name:
+            return self.settings.model_name
+        root = self.settings.model_dir
+        names = (
+            sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")) if root.is_dir() else []
+        )
+        if len(names) != 1:
+            raise ModelUnavailable(
+                f"{root} holds bundles {names or 'none'}; set RANKSERVE_MODEL_NAME to choose one"
+                if names
+                else f"no bundles under {root}: export one with `rankserve export --out {root}`"
+            )
+        return names[0]
+
+    def load(self, path: Path) -> LoadedModel:
+        """Open, verify and warm up one bundle; raises BundleRejected with the reason."""
+        s = self.settings
+        try:
+            bundle = open_bundle(path, verify=s.verify_bundles)
+        except BundleError as exc:
+            raise BundleRejected(str(exc)) from exc
+        store_hash = self._schema_hash()
+        if store_hash is not None and store_hash != bundle.schema.hash:
+            raise BundleRejected(
+                f"{path}: schema {bundle.schema.hash[:12]} does not match the feature store's active schema "
+                f"{store_hash[:12]}; ingest with this bundle's schema (`rankserve ingest --schema {path}`) first"
+            )
+        scorer = make_scorer(bundle, s.scorer_runtime, s.threads, s.execution_provider)
+        fusion = Fusion.from_bundle(bundle, s.fusion_weights, s.fusion_transforms)
+        model = LoadedModel(
+            bundle=bundle,
+            scorer=scorer,
+            tables=Tables.from_dict(bundle.tables),
+            retrieval=RetrievalSettings.from_manifest(bundle.retrieval, bundle.schema.spec.time_gap_buckets),
+            fusion=fusion,
+            retriever=self._retriever_factory(),
+            loaded_at=time.time(),
+        )
+        try:
+            model.warm_up()
+        except BundleRejected:
+            raise
+        except Exception as exc:  # a scorer that cannot run its own inputs must never serve
+            raise BundleRejected(f"{path}: warm-up inference failed: {exc}") from exc
+        return model
+
+    def _install(self, model: LoadedModel) -> None:
+        with self._lock:
+            old = self._current
+            self._loaded[model.key] = model
+            self._current = model
+            self.swaps += 1
+        log.info("model serving", extra={"model": model.key, "previous": old.key if old else None})
+
+    def load_version(self, version: int | None = None) -> LoadedModel:
+        """Load `version` (default: the newest not refused) and make it current."""
+        name = self.model_name()
+        versions = list_versions(self.settings.model_dir, name)
+        if version is not None:
+            if version not in versions:
+                raise BundleRejected(f"no version {version} of {name} under {self.settings.model_dir}")
+            candidates = [version]
+        else:
+            candidates = [v for v in reversed(versions) if self.settings.model_dir / name / str(v) not in self._refused]
+        if not candidates:
+            raise ModelUnavailable(f"no loadable version of {name} under {self.settings.model_dir}")
+        last_error = ""
+        for v in candidates:
+            path = self.settings.model_dir / name / str(v)
+            current = self._current
+            if current is not None and current.bundle.path == path and version is None:
+                return current
+            try:
+                model = self.load(path)
+            except BundleRejected as exc:
+                self._refused[path] = exc.message
+                log.error("bundle refused", extra={"bundle": str(path), "reason": exc.message})
+                last_error = exc.message
+                continue
+            self._refused.pop(path, None)
+            self._install(model)
+            return model
+        raise BundleRejected(last_error)
+
+    def newer_version_available(self) -> bool:
+        try:
+            name = self.model_name()
+        except ModelUnavailable:
+            return False
+        current = self._current
+        for v in reversed(list_versions(self.settings.model_dir, name)):
+            path = self.settings.model_dir / name / str(v)
+            if path in self._refused:
+                continue
+            return current is None or v > current.bundle.version
+        return False
+
+    async def poll(self, stop: asyncio.Event) -> None:
+        """Pick up new versions every `poll_interval_s` until `stop` is set."""
+        interval = self.settings.poll_interval_s
+        if interval <= 0:
+            return
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=interval)
+                return
+            except TimeoutError:
+                pass
+            if self.newer_version_available():
+                try:
+                    await asyncio.to_thread(self.load_version)
+                except (BundleRejected, ModelUnavailable) as exc:
+                    log.warning("new version not loaded", extra={"reason": exc.message})

@@ -1,0 +1,190 @@
+"""REST request and response schemas (pydantic), with OpenAPI examples.
+
+Requests are strict: `"42"` or `42.0` for an integer field is an error that names the field,
+never a silent coercion, and unknown fields are rejected (a typo like `topN` would otherwise be
+ignored). The rank response is documented here but encoded by `rank_response_body` straight to
+a dict for orjson, which is ~7x cheaper than validating a model per response (measured: 38 µs vs
+270 µs for 100 items).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from service import types as core
+from service.core import INT64_MAX
+
+RANK_EXAMPLE: dict[str, Any] = {"user_id": 1000, "candidates": [11, 12, 13], "top_n": 2}
+
+
+class RankRequest(BaseModel):
+    """One user and the candidate items to rank for them."""
+
+    model_config = ConfigDict(
+        strict=True,
+        extra="forbid",
+        json_schema_extra={"examples": [RANK_EXAMPLE]},
+    )
+
+    user_id: int = Field(ge=0, le=INT64_MAX, description="raw user id; unknown users are ranked cold-start")
+    candidates: list[int] = Field(
+        description="raw item ids to rank (at most the server's max_candidates, default 1000); unknown ids allowed",
+    )
+    top_n: int | None = Field(
+        default=None, ge=1, description="items to return (at most max_top_n); default: the server's default_top_n"
+    )
+    request_time: int | None = Field(
+        default=None, ge=0, description="unix seconds of the request; later behaviours are ignored (default: now)"
+    )
+    debug: bool = Field(default=False, description="add per-stage timings_ms and retrieval details to the response")
+
+    def to_core(self, request_id: str) -> core.RankRequest:
+        return core.RankRequest(
+            user_id=self.user_id,
+            candidates=self.candidates,
+            top_n=self.top_n,
+            request_time=self.request_time,
+            debug=self.debug,
+            request_id=request_id,
+        )
+
+
+class RankedItem(BaseModel):
+    item_id: int = Field(description="raw item id, as sent")
+    score: float = Field(description="fused score Σ w_t·p_t, the ranking key")
+    scores: dict[str, float] = Field(description="probability per task, each in [0, 1]")
+
+
+class RankResponse(BaseModel):
+    """The candidates ordered by fused score, best first."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "items": [
+                        {"item_id": 12, "score": 0.91, "scores": {"click": 0.41, "cart": 0.05, "buy": 0.02}},
+                        {"item_id": 11, "score": 0.52, "scores": {"click": 0.3, "cart": 0.02, "buy": 0.0}},
+                    ],
+                    "model": "tmall/3",
+                    "arm": "default",
+                    "degraded": False,
+                    "request_id": "7f0c1d2e9a4b4c55",
+                }
+            ]
+        }
+    )
+
+    items: list[RankedItem]
+    model: str = Field(description='serving model, "<name>/<version>"')
+    arm: str = Field(description="experiment arm that ranked the request")
+    degraded: bool = Field(description="true when the feature store was down or slow: ranked without user features")
+    request_id: str
+    timings_ms: dict[str, float] | None = Field(default=None, description="per-stage wall times (debug only)")
+    debug: dict[str, Any] | None = Field(default=None, description="retrieval and fusion details (debug only)")
+
+
+def rank_response_body(resp: core.RankResponse, request_id: str) -> dict[str, Any]:
+    """The JSON body of `RankResponse` from the core's response (no per-response validation)."""
+    body: dict[str, Any] = {
+        "items": [{"item_id": it.item_id, "score": it.score, "scores": it.task_scores} for it in resp.items],
+        "model": resp.model,
+        "arm": resp.arm,
+        "degraded": resp.degraded,
+        "request_id": resp.request_id or request_id,
+    }
+    if resp.timings_ms:
+        body["timings_ms"] = resp.timings_ms
+    if resp.debug:
+        body["debug"] = resp.debug
+    return body
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(description="stable machine-readable code, e.g. invalid_request, model_unavailable")
+    message: str = Field(description="what went wrong and what to fix")
+    request_id: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """Every error has this shape, whatever its status."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "error": {
+                        "code": "invalid_request",
+                        "message": "body.user_id: Input should be a valid integer (got 'abc')",
+                        "request_id": "7f0c1d2e9a4b4c55",
+                    }
+                }
+            ]
+        }
+    )
+
+    error: ErrorDetail
+
+
+class LivenessResponse(BaseModel):
+    status: str = "alive"
+
+
+class StoreStatus(BaseModel):
+    ok: bool
+    mode: str
+    latency_ms: float | None = None
+    active_version: str | None = None
+    error: str | None = None
+
+
+class ReadinessResponse(BaseModel):
+    ready: bool
+    reason: str | None = Field(default=None, description="why not ready")
+    model: str | None = None
+    store: StoreStatus | None = None
+
+
+class ModelInfo(BaseModel):
+    key: str = Field(description='"<name>/<version>"')
+    name: str
+    version: int
+    created: str | None = None
+    schema_hash: str
+    tasks: list[str]
+    fusion: dict[str, Any]
+    retrieval: dict[str, Any]
+    runtime: str
+    provider: str
+    loaded_at: float = Field(description="unix seconds")
+
+    @classmethod
+    def from_describe(cls, key: str, info: dict[str, Any]) -> ModelInfo:
+        return cls(key=key, **{k: v for k, v in info.items() if k in cls.model_fields})
+
+
+class RefusedBundle(BaseModel):
+    path: str
+    reason: str
+
+
+class ModelsResponse(BaseModel):
+    """What the registry holds: the serving model, every loaded version, and refused bundles."""
+
+    current: ModelInfo | None
+    loaded: list[ModelInfo]
+    refused: list[RefusedBundle]
+    model_dir: str
+
+
+class ReloadRequest(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid", json_schema_extra={"examples": [{"version": 3}, {}]})
+
+    version: int | None = Field(default=None, ge=1, description="version to load; default: the newest loadable")
+
+
+class ReloadResponse(BaseModel):
+    model: str = Field(description="the model serving now")
+    previous: str | None = Field(description="the model serving before")

@@ -1,0 +1,208 @@
+"""`rankserve serve`: REST (uvicorn) and gRPC (grpcio aio) in one process, on one event loop.
+
+Both transports share one `ServingCore` (store, registry, ranking service). They start listening
+before the model is loaded, so `/livez` answers during a long load while `/readyz` and gRPC
+health stay NOT ready until the model is loaded and warmed up.
+
+SIGTERM / SIGINT: readiness turns false, both transports stop accepting at once, in-flight
+requests get `drain_timeout_s` to finish, then the core closes (poller, CPU pool, store) and the
+process exits 0.
+
+Workers (`--workers N`, N > 1): a small supervisor binds the HTTP socket and starts N worker
+processes (spawned, not forked: grpcio and thread pools do not survive fork), each running this
+same REST + gRPC server with its own core. The HTTP socket is shared (one accept queue); the gRPC
+port is bound by every worker with SO_REUSEPORT, so the kernel spreads gRPC connections too.
+gRPC therefore scales with the workers rather than being pinned to one process (the parent
+holds no model: it would cost a core's memory and CPU and serve only one transport). Bundle
+tables are memory-mapped, so the workers share one copy in the page cache. If a worker dies,
+the supervisor stops the others and exits 1, leaving restarts to the orchestrator.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import multiprocessing
+import signal
+import socket
+import sys
+import time
+from collections.abc import Generator
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+
+from service.settings import Settings
+
+log = logging.getLogger("rankserve.server")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options override the matching RANKSERVE_* environment variables (see service/settings.py)."""
+    parser.add_argument("--host", help="interface of both transports (RANKSERVE_HOST, default 127.0.0.1)")
+    parser.add_argument("--http-port", type=int, help="REST port (RANKSERVE_HTTP_PORT, default 8000)")
+    parser.add_argument("--grpc-port", type=int, help="gRPC port, 0 disables gRPC (RANKSERVE_GRPC_PORT, default 50051)")
+    parser.add_argument("--model-dir", type=Path, help="bundle root (RANKSERVE_MODEL_DIR, default bundles)")
+    parser.add_argument("--model-name", help="bundle name to serve (RANKSERVE_MODEL_NAME, default: the only one)")
+    parser.add_argument("--redis-url", help="redis:// URL of the feature store (REDIS_URL; default: embedded Valkey)")
+    parser.add_argument("--workers", type=int, help="worker processes (RANKSERVE_WORKERS, default 1)")
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    overrides: dict[str, Any] = {
+        key: getattr(args, key)
+        for key in ("host", "http_port", "grpc_port", "model_dir", "model_name", "workers")
+        if getattr(args, key, None) is not None
+    }
+    settings = Settings(**overrides)
+    if getattr(args, "redis_url", None):
+        store = settings.feature_store.model_copy(update={"url": args.redis_url, "mode": "single"})
+        settings = settings.model_copy(update={"feature_store": store})
+    return settings
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = settings_from_args(args)
+    if settings.workers > 1:
+        return supervise(settings)
+    return asyncio.run(serve(settings))
+
+
+# -- one serving process ---------------------------------------------------------------------------
+
+
+class _HttpServer(uvicorn.Server):
+    """uvicorn without its own signal handling: `serve()` below owns SIGTERM/SIGINT for both
+    transports (uvicorn's handlers would re-raise the signal after shutdown: no exit code 0)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
+
+
+def _uvicorn_config(settings: Settings, app: Any) -> uvicorn.Config:
+    return uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.http_port,
+        log_config=None,  # keep the JSON logging configured by the CLI
+        access_log=False,  # one log line per request costs more than the request on 2 cores
+        lifespan="on",
+        timeout_graceful_shutdown=max(1, round(settings.drain_timeout_s)),
+        server_header=False,
+    )
+
+
+async def serve(settings: Settings, http_socket: socket.socket | None = None, reuse_port: bool = False) -> int:
+    """Run REST and gRPC on this event loop until SIGTERM/SIGINT; returns the exit code."""
+    from feature_store.errors import FeatureStoreError
+    from service.app import create_app
+    from service.grpc_server import GrpcServer, start_grpc_server
+    from service.lifecycle import ServingCore
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    try:
+        core = await ServingCore.create(settings)
+    except (FeatureStoreError, ValueError) as exc:  # bad store URL or retrieval strategy: say so, exit 1
+        log.error("cannot start: %s", exc, extra={"store_mode": settings.feature_store.resolved_mode()})
+        return 1
+    grpc_server: GrpcServer | None = None
+    code = 0
+    try:
+        config = _uvicorn_config(settings, create_app(core=core))
+        try:
+            sock = http_socket or config.bind_socket()
+            if settings.grpc_port:
+                grpc_server = await start_grpc_server(core, settings.host, settings.grpc_port, reuse_port=reuse_port)
+        except (OSError, SystemExit) as exc:  # uvicorn's bind_socket exits on a port in use
+            log.error("cannot listen: %s", exc or "HTTP port unavailable",
+                      extra={"http_port": settings.http_port, "grpc_port": settings.grpc_port})
+            return 1
+        http = _HttpServer(config)
+        await core.start()
+        http_task = asyncio.create_task(http.serve(sockets=[sock]), name="http")
+        stop_task = asyncio.create_task(stop.wait(), name="stop-signal")
+        done, _ = await asyncio.wait({http_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
+        if http_task in done:
+            log.error("HTTP server exited unexpectedly", extra={"error": repr(http_task.exception())})
+            code = 1
+        else:
+            log.info("shutting down: draining in-flight requests", extra={"drain_timeout_s": settings.drain_timeout_s})
+        core.begin_drain()
+        stop_task.cancel()
+        http.should_exit = True
+        started = time.monotonic()
+        grpc_stop = [grpc_server.stop(settings.drain_timeout_s)] if grpc_server else []
+        await asyncio.gather(http_task, *grpc_stop, return_exceptions=True)
+        log.info("transports stopped", extra={"seconds": round(time.monotonic() - started, 3)})
+    finally:
+        await core.aclose()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+    return code
+
+
+# -- several worker processes ----------------------------------------------------------------------
+
+
+def _worker_main(settings: Settings, http_socket: socket.socket, log_level: str) -> None:
+    from service.logging_setup import configure_logging
+
+    configure_logging(log_level, settings.json_logs)
+    sys.exit(asyncio.run(serve(settings, http_socket, reuse_port=True)))
+
+
+def supervise(settings: Settings) -> int:
+    """Start `settings.workers` serving processes sharing the ports; stop them all on SIGTERM."""
+    try:
+        sock = _uvicorn_config(settings, None).bind_socket()
+    except SystemExit:
+        log.error("cannot listen on %s:%s", settings.host, settings.http_port)
+        return 1
+    ctx = multiprocessing.get_context("spawn")
+    level = logging.getLevelName(logging.getLogger().level)
+    workers = [
+        ctx.Process(target=_worker_main, args=(settings, sock, level), name=f"rankserve-worker-{i}")
+        for i in range(settings.workers)
+    ]
+    stopping: list[int] = []
+    previous = {sig: signal.signal(sig, lambda s, _f: stopping.append(s)) for sig in (signal.SIGTERM, signal.SIGINT)}
+    for proc in workers:
+        proc.start()
+    log.info("workers started", extra={"pids": [p.pid for p in workers], "http_port": settings.http_port,
+                                       "grpc_port": settings.grpc_port})
+    code = 0
+    try:
+        while not stopping:
+            dead = [p for p in workers if not p.is_alive()]
+            if dead:
+                log.error("worker exited; stopping the others",
+                          extra={"pid": dead[0].pid, "exitcode": dead[0].exitcode})
+                code = 1
+                break
+            time.sleep(0.2)
+        for proc in workers:
+            if proc.is_alive() and proc.pid is not None:
+                proc.terminate()  # SIGTERM: each worker drains on its own
+        deadline = time.monotonic() + settings.drain_timeout_s + 30  # drain, then close the store
+        for proc in workers:
+            proc.join(max(0.0, deadline - time.monotonic()))
+            if proc.is_alive():
+                log.error("worker did not stop in time; killing it", extra={"pid": proc.pid})
+                proc.kill()
+                proc.join()
+                code = 1
+            elif proc.exitcode not in (0, None) and stopping:
+                code = 1
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        sock.close()
+    return code

@@ -1,0 +1,127 @@
+"""Service settings: one pydantic-settings model, from the environment plus an optional YAML file.
+
+Environment variables use the prefix `RANKSERVE_` and `__` for nesting
+(`RANKSERVE_FEATURE_STORE__READ_TIMEOUT_S=0.2`). `REDIS_URL` and `REDIS_CLUSTER_NODES` are read
+as well, since every Redis deployment already sets them. `RANKSERVE_CONFIG=settings.yaml` adds a
+YAML file (environment wins over YAML).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
+
+from feature_store.store import FeatureStoreConfig
+
+
+def available_cpus() -> int:
+    """CPUs this process may use: the cgroup CPU quota (containers) or the affinity mask."""
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if quota != "max":
+            return max(1, int(float(quota) / float(period)))
+    except (OSError, ValueError):
+        pass
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+class Settings(BaseSettings):
+    """Every knob of the server. Defaults run the demo on one machine."""
+
+    model_config = SettingsConfigDict(env_prefix="RANKSERVE_", env_nested_delimiter="__", extra="forbid")
+
+    # models
+    model_dir: Path = Field(default=Path("bundles"), description="bundles live in MODEL_DIR/<name>/<version>/")
+    model_name: str | None = Field(default=None, description="bundle name to serve (default: the only one)")
+    scorer_runtime: Literal["onnx", "torchscript"] = Field(default="onnx", description="scorer runtime")
+    execution_provider: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="ONNX Runtime provider")
+    scorer_threads: int | None = Field(default=None, ge=1, description="intra-op threads (default: available CPUs)")
+    poll_interval_s: float = Field(default=10.0, ge=0, description="scan MODEL_DIR for new versions (0: never)")
+    verify_bundles: bool = Field(default=True, description="check every file's sha256 before loading")
+
+    # retrieval
+    retrieval_strategy: str = Field(default="exact", description="GSU strategy (service/retrieval.py registry)")
+    retrieval_device: Literal["auto", "cpu", "gpu"] = Field(default="auto", description="faiss GPU when available")
+
+    # fusion overrides (default: the bundle's)
+    fusion_weights: dict[str, float] | None = None
+    fusion_transforms: dict[str, str] | None = None
+
+    # request limits
+    default_top_n: int = Field(default=100, ge=1)
+    max_top_n: int = Field(default=1000, ge=1)
+    max_candidates: int = Field(default=1000, ge=1)
+    max_body_bytes: int = Field(default=1 << 20, ge=1024, description="largest accepted request body")
+    request_timeout_s: float = Field(default=1.0, gt=0, description="deadline of one rank call")
+    fetch_budget_s: float = Field(default=0.1, gt=0, description="beyond this, rank without store features")
+
+    # feature store
+    feature_store: FeatureStoreConfig = Field(default_factory=FeatureStoreConfig)
+
+    # transports
+    host: str = "127.0.0.1"
+    http_port: int = Field(default=8000, ge=0, le=65535)
+    grpc_port: int = Field(default=50051, ge=0, le=65535, description="0 disables gRPC")
+    workers: int = Field(default=1, ge=1, description="uvicorn worker processes")
+    drain_timeout_s: float = Field(default=10.0, ge=0, description="graceful shutdown deadline")
+
+    # experiments and admin
+    experiments_file: Path | None = None
+    admin_token: SecretStr | None = Field(default=None, description="bearer token of admin endpoints (off if unset)")
+
+    # observability
+    log_level: str = "INFO"
+    json_logs: bool = True
+    otel_endpoint: str | None = None
+
+    @field_validator("fusion_weights")
+    @classmethod
+    def _finite_weights(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        if value is not None:
+            for task, w in value.items():
+                if w != w or abs(w) == float("inf"):
+                    raise ValueError(f"fusion weight of {task!r} must be finite")
+        return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _redis_env(cls, data: Any) -> Any:
+        """Plain REDIS_URL / REDIS_CLUSTER_NODES fill the store config unless it is set explicitly."""
+        if not isinstance(data, dict):
+            return data
+        store = data.get("feature_store")
+        store = dict(store) if isinstance(store, dict) else ({} if store is None else store)
+        if isinstance(store, dict):
+            if os.environ.get("REDIS_URL") and "url" not in store:
+                store["url"] = os.environ["REDIS_URL"]
+            if os.environ.get("REDIS_CLUSTER_NODES") and "cluster_nodes" not in store:
+                store["cluster_nodes"] = os.environ["REDIS_CLUSTER_NODES"]
+            data = {**data, "feature_store": store}
+        return data
+
+    @property
+    def threads(self) -> int:
+        return self.scorer_threads or available_cpus()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        yaml_file = os.environ.get("RANKSERVE_CONFIG")
+        if yaml_file:
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=yaml_file))
+        sources.append(file_secret_settings)
+        return tuple(sources)

@@ -1,0 +1,136 @@
+"""Ingestion of real and synthetic data, read back and compared with the source events exactly;
+and the `rankserve ingest` command line, including the embedded default with persistence."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from feature_store import ingest
+from feature_store.embedded import EmbeddedValkey
+from feature_store.ingest import ingest_log, schema_from_log
+from feature_store.schema import FeatureSchema
+from feature_store.store import EmbeddedConfig, FeatureStoreConfig, OnlineStore, create_store
+from models.data.events import EventLog
+from tests.integration.conftest import Backend, assert_same_sequence, expected_sequence
+
+
+async def assert_store_matches(store: OnlineStore, events: EventLog, schema: FeatureSchema, version: str,
+                               items: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+    """Every user's stored sequence equals the newest `cap` source events; every item is found."""
+    cap = schema.spec.max_sequence_length
+    users, _ = events.user_offsets()
+    sem = asyncio.Semaphore(16)
+
+    async def check(user: int) -> None:
+        async with sem:
+            got = await store.fetch(user, [], max_sequence_length=cap, version=version)
+        assert got.user_index == int(schema.users.lookup([user])[0])
+        assert_same_sequence(got.sequence, expected_sequence(events, schema, user, cap))
+
+    await asyncio.gather(*(check(int(u)) for u in users))
+    item_ids, cat_ids = items if items is not None else events.item_catalogue()
+    for k in range(0, len(item_ids), 500):
+        got = await store.fetch(int(users[0]), item_ids[k : k + 500], max_sequence_length=0, version=version)
+        assert got.found.all()
+        np.testing.assert_array_equal(got.item_index, schema.items.lookup(item_ids[k : k + 500]))
+        np.testing.assert_array_equal(got.category_index, schema.categories.lookup(cat_ids[k : k + 500]))
+
+
+async def test_tmall_2014_roundtrip(store: OnlineStore) -> None:
+    readers = pytest.importorskip("models.data.readers")
+    try:
+        events = readers.load_dataset("tmall")
+    except readers.DataError as exc:
+        pytest.skip(f"Tmall 2014 sample not available: {exc}")
+    schema = schema_from_log(events)
+    stats = await ingest_log(store, events, schema, "tmall", activate=True)
+    assert stats.users == len(np.unique(events.user_id)) and stats.events == len(events)
+    await assert_store_matches(store, events, schema, "tmall")
+
+
+@pytest.fixture(scope="module")
+def synthetic_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    synth = pytest.importorskip("models.data.synth")
+    out = tmp_path_factory.mktemp("synth")
+    # Some users exceed the 10,000-event cap (log-uniform lengths up to 12,000).
+    synth.generate(synth.SynthParams(users=30, items=20_000, categories=100, events_min=200, events_max=12_000,
+                                     seed=7), out, progress=False)
+    return out
+
+
+async def test_synthetic_roundtrip(store: OnlineStore, synthetic_dir: Path) -> None:
+    from models.data.synth import load_synthetic
+
+    events = load_synthetic(synthetic_dir)
+    catalogue = (np.load(synthetic_dir / "catalogue_item.npy").astype(np.int64),
+                 np.load(synthetic_dir / "catalogue_category.npy").astype(np.int64))
+    schema = schema_from_log(events)
+    stats = await ingest_log(store, events, schema, "synth", catalogue=catalogue, batch_users=7, activate=True)
+    lengths = np.diff(events.user_offsets()[1])
+    assert lengths.max() > schema.spec.max_sequence_length  # the cap is exercised
+    assert stats.events == int(np.minimum(lengths, schema.spec.max_sequence_length).sum())
+    assert stats.items == 20_000
+    await assert_store_matches(store, events, schema, "synth", items=catalogue)
+
+
+def _cli(*argv: str) -> int:
+    parser = argparse.ArgumentParser()
+    ingest.add_arguments(parser)
+    return ingest.run(parser.parse_args(list(argv)))
+
+
+def _target_args(backend: Backend) -> list[str]:
+    if backend.name == "cluster":
+        return ["--cluster-nodes", ",".join(backend.config.cluster_nodes)]
+    return ["--redis-url", str(backend.config.url)]
+
+
+async def _active(config: FeatureStoreConfig) -> tuple[str | None, list[str]]:
+    async with create_store(config) as store:
+        return await store.active_version(refresh=True), await store.list_versions()
+
+
+def test_cli_ingest_activate_list_drop(backend: Backend, synthetic_dir: Path, tmp_path: Path,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("REDIS_URL", raising=False)
+    monkeypatch.delenv("REDIS_CLUSTER_NODES", raising=False)
+    target = _target_args(backend)
+    data = ["--data", f"synthetic:{synthetic_dir}", "--no-progress"]
+    assert _cli(*data, *target, "--version", "a1", "--activate", "--save-schema", str(tmp_path / "schema")) == 0
+    # A bundle-like dir with the schema under schema/ is accepted too.
+    (tmp_path / "bundle").mkdir()
+    (tmp_path / "schema").rename(tmp_path / "bundle" / "schema")
+    assert _cli(*data, *target, "--version", "a2", "--schema", str(tmp_path / "bundle")) == 0
+    assert asyncio.run(_active(backend.config)) == ("a1", ["a1", "a2"])
+    assert _cli(*target, "--list-versions") == 0
+    assert _cli(*target, "--drop-version", "a1") == 1  # active: refused, exit code 1
+    assert _cli(*target, "--drop-version", "a2") == 0
+    assert asyncio.run(_active(backend.config)) == ("a1", ["a1"])
+
+
+def test_cli_embedded_default_persists_between_runs(synthetic_dir: Path, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("REDIS_URL", raising=False)
+    monkeypatch.delenv("REDIS_CLUSTER_NODES", raising=False)
+    data_dir = tmp_path / "valkey"
+    args = ["--embedded-data-dir", str(data_dir), "--persistence", "rdb"]
+    assert _cli("--data", f"synthetic:{synthetic_dir}", "--no-progress", *args, "--version", "e1", "--activate") == 0
+    assert (data_dir / "dump.rdb").exists()  # snapshot written on shutdown
+    # A fresh embedded server on the same directory loads it: what `rankserve serve` will see.
+    config = FeatureStoreConfig(embedded=EmbeddedConfig(data_dir=str(data_dir)))
+    assert asyncio.run(_active(config)) == ("e1", ["e1"])
+
+
+def test_embedded_second_process_attaches(tmp_path: Path) -> None:
+    cfg = EmbeddedConfig(data_dir=str(tmp_path / "v"), persistence="none")
+    with EmbeddedValkey(cfg) as owner:
+        assert owner.owned and owner.is_running()
+        with EmbeddedValkey(cfg) as guest:  # same dir: the lock is held, so attach instead of a 2nd server
+            assert not guest.owned and guest.url == owner.url
+        assert owner.is_running()  # the guest leaving does not stop the owner's server
+    assert not owner.is_running()

@@ -1,0 +1,166 @@
+"""Bundle export: round trip, three-runtime parity, tamper refusal, and the torch-free serving path."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from export.bundle import MANIFEST, SCORER_INPUTS, BundleError, open_bundle
+from export.exporter import write_bundle
+from feature_store.codecs import Sequence
+from feature_store.schema import FeatureSchema, cross_features, history_features, time_gap_bucket, weekday
+from models.model import Batch, RankingModel
+from service.assemble import RetrievalSettings, Tables, scorer_inputs
+from tests.helpers import tiny_model, tiny_schema
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[RankingModel, FeatureSchema, Path]:
+    schema = tiny_schema()
+    model = tiny_model(schema)
+    root = tmp_path_factory.mktemp("bundles")
+    schema_dir = root / "schema-src"
+    schema.save(schema_dir)
+    path = write_bundle(model, schema_dir, {"variant": "twin", "data": "tiny"}, root / "models", "tiny")
+    return model, schema, path
+
+
+def test_bundle_round_trip(exported: tuple[RankingModel, FeatureSchema, Path]) -> None:
+    model, schema, path = exported
+    assert path.name == "1" and path.parent.name == "tiny"
+    bundle = open_bundle(path)
+    assert bundle.schema.hash == schema.hash
+    assert bundle.tasks == ["click", "cart", "buy"]
+    assert bundle.manifest["parity"]["max_abs_diff"] <= 1e-5
+    for rt in ("onnx", "torchscript"):
+        assert set(bundle.manifest["parity"]["per_task"][rt]) == {"click", "cart", "buy"}
+    tables = model.precomputed_tables()
+    for name, arr in bundle.tables.items():
+        assert isinstance(arr, np.memmap), f"{name} should be memory-mapped"
+        np.testing.assert_array_equal(arr, tables[name].numpy())
+    assert [i["name"] for i in bundle.manifest["scorer"]["inputs"]] == list(SCORER_INPUTS)
+
+
+def test_next_version_and_immutability(exported: tuple[RankingModel, FeatureSchema, Path], tmp_path: Path) -> None:
+    model, _schema, path = exported
+    root = path.parent.parent
+    second = write_bundle(model, path / "schema", {}, root, "tiny")
+    assert second.name == "2"
+    with pytest.raises(FileExistsError):
+        write_bundle(model, path / "schema", {}, root, "tiny", version=1)
+
+
+def test_tampered_bundle_is_refused(exported: tuple[RankingModel, FeatureSchema, Path], tmp_path: Path) -> None:
+    _model, _schema, path = exported
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(path, copy)
+    table = copy / "tables" / "item_key.npy"
+    os.chmod(table, 0o644)
+    data = bytearray(table.read_bytes())
+    data[-1] ^= 0xFF
+    table.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match=r"sha256 mismatch for tables/item_key.npy"):
+        open_bundle(copy)
+
+
+def test_bundle_with_bad_manifest_is_refused(tmp_path: Path) -> None:
+    (tmp_path / MANIFEST).write_text(json.dumps({"format": "something-else"}))
+    with pytest.raises(BundleError, match="format"):
+        open_bundle(tmp_path)
+    with pytest.raises(BundleError, match=r"no manifest\.json"):
+        open_bundle(tmp_path / "missing")
+
+
+@pytest.mark.parametrize("heads", ["mmoe", "ple", "resflow"])
+def test_parity_for_every_head(heads: str, tmp_path: Path) -> None:
+    schema = tiny_schema()
+    model = tiny_model(schema, heads=heads)
+    schema.save(tmp_path / "s")
+    path = write_bundle(model, tmp_path / "s", {}, tmp_path / "m", f"tiny-{heads}")
+    parity = json.loads((path / MANIFEST).read_text())["parity"]
+    assert parity["max_abs_diff"] <= 1e-5, parity
+
+
+def history_batch(
+    schema: FeatureSchema, hist: Sequence, user: int, items: np.ndarray, cats: np.ndarray, ts: int
+) -> Batch:
+    """The training-side batch for one user and several candidates (as models.batching builds it)."""
+    n, length = items.shape[0], max(len(hist), 1)
+    mask = np.zeros(length, dtype=np.float32)
+    mask[length - len(hist) :] = 1
+    def right(a: np.ndarray) -> np.ndarray:
+        out = np.zeros(length, dtype=np.int64)
+        out[length - len(hist) :] = a
+        return out
+    gap = time_gap_bucket(ts - hist.timestamp, schema.spec.time_gap_buckets)
+    rep = lambda a: torch.from_numpy(np.repeat(a[None], n, axis=0))  # noqa: E731
+    return Batch(
+        user=torch.full((n,), user, dtype=torch.long),
+        item=torch.from_numpy(items),
+        category=torch.from_numpy(cats),
+        cand_cross=torch.from_numpy(cross_features(hist.item, hist.action, hist.timestamp, items, ts)),
+        hist_item=rep(right(hist.item)),
+        hist_category=rep(right(hist.category)),
+        hist_action=rep(right(hist.action)),
+        hist_gap=rep(right(gap)),
+        hist_mask=rep(mask),
+        user_dense=rep(history_features(hist.action)),
+        weekday=torch.full((n,), int(weekday(ts)), dtype=torch.long),
+    )
+
+
+@pytest.mark.parametrize("length", [0, 3, 8, 50])
+@pytest.mark.parametrize("use_retrieval", [True, False])
+def test_serving_path_matches_pytorch(length: int, use_retrieval: bool, tmp_path: Path) -> None:
+    """numpy gather + retrieval + ONNX Runtime == RankingModel.forward, to 1e-5."""
+    schema = tiny_schema()
+    model = tiny_model(schema, use_retrieval=use_retrieval)
+    schema.save(tmp_path / "s")
+    bundle = open_bundle(write_bundle(model, tmp_path / "s", {}, tmp_path / "m", "tiny"))
+    rng = np.random.default_rng(length)
+    ts = 1_700_000_000
+    hist = Sequence(
+        item=rng.integers(0, schema.items.size, length),
+        category=rng.integers(0, schema.categories.size, length),
+        action=rng.integers(0, 4, length),
+        timestamp=np.sort(rng.integers(ts - 90 * 86_400, ts, length)),
+    )
+    items = rng.integers(0, schema.items.size, 20)
+    items[0] = 0  # unknown item
+    if length:
+        items[1:4] = hist.item[-3:]  # revisits: the cross features must match too
+    cats = rng.integers(0, schema.categories.size, 20)
+    with torch.no_grad():
+        expected = model(history_batch(schema, hist, 7, items, cats, ts)).numpy()
+
+    from service.retrieval import make_retriever
+
+    settings = RetrievalSettings.from_manifest(bundle.retrieval, schema.spec.time_gap_buckets)
+    inputs = scorer_inputs(
+        Tables.from_dict(bundle.tables), settings, make_retriever("numpy"), hist, 7, items, cats, ts
+    )
+    sess = ort.InferenceSession(str(bundle.scorer_path("onnx")), providers=["CPUExecutionProvider"])
+    served = sess.run(None, {n: inputs[n] for n in SCORER_INPUTS})[0]
+    np.testing.assert_allclose(served, expected, atol=1e-5, rtol=0)
+
+
+def test_bundle_reader_does_not_import_torch(exported: tuple[RankingModel, FeatureSchema, Path]) -> None:
+    _model, _schema, path = exported
+    code = (
+        "import sys; from export.bundle import open_bundle; "
+        f"b = open_bundle({str(path)!r}); assert 'torch' not in sys.modules, 'torch imported'; print(b.version)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "1"
