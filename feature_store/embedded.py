@@ -144,8 +144,7 @@ class EmbeddedValkey:
                 if _ping(port):
                     self._port = port
                     self._attached = True
-                    log.info("attached to the embedded Valkey already serving %s", self.data_dir,
-                             extra={"port": port})
+                    log.info("attached to the embedded Valkey already serving %s", self.data_dir, extra={"port": port})
                     return self.url
             if time.monotonic() > deadline:
                 raise FeatureStoreConfigError(

@@ -47,7 +47,7 @@ from models.data.events import EventLog
 log = logging.getLogger(__name__)
 
 DEFAULT_BATCH_USERS = 256
-ITEM_BATCH = 20_000
+ITEM_BATCH = 5_000
 
 
 @dataclass
@@ -104,8 +104,10 @@ def encode_user_batch(
         events.timestamp[lo:hi],
     )
     view = memoryview(raw)
-    sequences = [bytes(view[(s - lo) * SEQ_RECORD_SIZE : (e - lo) * SEQ_RECORD_SIZE]) for s, e in
-                 zip(starts.tolist(), ends.tolist(), strict=True)]
+    sequences = [
+        bytes(view[(s - lo) * SEQ_RECORD_SIZE : (e - lo) * SEQ_RECORD_SIZE])
+        for s, e in zip(starts.tolist(), ends.tolist(), strict=True)
+    ]
     user_index = schema.users.lookup(events.user_id[offsets[u0:u1]])
     profiles = [encode_profile(int(u)) for u in user_index.tolist()]
     return profiles, sequences, int((ends - starts).sum())
@@ -151,8 +153,15 @@ async def ingest_log(
         await store.put_meta(meta)
 
     n_users = len(user_ids)
-    with tqdm(total=n_users, initial=next_user, unit="user", file=sys.stderr, disable=not progress,
-              desc=f"ingest {version}", mininterval=1.0) as bar:
+    with tqdm(
+        total=n_users,
+        initial=next_user,
+        unit="user",
+        file=sys.stderr,
+        disable=not progress,
+        desc=f"ingest {version}",
+        mininterval=1.0,
+    ) as bar:
         for u0 in range(next_user, n_users, batch_users):
             u1 = min(u0 + batch_users, n_users)
             profiles, sequences, kept = encode_user_batch(events, schema, offsets, u0, u1, cap)
@@ -176,17 +185,35 @@ async def ingest_log(
     stats.seconds = time.perf_counter() - started
     log.info(
         "ingested %d users, %d events, %d items, %.1f MB into %s in %.1f s",
-        stats.users, stats.events, stats.items, stats.bytes / 1e6, version, stats.seconds,
-        extra={"users": stats.users, "events": stats.events, "items": stats.items, "bytes": stats.bytes,
-               "seconds": round(stats.seconds, 3), "version": version, "activated": stats.activated,
-               "resumed_from_user": stats.resumed_from_user},
+        stats.users,
+        stats.events,
+        stats.items,
+        stats.bytes / 1e6,
+        version,
+        stats.seconds,
+        extra={
+            "users": stats.users,
+            "events": stats.events,
+            "items": stats.items,
+            "bytes": stats.bytes,
+            "seconds": round(stats.seconds, 3),
+            "version": version,
+            "activated": stats.activated,
+            "resumed_from_user": stats.resumed_from_user,
+        },
     )
     return stats
 
 
 async def _open_version(
-    store: OnlineStore, version: str, schema: FeatureSchema, fingerprint: str, resume: bool, source: str,
-    batch_users: int, ttl_seconds: int | None,
+    store: OnlineStore,
+    version: str,
+    schema: FeatureSchema,
+    fingerprint: str,
+    resume: bool,
+    source: str,
+    batch_users: int,
+    ttl_seconds: int | None,
 ) -> VersionMeta:
     """The version's meta to continue from: its checkpoint on `resume`, a fresh one otherwise."""
     existing = await store.get_meta(version)
@@ -223,8 +250,12 @@ async def latest_incomplete_version(store: OnlineStore, schema_hash: str) -> str
     best: VersionMeta | None = None
     for name in await store.list_versions():
         meta = await store.get_meta(name)
-        if (meta and meta.status == STATUS_INGESTING and meta.schema_hash == schema_hash
-                and (best is None or meta.created > best.created)):
+        if (
+            meta
+            and meta.status == STATUS_INGESTING
+            and meta.schema_hash == schema_hash
+            and (best is None or meta.created > best.created)
+        ):
             best = meta
     return best.version if best else None
 
@@ -246,8 +277,9 @@ def schema_from_log(
     users, _ = events.user_offsets()
     items = catalogue[0] if catalogue is not None else events.item_id
     categories = catalogue[1] if catalogue is not None else events.category_id
-    return FeatureSchema(spec or SchemaSpec(), Vocabulary.build(users), Vocabulary.build(items),
-                         Vocabulary.build(categories))
+    return FeatureSchema(
+        spec or SchemaSpec(), Vocabulary.build(users), Vocabulary.build(items), Vocabulary.build(categories)
+    )
 
 
 def _synthetic_catalogue(spec: str, data_root: Path | None) -> tuple[npt.NDArray[Any], npt.NDArray[Any]] | None:
@@ -272,26 +304,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from models.data.readers import add_dataset_arguments
 
     add_dataset_arguments(parser)
-    parser.add_argument("--schema", type=Path, default=None,
-                        help="saved FeatureSchema dir, or a bundle dir (uses its schema/); default: from the data")
+    parser.add_argument(
+        "--schema",
+        type=Path,
+        default=None,
+        help="saved FeatureSchema dir, or a bundle dir (uses its schema/); default: from the data",
+    )
     parser.add_argument("--save-schema", type=Path, default=None, help="write the schema used to this dir")
-    parser.add_argument("--redis-url", default=None,
-                        help="redis:// or rediss:// URL (default $REDIS_URL; else the embedded Valkey)")
+    parser.add_argument(
+        "--redis-url", default=None, help="redis:// or rediss:// URL (default $REDIS_URL; else the embedded Valkey)"
+    )
     parser.add_argument("--cluster-nodes", default=None, help="host:port,... of a Redis Cluster ($REDIS_CLUSTER_NODES)")
-    parser.add_argument("--embedded-data-dir", default=None,
-                        help="data dir of the embedded Valkey (default data-cache/valkey)")
-    parser.add_argument("--persistence", choices=["none", "rdb", "aof"], default=None,
-                        help="embedded Valkey persistence (default rdb)")
+    parser.add_argument(
+        "--embedded-data-dir", default=None, help="data dir of the embedded Valkey (default data-cache/valkey)"
+    )
+    parser.add_argument(
+        "--persistence", choices=["none", "rdb", "aof"], default=None, help="embedded Valkey persistence (default rdb)"
+    )
     parser.add_argument("--version", default=None, help="feature-set version name (default v<UTC timestamp>)")
     parser.add_argument("--ttl-seconds", type=int, default=None, help="expire user keys after this (default: never)")
     parser.add_argument("--batch-users", type=int, default=DEFAULT_BATCH_USERS, help="users per pipeline")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue an interrupted ingest from its checkpoint (default: the newest incomplete)")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted ingest from its checkpoint (default: the newest incomplete)",
+    )
     parser.add_argument("--activate", action="store_true", help="switch the active pointer to this version at the end")
     parser.add_argument("--timeout", type=float, default=120.0, help="deadline of one batch write, seconds")
     parser.add_argument("--list-versions", action="store_true", help="list versions and their status, then exit")
-    parser.add_argument("--drop-version", default=None, metavar="VERSION",
-                        help="delete a non-active version, then exit")
+    parser.add_argument(
+        "--drop-version", default=None, metavar="VERSION", help="delete a non-active version, then exit"
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -303,9 +346,14 @@ def store_config_from_args(args: argparse.Namespace) -> FeatureStoreConfig:
         embedded = embedded.model_copy(update={"persistence": args.persistence})
     # Bulk writes move megabytes per pipeline: far longer timeouts than the serving defaults.
     return FeatureStoreConfig.from_env(
-        url=args.redis_url, cluster_nodes=args.cluster_nodes, embedded=embedded,
-        read_timeout_s=args.timeout, request_timeout_s=args.timeout, connect_timeout_s=5.0,
-        pool_size=8, item_cache_size=0,
+        url=args.redis_url,
+        cluster_nodes=args.cluster_nodes,
+        embedded=embedded,
+        read_timeout_s=args.timeout,
+        request_timeout_s=args.timeout,
+        connect_timeout_s=5.0,
+        pool_size=8,
+        item_cache_size=0,
     )
 
 
@@ -325,9 +373,16 @@ async def _main(args: argparse.Namespace) -> int:
             active = await store.active_version(refresh=True)
             for name in await store.list_versions():
                 meta = await store.get_meta(name)
-                log.info("version %s%s", name, " (active)" if name == active else "",
-                         extra={"status": meta.status if meta else None, "counts": meta.counts if meta else None,
-                                "schema_hash": meta.schema_hash if meta else None})
+                log.info(
+                    "version %s%s",
+                    name,
+                    " (active)" if name == active else "",
+                    extra={
+                        "status": meta.status if meta else None,
+                        "counts": meta.counts if meta else None,
+                        "schema_hash": meta.schema_hash if meta else None,
+                    },
+                )
             return 0
         if args.drop_version:
             removed = await store.drop_version(args.drop_version)
@@ -350,9 +405,16 @@ async def _main(args: argparse.Namespace) -> int:
             version = time.strftime("v%Y%m%d%H%M%S", time.gmtime())
         log.info("ingesting into version %s (schema %s)", version, schema.hash[:12])
         await ingest_log(
-            store, events, schema, version,
-            batch_users=args.batch_users, ttl_seconds=args.ttl_seconds, resume=args.resume,
-            activate=args.activate, catalogue=catalogue,
-            source=args.data, progress=not args.no_progress,
+            store,
+            events,
+            schema,
+            version,
+            batch_users=args.batch_users,
+            ttl_seconds=args.ttl_seconds,
+            resume=args.resume,
+            activate=args.activate,
+            catalogue=catalogue,
+            source=args.data,
+            progress=not args.no_progress,
         )
     return 0

@@ -3,10 +3,10 @@
 Reads: one pipeline per fetch. On a single node that is GET profile, GETRANGE of the sequence's
 newest `n*12` bytes (a negative start: the server clamps it to 0 for shorter sequences) and one
 MGET of the item keys the in-process cache does not hold. In Cluster mode the user's two keys
-share a slot (hash tag) and the item GETs are grouped per node by redis-py's cluster pipeline,
-which sends each node its batch concurrently: one round trip per node. When the cached active
-pointer is due for a refresh, its GET rides in the same pipeline, so no request pays an extra
-round trip for it.
+share a slot (hash tag); all commands, items as one GET per key, are grouped by node with the slot
+map and sent as one plain pipeline per node, concurrently: one round trip per node. When the
+cached active pointer is due for a refresh, its GET rides in the same pipeline, so no request
+pays an extra round trip for it.
 
 Failures: redis-py's own retries are switched off; `_run` retries connection and timeout errors
 only, with exponential backoff and full jitter, bounded by `retry_attempts` and by the
@@ -84,7 +84,7 @@ if ttl > 0 then redis.call('EXPIRE', KEYS[1], ttl) end
 return len
 """
 
-# Version names already checked by keys.validate_version (requests repeat the same few).
+# Item caches are per version; more than a couple are alive only around a version switch.
 _MAX_ITEM_CACHES = 4
 
 
@@ -264,8 +264,10 @@ class RedisOnlineStore(OnlineStore):
                     raise FeatureStoreTimeout(
                         f"{what}: no answer within the {policy.deadline_s:.3f}s deadline (attempt {attempt})"
                     ) from exc
-                if self._cluster and isinstance(exc, rex.ConnectionError) and not isinstance(
-                    exc, rex.MaxConnectionsError
+                if (
+                    self._cluster
+                    and isinstance(exc, rex.ConnectionError)
+                    and not isinstance(exc, rex.MaxConnectionsError)
                 ):
                     await self._refresh_cluster_topology()
                 pause = policy.backoff(attempt)
@@ -444,20 +446,21 @@ class RedisOnlineStore(OnlineStore):
             self._item_caches[version] = cache
         return cache
 
-    async def _execute_read(self, commands: list[tuple[Any, ...]]) -> list[Any]:
-        """One pipeline (single node), or one plain pipeline per node, concurrently (Cluster)."""
+    async def _execute(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """One pipeline (single node), or one plain pipeline per node, concurrently (Cluster).
+        For reads and idempotent writes only: after a redirection the whole list is sent again."""
         if not isinstance(self._client, RedisCluster):
             pipe = self._client.pipeline(transaction=False)
             for command in commands:
                 pipe.execute_command(*command)
             return await pipe.execute()
-        return await self._cluster_read(self._client, commands)
+        return await self._cluster_execute(self._client, commands)
 
-    async def _cluster_read(self, client: RedisCluster, commands: list[tuple[Any, ...]]) -> list[Any]:
+    async def _cluster_execute(self, client: RedisCluster, commands: list[tuple[Any, ...]]) -> list[Any]:
         # redis-py's cluster pipeline routes each command through its policy resolver, slot and
-        # node lookups (~20 us a command: 13 ms for 500 item GETs). Reads only need the slot
-        # map: group by node, send each node a plain pipeline. A redirection (resharding,
-        # failover) falls back to the cluster pipeline, which follows MOVED/ASK.
+        # node lookups (~20 us a command: 13 ms for 500 item GETs). Single-key commands only
+        # need the slot map: group by node, send each node a plain pipeline. A redirection
+        # (resharding, failover) falls back to the cluster pipeline, which follows MOVED/ASK.
         await client.initialize()  # no-op once the slot map is loaded
         groups: dict[str, tuple[ClusterNode, list[int]]] = {}
         for i, command in enumerate(commands):
@@ -483,13 +486,13 @@ class RedisOnlineStore(OnlineStore):
                 if isinstance(reply, Exception):
                     if isinstance(reply, rex.MovedError | rex.AskError | rex.TryAgainError):
                         await self._refresh_cluster_topology()
-                        return await self._cluster_pipeline_read(client, commands)
+                        return await self._cluster_pipeline(client, commands)
                     raise reply
                 replies[i] = reply
         return replies
 
     @staticmethod
-    async def _cluster_pipeline_read(client: RedisCluster, commands: list[tuple[Any, ...]]) -> list[Any]:
+    async def _cluster_pipeline(client: RedisCluster, commands: list[tuple[Any, ...]]) -> list[Any]:
         pipe = client.pipeline(transaction=False)
         for command in commands:
             pipe.execute_command(*command)
@@ -562,7 +565,7 @@ class RedisOnlineStore(OnlineStore):
                 commands.extend(("GET", key) for key in miss_keys)
             else:
                 commands.append(("MGET", *miss_keys))
-        replies = await self._run("fetch", partial(self._execute_read, commands))
+        replies = await self._run("fetch", partial(self._execute, commands))
         pos = 0
         if refresh_active:
             self._set_active(replies[0])
@@ -609,8 +612,15 @@ class RedisOnlineStore(OnlineStore):
             error = "no active feature-set version" if version is None else f"version {version!r} has no meta key"
             return StoreHealth(False, self.mode, nodes, latency * 1e3, version, None, error)
         ok = meta.status == STATUS_COMPLETE
-        return StoreHealth(ok, self.mode, nodes, latency * 1e3, version, meta.schema_hash,
-                           None if ok else f"version {version!r} is {meta.status!r}")
+        return StoreHealth(
+            ok,
+            self.mode,
+            nodes,
+            latency * 1e3,
+            version,
+            meta.schema_hash,
+            None if ok else f"version {version!r} is {meta.status!r}",
+        )
 
     # -- writes ----------------------------------------------------------------------------------------
 
@@ -625,37 +635,33 @@ class RedisOnlineStore(OnlineStore):
         version = self._checked_version(version)
         if not len(user_ids) == len(profiles) == len(sequences):
             raise ValueError("user_ids, profiles and sequences must have equal length")
-        ex = ttl_seconds if ttl_seconds and ttl_seconds > 0 else None
-
-        async def op() -> None:
-            pipe = self._client.pipeline(transaction=False)
-            for uid, prof, seq in zip(user_ids, profiles, sequences, strict=True):
-                pipe.set(keys.profile_key(version, uid), prof, ex=ex)
-                pipe.set(keys.sequence_key(version, uid), seq, ex=ex)
-            await pipe.execute()
-
+        expiry: tuple[Any, ...] = ("EX", int(ttl_seconds)) if ttl_seconds and ttl_seconds > 0 else ()
+        commands: list[tuple[Any, ...]] = []
+        for uid, prof, seq in zip(user_ids, profiles, sequences, strict=True):
+            commands.append(("SET", keys.profile_key(version, uid), prof, *expiry))
+            commands.append(("SET", keys.sequence_key(version, uid), seq, *expiry))
         # Whole-value SETs are idempotent, so retrying a half-applied batch is safe.
-        await self._run(f"write {len(user_ids)} users", op)
+        await self._run(f"write {len(user_ids)} users", partial(self._execute, commands))
 
     async def write_items(self, version: str, item_ids: SequenceABC[int], values: SequenceABC[bytes]) -> None:
         version = self._checked_version(version)
         if len(item_ids) != len(values):
             raise ValueError("item_ids and values must have equal length")
         key_list = keys.item_keys(version, item_ids)
-
-        async def op() -> None:
-            if isinstance(self._client, RedisCluster):
-                pipe = self._client.pipeline(transaction=False)
-                for key, value in zip(key_list, values, strict=True):
-                    pipe.set(key, value)
-                await pipe.execute()
-            else:
-                await self._client.mset(dict(zip(key_list, values, strict=True)))
-
-        await self._run(f"write {len(item_ids)} items", op)
+        commands: list[tuple[Any, ...]]
+        if self._cluster:  # an MSET cannot span slots
+            commands = [("SET", key, value) for key, value in zip(key_list, values, strict=True)]
+        else:
+            commands = [("MSET", *(part for pair in zip(key_list, values, strict=True) for part in pair))]
+        await self._run(f"write {len(item_ids)} items", partial(self._execute, commands))
 
     async def append_events(
-        self, user_id: int, events: Sequence, *, cap: int | None = None, version: str | None = None,
+        self,
+        user_id: int,
+        events: Sequence,
+        *,
+        cap: int | None = None,
+        version: str | None = None,
         ttl_seconds: int | None = None,
     ) -> int:
         limit = self.config.max_sequence_length if cap is None else int(cap)

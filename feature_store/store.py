@@ -151,8 +151,9 @@ class RetryPolicy:
 
     @classmethod
     def from_config(cls, config: FeatureStoreConfig) -> RetryPolicy:
-        return cls(config.retry_attempts, config.retry_backoff_base_s, config.retry_backoff_max_s,
-                   config.request_timeout_s)
+        return cls(
+            config.retry_attempts, config.retry_backoff_base_s, config.retry_backoff_max_s, config.request_timeout_s
+        )
 
     def backoff(self, failed_attempts: int, rng: random.Random | None = None) -> float:
         """Sleep before the next attempt after `failed_attempts` failures (>= 1): U(0, min(max, base*2^(n-1)))."""
@@ -293,7 +294,12 @@ class OnlineStore(abc.ABC):
 
     @abc.abstractmethod
     async def append_events(
-        self, user_id: int, events: Sequence, *, cap: int | None = None, version: str | None = None,
+        self,
+        user_id: int,
+        events: Sequence,
+        *,
+        cap: int | None = None,
+        version: str | None = None,
         ttl_seconds: int | None = None,
     ) -> int:
         """Append events (dense indices, oldest first) to a user's sequence, keeping only the newest

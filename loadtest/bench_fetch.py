@@ -81,8 +81,9 @@ def make_data(n_events: int, n_catalogue: int, seed: int) -> dict[str, Any]:
     }
 
 
-async def run_ours(args: argparse.Namespace, url: str, data: dict[str, Any],
-                   candidate_sets: list[list[int]]) -> dict[str, dict[str, float]]:
+async def run_ours(
+    args: argparse.Namespace, url: str, data: dict[str, Any], candidate_sets: list[list[int]]
+) -> dict[str, dict[str, float]]:
     from redis.asyncio import ConnectionPool, Redis
 
     from feature_store import keys
@@ -151,11 +152,16 @@ async def run_ours(args: argparse.Namespace, url: str, data: dict[str, Any],
             await ours.fetch(USER_ID, candidate_sets[k], 0)
 
         variants = {
-            "rankserve": ours_all, "rankserve_cached": cached_all, "floor": floor_all,
+            "rankserve": ours_all,
+            "rankserve_cached": cached_all,
+            "floor": floor_all,
             "floor_hiredis_pack": floor_packed_all,
-            "rankserve_profile": ours_profile, "floor_profile": floor_profile,
-            "rankserve_sequence": ours_sequence, "floor_sequence": floor_sequence,
-            "rankserve_items": ours_items, "floor_items": floor_items,
+            "rankserve_profile": ours_profile,
+            "floor_profile": floor_profile,
+            "rankserve_sequence": ours_sequence,
+            "floor_sequence": floor_sequence,
+            "rankserve_items": ours_items,
+            "floor_items": floor_items,
         }
         # Warm-up: connections, the cached store's item cache (every candidate set), code paths.
         for k in range(len(candidate_sets)):
@@ -193,13 +199,16 @@ def find_feast_python(explicit: str | None) -> str | None:
     return str(candidate) if candidate.exists() else None
 
 
-def run_feast(args: argparse.Namespace, port: int, data: dict[str, Any], candidate_sets: list[list[int]]
-              ) -> dict[str, Any]:
+def run_feast(
+    args: argparse.Namespace, port: int, data: dict[str, Any], candidate_sets: list[list[int]]
+) -> dict[str, Any]:
     """Run the Feast part in the Feast interpreter; returns its JSON (or why it did not run)."""
     python = find_feast_python(args.feast_python)
     if python is None:
-        return {"skipped": "feast is not importable and .venv-feast/bin/python does not exist "
-                           "(python -m venv .venv-feast && .venv-feast/bin/pip install 'feast[redis]')"}
+        return {
+            "skipped": "feast is not importable and .venv-feast/bin/python does not exist "
+            "(python -m venv .venv-feast && .venv-feast/bin/pip install 'feast[redis]')"
+        }
     import numpy as np
 
     work = Path(tempfile.mkdtemp(prefix="feast-bench-"))
@@ -209,11 +218,20 @@ def run_feast(args: argparse.Namespace, port: int, data: dict[str, Any], candida
         np.save(work / "category_index.npy", data["category_index"])
         (work / "sequence.bin").write_bytes(data["sequence"])
         (work / "candidates.json").write_text(json.dumps(candidate_sets))
-        spec = {"port": port, "work": str(work), "iterations": args.iterations, "user_id": USER_ID,
-                "profile": 17, "seed": args.seed}
+        spec = {
+            "port": port,
+            "work": str(work),
+            "iterations": args.iterations,
+            "user_id": USER_ID,
+            "profile": 17,
+            "seed": args.seed,
+        }
         proc = subprocess.run(
             [python, str(Path(__file__).resolve()), "--feast-worker", json.dumps(spec)],
-            capture_output=True, text=True, timeout=args.feast_timeout, env={**os.environ, "PYTHONWARNINGS": "ignore"},
+            capture_output=True,
+            text=True,
+            timeout=args.feast_timeout,
+            env={**os.environ, "PYTHONWARNINGS": "ignore"},
         )
         if proc.returncode != 0:
             return {"error": f"feast worker exited {proc.returncode}", "stderr_tail": proc.stderr[-3000:]}
@@ -243,35 +261,53 @@ def feast_worker(spec: dict[str, Any]) -> dict[str, Any]:
         "provider: local\n"
         "online_store:\n"
         "  type: redis\n"
-        f"  connection_string: \"127.0.0.1:{spec['port']}\"\n"
+        f'  connection_string: "127.0.0.1:{spec["port"]}"\n'
         "offline_store:\n"
         "  type: file\n"
         "entity_key_serialization_version: 3\n"
     )
     now = datetime.now(UTC)
     item_ids = np.load(work / "item_ids.npy")
-    items_df = pd.DataFrame({
-        "item_id": item_ids,
-        "item_index": np.load(work / "item_index.npy").astype(np.int64),
-        "category_index": np.load(work / "category_index.npy").astype(np.int64),
-        "event_timestamp": now,
-    })
-    users_df = pd.DataFrame({"user_id": [spec["user_id"]], "profile": [spec["profile"]],
-                             "sequence": [(work / "sequence.bin").read_bytes()], "event_timestamp": now})
+    items_df = pd.DataFrame(
+        {
+            "item_id": item_ids,
+            "item_index": np.load(work / "item_index.npy").astype(np.int64),
+            "category_index": np.load(work / "category_index.npy").astype(np.int64),
+            "event_timestamp": now,
+        }
+    )
+    users_df = pd.DataFrame(
+        {
+            "user_id": [spec["user_id"]],
+            "profile": [spec["profile"]],
+            "sequence": [(work / "sequence.bin").read_bytes()],
+            "event_timestamp": now,
+        }
+    )
     items_df.to_parquet(work / "items.parquet")
     users_df.to_parquet(work / "users.parquet")
     user = Entity(name="user", join_keys=["user_id"], value_type=ValueType.INT64)
     item = Entity(name="item", join_keys=["item_id"], value_type=ValueType.INT64)
     user_fv = FeatureView(
-        name="user_features", entities=[user], ttl=timedelta(days=3650),
-        schema=[Field(name="user_id", dtype=Int64), Field(name="profile", dtype=Int64),
-                Field(name="sequence", dtype=Bytes)],
+        name="user_features",
+        entities=[user],
+        ttl=timedelta(days=3650),
+        schema=[
+            Field(name="user_id", dtype=Int64),
+            Field(name="profile", dtype=Int64),
+            Field(name="sequence", dtype=Bytes),
+        ],
         source=FileSource(path=str(work / "users.parquet"), timestamp_field="event_timestamp"),
     )
     item_fv = FeatureView(
-        name="item_features", entities=[item], ttl=timedelta(days=3650),
-        schema=[Field(name="item_id", dtype=Int64), Field(name="item_index", dtype=Int64),
-                Field(name="category_index", dtype=Int64)],
+        name="item_features",
+        entities=[item],
+        ttl=timedelta(days=3650),
+        schema=[
+            Field(name="item_id", dtype=Int64),
+            Field(name="item_index", dtype=Int64),
+            Field(name="category_index", dtype=Int64),
+        ],
         source=FileSource(path=str(work / "items.parquet"), timestamp_field="event_timestamp"),
     )
     store = FeatureStore(repo_path=str(repo))
@@ -299,8 +335,9 @@ def feast_worker(spec: dict[str, Any]) -> dict[str, Any]:
 
     async def two_calls_async(k: int) -> None:
         await store.get_online_features_async(features=user_features, entity_rows=[{"user_id": spec["user_id"]}])
-        await store.get_online_features_async(features=item_features,
-                                              entity_rows=[{"item_id": c} for c in candidate_sets[k]])
+        await store.get_online_features_async(
+            features=item_features, entity_rows=[{"item_id": c} for c in candidate_sets[k]]
+        )
 
     out: dict[str, Any] = {"feast_version": __import__("feast").__version__}
     samples: dict[str, list[float]] = {"feast": [], "feast_one_call": []}
@@ -382,9 +419,14 @@ def main(argv: list[str] | None = None) -> int:
             server.stop()
 
     report: dict[str, Any] = {
-        "workload": {"events": args.events, "items": args.items, "catalogue": args.catalogue,
-                     "iterations": args.iterations, "sequence_bytes": len(data["sequence"]),
-                     "server": "embedded valkey" if server is not None else "external"},
+        "workload": {
+            "events": args.events,
+            "items": args.items,
+            "catalogue": args.catalogue,
+            "iterations": args.iterations,
+            "sequence_bytes": len(data["sequence"]),
+            "server": "embedded valkey" if server is not None else "external",
+        },
         "results": results,
         "feast": feast,
     }
@@ -395,16 +437,20 @@ def main(argv: list[str] | None = None) -> int:
         "rankserve_vs_floor_hiredis_pack_p50": round(ours["p50_ms"] / results["floor_hiredis_pack"]["p50_ms"], 3),
         "rankserve_vs_floor_hiredis_pack_p99": round(ours["p99_ms"] / results["floor_hiredis_pack"]["p99_ms"], 3),
     }
-    feast_best = min((v for k, v in feast.items() if k.startswith("feast") and isinstance(v, dict)),
-                     key=lambda v: v["p50_ms"], default=None)
+    feast_best = min(
+        (v for k, v in feast.items() if k.startswith("feast") and isinstance(v, dict)),
+        key=lambda v: v["p50_ms"],
+        default=None,
+    )
     if feast_best is not None:
         ratios["feast_best_vs_rankserve_p50"] = round(feast_best["p50_ms"] / ours["p50_ms"], 2)
         ratios["feast_best_vs_rankserve_p99"] = round(feast_best["p99_ms"] / ours["p99_ms"], 2)
     report["ratios"] = ratios
     report["acceptance"] = {
         "within_1.5x_floor": ratios["rankserve_vs_floor_p50"] <= 1.5 and ratios["rankserve_vs_floor_p99"] <= 1.5,
-        "5x_faster_than_feast": None if feast_best is None else (
-            ratios["feast_best_vs_rankserve_p50"] >= 5 and ratios["feast_best_vs_rankserve_p99"] >= 5),
+        "5x_faster_than_feast": None
+        if feast_best is None
+        else (ratios["feast_best_vs_rankserve_p50"] >= 5 and ratios["feast_best_vs_rankserve_p99"] >= 5),
     }
     print(json.dumps(report, indent=2))
     return 0

@@ -101,20 +101,31 @@ def scorer_inputs(
     query = tables.item_query[cand_item] + tables.category_query[cand_category]  # [B, A]
     a_dim = query.shape[1]
 
+    # gather the history's rows once: candidates retrieve overlapping behaviours, and indexing a
+    # cache-resident [L, R] array is far cheaper than B*k random reads of the million-row tables
+    hist_repr = tables.item_repr[h_item] + tables.category_repr[h_cat]  # [L, R]
     if settings.use_retrieval and length:
         keys_aug = np.empty((length, a_dim + 1), dtype=np.float32)
-        keys_aug[:, :a_dim] = key * np.float32(1.0 / math.sqrt(settings.head_dim))
+        np.multiply(key, np.float32(1.0 / math.sqrt(settings.head_dim)), out=keys_aug[:, :a_dim])
         keys_aug[:, a_dim] = tables.gsu_action_bias[history.action] + tables.gsu_gap_bias[gap]
         queries_aug = np.ones((n_cand, a_dim + 1), dtype=np.float32)
         queries_aug[:, :a_dim] = query
         _, idx = retriever.search(queries_aug, keys_aug, settings.k)
-        valid = idx >= 0
-        rows = np.where(valid, idx, 0)
-        mask = valid.astype(np.float32)
-        ret_key = key[rows] * mask[..., None]
-        ret_repr = (tables.item_repr[h_item[rows]] + tables.category_repr[h_cat[rows]]) * mask[..., None]
-        ret_action = np.where(valid, history.action[rows], 0)
-        ret_gap = np.where(valid, gap[rows], 0)
+        if length >= settings.k:  # no padding: every slot is a real behaviour
+            rows = idx
+            mask = np.ones(idx.shape, dtype=np.float32)
+            ret_key = np.take(key, rows, axis=0)
+            ret_repr = np.take(hist_repr, rows, axis=0)
+            ret_action = np.take(history.action, rows)
+            ret_gap = np.take(gap, rows)
+        else:
+            valid = idx >= 0
+            rows = np.where(valid, idx, 0)
+            mask = valid.astype(np.float32)
+            ret_key = np.take(key, rows, axis=0) * mask[..., None]
+            ret_repr = np.take(hist_repr, rows, axis=0) * mask[..., None]
+            ret_action = np.where(valid, history.action[rows], 0)
+            ret_gap = np.where(valid, gap[rows], 0)
     else:  # no long-term retrieval (DIN-short bundles) or an empty history: one padding slot
         r_dim = tables.item_repr.shape[1]
         ret_key = np.zeros((n_cand, 1, a_dim), dtype=np.float32)
@@ -132,7 +143,7 @@ def scorer_inputs(
     sv = short_valid[:, None]
     if length:
         short_key = key[pick] * sv
-        short_repr = (tables.item_repr[h_item[pick]] + tables.category_repr[h_cat[pick]]) * sv
+        short_repr = hist_repr[pick] * sv
         short_action = np.where(short_valid > 0, history.action[pick], 0)
         short_gap = np.where(short_valid > 0, gap[pick], 0)
     else:

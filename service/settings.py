@@ -106,6 +106,14 @@ class Settings(BaseSettings):
             data = {**data, "feature_store": store}
         return data
 
+    @model_validator(mode="after")
+    def _store_deadline_within_budget(self) -> Settings:
+        """The store's own deadline must end inside the fetch budget, so the store's typed,
+        retriable errors (not a cancelled await) are what degraded mode sees."""
+        if self.feature_store.request_timeout_s > self.fetch_budget_s:
+            self.feature_store = self.feature_store.model_copy(update={"request_timeout_s": self.fetch_budget_s})
+        return self
+
     @property
     def threads(self) -> int:
         return self.scorer_threads or available_cpus()

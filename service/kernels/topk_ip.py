@@ -76,6 +76,9 @@ _LOW = np.uint64(0xFFFFFFFF)
 _SIGN = np.uint64(0x80000000)
 _ONE = np.uint64(1)
 _ZERO = np.uint64(0)
+_U56 = np.uint64(56)
+# (1 << 8j) * _BYTE_OF_BIT has j in its top byte: the index of the lowest set byte of a flag word
+_BYTE_OF_BIT = np.uint64(0x0001020304050607)
 
 
 @_jit(inline="always")
@@ -138,16 +141,20 @@ def _select(a: Any, n: int, k: int) -> None:
 
 
 @_jit()
-def _sort(a: Any, n: int) -> None:
-    """Sort a[:n] descending: insertion sort for small n (k = 64 is the common case), else numpy's sort."""
+def _sort(a: Any, n: int, tmp: Any) -> None:
+    """Sort a[:n] descending (keys are distinct); tmp holds at least n keys.
+
+    For small n (k = 64 is the common case) each key's position is the number of keys above it:
+    n^2 compares, but they vectorize and never mispredict, unlike an insertion sort's.
+    """
     if n <= 128:
-        for x in range(1, n):
-            v = a[x]
-            y = x - 1
-            while y >= 0 and a[y] < v:
-                a[y + 1] = a[y]
-                y -= 1
-            a[y + 1] = v
+        for i in range(n):
+            v = a[i]
+            above = 0
+            for j in range(n):
+                above += a[j] > v
+            tmp[above] = v
+        a[:n] = tmp[:n]
     else:
         a[:n] = np.sort(a[:n])[::-1]
 
@@ -246,25 +253,41 @@ def pack_keys(keys: Any, kb: Any, n_sample_blocks: int, ks: Any) -> None:
             ks[b * d * BLOCK + c * BLOCK + i] = keys[j, c]
 
 
+@_jit(inline="always")
+def _insert(top: Any, s: float) -> None:
+    """Insert s into top (sorted descending, fixed length), dropping the last element."""
+    j = top.shape[0] - 1
+    while j > 0 and top[j - 1] < s:
+        top[j] = top[j - 1]
+        j -= 1
+    top[j] = s
+
+
 @_jit()
 def _seed(queries: Any, q0: int, nq: int, ks: Any, rank: int, thr: Any, scores: Any, flags: Any) -> None:
     """thr[t] = the rank-th best sample score of query q0 + t."""
     d = queries.shape[1]
     n_blocks = ks.shape[0] // (d * BLOCK)
+    words = flags.view(np.uint64)
     top = np.empty(rank, np.float32)
     for t in range(nq):
         q = queries[q0 + t]
         top[:] = -np.inf
-        for b in range(n_blocks):
-            _block_scores(q, ks[b * d * BLOCK : (b + 1) * d * BLOCK], scores, flags, np.inf)
-            for i in range(BLOCK):
-                s = scores[i]
-                if s > top[rank - 1]:  # rare after the first few: keep the best `rank`, sorted
-                    j = rank - 1
-                    while j > 0 and top[j - 1] < s:
-                        top[j] = top[j - 1]
-                        j -= 1
-                    top[j] = s
+        _block_scores(q, ks[: d * BLOCK], scores, flags, np.inf)
+        for i in range(BLOCK):
+            if scores[i] > top[rank - 1]:  # rare after the first few
+                _insert(top, scores[i])
+        for b in range(1, n_blocks):
+            # later blocks: only keys above the current rank-th best are looked at
+            _block_scores(q, ks[b * d * BLOCK : (b + 1) * d * BLOCK], scores, flags, top[rank - 1])
+            for w in range(BLOCK // 8):
+                word = words[w]
+                while word != _ZERO:
+                    low = word & (_ZERO - word)
+                    i = 8 * w + int((low * _BYTE_OF_BIT) >> _U56)
+                    if scores[i] > top[rank - 1]:
+                        _insert(top, scores[i])
+                    word ^= low
         thr[t] = top[rank - 1]
 
 
@@ -293,10 +316,13 @@ def _scan(
             m = cnt[t]
             row = buf[t]
             for w in range(BLOCK // 8):
-                if words[w] != 0:
-                    for i in range(8 * w, 8 * w + 8):
-                        row[m] = _encode(bits, i, j0 + i)  # branch-free append: write, advance if selected
-                        m += flags[i]
+                word = words[w]
+                while word != _ZERO:  # visit only the set flag bytes, lowest first
+                    low = word & (_ZERO - word)
+                    i = 8 * w + int((low * _BYTE_OF_BIT) >> _U56)
+                    row[m] = _encode(bits, i, j0 + i)
+                    m += 1
+                    word ^= low
             if m > cap:
                 _select(row, m, k)
                 worst = row[0]
@@ -327,6 +353,7 @@ def topk_ip(queries: Any, kb: Any, n_keys: int, ks: Any, rank: int, k: int, cap:
         thr = np.full(QTILE, -np.inf, np.float32)
         tmp = np.empty(k, np.float32)
         tmp_bits = tmp.view(np.uint32)
+        sort_tmp = np.empty(min(k, 128), np.uint64)
         if rank > 0:
             _seed(queries, q0, nq, ks, rank, thr, scores, flags)
         _scan(queries, q0, nq, kb, n_keys, k, cap, thr, buf, cnt, scores, flags, tmp)
@@ -342,7 +369,7 @@ def topk_ip(queries: Any, kb: Any, n_keys: int, ks: Any, rank: int, k: int, cap:
             if m > k:
                 _select(row, m, k)
                 m = k
-            _sort(row, m)
+            _sort(row, m, sort_tmp)
             q = q0 + t
             for a in range(m):
                 out_i[q, a] = _decode(row[a], tmp_bits, a)

@@ -79,12 +79,33 @@ class RedisProcess:
 
     def start(self) -> None:
         args = [
-            str(REDIS_SERVER), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.workdir),
-            "--save", "", "--appendonly", "no", "--daemonize", "no", "--logfile", "redis.log",
+            str(REDIS_SERVER),
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(self.workdir),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--daemonize",
+            "no",
+            "--logfile",
+            "redis.log",
         ]
         if self.cluster:
-            args += ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
-                     "--cluster-port", str(self.bus_port), "--cluster-node-timeout", "3000"]
+            args += [
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                "nodes.conf",
+                "--cluster-port",
+                str(self.bus_port),
+                "--cluster-node-timeout",
+                "3000",
+            ]
         self.proc = subprocess.Popen(args, cwd=self.workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         _wait_ping(self.port)
 
@@ -132,7 +153,10 @@ class RedisClusterProcesses:
             node.start()
         subprocess.run(
             [str(REDIS_CLI), "--cluster", "create", *self.addresses, "--cluster-replicas", "0", "--cluster-yes"],
-            check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=60,
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            timeout=60,
         )
         self.wait_ok()
 
@@ -196,13 +220,20 @@ def _valkey_backend(server: EmbeddedValkey) -> Backend:
             raise RuntimeError("embedded Valkey is not running")
         return [server.pid]
 
-    return Backend("valkey", FeatureStoreConfig(url=server.url), [server.port], pids,
-                   kill=server.kill, restart=server.restart)
+    return Backend(
+        "valkey", FeatureStoreConfig(url=server.url), [server.port], pids, kill=server.kill, restart=server.restart
+    )
 
 
 def _redis_backend(proc: RedisProcess) -> Backend:
-    return Backend("redis", FeatureStoreConfig(url=f"redis://127.0.0.1:{proc.port}/0"), [proc.port],
-                   lambda: [proc.pid], kill=proc.kill, restart=proc.restart)
+    return Backend(
+        "redis",
+        FeatureStoreConfig(url=f"redis://127.0.0.1:{proc.port}/0"),
+        [proc.port],
+        lambda: [proc.pid],
+        kill=proc.kill,
+        restart=proc.restart,
+    )
 
 
 def _cluster_backend(cluster: RedisClusterProcesses) -> Backend:
@@ -212,8 +243,14 @@ def _cluster_backend(cluster: RedisClusterProcesses) -> Backend:
         first.restart()
         cluster.wait_ok()
 
-    return Backend("cluster", FeatureStoreConfig(cluster_nodes=cluster.addresses), [n.port for n in cluster.nodes],
-                   lambda: [n.pid for n in cluster.nodes], kill=first.kill, restart=restart)
+    return Backend(
+        "cluster",
+        FeatureStoreConfig(cluster_nodes=cluster.addresses),
+        [n.port for n in cluster.nodes],
+        lambda: [n.pid for n in cluster.nodes],
+        kill=first.kill,
+        restart=restart,
+    )
 
 
 @pytest.fixture(scope="session")

@@ -91,8 +91,11 @@ def test_fast_packer_sends_the_same_bytes_as_redis_py() -> None:
 
 @pytest.mark.parametrize(
     ("url", "kind"),
-    [("redis://127.0.0.1:1/0", "FastConnection"), ("rediss://alice:s3cret@127.0.0.1:1/0", "FastSSLConnection"),
-     ("unix:///tmp/nowhere.sock", "FastUnixDomainSocketConnection")],
+    [
+        ("redis://127.0.0.1:1/0", "FastConnection"),
+        ("rediss://alice:s3cret@127.0.0.1:1/0", "FastSSLConnection"),
+        ("unix:///tmp/nowhere.sock", "FastUnixDomainSocketConnection"),
+    ],
 )
 def test_url_selects_transport_and_credentials(url: str, kind: str) -> None:
     import asyncio

@@ -25,8 +25,9 @@ def small_schema(events: EventLog) -> FeatureSchema:
     return schema_from_log(events, SchemaSpec(max_sequence_length=CAP))
 
 
-async def ingested(store: OnlineStore, version: str = "v1", activate: bool = True, **kw: Any
-                   ) -> tuple[EventLog, FeatureSchema]:
+async def ingested(
+    store: OnlineStore, version: str = "v1", activate: bool = True, **kw: Any
+) -> tuple[EventLog, FeatureSchema]:
     events = make_events(**kw)
     schema = small_schema(events)
     await ingest_log(store, events, schema, version, batch_users=5, activate=activate)
@@ -204,8 +205,7 @@ async def test_reingest_is_idempotent(backend: Backend, store: OnlineStore) -> N
         await ingest_log(store, events, schema_from_log(events, SchemaSpec(max_sequence_length=5)), "v1")
 
 
-async def test_resume_after_interruption(backend: Backend, store: OnlineStore, monkeypatch: pytest.MonkeyPatch
-                                         ) -> None:
+async def test_resume_after_interruption(backend: Backend, store: OnlineStore, monkeypatch: pytest.MonkeyPatch) -> None:
     events = make_events(n_users=23, seed=4)
     schema = small_schema(events)
     await ingest_log(store, events, schema, "clean", batch_users=5)
@@ -231,7 +231,8 @@ async def test_resume_after_interruption(backend: Backend, store: OnlineStore, m
     meta = await store.get_meta("v1")
     assert meta is not None and meta.status == STATUS_COMPLETE and await store.active_version(refresh=True) == "v1"
     assert meta.counts["users"] == 23 and meta.counts["events"] == sum(
-        min(int(n), CAP) for n in np.diff(events.user_offsets()[1]))
+        min(int(n), CAP) for n in np.diff(events.user_offsets()[1])
+    )
     snap = snapshot(backend)
     clean = {k.replace(b"rs:clean:", b"rs:v1:"): v for k, v in snap.items() if k.startswith(b"rs:clean:")}
     resumed = {k: v for k, v in snap.items() if k.startswith(b"rs:v1:")}
@@ -243,8 +244,11 @@ async def test_ttl_policy(backend: Backend, store: OnlineStore) -> None:
     schema = small_schema(events)
     await ingest_log(store, events, schema, "v1", ttl_seconds=300, activate=True)
     user = int(events.user_id[0])
-    client = redis.RedisCluster(host="127.0.0.1", port=backend.ports[0]) if backend.name == "cluster" else redis.Redis(
-        port=backend.ports[0])
+    client = (
+        redis.RedisCluster(host="127.0.0.1", port=backend.ports[0])
+        if backend.name == "cluster"
+        else redis.Redis(port=backend.ports[0])
+    )
     try:
         for key in (keys.profile_key("v1", user), keys.sequence_key("v1", user)):
             assert 0 < client.ttl(key) <= 300
@@ -278,8 +282,11 @@ async def test_sequence_value_layout_is_the_codec(backend: Backend, store: Onlin
     """The stored bytes are exactly 12-byte records, oldest first (what other readers rely on)."""
     events, schema = await ingested(store, n_users=2)
     user = int(events.user_id[0])
-    client = redis.RedisCluster(host="127.0.0.1", port=backend.ports[0]) if backend.name == "cluster" else redis.Redis(
-        port=backend.ports[0])
+    client = (
+        redis.RedisCluster(host="127.0.0.1", port=backend.ports[0])
+        if backend.name == "cluster"
+        else redis.Redis(port=backend.ports[0])
+    )
     try:
         raw = client.get(keys.sequence_key("v1", user))
     finally:

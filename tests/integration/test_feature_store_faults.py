@@ -115,8 +115,7 @@ async def test_unreachable_server_fails_fast_with_bounded_retries() -> None:
         await store.aclose()
 
 
-async def test_cluster_slot_migration_is_followed(cluster_backend: Backend, monkeypatch: pytest.MonkeyPatch
-                                                  ) -> None:
+async def test_cluster_slot_migration_is_followed(cluster_backend: Backend, monkeypatch: pytest.MonkeyPatch) -> None:
     """A slot moved after the store loaded its slot map: the fast per-node read sees MOVED, falls
     back to the cluster pipeline (which follows redirections) and refreshes the map."""
     import redis
@@ -149,13 +148,13 @@ async def test_cluster_slot_migration_is_followed(cluster_backend: Backend, monk
         from feature_store.redis_store import RedisOnlineStore
 
         fallbacks = []
-        original = RedisOnlineStore._cluster_pipeline_read
+        original = RedisOnlineStore._cluster_pipeline
 
         async def spy(client: object, commands: list[tuple[object, ...]]) -> list[object]:
             fallbacks.append(len(commands))
             return await original(client, commands)  # type: ignore[arg-type]
 
-        monkeypatch.setattr(RedisOnlineStore, "_cluster_pipeline_read", staticmethod(spy))
+        monkeypatch.setattr(RedisOnlineStore, "_cluster_pipeline", staticmethod(spy))
         for _ in range(2):  # the first read is redirected, the second uses the refreshed map
             after = await store.fetch(user, items)
             assert after.user_index == before.user_index

@@ -19,8 +19,13 @@ from models.data.events import EventLog
 from tests.integration.conftest import Backend, assert_same_sequence, expected_sequence
 
 
-async def assert_store_matches(store: OnlineStore, events: EventLog, schema: FeatureSchema, version: str,
-                               items: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+async def assert_store_matches(
+    store: OnlineStore,
+    events: EventLog,
+    schema: FeatureSchema,
+    version: str,
+    items: tuple[np.ndarray, np.ndarray] | None = None,
+) -> None:
     """Every user's stored sequence equals the newest `cap` source events; every item is found."""
     cap = schema.spec.max_sequence_length
     users, _ = events.user_offsets()
@@ -58,8 +63,11 @@ def synthetic_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     synth = pytest.importorskip("models.data.synth")
     out = tmp_path_factory.mktemp("synth")
     # Some users exceed the 10,000-event cap (log-uniform lengths up to 12,000).
-    synth.generate(synth.SynthParams(users=30, items=20_000, categories=100, events_min=200, events_max=12_000,
-                                     seed=7), out, progress=False)
+    synth.generate(
+        synth.SynthParams(users=30, items=20_000, categories=100, events_min=200, events_max=12_000, seed=7),
+        out,
+        progress=False,
+    )
     return out
 
 
@@ -67,8 +75,10 @@ async def test_synthetic_roundtrip(store: OnlineStore, synthetic_dir: Path) -> N
     from models.data.synth import load_synthetic
 
     events = load_synthetic(synthetic_dir)
-    catalogue = (np.load(synthetic_dir / "catalogue_item.npy").astype(np.int64),
-                 np.load(synthetic_dir / "catalogue_category.npy").astype(np.int64))
+    catalogue = (
+        np.load(synthetic_dir / "catalogue_item.npy").astype(np.int64),
+        np.load(synthetic_dir / "catalogue_category.npy").astype(np.int64),
+    )
     schema = schema_from_log(events)
     stats = await ingest_log(store, events, schema, "synth", catalogue=catalogue, batch_users=7, activate=True)
     lengths = np.diff(events.user_offsets()[1])
@@ -95,8 +105,9 @@ async def _active(config: FeatureStoreConfig) -> tuple[str | None, list[str]]:
         return await store.active_version(refresh=True), await store.list_versions()
 
 
-def test_cli_ingest_activate_list_drop(backend: Backend, synthetic_dir: Path, tmp_path: Path,
-                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cli_ingest_activate_list_drop(
+    backend: Backend, synthetic_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.delenv("REDIS_URL", raising=False)
     monkeypatch.delenv("REDIS_CLUSTER_NODES", raising=False)
     target = _target_args(backend)
@@ -113,8 +124,9 @@ def test_cli_ingest_activate_list_drop(backend: Backend, synthetic_dir: Path, tm
     assert asyncio.run(_active(backend.config)) == ("a1", ["a1"])
 
 
-def test_cli_embedded_default_persists_between_runs(synthetic_dir: Path, tmp_path: Path,
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cli_embedded_default_persists_between_runs(
+    synthetic_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.delenv("REDIS_URL", raising=False)
     monkeypatch.delenv("REDIS_CLUSTER_NODES", raising=False)
     data_dir = tmp_path / "valkey"

@@ -23,7 +23,8 @@ def test_sequence_record_layout_exact_bytes() -> None:
     raw = encode_sequence([7, 0x01020304], [5, 0xFFFFFF], [3, 0], [1_700_000_000, 1])
     assert SEQ_RECORD_SIZE == 12 and len(raw) == 24
     assert raw[:12] == (7).to_bytes(4, "little") + (1_700_000_000).to_bytes(4, "little") + ((5 << 8) | 3).to_bytes(
-        4, "little")
+        4, "little"
+    )
     assert raw[12:] == bytes.fromhex("04030201") + (1).to_bytes(4, "little") + bytes.fromhex("00ffffff")
 
 

@@ -50,8 +50,9 @@ def test_valid_versions(name: str) -> None:
     assert keys.validate_version(name) == name
 
 
-@pytest.mark.parametrize("name", ["", "-v", ".v", "v:1", "v{1}", "v*", "v?", "v[1]", "v 1", "x" * 65,
-                                  "meta", "active", "versions", "vé"])
+@pytest.mark.parametrize(
+    "name", ["", "-v", ".v", "v:1", "v{1}", "v*", "v?", "v[1]", "v 1", "x" * 65, "meta", "active", "versions", "vé"]
+)
 def test_invalid_versions(name: str) -> None:
     with pytest.raises(ValueError, match="feature-set version"):
         keys.validate_version(name)
