@@ -88,7 +88,8 @@ def export_onnx(scorer: torch.nn.Module, example: dict[str, torch.Tensor], path:
 
 
 def export_torchscript(scorer: torch.nn.Module, example: dict[str, torch.Tensor], path: Path) -> None:
-    traced = torch.jit.trace(scorer, tuple(example[name] for name in SCORER_INPUTS), check_trace=False)
+    example_args = tuple(example[name] for name in SCORER_INPUTS)
+    traced = torch.jit.trace(scorer, example_args, check_trace=False)  # type: ignore[no-untyped-call]
     traced.save(str(path))
 
 

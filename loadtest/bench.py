@@ -118,8 +118,8 @@ def bench_events(w: Workload) -> tuple[Any, npt.NDArray[np.int64]]:
     items = rng.zipf(1.3, n) % w.items
     ts = 1_700_000_000 - rng.integers(60, 365 * 86_400, n)
     log_ = EventLog.from_unsorted(
-        np.repeat(np.arange(w.users), w.history), items, item_category[items], rng.choice(4, n, p=[0.85, 0.05, 0.04, 0.06]),
-        ts, dedup=False,
+        np.repeat(np.arange(w.users), w.history), items, item_category[items],
+        rng.choice(4, n, p=[0.85, 0.05, 0.04, 0.06]), ts, dedup=False,
     )
     return log_, item_category
 

@@ -27,6 +27,7 @@ from models.data.readers import load_dataset
 from models.data.samples import SampleSet
 from models.metrics import auc, gauc, logloss, weighted_recall_at_k
 from models.model import RankingModel
+from models.runtime import tune_malloc
 from models.train import SPLIT_TEST, SPLIT_TRAIN, predict, samples_for_run
 
 log = logging.getLogger("rankserve.evaluate")
@@ -162,6 +163,7 @@ def markdown_table(results: dict[str, Any], tasks: list[str], k: int) -> str:
 
 def evaluate_run(run_dir: Path, data_root: Path | None, eval_negatives: int, k: int) -> dict[str, Any]:
     t0 = time.perf_counter()
+    tune_malloc()
     model, schema, config = load_run(run_dir)
     events = load_dataset(config["data"], data_root, max_users=config["train"]["max_users"])
     samples = samples_for_run(config, events, negatives_per_positive=eval_negatives)

@@ -77,6 +77,8 @@ class SmallEmbedding(nn.Module):
         self.weight = nn.Parameter(torch.randn(rows, dim))
 
     def forward(self, idx: Tensor) -> Tensor:
+        if not torch.is_grad_enabled():  # GSU, inference, export: a plain gather, same values
+            return torch.nn.functional.embedding(idx, self.weight)
         return torch.nn.functional.one_hot(idx, self.rows).to(self.weight.dtype) @ self.weight
 
 
@@ -105,7 +107,8 @@ class TargetAttention(nn.Module):
         k = key.reshape(b, length, self.n_heads, self.head_dim)
         q = query.reshape(b, 1, self.n_heads, self.head_dim)
         dot = (k * q).sum(-1) / math.sqrt(self.head_dim)
-        return dot + self.action_bias(action) + self.gap_bias(gap)
+        logits: Tensor = dot + self.action_bias(action) + self.gap_bias(gap)
+        return logits
 
     def forward(self, key: Tensor, repr_: Tensor, action: Tensor, gap: Tensor, mask: Tensor, query: Tensor) -> Tensor:
         logits = self.logits(key, query, action, gap)  # [B, L, H]
@@ -116,7 +119,7 @@ class TargetAttention(nn.Module):
         b, length, r = values.shape
         v = values.reshape(b, length, self.n_heads, r // self.n_heads)
         out = (weights.unsqueeze(-1) * v).sum(1)  # [B, H, R/H]
-        return out.reshape(b, r)
+        return out.reshape(b, r)  # type: ignore[no-any-return]
 
 
 class MMoE(nn.Module):
@@ -157,7 +160,7 @@ class PLE(nn.Module):
         shared = [expert(x) for expert in self.shared]
         logits = []
         for own, gate, tower, out in zip(self.own, self.gates, self.towers, self.out, strict=True):
-            e = torch.stack([expert(x) for expert in own] + shared, dim=1)
+            e = torch.stack([expert(x) for expert in own.children()] + shared, dim=1)
             g = torch.softmax(gate(x), dim=-1).unsqueeze(-1)
             logits.append(out(tower((g * e).sum(1))))
         return torch.cat(logits, dim=-1)
@@ -184,7 +187,7 @@ class ResFlow(nn.Module):
         for layers, out in zip(self.layers, self.out, strict=True):
             h = x
             hidden: list[Tensor] = []
-            for depth, layer in enumerate(layers):
+            for depth, layer in enumerate(layers.children()):
                 h = torch.relu(layer(h))
                 if prev_hidden:
                     h = h + prev_hidden[depth]
@@ -309,13 +312,16 @@ class RankingModel(nn.Module):
         }
 
     def keys(self, item: Tensor, category: Tensor) -> Tensor:
-        return self.key_proj(self.attn_item(item)) + self.key_proj(self.attn_category(category))
+        key: Tensor = self.key_proj(self.attn_item(item)) + self.key_proj(self.attn_category(category))
+        return key
 
     def queries(self, item: Tensor, category: Tensor) -> Tensor:
-        return self.query_proj(self.attn_item(item)) + self.query_proj(self.attn_category(category))
+        query: Tensor = self.query_proj(self.attn_item(item)) + self.query_proj(self.attn_category(category))
+        return query
 
     def reprs(self, item: Tensor, category: Tensor) -> Tensor:
-        return self.repr_item(item) + self.repr_category(category)
+        rep: Tensor = self.repr_item(item) + self.repr_category(category)
+        return rep
 
     def gsu_scores(self, key: Tensor, query: Tensor, action: Tensor, gap: Tensor) -> Tensor:
         """The GSU relevance of every behaviour [B, L]: ESU logits summed over heads."""

@@ -12,6 +12,7 @@ A run directory holds everything later steps need:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from models.data.readers import add_dataset_arguments, dataset_from_args
 from models.data.samples import SampleSet, TimeSplit, build_samples, default_split
 from models.metrics import auc
 from models.model import ModelConfig, RankingModel
+from models.runtime import tune_malloc
 
 log = logging.getLogger("rankserve.train")
 
@@ -66,8 +68,12 @@ def make_optimizers(model: RankingModel, cfg: TrainConfig) -> list[torch.optim.O
 
 
 @torch.no_grad()
-def predict(model: RankingModel, collator: Collator, idx: npt.NDArray[np.int64], batch_size: int = 2048) -> np.ndarray:
-    """Task probabilities [N, T] for sample indices `idx` (eval mode)."""
+def predict(model: RankingModel, collator: Collator, idx: npt.NDArray[np.int64], batch_size: int = 512) -> np.ndarray:
+    """Task probabilities [N, T] for sample indices `idx` (eval mode).
+
+    Batches stay small enough that their tensors stay under the 32 MiB heap threshold
+    (see models.runtime.tune_malloc): larger ones are slower, not faster.
+    """
     model.eval()
     out = [model(batch).numpy() for _, batch in collator.batches(idx, batch_size)]
     n_tasks = model.scorer.n_tasks
@@ -84,12 +90,14 @@ def fit(
     """Train on split 0 with early stopping on split 1; returns the best model and its history."""
     set_seed(train_cfg.seed)
     torch.set_num_threads(train_cfg.threads)
+    tune_malloc()
     schema = samples.schema
     spec = schema.spec
     sizes = schema.vocab_sizes()
     model = RankingModel(model_cfg, spec, sizes["user"], sizes["item"], sizes["category"])
     optimizers = make_optimizers(model, train_cfg)
     collator = Collator(samples, spec, model_cfg.train_history)
+    valid_collator = Collator(samples, spec, spec.max_sequence_length)  # validate as the service serves
     train_idx = np.flatnonzero(samples.split == SPLIT_TRAIN).astype(np.int64)
     valid_idx = np.flatnonzero(samples.split == SPLIT_VALID).astype(np.int64)
     if train_idx.size == 0 or valid_idx.size == 0:
@@ -110,11 +118,12 @@ def fit(
             loss = bce(probs, labels)
             for opt in optimizers:
                 opt.zero_grad(set_to_none=True)
-            loss.backward()  # type: ignore[no-untyped-call]
+            loss.backward()
             for opt in optimizers:
                 opt.step()
             losses.append(float(loss.detach()))
-        val_probs = predict(model, Collator(samples, spec, spec.max_sequence_length), valid_idx)
+        train_seconds = time.perf_counter() - t0
+        val_probs = predict(model, valid_collator, valid_idx)
         val_auc = validation_auc(samples.labels[valid_idx], val_probs)
         score = float(np.nanmean(val_auc))
         record = {
@@ -123,6 +132,7 @@ def fit(
             "valid_auc": dict(zip(spec.task_names, val_auc, strict=True)),
             "valid_mean_auc": score,
             "seconds": round(time.perf_counter() - t0, 2),
+            "train_seconds": round(train_seconds, 2),
         }
         history.append(record)
         log.info("epoch done", extra=record)
@@ -220,7 +230,7 @@ def run(args: argparse.Namespace) -> int:
     )
     variants = [("", model_cfg)]
     if not args.no_baselines:
-        din = ModelConfig(**{**model_cfg.to_dict(), "use_retrieval": False, "short_length": 50})
+        din = dataclasses.replace(model_cfg, use_retrieval=False, short_length=50)
         variants.append(("din_short", din))
     for sub, cfg in variants:
         run_dir = args.out / sub if sub else args.out

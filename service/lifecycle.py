@@ -109,7 +109,9 @@ def _retriever_factory(settings: Settings) -> RetrieverFactory:
         # imported on first load: the strategy registry may pull in faiss or a compiled kernel
         from service.retrieval import make_retriever
 
-        retriever: TopK = make_retriever(settings.retrieval_strategy)
+        # the exact strategy takes the device setting (faiss GPU when present and allowed)
+        options = {"device": settings.retrieval_device} if settings.retrieval_strategy == "exact" else {}
+        retriever: TopK = make_retriever(settings.retrieval_strategy, **options)
         return retriever
 
     return make

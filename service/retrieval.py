@@ -69,8 +69,9 @@ def _matrix(name: str, arr: object, shape: str) -> npt.NDArray[Any]:
         raise RetrievalInputError(f"{name} must be 2-D {shape}, got shape {arr.shape}")
     if arr.dtype != np.float32:
         raise RetrievalInputError(f"{name} must be float32, got {arr.dtype}; convert with .astype(np.float32)")
-    # C-contiguous and aligned: numba then sees one array type and never compiles another specialization
-    return np.require(arr, dtype=np.float32, requirements=("C", "A"))
+    # C-contiguous, aligned and writeable (read-only arrays, e.g. memory-mapped, are copied): the
+    # numba kernels then see one array type and never compile a second specialization mid-request
+    return np.require(arr, dtype=np.float32, requirements=("C", "A", "W"))
 
 
 def validate(queries: object, keys: object, k: object) -> tuple[F32, F32, int]:
@@ -105,9 +106,15 @@ def _pad_to_k(scores: npt.NDArray[Any], indices: npt.NDArray[Any], k: int) -> tu
     return out_s, out_i
 
 
+_faiss_default_threads: int | None = None
+
+
 def _faiss() -> Any:
+    global _faiss_default_threads
     import faiss  # imported lazily: only the faiss strategies need it
 
+    if _faiss_default_threads is None:  # before anyone changes it: OpenMP's default, all cores
+        _faiss_default_threads = int(faiss.omp_get_max_threads())
     return faiss
 
 
@@ -161,9 +168,9 @@ class FaissKnnRetriever:
         n_queries, n_keys = q.shape[0], keys.shape[0]
         if n_queries == 0 or n_keys == 0:
             return padded(n_queries, k)
-        if self.num_threads is not None:
-            # an OpenMP setting of the calling thread; faiss's default is all cores
-            self._faiss.omp_set_num_threads(self.num_threads)
+        # an OpenMP setting of the calling thread that outlives the call: set it every time, so
+        # another retriever's setting (e.g. a one-thread one) does not leak into this one
+        self._faiss.omp_set_num_threads(self.num_threads or _faiss_default_threads)
         scores, idx = self._faiss.knn(q, keys, min(k, n_keys), metric=self._faiss.METRIC_INNER_PRODUCT)
         return _pad_to_k(scores, idx, k)
 
@@ -310,15 +317,10 @@ def warm_up() -> float:
     t0 = time.perf_counter()
     rng = np.random.default_rng(0)
     retriever = ExactRetriever()
-    # shapes that take every path: seeded scan, unseeded scan, L < k, and read-only inputs
-    # (numba compiles a separate specialization for read-only arrays, e.g. memory-mapped tables)
-    for n_keys in (3000, 300, 5):
-        q = rng.standard_normal((9, 17), dtype=np.float32)
-        keys = rng.standard_normal((n_keys, 17), dtype=np.float32)
-        retriever.search(q, keys, 64)
-        q.flags.writeable = False
-        keys.flags.writeable = False
-        retriever.search(q, keys, 64)
+    for n_keys in (3000, 300, 5):  # seeded scan, unseeded scan, L < k: one compile covers all
+        retriever.search(
+            rng.standard_normal((9, 17), dtype=np.float32), rng.standard_normal((n_keys, 17), dtype=np.float32), 64
+        )
     elapsed = time.perf_counter() - t0
     log.info("retrieval kernels ready", extra={"seconds": round(elapsed, 3), "cache": _kernels().cache_enabled()})
     return elapsed

@@ -73,7 +73,7 @@ class TorchScriptScorer:
         self._torch = torch
         self._device = "cuda" if provider in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
         self.provider = self._device
-        self._module = torch.jit.load(str(path), map_location=self._device)
+        self._module = torch.jit.load(str(path), map_location=self._device)  # type: ignore[no-untyped-call]
         self._module.eval()
 
     def predict(self, inputs: Mapping[str, npt.NDArray[Any]]) -> F32:

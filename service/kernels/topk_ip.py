@@ -35,7 +35,8 @@ QTILE = 8  # queries scored against one L1-resident key block before moving to t
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-# FMA contraction only: no reassociation, so a score does not depend on where it sits in a block
+# FMA contraction only, no reassociation: the arithmetic is what the source says, so the scores
+# (and the order of tied keys) are the same on every run and for every thread count
 _FASTMATH = {"contract"}
 _cache_ok = True
 
@@ -165,7 +166,8 @@ def _block_scores(q: Any, kb: Any, out: Any, flags: Any, tt: float) -> None:
 
     The components of q are hoisted into scalars 16/8/4 at a time (numba cannot say that `out`
     and `kb` do not alias, so loads of q inside the loop would not be hoisted), and each chunk is
-    one vectorized pass over the block summing a balanced tree of products. Every pass also
+    one vectorized pass over the block: chains of 4 FMAs, summed pairwise (fewer instructions
+    than a balanced tree, shorter dependency chains than one long FMA chain). Every pass also
     writes the flags: only the last pass's survive, and fusing the compare saves a pass.
     """
     d = q.shape[0]
@@ -178,13 +180,14 @@ def _block_scores(q: Any, kb: Any, out: Any, flags: Any, tt: float) -> None:
         a12, a13, a14, a15 = q[c + 12], q[c + 13], q[c + 14], q[c + 15]
         kc = kb[c * BLOCK : (c + 16) * BLOCK]
         for i in range(BLOCK):
-            p0 = (a0 * kc[i] + a1 * kc[BLOCK + i]) + (a2 * kc[2 * BLOCK + i] + a3 * kc[3 * BLOCK + i])
-            p1 = (a4 * kc[4 * BLOCK + i] + a5 * kc[5 * BLOCK + i]) + (a6 * kc[6 * BLOCK + i] + a7 * kc[7 * BLOCK + i])
-            p2 = (a8 * kc[8 * BLOCK + i] + a9 * kc[9 * BLOCK + i]) + (
-                a10 * kc[10 * BLOCK + i] + a11 * kc[11 * BLOCK + i]
-            )
-            p3 = (a12 * kc[12 * BLOCK + i] + a13 * kc[13 * BLOCK + i]) + (
-                a14 * kc[14 * BLOCK + i] + a15 * kc[15 * BLOCK + i]
+            p0 = a0 * kc[i] + a1 * kc[BLOCK + i] + a2 * kc[2 * BLOCK + i] + a3 * kc[3 * BLOCK + i]
+            p1 = a4 * kc[4 * BLOCK + i] + a5 * kc[5 * BLOCK + i] + a6 * kc[6 * BLOCK + i] + a7 * kc[7 * BLOCK + i]
+            p2 = a8 * kc[8 * BLOCK + i] + a9 * kc[9 * BLOCK + i] + a10 * kc[10 * BLOCK + i] + a11 * kc[11 * BLOCK + i]
+            p3 = (
+                a12 * kc[12 * BLOCK + i]
+                + a13 * kc[13 * BLOCK + i]
+                + a14 * kc[14 * BLOCK + i]
+                + a15 * kc[15 * BLOCK + i]
             )
             v = (p0 + p1) + (p2 + p3)
             s = v if first else out[i] + v
@@ -197,8 +200,8 @@ def _block_scores(q: Any, kb: Any, out: Any, flags: Any, tt: float) -> None:
         a4, a5, a6, a7 = q[c + 4], q[c + 5], q[c + 6], q[c + 7]
         kc = kb[c * BLOCK : (c + 8) * BLOCK]
         for i in range(BLOCK):
-            p0 = (a0 * kc[i] + a1 * kc[BLOCK + i]) + (a2 * kc[2 * BLOCK + i] + a3 * kc[3 * BLOCK + i])
-            p1 = (a4 * kc[4 * BLOCK + i] + a5 * kc[5 * BLOCK + i]) + (a6 * kc[6 * BLOCK + i] + a7 * kc[7 * BLOCK + i])
+            p0 = a0 * kc[i] + a1 * kc[BLOCK + i] + a2 * kc[2 * BLOCK + i] + a3 * kc[3 * BLOCK + i]
+            p1 = a4 * kc[4 * BLOCK + i] + a5 * kc[5 * BLOCK + i] + a6 * kc[6 * BLOCK + i] + a7 * kc[7 * BLOCK + i]
             v = p0 + p1
             s = v if first else out[i] + v
             out[i] = s
@@ -209,7 +212,7 @@ def _block_scores(q: Any, kb: Any, out: Any, flags: Any, tt: float) -> None:
         a0, a1, a2, a3 = q[c], q[c + 1], q[c + 2], q[c + 3]
         kc = kb[c * BLOCK : (c + 4) * BLOCK]
         for i in range(BLOCK):
-            v = (a0 * kc[i] + a1 * kc[BLOCK + i]) + (a2 * kc[2 * BLOCK + i] + a3 * kc[3 * BLOCK + i])
+            v = a0 * kc[i] + a1 * kc[BLOCK + i] + a2 * kc[2 * BLOCK + i] + a3 * kc[3 * BLOCK + i]
             s = v if first else out[i] + v
             out[i] = s
             flags[i] = s > tt

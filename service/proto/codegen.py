@@ -21,7 +21,8 @@ def generate() -> list[Path]:
     if not protos:
         return []
     include = str(Path(protoc.__file__).resolve().parent / "_proto")
-    args = ["protoc", f"-I{HERE}", f"-I{include}", f"--python_out={HERE}", f"--grpc_python_out={HERE}", f"--pyi_out={HERE}"]
+    args = ["protoc", f"-I{HERE}", f"-I{include}", f"--python_out={HERE}", f"--grpc_python_out={HERE}",
+            f"--pyi_out={HERE}"]
     if protoc.main([*args, *(str(p) for p in protos)]) != 0:
         raise RuntimeError(f"protoc failed on {[p.name for p in protos]}")
     written = []

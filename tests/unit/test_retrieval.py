@@ -164,6 +164,21 @@ def test_invalid_inputs(name: str, queries: object, keys: object, k: object, mes
     assert isinstance(info.value, ValueError)
 
 
+def test_thread_settings_do_not_leak_between_retrievers() -> None:
+    import faiss
+
+    queries, keys = data(12, 4, 500, 16)
+    default = faiss.omp_get_max_threads()
+    make_retriever("faiss_knn", num_threads=1).search(queries, keys, 5)
+    make_retriever("faiss_knn").search(queries, keys, 5)
+    assert faiss.omp_get_max_threads() == default
+    import numba
+
+    before = numba.get_num_threads()
+    make_retriever("exact", num_threads=1).search(queries, keys, 5)
+    assert numba.get_num_threads() == before
+
+
 def test_numpy_integer_k_is_accepted() -> None:
     queries, keys = data(8, 3, 100, 16)
     scores, _ = make_retriever("exact").search(queries, keys, np.int64(5))  # type: ignore[arg-type]
