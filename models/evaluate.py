@@ -82,7 +82,7 @@ def popularity_probs(samples: SampleSet) -> npt.NDArray[np.float64]:
 def task_metrics(samples: SampleSet, idx: npt.NDArray[np.int64], probs: npt.NDArray[Any], k: int) -> dict[str, Any]:
     tasks = list(samples.schema.spec.task_names)
     labels = samples.labels[idx]
-    users = samples.user[idx]
+    users = samples.raw_user[idx]  # OOV users all share dense index 0: group by raw id
     out: dict[str, Any] = {}
     for t, name in enumerate(tasks):
         out[name] = {
@@ -95,7 +95,7 @@ def task_metrics(samples: SampleSet, idx: npt.NDArray[np.int64], probs: npt.NDAr
         clicked = labels[:, tasks.index("click")] > 0.5
         out["cvr"] = {"auc": auc(labels[clicked, tasks.index("buy")], probs[clicked, tasks.index("buy")])}
     fused = sum(FUSION_WEIGHTS.get(name, 1.0) * probs[:, t] for t, name in enumerate(tasks))
-    queries = samples.user[idx] * np.int64(1 << 32) + (samples.ts[idx] // 86_400)  # user x day
+    queries = query_ids(samples, idx)
     wr_labels = {e: labels[:, tasks.index(e)] for e in WR_WEIGHTS if e in tasks}
     weights = {e: w for e, w in WR_WEIGHTS.items() if e in tasks}
     out["ranking"] = weighted_recall_at_k(wr_labels, fused, queries, k, weights)
@@ -161,7 +161,28 @@ def markdown_table(results: dict[str, Any], tasks: list[str], k: int) -> str:
     return "\n".join(lines)
 
 
-def evaluate_run(run_dir: Path, data_root: Path | None, eval_negatives: int, k: int) -> dict[str, Any]:
+def query_ids(samples: SampleSet, idx: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+    """One id per ranking query: a user (raw id; unseen users share dense index 0) on one day."""
+    pairs = np.stack([samples.raw_user[idx], samples.ts[idx] // 86_400], axis=1)
+    return np.unique(pairs, axis=0, return_inverse=True)[1].reshape(-1).astype(np.int64)
+
+
+def test_queries(samples: SampleSet, max_queries: int | None, seed: int = 0) -> npt.NDArray[np.int64]:
+    """Test-split sample indices; with `max_queries`, whole ranking queries (user x day) sampled."""
+    test_idx = np.flatnonzero(samples.split == SPLIT_TEST).astype(np.int64)
+    if max_queries is None:
+        return test_idx
+    keys = query_ids(samples, test_idx)
+    uniq = np.unique(keys)
+    if uniq.shape[0] <= max_queries:
+        return test_idx
+    keep = np.random.default_rng(seed).choice(uniq, max_queries, replace=False)
+    return test_idx[np.isin(keys, keep)]
+
+
+def evaluate_run(
+    run_dir: Path, data_root: Path | None, eval_negatives: int, k: int, max_queries: int | None = None
+) -> dict[str, Any]:
     t0 = time.perf_counter()
     tune_malloc()
     model, schema, config = load_run(run_dir)
@@ -171,7 +192,7 @@ def evaluate_run(run_dir: Path, data_root: Path | None, eval_negatives: int, k: 
         raise RuntimeError("rebuilt samples have a different schema than the run: data or code changed")
     spec = schema.spec
     tasks = list(spec.task_names)
-    test_idx = np.flatnonzero(samples.split == SPLIT_TEST).astype(np.int64)
+    test_idx = test_queries(samples, max_queries)
     collator = Collator(samples, spec, spec.max_sequence_length)  # serving searches the whole history
     results: dict[str, Any] = {}
     spectra: dict[str, dict[str, npt.NDArray[np.float64]]] = {}
@@ -189,6 +210,7 @@ def evaluate_run(run_dir: Path, data_root: Path | None, eval_negatives: int, k: 
         "run": str(run_dir),
         "data": config["data"],
         "test_samples": int(test_idx.shape[0]),
+        "max_queries": max_queries,
         "eval_negatives_per_positive": eval_negatives,
         "k": k,
         "fusion_weights": {t: FUSION_WEIGHTS.get(t, 1.0) for t in tasks},
@@ -220,10 +242,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-root", type=Path, default=None, help="root of the real data (default ../shared/data)")
     p.add_argument("--eval-negatives", type=int, default=19, help="popularity negatives per test positive")
     p.add_argument("--k", type=int, default=10, help="K of Weighted Recall@K")
+    p.add_argument("--max-queries", type=int, default=None, help="evaluate a seeded subset of test queries")
 
 
 def run(args: argparse.Namespace) -> int:
-    report = evaluate_run(args.run, args.data_root, args.eval_negatives, args.k)
+    report = evaluate_run(args.run, args.data_root, args.eval_negatives, args.k, args.max_queries)
     log.info("evaluation written", extra={"run": str(args.run), "seconds": report["seconds"]})
     import sys
 

@@ -41,14 +41,16 @@ SPLIT_TRAIN, SPLIT_VALID, SPLIT_TEST = 0, 1, 2
 
 @dataclass
 class TrainConfig:
-    epochs: int = 4
+    epochs: int = 3
     batch_size: int = 512
     lr: float = 2e-3
     weight_decay: float = 0.0
-    patience: int = 1
+    patience: int = 0  # stop at the first epoch that does not improve validation
     seed: int = 0
     negatives_per_positive: int = 4
     max_users: int | None = None
+    max_train_samples: int | None = None  # a seeded random subset per epoch budget (huge synthetic sets)
+    max_valid_samples: int | None = 200_000
     threads: int = 2
 
 
@@ -102,6 +104,11 @@ def fit(
     valid_idx = np.flatnonzero(samples.split == SPLIT_VALID).astype(np.int64)
     if train_idx.size == 0 or valid_idx.size == 0:
         raise ValueError(f"need training and validation samples, got {train_idx.size} and {valid_idx.size}")
+    rng = np.random.default_rng(train_cfg.seed)
+    if train_cfg.max_train_samples and train_idx.size > train_cfg.max_train_samples:
+        train_idx = np.sort(rng.choice(train_idx, train_cfg.max_train_samples, replace=False))
+    if train_cfg.max_valid_samples and valid_idx.size > train_cfg.max_valid_samples:
+        valid_idx = np.sort(rng.choice(valid_idx, train_cfg.max_valid_samples, replace=False))
     bce = nn.BCELoss()
     history: list[dict[str, Any]] = []
     best_score, best_state, bad_epochs = -1.0, None, 0
@@ -177,6 +184,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=TrainConfig.seed)
     p.add_argument("--negatives", type=int, default=TrainConfig.negatives_per_positive, help="negatives per positive")
     p.add_argument("--max-users", type=int, default=None, help="train on a deterministic subset of users")
+    p.add_argument("--max-train-samples", type=int, default=None, help="seeded subset of the training samples")
     p.add_argument("--retrieval-k", type=int, default=ModelConfig.retrieval_k)
     p.add_argument(
         "--train-history", type=int, default=ModelConfig.train_history, help="behaviours searched in training"
@@ -203,6 +211,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         negatives_per_positive=args.negatives,
         max_users=args.max_users,
+        max_train_samples=args.max_train_samples,
         threads=args.threads,
     )
     split = default_split(events)

@@ -23,7 +23,8 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
@@ -229,6 +230,28 @@ def _seed_plan(n_keys: int, k: int, block: int) -> tuple[int, int]:
     return n_blocks, rank
 
 
+# numba's "workqueue" threading layer (used when neither TBB nor OpenMP is installed) must not be
+# entered from two threads at once; one parallel kernel already uses every core, so serialize.
+_launch_lock = threading.Lock()
+
+
+@contextmanager
+def _numba_threads(requested: int | None) -> Iterator[None]:
+    """Cap numba's threads for the calling thread (numba keeps the setting per thread), then restore."""
+    if requested is None:
+        yield
+        return
+    import numba
+
+    limit: int = numba.config.NUMBA_NUM_THREADS  # type: ignore[attr-defined]  # read from the env at import
+    before = numba.get_num_threads()
+    numba.set_num_threads(max(1, min(requested, limit)))
+    try:
+        yield
+    finally:
+        numba.set_num_threads(before)
+
+
 class ExactRetriever:
     """Exact top-k with the fused numba kernel (CPU), or faiss GPU when `device` says so.
 
@@ -271,34 +294,9 @@ class ExactRetriever:
         out_s = np.empty((n_queries, k), dtype=np.float32)
         out_i = np.empty((n_queries, k), dtype=np.int64)
         kern.pack_keys(keys, packed, n_sample_blocks, sample)
-        with _launch_lock:
-            threads = _threads_for(self.num_threads)
-            if threads is None:
-                kern.topk_ip(q, packed, n_keys, sample, rank, k, self.cap_factor * k, out_s, out_i)
-            else:
-                import numba
-
-                before = numba.get_num_threads()
-                numba.set_num_threads(threads)  # per calling thread in numba
-                try:
-                    kern.topk_ip(q, packed, n_keys, sample, rank, k, self.cap_factor * k, out_s, out_i)
-                finally:
-                    numba.set_num_threads(before)
+        with _launch_lock, _numba_threads(self.num_threads):
+            kern.topk_ip(q, packed, n_keys, sample, rank, k, self.cap_factor * k, out_s, out_i)
         return out_s, out_i
-
-
-# numba's "workqueue" threading layer (used when neither TBB nor OpenMP is installed) must not be
-# entered from two threads at once; one parallel kernel already uses every core, so serialize.
-_launch_lock = threading.Lock()
-
-
-def _threads_for(requested: int | None) -> int | None:
-    if requested is None:
-        return None
-    import numba
-
-    limit: int = numba.config.NUMBA_NUM_THREADS  # type: ignore[attr-defined]  # read from the env at import
-    return max(1, min(requested, limit))
 
 
 def _kernels() -> Any:
@@ -310,8 +308,8 @@ def _kernels() -> Any:
 def warm_up() -> float:
     """Load the exact kernel from numba's on-disk cache, compiling it if absent; return seconds taken.
 
-    Call before serving (readiness waits on it): a cold compile takes seconds, a cache hit well
-    under one. The cache lives in `service/kernels/__pycache__`, or in NUMBA_CACHE_DIR when set
+    Call before serving (readiness waits on it): a cold compile takes ~20 s on 2 cores, a cache
+    hit well under one. The cache lives in `service/kernels/__pycache__`, or in NUMBA_CACHE_DIR when set
     (needed on a read-only root filesystem).
     """
     t0 = time.perf_counter()
