@@ -83,20 +83,25 @@ def interleaved(methods: dict[str, Callable[[int], object]], iterations: int, wa
 # setup
 
 
-def build_bundle(root: Path, w: Workload) -> Path:
-    """A bundle with the standard workload's table sizes and random weights."""
+def build_bundle(root: Path, w: Workload, schema: Any = None) -> Path:
+    """A bundle with the standard workload's table sizes and random weights.
+
+    `schema` (a FeatureSchema) replaces the default vocabularies (ids 0..n-1), e.g. with those of
+    a synthetic set, so that its ingested users and items are known to the bundle.
+    """
     import torch
 
     from export.exporter import write_bundle
     from feature_store.schema import FeatureSchema, SchemaSpec, Vocabulary
     from models.model import ModelConfig, RankingModel
 
-    schema = FeatureSchema(
-        SchemaSpec(name="bench"),
-        Vocabulary.build(np.arange(w.users)),
-        Vocabulary.build(np.arange(w.items)),
-        Vocabulary.build(np.arange(w.categories)),
-    )
+    if schema is None:
+        schema = FeatureSchema(
+            SchemaSpec(name="bench"),
+            Vocabulary.build(np.arange(w.users)),
+            Vocabulary.build(np.arange(w.items)),
+            Vocabulary.build(np.arange(w.categories)),
+        )
     schema.save(root / "schema")
     torch.manual_seed(w.seed)
     sizes = schema.vocab_sizes()

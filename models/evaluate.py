@@ -79,7 +79,8 @@ def popularity_probs(samples: SampleSet) -> npt.NDArray[np.float64]:
     return probs
 
 
-def task_metrics(samples: SampleSet, idx: npt.NDArray[np.int64], probs: npt.NDArray[Any], k: int) -> dict[str, Any]:
+def pointwise_metrics(samples: SampleSet, idx: npt.NDArray[np.int64], probs: npt.NDArray[Any]) -> dict[str, Any]:
+    """Per-task AUC, GAUC, logloss (and CVR AUC) on samples drawn as the model was trained."""
     tasks = list(samples.schema.spec.task_names)
     labels = samples.labels[idx]
     users = samples.raw_user[idx]  # OOV users all share dense index 0: group by raw id
@@ -94,12 +95,19 @@ def task_metrics(samples: SampleSet, idx: npt.NDArray[np.int64], probs: npt.NDAr
     if "click" in tasks and "buy" in tasks:
         clicked = labels[:, tasks.index("click")] > 0.5
         out["cvr"] = {"auc": auc(labels[clicked, tasks.index("buy")], probs[clicked, tasks.index("buy")])}
+    return out
+
+
+def ranking_metrics(samples: SampleSet, idx: npt.NDArray[np.int64], probs: npt.NDArray[Any], k: int) -> dict[str, Any]:
+    """WR@K and each R_e@K over ranking queries (a user on a day: positives + many negatives)."""
+    tasks = list(samples.schema.spec.task_names)
+    labels = samples.labels[idx]
     fused = sum(FUSION_WEIGHTS.get(name, 1.0) * probs[:, t] for t, name in enumerate(tasks))
     queries = query_ids(samples, idx)
     wr_labels = {e: labels[:, tasks.index(e)] for e in WR_WEIGHTS if e in tasks}
     weights = {e: w for e, w in WR_WEIGHTS.items() if e in tasks}
-    out["ranking"] = weighted_recall_at_k(wr_labels, fused, queries, k, weights)
-    out["ranking"]["queries"] = int(np.unique(queries).shape[0])
+    out: dict[str, Any] = weighted_recall_at_k(wr_labels, fused, queries, k, weights)
+    out["queries"] = int(np.unique(queries).shape[0])
     return out
 
 
@@ -187,13 +195,20 @@ def evaluate_run(
     tune_malloc()
     model, schema, config = load_run(run_dir)
     events = load_dataset(config["data"], data_root, max_users=config["train"]["max_users"])
-    samples = samples_for_run(config, events, negatives_per_positive=eval_negatives)
-    if samples.schema.hash != schema.hash:
+    # pointwise metrics on the test split drawn as in training (same negative ratio, so logloss
+    # measures calibration on the distribution the models learned); WR@K on ranking queries with
+    # `eval_negatives` popularity negatives per positive
+    pointwise = samples_for_run(config, events)
+    ranking = samples_for_run(config, events, negatives_per_positive=eval_negatives)
+    if pointwise.schema.hash != schema.hash or ranking.schema.hash != schema.hash:
         raise RuntimeError("rebuilt samples have a different schema than the run: data or code changed")
     spec = schema.spec
     tasks = list(spec.task_names)
-    test_idx = test_queries(samples, max_queries)
-    collator = Collator(samples, spec, spec.max_sequence_length)  # serving searches the whole history
+    point_idx = test_queries(pointwise, max_queries)
+    rank_idx = test_queries(ranking, max_queries)
+    # serving searches the whole history: so does the evaluator
+    point_collator = Collator(pointwise, spec, spec.max_sequence_length)
+    rank_collator = Collator(ranking, spec, spec.max_sequence_length)
     results: dict[str, Any] = {}
     spectra: dict[str, dict[str, npt.NDArray[np.float64]]] = {}
     models = {"twin (ours)": model}
@@ -201,15 +216,17 @@ def evaluate_run(
     if (din_dir / "checkpoint.pt").exists():
         models["din-short"] = load_run(din_dir)[0]
     for name, m in models.items():
-        probs = predict(m, collator, test_idx)
-        results[name] = task_metrics(samples, test_idx, probs, k)
+        results[name] = pointwise_metrics(pointwise, point_idx, predict(m, point_collator, point_idx))
+        results[name]["ranking"] = ranking_metrics(ranking, rank_idx, predict(m, rank_collator, rank_idx), k)
         spectra[name] = table_spectra(m)
         results[name]["information_abundance"] = information_abundances(spectra[name])
-    results["popularity"] = task_metrics(samples, test_idx, popularity_probs(samples)[test_idx], k)
+    results["popularity"] = pointwise_metrics(pointwise, point_idx, popularity_probs(pointwise)[point_idx])
+    results["popularity"]["ranking"] = ranking_metrics(ranking, rank_idx, popularity_probs(ranking)[rank_idx], k)
     report = {
         "run": str(run_dir),
         "data": config["data"],
-        "test_samples": int(test_idx.shape[0]),
+        "test_samples": {"pointwise": int(point_idx.shape[0]), "ranking": int(rank_idx.shape[0])},
+        "negatives_per_positive": config["train"]["negatives_per_positive"],
         "max_queries": max_queries,
         "eval_negatives_per_positive": eval_negatives,
         "k": k,
@@ -225,8 +242,10 @@ def evaluate_run(
         ia = information_abundances(s)
         ia_lines.append(f"| {name} | " + " | ".join(f"{v['ia']:.2f} / {v['dim']}" for v in ia.values()) + " |")
     md = (
-        f"Test split of `{config['data']}`: {test_idx.shape[0]} samples "
-        f"({eval_negatives} popularity negatives per positive), K = {k}.\n\n"
+        f"Test split of `{config['data']}`. AUC, GAUC, logloss: {point_idx.shape[0]} samples drawn as in "
+        f"training ({config['train']['negatives_per_positive']} popularity negatives per positive). "
+        f"WR@{k}: {rank_idx.shape[0]} samples in ranking queries (a user on a day: the day's positives "
+        f"and {eval_negatives} popularity negatives per positive).\n\n"
         + markdown_table(results, tasks, k)
         + "\n\nInformation abundance (Σσ/σ_max / width) of the embedding tables:\n\n"
         + "\n".join(ia_lines)

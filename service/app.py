@@ -8,7 +8,6 @@ every error body is `{"error": {"code", "message", "request_id"}}`.
 
 from __future__ import annotations
 
-import hmac
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -23,12 +22,15 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.auth import ARM_HEADER, admin_secret, authorize_arm_override, token_matches
 from service.errors import NotFound, PayloadTooLarge, RankServeError, Unauthorized
 from service.lifecycle import REQUEST_ID_HEADER, ServingCore, new_request_id, request_id_from
 from service.logging_setup import request_id_var
 from service.schemas import (
     RANK_EXAMPLE,
     ErrorResponse,
+    ExperimentsReloadResponse,
+    ExperimentsResponse,
     LivenessResponse,
     ModelInfo,
     ModelsResponse,
@@ -174,19 +176,29 @@ def require_admin(
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> None:
     """Admin endpoints: 404 when no token is configured (disabled), 401 without the right one."""
-    token = core.settings.admin_token
-    secret = token.get_secret_value() if token is not None else ""
-    if not secret:
+    if admin_secret(core.settings) is None:
         raise NotFound("admin endpoints are disabled; set RANKSERVE_ADMIN_TOKEN to enable them")
-    given = credentials.credentials if credentials is not None else ""
     # constant-time comparison: response timing must not reveal how much of a guess was right
-    if not hmac.compare_digest(given.encode(), secret.encode()):
+    if not token_matches(core.settings, credentials.credentials if credentials is not None else None):
         raise Unauthorized("missing or wrong admin token; send 'Authorization: Bearer <RANKSERVE_ADMIN_TOKEN>'")
+
+
+def arm_override(
+    request: Request,
+    core: Annotated[ServingCore, Depends(get_core)],
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> str | None:
+    """The `X-Rankserve-Arm` override: admin only (403 without the admin token), None when absent."""
+    arm = request.headers.get(ARM_HEADER)
+    if arm is None:
+        return None
+    return authorize_arm_override(core.settings, arm, credentials.credentials if credentials is not None else None)
 
 
 CoreDep = Annotated[ServingCore, Depends(get_core)]
 RequestIdDep = Annotated[str, Depends(get_request_id)]
 AdminDep = Annotated[None, Depends(require_admin)]
+ArmOverrideDep = Annotated[str | None, Depends(arm_override)]
 
 # -- routes ----------------------------------------------------------------------------------------
 
@@ -225,8 +237,9 @@ async def rank(
     ],
     core: CoreDep,
     request_id: RequestIdDep,
+    arm: ArmOverrideDep,
 ) -> Response:
-    result = await core.service.rank(body.to_core(request_id))
+    result = await core.service.rank(body.to_core(request_id, arm))
     core.metrics.requests.labels("rest", "ok").inc()
     return OrjsonResponse(rank_response_body(result, request_id))
 
@@ -293,6 +306,43 @@ async def reload(
     model, previous = await core.reload(body.version if body else None)
     log.info("admin reload", extra={"model": model.key, "previous": previous.key if previous else None})
     return ReloadResponse(model=model.key, previous=previous.key if previous else None)
+
+
+ADMIN_ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorResponse, "description": "missing or wrong admin token"},
+    404: {"model": ErrorResponse, "description": "admin endpoints disabled (no RANKSERVE_ADMIN_TOKEN)"},
+}
+
+
+@router.get(
+    "/v1/admin/experiments",
+    response_model=ExperimentsResponse,
+    responses=ADMIN_ERRORS,
+    tags=["experiments"],
+    summary="Arms serving now: shares, bucket ranges, pinned versions, fusion, retrieval, shadows",
+)
+async def experiments(_admin: AdminDep, core: CoreDep) -> ExperimentsResponse:
+    return ExperimentsResponse.model_validate(core.experiments.describe())
+
+
+@router.post(
+    "/v1/admin/experiments/reload",
+    response_model=ExperimentsReloadResponse,
+    responses={
+        **ADMIN_ERRORS,
+        409: {"model": ErrorResponse, "description": "the file was refused; the previous config keeps serving"},
+    },
+    tags=["experiments"],
+    summary="Re-read the experiments file now",
+)
+async def reload_experiments(_admin: AdminDep, core: CoreDep) -> ExperimentsReloadResponse:
+    result = await core.reload_experiments()
+    exps = result.experiments
+    log.info("admin experiments reload", extra={"status": result.status, "digest": exps.digest[:12]})
+    described = core.experiments.describe()
+    return ExperimentsReloadResponse.model_validate(
+        {"status": result.status, "digest": exps.digest, "arms": described["arms"]}
+    )
 
 
 # -- error mapping (the only place errors become HTTP responses) -----------------------------------

@@ -21,16 +21,19 @@ import numpy.typing as npt
 from feature_store.codecs import Sequence
 from feature_store.errors import FeatureStoreError
 from feature_store.store import FetchResult, OnlineStore
-from service.errors import DeadlineExceeded, InvalidRequest, Overloaded
+from service.errors import DeadlineExceeded, InvalidRequest, Overloaded, RankServeError
+from service.experiments import DEFAULT_ARM, ExperimentManager, Route
+from service.logging_setup import arm_var
 from service.metrics import Metrics
 from service.registry import LoadedModel, ModelRegistry
 from service.settings import Settings
+from service.shadow import ShadowRunner
 from service.types import RankedItem, RankRequest, RankResponse
 
 log = logging.getLogger("rankserve.core")
 
 INT64_MAX = (1 << 63) - 1
-DEFAULT_ARM = "default"
+__all__ = ["DEFAULT_ARM", "INT64_MAX", "Features", "RankingService", "top_n"]
 
 
 @dataclass
@@ -77,13 +80,28 @@ def top_n(scores: npt.NDArray[np.float64], n: int) -> npt.NDArray[np.int64]:
 
 
 class RankingService:
-    """Ranks candidates for one user. Owns nothing transport-specific."""
+    """Ranks candidates for one user. Owns nothing transport-specific.
 
-    def __init__(self, settings: Settings, registry: ModelRegistry, store: OnlineStore, metrics: Metrics) -> None:
+    `experiments` routes each request to an arm (one implicit "default" arm serving the newest
+    model when no experiments file is configured); `shadows` receives the sampled shadow jobs
+    after the primary answer is computed.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        registry: ModelRegistry,
+        store: OnlineStore,
+        metrics: Metrics,
+        experiments: ExperimentManager | None = None,
+        shadows: ShadowRunner | None = None,
+    ) -> None:
         self.settings = settings
         self.registry = registry
         self.store = store
         self.metrics = metrics
+        self.experiments = experiments or ExperimentManager(settings, registry, metrics)
+        self.shadows = shadows
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rank-cpu")
         self._waiting = 0
         self.max_waiting = 64
@@ -147,12 +165,27 @@ class RankingService:
 
     async def rank(self, req: RankRequest) -> RankResponse:
         n = self.validate(req)
-        model = self.registry.require()
+        route = self.experiments.route(req.user_id, req.arm)
+        token = arm_var.set(route.arm)  # every log line of this request carries its arm
+        outcome = "internal"
+        try:
+            resp = await self._rank(req, n, route)
+            outcome = "degraded" if resp.degraded else "ok"
+            return resp
+        except RankServeError as exc:
+            outcome = exc.code
+            raise
+        finally:
+            self.metrics.arm_requests.labels(route.arm, outcome).inc()
+            arm_var.reset(token)
+
+    async def _rank(self, req: RankRequest, n: int, route: Route) -> RankResponse:
+        model = route.model
+        arm = route.arm
         started = time.perf_counter()
         clock = StageClock(self.metrics)
         self.metrics.candidates.observe(len(req.candidates))
         request_ts = int(time.time()) if req.request_time is None else req.request_time
-        arm = req.arm or DEFAULT_ARM
         if not req.candidates:
             return RankResponse([], model.key, arm, False, req.request_id)
 
@@ -187,6 +220,13 @@ class RankingService:
         self.metrics.request_seconds.labels(arm).observe(elapsed)
         if items:
             self.metrics.fused_score.labels(arm).observe(items[0].score)
+        if route.shadows and self.shadows is not None and feats.degraded_reason is None:
+            # shadows compare on real features only; jobs are enqueued after this call returns
+            self.shadows.offer(
+                route.shadows, request_id=req.request_id, user_id=req.user_id, candidates=req.candidates, top_n=n,
+                request_ts=request_ts, features=feats, primary=model, fused=fused, probs=probs,
+                primary_seconds=elapsed,
+            )
         debug: dict[str, object] = {}
         if req.debug:
             debug = {
@@ -195,6 +235,7 @@ class RankingService:
                 "items_known": int(np.count_nonzero(feats.item_index)),
                 "degraded_reason": feats.degraded_reason,
                 "fusion": model.fusion.describe(),
+                "experiment": {"arm": arm, "bucket": route.bucket, "retrieval_k": model.retrieval.k},
             }
         return RankResponse(
             items=items,

@@ -38,6 +38,14 @@ class Unauthorized(RankServeError):
     code = "unauthorized"
 
 
+class Forbidden(RankServeError):
+    """Authenticated or not, the caller may not do this (e.g. an arm override without the admin token)."""
+
+    http_status = 403
+    grpc_code = grpc.StatusCode.PERMISSION_DENIED
+    code = "forbidden"
+
+
 class NotFound(RankServeError):
     http_status = 404
     grpc_code = grpc.StatusCode.NOT_FOUND
@@ -70,3 +78,11 @@ class BundleRejected(RankServeError):
     http_status = 409
     grpc_code = grpc.StatusCode.FAILED_PRECONDITION
     code = "bundle_rejected"
+
+
+class ExperimentsRejected(RankServeError):
+    """An experiments config failed validation (shares, bundles, tasks); the previous one keeps serving."""
+
+    http_status = 409
+    grpc_code = grpc.StatusCode.FAILED_PRECONDITION
+    code = "experiments_rejected"

@@ -28,6 +28,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from service import types as core_types
+from service.auth import ARM_HEADER, AUTHORIZATION, authorize_arm_override, bearer_token
 from service.errors import RankServeError
 from service.lifecycle import REQUEST_ID_HEADER, ServingCore, request_id_from
 from service.logging_setup import request_id_var
@@ -73,6 +74,12 @@ class RankerServicer:
         self.core = core
 
     async def Rank(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        metadata = dict(context.invocation_metadata() or ())
+        arm = metadata.get(ARM_HEADER)
+        if isinstance(arm, str):  # admin only: PERMISSION_DENIED without the admin bearer token
+            auth = metadata.get(AUTHORIZATION)
+            token = bearer_token(auth if isinstance(auth, str) else None)
+            arm = authorize_arm_override(self.core.settings, arm, token)
         req = core_types.RankRequest(
             user_id=request.user_id,
             candidates=list(request.candidates),
@@ -80,6 +87,7 @@ class RankerServicer:
             request_time=request.request_time if request.HasField("request_time") else None,
             debug=request.debug,
             request_id=request_id_var.get(),
+            arm=arm if isinstance(arm, str) else None,
         )
         resp = await self.core.service.rank(req)
         out = pb2.RankResponse(

@@ -25,10 +25,12 @@ from feature_store.errors import FeatureStoreError
 from feature_store.store import OnlineStore, StoreHealth, create_store
 from service.assemble import TopK
 from service.core import RankingService
-from service.errors import BundleRejected, ModelUnavailable
+from service.errors import BundleRejected, ExperimentsRejected, ModelUnavailable
+from service.experiments import ExperimentManager, Experiments, ReloadResult, build_retriever
 from service.metrics import Metrics
 from service.registry import LoadedModel, ModelRegistry, RetrieverFactory
 from service.settings import Settings
+from service.shadow import ShadowRunner
 
 log = logging.getLogger("rankserve.lifecycle")
 
@@ -106,13 +108,8 @@ class StoreSchemaHash:
 
 def _retriever_factory(settings: Settings) -> RetrieverFactory:
     def make() -> TopK:
-        # imported on first load: the strategy registry may pull in faiss or a compiled kernel
-        from service.retrieval import make_retriever
-
         # the exact strategy takes the device setting (faiss GPU when present and allowed)
-        options = {"device": settings.retrieval_device} if settings.retrieval_strategy == "exact" else {}
-        retriever: TopK = make_retriever(settings.retrieval_strategy, **options)
-        return retriever
+        return build_retriever(settings, settings.retrieval_strategy)
 
     return make
 
@@ -129,7 +126,9 @@ class ServingCore:
         self.registry = registry
         self.schema_hash = schema_hash
         self.metrics = metrics
-        self.service = RankingService(settings, registry, store, metrics)
+        self.shadows = ShadowRunner(settings, metrics)
+        self.experiments = ExperimentManager(settings, registry, metrics, on_change=self._experiments_changed)
+        self.service = RankingService(settings, registry, store, metrics, self.experiments, self.shadows)
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._listeners: list[ReadinessListener] = []
@@ -173,8 +172,15 @@ class ServingCore:
         except (ModelUnavailable, BundleRejected) as exc:
             log.error("no model loaded at startup; watching %s for one", self.settings.model_dir,
                       extra={"reason": exc.message})
+        if self.experiments.configured:
+            with contextlib.suppress(ExperimentsRejected):  # logged; not ready until a valid file is in place
+                await self.experiments.reload()
+            self._tasks.append(asyncio.create_task(self.experiments.poll(self._stop), name="experiments-poller"))
         await self.check_readiness()
         await self.registry.poll(self._stop)
+
+    def _experiments_changed(self, experiments: Experiments) -> None:
+        self.shadows.configure(experiments.shadows())
 
     async def _monitor_readiness(self) -> None:
         while not self._stop.is_set():
@@ -196,6 +202,7 @@ class ServingCore:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.shadows.aclose()
         await asyncio.to_thread(self.service.close)
         await self.store.aclose()
         log.info("serving core closed")
@@ -219,6 +226,9 @@ class ServingCore:
             health = StoreHealth(False, "unknown", 0, None, None, None, "feature store health check timed out")
         if model is None:
             return Readiness(False, f"no model loaded from {self.settings.model_dir} yet", None, health)
+        if self.experiments.configured and self.experiments.current is None:
+            reason = self.experiments.last_error or "loading"
+            return Readiness(False, f"experiments file not loaded: {reason}", key, health)
         if not health.ok:
             return Readiness(False, f"feature store not ready: {health.error}", key, health)
         return Readiness(True, None, key, health)
@@ -245,6 +255,14 @@ class ServingCore:
             model = await asyncio.to_thread(self.registry.load_version, version)
         await self.check_readiness()
         return model, previous
+
+    async def reload_experiments(self) -> ReloadResult:
+        """Re-read the experiments file now (admin); raises ExperimentsRejected, the old config serving."""
+        await self.schema_hash.refresh()
+        try:
+            return await self.experiments.reload()
+        finally:
+            await self.check_readiness()
 
     def sync_metrics(self) -> None:
         """Mirror the registry's state into the metrics (the registry itself stays metrics-free)."""

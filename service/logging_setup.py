@@ -1,4 +1,4 @@
-"""JSON logs, one object per line, with the request id when one is bound to the context."""
+"""JSON logs, one object per line, with the request id and experiment arm when bound to the context."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import time
 import orjson
 
 request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
+arm_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("arm", default=None)
 
 _RESERVED = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime", "color_message"}
 
@@ -27,6 +28,9 @@ class JsonFormatter(logging.Formatter):
         rid = request_id_var.get()
         if rid is not None:
             doc["request_id"] = rid
+        arm = arm_var.get()
+        if arm is not None:
+            doc["arm"] = arm
         for key, value in record.__dict__.items():
             if key not in _RESERVED and not key.startswith("_"):
                 doc[key] = value

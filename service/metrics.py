@@ -1,4 +1,5 @@
-"""Prometheus metrics: one histogram per pipeline stage, request outcomes, degraded answers."""
+"""Prometheus metrics: one histogram per pipeline stage, request outcomes, degraded answers,
+per-arm requests and scores, and shadow agreement."""
 
 from __future__ import annotations
 
@@ -7,6 +8,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 # Latency buckets from 0.5 ms to 2.5 s: the budget is tens of milliseconds, the tail matters.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25,
                    0.5, 1.0, 2.5)
+# Agreement measures live in [-1, 1] and matter most near 1: fine buckets there.
+AGREEMENT_BUCKETS = (-0.5, 0.0, 0.25, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.97, 0.98, 0.99, 0.995, 0.999, 1.0)
+SCORE_DIFF_BUCKETS = (1e-6, 1e-5, 1e-4, 1e-3, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 
 
 class Metrics:
@@ -35,3 +39,32 @@ class Metrics:
         self.bundles_refused = Counter("rankserve_bundles_refused_total", "Bundles refused at load", registry=r)
         self.fused_score = Histogram("rankserve_fused_score", "Top fused score per request", ["arm"],
                                      buckets=(0.01, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10), registry=r)
+
+        # experiments: per arm (arms and shadows are few, bounded by the config)
+        self.arm_requests = Counter("rankserve_arm_requests_total", "Rank requests per experiment arm and outcome "
+                                    "(ok, degraded, or the error code)", ["arm", "outcome"], registry=r)
+        self.arm_share = Gauge("rankserve_arm_share_percent", "Traffic share of each arm (pinned bundle)",
+                               ["arm", "bundle"], registry=r)
+        self.experiments_reloads = Counter("rankserve_experiments_reloads_total",
+                                           "Experiment config reloads by outcome (loaded, unchanged, rejected)",
+                                           ["outcome"], registry=r)
+        # shadow traffic
+        self.shadow_jobs = Counter("rankserve_shadow_jobs_total",
+                                   "Shadow jobs by outcome (ok, error, timeout, dropped)", ["arm", "shadow", "outcome"],
+                                   registry=r)
+        self.shadow_queue = Gauge("rankserve_shadow_queue_depth", "Shadow jobs waiting", ["arm", "shadow"], registry=r)
+        self.shadow_inflight = Gauge("rankserve_shadow_inflight", "Shadow jobs running", ["arm", "shadow"], registry=r)
+        self.shadow_seconds = Histogram("rankserve_shadow_seconds", "Shadow scoring time (same features)",
+                                        ["arm", "shadow"], buckets=LATENCY_BUCKETS, registry=r)
+        self.shadow_agreement = Histogram(
+            "rankserve_shadow_agreement", "Shadow vs primary agreement per request: kendall_tau, spearman, "
+            "overlap_at_10, overlap_at_n, ndcg_at_n", ["arm", "shadow", "measure"], buckets=AGREEMENT_BUCKETS,
+            registry=r,
+        )
+        self.shadow_score_diff = Histogram(
+            "rankserve_shadow_score_abs_diff", "Mean |p_primary - p_shadow| per request and task",
+            ["arm", "shadow", "task"], buckets=SCORE_DIFF_BUCKETS, registry=r,
+        )
+        self.shadow_sink_errors = Counter(
+            "rankserve_shadow_sink_errors_total", "Shadow records the sink failed to write", registry=r
+        )

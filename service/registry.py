@@ -103,6 +103,7 @@ class ModelRegistry:
         self._loaded: dict[str, LoadedModel] = {}
         self._refused: dict[Path, str] = {}  # path -> reason, so a bad bundle is not retried every poll
         self._lock = threading.Lock()
+        self._loading = threading.Lock()  # one bundle load at a time (poller, admin reload, experiments)
         self.swaps = 0
 
     # -- reads -----------------------------------------------------------------------------------
@@ -184,8 +185,46 @@ class ModelRegistry:
             self.swaps += 1
         log.info("model serving", extra={"model": model.key, "previous": old.key if old else None})
 
+    def ensure(self, key: str) -> LoadedModel:
+        """The bundle "name/version", loaded (verified, warmed up) if not yet; never made current.
+
+        Experiments pin versions with it. Raises BundleRejected saying what is missing or wrong.
+        """
+        model = self._loaded.get(key)
+        if model is not None:
+            return model
+        name, _, version = key.partition("/")
+        root = self.settings.model_dir
+        path = root / name / version
+        if not name or name.startswith(".") or not version.isdigit() or not path.is_dir():
+            versions = list_versions(root, name) if name and not name.startswith(".") else []
+            raise BundleRejected(
+                f"no bundle {key} under {root} (versions of {name!r}: {versions or 'none'})"
+            )
+        with self._loading:
+            model = self._loaded.get(key)
+            if model is not None:
+                return model
+            try:
+                model = self.load(path)
+            except BundleRejected as exc:
+                self._refused[path] = exc.message
+                log.error("bundle refused", extra={"bundle": str(path), "reason": exc.message})
+                raise
+            self._refused.pop(path, None)
+            if model.key != key:
+                raise BundleRejected(f"{path}: its manifest says {model.key}, not {key}")
+            with self._lock:
+                self._loaded[key] = model
+        log.info("model loaded (pinned, not current)", extra={"model": key})
+        return model
+
     def load_version(self, version: int | None = None) -> LoadedModel:
         """Load `version` (default: the newest not refused) and make it current."""
+        with self._loading:
+            return self._load_version(version)
+
+    def _load_version(self, version: int | None) -> LoadedModel:
         name = self.model_name()
         versions = list_versions(self.settings.model_dir, name)
         if version is not None:
@@ -202,6 +241,10 @@ class ModelRegistry:
             current = self._current
             if current is not None and current.bundle.path == path and version is None:
                 return current
+            pinned = self._loaded.get(f"{name}/{v}") if version is None else None
+            if pinned is not None and pinned.bundle.path == path:  # already loaded for an experiment
+                self._install(pinned)
+                return pinned
             try:
                 model = self.load(path)
             except BundleRejected as exc:

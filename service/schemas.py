@@ -9,7 +9,7 @@ a dict for orjson, which is ~7x cheaper than validating a model per response (me
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -40,7 +40,7 @@ class RankRequest(BaseModel):
     )
     debug: bool = Field(default=False, description="add per-stage timings_ms and retrieval details to the response")
 
-    def to_core(self, request_id: str) -> core.RankRequest:
+    def to_core(self, request_id: str, arm: str | None = None) -> core.RankRequest:
         return core.RankRequest(
             user_id=self.user_id,
             candidates=self.candidates,
@@ -48,6 +48,7 @@ class RankRequest(BaseModel):
             request_time=self.request_time,
             debug=self.debug,
             request_id=request_id,
+            arm=arm,
         )
 
 
@@ -188,3 +189,62 @@ class ReloadRequest(BaseModel):
 class ReloadResponse(BaseModel):
     model: str = Field(description="the model serving now")
     previous: str | None = Field(description="the model serving before")
+
+
+# -- experiments (admin) ---------------------------------------------------------------------------
+
+
+class ShadowInfo(BaseModel):
+    name: str
+    bundle: str = Field(description='"<name>/<version>"')
+    sample_rate: float
+    fusion: dict[str, Any]
+    retrieval: dict[str, Any]
+
+
+class ArmInfo(BaseModel):
+    name: str
+    share: float = Field(description="percent of users")
+    buckets: list[int] = Field(description="first and last of the arm's buckets (of 10,000); empty for share 0")
+    bundle: str = Field(description='pinned "<name>/<version>"')
+    fusion: dict[str, Any]
+    retrieval: dict[str, Any]
+    shadows: list[ShadowInfo]
+
+
+class ExperimentsResponse(BaseModel):
+    """The experiments serving now (or the implicit "default" arm when none are configured)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "source": "experiments.yaml",
+                    "digest": "9f2c...",
+                    "salt": "2024-06-home",
+                    "buckets": 10000,
+                    "loaded_at": 1717236000.0,
+                    "arms": [
+                        {"name": "control", "share": 50.0, "buckets": [0, 4999], "bundle": "tmall/1",
+                         "fusion": {"weights": {"click": 1.0}, "transforms": {"click": "identity"}},
+                         "retrieval": {"strategy": "exact", "k": 64}, "shadows": []},
+                    ],
+                    "last_error": None,
+                }
+            ]
+        }
+    )
+
+    source: str | None = Field(description="the experiments file; null when none is configured")
+    digest: str | None = Field(description="sha256 of the file content serving now")
+    salt: str | None
+    buckets: int
+    loaded_at: float | None = Field(description="unix seconds")
+    arms: list[ArmInfo]
+    last_error: str | None = Field(description="why the last reload was refused (the previous config kept serving)")
+
+
+class ExperimentsReloadResponse(BaseModel):
+    status: Literal["loaded", "unchanged"] = Field(description="unchanged: the file's content is what serves already")
+    digest: str
+    arms: list[ArmInfo]

@@ -73,8 +73,34 @@ class Settings(BaseSettings):
     drain_timeout_s: float = Field(default=10.0, ge=0, description="graceful shutdown deadline")
 
     # experiments and admin
-    experiments_file: Path | None = None
+    experiments_file: Path | None = Field(
+        default=None, description="experiment arms and shadows (YAML, docs/EXPERIMENTS.md); unset: one arm 'default'"
+    )
+    experiments_poll_interval_s: float = Field(
+        default=2.0, ge=0, description="re-read the experiments file when it changes (0: only on admin reload)"
+    )
     admin_token: SecretStr | None = Field(default=None, description="bearer token of admin endpoints (off if unset)")
+
+    # shadow traffic (docs/EXPERIMENTS.md)
+    shadow_queue_size: int = Field(default=64, ge=1, description="jobs waiting per shadow; beyond, dropped and counted")
+    shadow_timeout_s: float = Field(default=1.0, gt=0, description="a shadow slower than this is counted as a timeout")
+    shadow_threads: int = Field(default=1, ge=1, description="ONNX Runtime intra-op threads of each shadow scorer")
+    shadow_nice: int = Field(default=10, ge=0, le=19, description="nice increment of shadow threads (Linux)")
+    shadow_retrieval_chunk: int = Field(
+        default=32, ge=1, description="candidates per shadow retrieval call (bounds the primary's wait for the kernel)"
+    )
+    shadow_sink: Literal["jsonl", "redis", "none"] = Field(default="jsonl", description="where comparisons go")
+    shadow_sink_dir: Path = Field(default=Path("shadow-sink"), description="directory of the rotating JSONL sink")
+    shadow_sink_max_bytes: int = Field(default=64 << 20, ge=4096, description="rotate the JSONL file beyond this")
+    shadow_sink_max_files: int = Field(default=5, ge=1, description="JSONL files kept, the live one included")
+    shadow_sink_requests: bool = Field(default=True, description="record each request in the sink (for replay)")
+    shadow_stream_url: str | None = Field(default=None, description="Redis of the stream sink (default: REDIS_URL)")
+    shadow_stream_key: str = Field(default="rankserve:shadow", description="stream key of the Redis sink")
+    shadow_stream_maxlen: int = Field(default=100_000, ge=1, description="approximate stream length cap (MAXLEN ~)")
+    shadow_fault: str | None = Field(
+        default=None,
+        description="TESTING AID ONLY: make shadows slow or failing: 'sleep:10x', 'raise', 'slow=sleep:10x,bad=raise'",
+    )
 
     # observability
     log_level: str = "INFO"
@@ -88,6 +114,15 @@ class Settings(BaseSettings):
             for task, w in value.items():
                 if w != w or abs(w) == float("inf"):
                     raise ValueError(f"fusion weight of {task!r} must be finite")
+        return value
+
+    @field_validator("shadow_fault")
+    @classmethod
+    def _valid_fault(cls, value: str | None) -> str | None:
+        if value:
+            from service.shadow import parse_fault  # here, not at import: shadow imports the serving stack
+
+            parse_fault(value)  # raises ValueError saying what is wrong
         return value
 
     @model_validator(mode="before")

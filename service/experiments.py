@@ -1,0 +1,508 @@
+"""Experiments: sticky A/B arms, each pinning a bundle version, fusion and retrieval; plus shadows.
+
+The config is a YAML file (`RANKSERVE_EXPERIMENTS_FILE`, format in docs/EXPERIMENTS.md),
+validated in two steps: the shape with pydantic (names, shares summing to exactly 10,000
+buckets), then against the registry (every pinned bundle loads, verifies and warms up; fusion
+names only tasks the bundle predicts; retrieval strategy exists and k is within the bundle's
+limits). Any failure refuses the whole file with one message listing every problem, and the
+previous config keeps serving. It is re-read on an admin call and when the file changes.
+
+Assignment: bucket = blake2b(f"{salt}:{user_id}", 8 bytes) big-endian mod 10,000; arms own
+contiguous bucket ranges in the order they are declared. The hash is fixed (never Python's
+`hash()`, which is salted per process), so a user lands in the same arm in every replica and
+after every restart, and other systems can recompute it (docs/EXPERIMENTS.md).
+
+Without an experiments file there is one implicit arm, "default", serving the registry's
+current (newest) model exactly as before.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import contextlib
+import dataclasses
+import hashlib
+import itertools
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from service.assemble import TopK
+from service.errors import BundleRejected, ExperimentsRejected, InvalidRequest, ModelUnavailable
+from service.metrics import Metrics
+from service.registry import LoadedModel, ModelRegistry
+from service.scoring import Fusion, Scorer, make_scorer
+from service.settings import Settings
+from service.shadow import ChunkedRetriever, Shadow
+
+log = logging.getLogger("rankserve.experiments")
+
+BUCKETS = 10_000
+DEFAULT_ARM = "default"
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+BUNDLE_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.-]*/[1-9][0-9]*$"  # name/version; no leading dot: no path tricks
+
+
+def bucket_of(salt: str, user_id: int) -> int:
+    """The user's bucket in [0, 10000): stable across processes, restarts and languages."""
+    digest = hashlib.blake2b(f"{salt}:{user_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") % BUCKETS
+
+
+# -- the file's shape ------------------------------------------------------------------------------
+
+
+class FusionSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    weights: dict[str, float] | None = Field(default=None, description="per task; unset: the bundle's")
+    transforms: dict[str, str] | None = Field(default=None, description="identity, log or power:<exponent>")
+
+    @field_validator("weights")
+    @classmethod
+    def _finite(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        for task, w in (value or {}).items():
+            if not math.isfinite(w):
+                raise ValueError(f"weight of {task!r} must be finite, got {w}")
+        return value
+
+
+class RetrievalSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    strategy: str | None = Field(default=None, description="GSU strategy name; unset: RANKSERVE_RETRIEVAL_STRATEGY")
+    k: int | None = Field(default=None, ge=1, description="behaviours retrieved per candidate; unset: the bundle's")
+
+
+class ShadowSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = Field(default=None, pattern=NAME_PATTERN, description="default: the bundle with '/' as '-'")
+    bundle: str = Field(pattern=BUNDLE_PATTERN, description='"name/version"')
+    sample_rate: float = Field(gt=0, le=1, description="share of the arm's requests scored by this shadow")
+    fusion: FusionSpec | None = Field(default=None, description="default: the arm's")
+    retrieval: RetrievalSpec | None = Field(default=None, description="default: the arm's")
+
+    @property
+    def label(self) -> str:
+        return self.name or self.bundle.replace("/", "-")
+
+
+class ArmSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=NAME_PATTERN)
+    share: float = Field(ge=0, le=100, description="percent of users, in steps of 0.01 (one bucket)")
+    bundle: str = Field(pattern=BUNDLE_PATTERN, description='pinned "name/version"')
+    fusion: FusionSpec | None = None
+    retrieval: RetrievalSpec | None = None
+    shadows: list[ShadowSpec] = Field(default_factory=list)
+
+    @field_validator("share")
+    @classmethod
+    def _whole_buckets(cls, value: float) -> float:
+        if abs(value * 100 - round(value * 100)) > 1e-6:
+            raise ValueError(f"share must be a multiple of 0.01% (one of {BUCKETS} buckets), got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _unique_shadows(self) -> ArmSpec:
+        labels = [s.label for s in self.shadows]
+        dupes = sorted({x for x in labels if labels.count(x) > 1})
+        if dupes:
+            raise ValueError(f"shadow names must be unique within an arm, repeated: {dupes}")
+        return self
+
+    @property
+    def buckets(self) -> int:
+        return round(self.share * 100)
+
+
+class ExperimentsSpec(BaseModel):
+    """The whole file."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    salt: str = Field(min_length=1, max_length=128, description="changing it reshuffles every user")
+    arms: list[ArmSpec] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _arms(self) -> ExperimentsSpec:
+        names = [a.name for a in self.arms]
+        dupes = sorted({x for x in names if names.count(x) > 1})
+        if dupes:
+            raise ValueError(f"arm names must be unique, repeated: {dupes}")
+        total = sum(a.buckets for a in self.arms)
+        if total != BUCKETS:
+            shares = ", ".join(f"{a.name} {a.share:g}%" for a in self.arms)
+            raise ValueError(
+                f"arm shares sum to {total / 100:g}% ({shares}); they must sum to exactly 100% ({BUCKETS} buckets)"
+            )
+        return self
+
+
+def _describe_validation(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err.get("loc", ()))
+        msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    return "; ".join(parts)
+
+
+def parse_experiments(text: str, source: str = "experiments file") -> ExperimentsSpec:
+    """YAML text -> validated spec; ExperimentsRejected naming every problem otherwise."""
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ExperimentsRejected(f"{source} refused: not valid YAML: {exc}") from exc
+    if not isinstance(doc, dict):
+        raise ExperimentsRejected(f"{source} refused: expected a mapping with 'salt' and 'arms'")
+    try:
+        return ExperimentsSpec.model_validate(doc)
+    except ValidationError as exc:
+        raise ExperimentsRejected(f"{source} refused: {_describe_validation(exc)}") from exc
+
+
+# -- compiled, immutable ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class Arm:
+    name: str
+    first_bucket: int
+    buckets: int
+    model: LoadedModel  # a view of the pinned bundle with the arm's fusion and retrieval
+    strategy: str
+    shadows: tuple[Shadow, ...]
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "share": self.buckets / 100,
+            "buckets": [self.first_bucket, self.first_bucket + self.buckets - 1] if self.buckets else [],
+            "bundle": self.model.key,
+            "fusion": self.model.fusion.describe(),
+            "retrieval": {"strategy": self.strategy, "k": self.model.retrieval.k},
+            "shadows": [
+                {"name": s.name, "bundle": s.model.key, "sample_rate": s.sample_rate,
+                 "fusion": s.model.fusion.describe(), "retrieval": {"k": s.model.retrieval.k}}
+                for s in self.shadows
+            ],
+        }
+
+
+@dataclass(frozen=True, eq=False)
+class Experiments:
+    salt: str
+    arms: tuple[Arm, ...]
+    source: Path
+    digest: str
+    loaded_at: float
+    ends: tuple[int, ...] = field(init=False)  # cumulative bucket bounds, for bisect
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ends", tuple(itertools.accumulate(a.buckets for a in self.arms)))
+
+    def arm_at(self, bucket: int) -> Arm:
+        return self.arms[bisect.bisect_right(self.ends, bucket)]
+
+    def get(self, name: str) -> Arm | None:
+        return next((a for a in self.arms if a.name == name), None)
+
+    def shadows(self) -> list[Shadow]:
+        return [s for a in self.arms for s in a.shadows]
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where one request goes: its arm's name, model view and shadows."""
+
+    arm: str
+    model: LoadedModel
+    shadows: tuple[Shadow, ...] = ()
+    bucket: int | None = None  # None: forced by the override, or no experiments configured
+
+
+@dataclass(frozen=True)
+class ReloadResult:
+    status: Literal["loaded", "unchanged"]
+    experiments: Experiments
+
+
+def _file_state(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+
+def build_retriever(settings: Settings, strategy: str, *, shadow: bool = False) -> TopK:
+    """A retriever instance of `strategy` (exact takes the device setting; shadows get few threads)."""
+    from service.retrieval import make_retriever  # may pull in faiss or compile the kernel
+
+    options: dict[str, Any] = {}
+    if strategy == "exact":
+        options["device"] = settings.retrieval_device
+    if shadow and strategy in ("exact", "faiss_knn"):
+        options["num_threads"] = settings.shadow_threads
+    retriever: TopK = make_retriever(strategy, **options)
+    return ChunkedRetriever(retriever, settings.shadow_retrieval_chunk) if shadow else retriever
+
+
+class ExperimentManager:
+    """Holds the current experiments, reloads them, and routes requests to arms."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        registry: ModelRegistry,
+        metrics: Metrics,
+        on_change: Callable[[Experiments], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.metrics = metrics
+        self.path = settings.experiments_file
+        self._on_change = on_change
+        self._current: Experiments | None = None
+        self._last_error: str | None = None
+        self._seen_state: tuple[int, int, int] | None = None
+        self._lock = asyncio.Lock()
+        self._shadow_scorers: dict[str, Scorer] = {}  # per bundle key: kept across reloads
+
+    @property
+    def configured(self) -> bool:
+        return self.path is not None
+
+    @property
+    def current(self) -> Experiments | None:
+        return self._current
+
+    @property
+    def last_error(self) -> str | None:
+        return self._last_error
+
+    # -- routing (on the request path: no I/O, no locks) --------------------------------------------
+
+    def route(self, user_id: int, override: str | None = None) -> Route:
+        exps = self._current
+        if exps is None:
+            if self.path is not None:
+                raise ModelUnavailable(f"experiments file {self.path} is not loaded: {self._last_error}")
+            if override not in (None, DEFAULT_ARM):
+                raise InvalidRequest(f"unknown arm {override!r}: no experiments are configured, the only arm is "
+                                     f"{DEFAULT_ARM!r}")
+            return Route(DEFAULT_ARM, self.registry.require())
+        if override is not None:
+            arm = exps.get(override)
+            if arm is None:
+                names = ", ".join(a.name for a in exps.arms)
+                raise InvalidRequest(f"unknown arm {override!r}; arms: {names}")
+            return Route(arm.name, arm.model, arm.shadows)
+        bucket = bucket_of(exps.salt, user_id)
+        arm = exps.arm_at(bucket)
+        return Route(arm.name, arm.model, arm.shadows, bucket)
+
+    # -- loading ---------------------------------------------------------------------------------------
+
+    async def reload(self) -> ReloadResult:
+        """Read, validate and swap in the file; unchanged content is not reloaded.
+
+        Raises ExperimentsRejected (the previous config keeps serving).
+        """
+        async with self._lock:
+            path = self.path
+            if path is None:
+                raise ExperimentsRejected("no experiments file is configured; set RANKSERVE_EXPERIMENTS_FILE")
+            state = _file_state(path)
+            self._seen_state = state
+            try:
+                text = await asyncio.to_thread(path.read_text)
+            except OSError as exc:
+                return self._reject(f"experiments file {path} refused: cannot read it: {exc}")
+            digest = hashlib.sha256(text.encode()).hexdigest()
+            current = self._current
+            if current is not None and current.digest == digest:
+                self.metrics.experiments_reloads.labels("unchanged").inc()
+                return ReloadResult("unchanged", current)
+            try:
+                spec = parse_experiments(text, f"experiments file {path}")
+                exps = await asyncio.to_thread(self._compile, spec, path, digest)
+            except ExperimentsRejected as exc:
+                return self._reject(exc.message)
+            self._current = exps
+            self._last_error = None
+            self.metrics.experiments_reloads.labels("loaded").inc()
+            self.metrics.arm_share.clear()
+            for arm in exps.arms:
+                self.metrics.arm_share.labels(arm.name, arm.model.key).set(arm.buckets / 100)
+            if self._on_change is not None:
+                self._on_change(exps)
+            log.info("experiments loaded", extra={
+                "source": str(path), "digest": digest[:12],
+                "arms": {a.name: {"share": a.buckets / 100, "bundle": a.model.key,
+                                  "shadows": [s.name for s in a.shadows]} for a in exps.arms},
+            })
+            return ReloadResult("loaded", exps)
+
+    def _reject(self, message: str) -> ReloadResult:
+        self._last_error = message
+        self.metrics.experiments_reloads.labels("rejected").inc()
+        serving = self._current.digest[:12] if self._current else None
+        log.error("experiments refused; the previous config keeps serving",
+                  extra={"reason": message, "serving_digest": serving})
+        raise ExperimentsRejected(message)
+
+    async def poll(self, stop: asyncio.Event) -> None:
+        """Reload when the file's mtime, size or inode changes, every `experiments_poll_interval_s`."""
+        interval = self.settings.experiments_poll_interval_s
+        if self.path is None or interval <= 0:
+            return
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=interval)
+                return
+            except TimeoutError:
+                pass
+            if _file_state(self.path) == self._seen_state:
+                continue
+            with contextlib.suppress(ExperimentsRejected):  # logged with its reason; retried on the next change
+                await self.reload()
+
+    def _compile(self, spec: ExperimentsSpec, source: Path, digest: str) -> Experiments:
+        """Load every pinned bundle and build the arms' and shadows' model views (in a worker thread)."""
+        problems: list[str] = []
+        models: dict[str, LoadedModel] = {}
+        keys = {a.bundle for a in spec.arms} | {s.bundle for a in spec.arms for s in a.shadows}
+        for key in sorted(keys):
+            try:
+                models[key] = self.registry.ensure(key)
+            except (BundleRejected, ModelUnavailable) as exc:
+                problems.append(f"bundle {key}: {exc.message}")
+        if problems:
+            raise ExperimentsRejected(f"experiments file {source} refused: {'; '.join(problems)}")
+
+        arms: list[Arm] = []
+        start = 0
+        scorers: dict[str, Scorer] = {}
+        for a in spec.arms:
+            strategy = (a.retrieval.strategy if a.retrieval else None) or self.settings.retrieval_strategy
+            try:
+                primary = self._view(models[a.bundle], a.fusion, a.retrieval, None)
+            except (ValueError, RuntimeError, BundleRejected) as exc:
+                problems.append(f"arm {a.name!r}: {_message(exc)}")
+                continue
+            shadows: list[Shadow] = []
+            for s in a.shadows:
+                try:
+                    scorer = scorers.get(s.bundle) or self._shadow_scorer(models[s.bundle])
+                    scorers[s.bundle] = scorer
+                    view = self._view(models[s.bundle], s.fusion or a.fusion, s.retrieval or a.retrieval, scorer)
+                except (ValueError, RuntimeError, BundleRejected) as exc:
+                    problems.append(f"arm {a.name!r} shadow {s.label!r}: {_message(exc)}")
+                    continue
+                shadows.append(Shadow(a.name, s.label, view, s.sample_rate))
+            arms.append(Arm(a.name, start, a.buckets, primary, strategy, tuple(shadows)))
+            start += a.buckets
+        if problems:
+            raise ExperimentsRejected(f"experiments file {source} refused: {'; '.join(problems)}")
+        self._shadow_scorers = scorers  # sessions of shadows no longer configured are released
+        return Experiments(spec.salt, tuple(arms), source, digest, time.time())
+
+    def _shadow_scorer(self, model: LoadedModel) -> Scorer:
+        """A separate session per shadow bundle, with few threads, so its work stays on the lane thread."""
+        cached = self._shadow_scorers.get(model.key)
+        if cached is not None:
+            return cached
+        s = self.settings
+        return make_scorer(model.bundle, s.scorer_runtime, s.shadow_threads, s.execution_provider)
+
+    def _view(
+        self,
+        model: LoadedModel,
+        fusion: FusionSpec | None,
+        retrieval: RetrievalSpec | None,
+        shadow_scorer: Scorer | None,
+    ) -> LoadedModel:
+        """`model` with an arm's fusion and retrieval (and a shadow's own scorer and retriever).
+
+        Raises ValueError (unknown task, bad transform, k out of range, unknown strategy).
+        """
+        s = self.settings
+        new_fusion = model.fusion
+        if fusion is not None:
+            base = model.fusion.describe()
+            weights = fusion.weights if fusion.weights is not None else base["weights"]
+            transforms = fusion.transforms if fusion.transforms is not None else base["transforms"]
+            new_fusion = Fusion(model.bundle.tasks, weights, transforms)
+        settings_r = model.retrieval
+        strategy = (retrieval.strategy if retrieval else None) or s.retrieval_strategy
+        k = (retrieval.k if retrieval else None) or settings_r.k
+        if retrieval is not None and (retrieval.k is not None or retrieval.strategy is not None):
+            if not settings_r.use_retrieval:
+                raise ValueError(f"bundle {model.key} has no long-term retrieval; remove its retrieval settings")
+            limit = int(model.bundle.retrieval.get("max_sequence_length", model.bundle.schema.spec.max_sequence_length))
+            if not 1 <= k <= limit:
+                raise ValueError(f"retrieval k={k} is outside bundle {model.key}'s limits 1..{limit}")
+        from service.retrieval import available_retrievers
+
+        if strategy not in available_retrievers():
+            raise ValueError(f"unknown retrieval strategy {strategy!r}; available: {', '.join(available_retrievers())}")
+        if shadow_scorer is None and new_fusion is model.fusion and k == settings_r.k and (
+            strategy == s.retrieval_strategy
+        ):
+            return model  # the registry's own instance: nothing differs
+        retriever = model.retriever
+        if shadow_scorer is not None or strategy != s.retrieval_strategy:
+            retriever = build_retriever(s, strategy, shadow=shadow_scorer is not None)
+        view = dataclasses.replace(
+            model,
+            fusion=new_fusion,
+            retrieval=dataclasses.replace(settings_r, k=k),
+            retriever=retriever,
+            scorer=shadow_scorer or model.scorer,
+        )
+        if retriever is not model.retriever or shadow_scorer is not None:
+            view.warm_up()  # a new retriever or session compiles / allocates here, not on the first request
+        return view
+
+    # -- admin -----------------------------------------------------------------------------------------
+
+    def describe(self) -> dict[str, Any]:
+        exps = self._current
+        if exps is None:
+            current = self.registry.current
+            arms = []
+            if current is not None and self.path is None:
+                arms = [{
+                    "name": DEFAULT_ARM, "share": 100.0, "buckets": [0, BUCKETS - 1], "bundle": current.key,
+                    "fusion": current.fusion.describe(),
+                    "retrieval": {"strategy": self.settings.retrieval_strategy, "k": current.retrieval.k},
+                    "shadows": [],
+                }]
+            return {"source": str(self.path) if self.path else None, "digest": None, "salt": None,
+                    "buckets": BUCKETS, "loaded_at": None, "arms": arms, "last_error": self._last_error}
+        return {
+            "source": str(exps.source),
+            "digest": exps.digest,
+            "salt": exps.salt,
+            "buckets": BUCKETS,
+            "loaded_at": exps.loaded_at,
+            "arms": [a.describe() for a in exps.arms],
+            "last_error": self._last_error,
+        }
+
+
+def _message(exc: Exception) -> str:
+    return getattr(exc, "message", None) or str(exc)

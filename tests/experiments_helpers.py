@@ -1,0 +1,46 @@
+"""Builders shared by the experiments and shadow tests: bundles, config files, metric lookups."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from feature_store.schema import FeatureSchema
+from models.model import RankingModel
+from tests.helpers import tiny_model
+
+
+def retrained_tiny_model(schema: FeatureSchema, seed: int) -> RankingModel:
+    """`tiny_model` with different weights: what a differently trained bundle looks like to serving."""
+    model = tiny_model(schema)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=generator) * 0.3)
+    model.eval()
+    return model
+
+
+def write_config(path: Path, doc: dict[str, Any]) -> None:
+    """Write the experiments file atomically (a poller never reads half a file)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(yaml.safe_dump(doc, sort_keys=False))
+    os.replace(tmp, path)
+
+
+def metric_value(text: str, name: str, **labels: str) -> float:
+    """Sum of the samples of `name` whose labels include `labels` (Prometheus text format)."""
+    total = 0.0
+    for line in text.splitlines():
+        m = re.match(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)$", line)
+        if m is None or m.group(1) != name:
+            continue
+        got = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2) or ""))
+        if all(got.get(k) == v for k, v in labels.items()):
+            total += float(m.group(3))
+    return total
