@@ -37,6 +37,7 @@ from models.runtime import tune_malloc
 log = logging.getLogger("rankserve.train")
 
 SPLIT_TRAIN, SPLIT_VALID, SPLIT_TEST = 0, 1, 2
+PREDICT_ELEMENTS = 256 * 1000  # batch rows x history width per prediction batch
 
 
 @dataclass
@@ -77,6 +78,9 @@ def predict(model: RankingModel, collator: Collator, idx: npt.NDArray[np.int64],
     (see models.runtime.tune_malloc): larger ones are slower, not faster.
     """
     model.eval()
+    start, end = collator.history_window(idx)
+    width = max(int(np.minimum(end - start, collator.max_history).max(initial=1)), 1)
+    batch_size = max(8, min(batch_size, PREDICT_ELEMENTS // width))  # lifelong histories: fewer rows
     out = [model(batch).numpy() for _, batch in collator.batches(idx, batch_size)]
     n_tasks = model.scorer.n_tasks
     return np.concatenate(out) if out else np.zeros((0, n_tasks), dtype=np.float32)
@@ -185,6 +189,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--negatives", type=int, default=TrainConfig.negatives_per_positive, help="negatives per positive")
     p.add_argument("--max-users", type=int, default=None, help="train on a deterministic subset of users")
     p.add_argument("--max-train-samples", type=int, default=None, help="seeded subset of the training samples")
+    p.add_argument("--max-valid-samples", type=int, default=TrainConfig.max_valid_samples,
+                   help="seeded subset of the validation samples (validation searches whole histories)")
     p.add_argument("--retrieval-k", type=int, default=ModelConfig.retrieval_k)
     p.add_argument(
         "--train-history", type=int, default=ModelConfig.train_history, help="behaviours searched in training"
@@ -212,6 +218,7 @@ def run(args: argparse.Namespace) -> int:
         negatives_per_positive=args.negatives,
         max_users=args.max_users,
         max_train_samples=args.max_train_samples,
+        max_valid_samples=args.max_valid_samples,
         threads=args.threads,
     )
     split = default_split(events)

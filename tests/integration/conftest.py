@@ -291,9 +291,14 @@ def backend(request: pytest.FixtureRequest) -> Backend:
     return b
 
 
+# The contract suite checks behaviour, not deadlines: generous timeouts keep it stable on a loaded
+# 2-core machine (a 0.3 s read timeout under concurrent appends flaked on the cluster backend).
+CONTRACT_TIMEOUTS: dict[str, object] = {"read_timeout_s": 3.0, "request_timeout_s": 10.0}
+
+
 @pytest_asyncio.fixture(loop_scope="function")
 async def store(backend: Backend) -> AsyncIterator[OnlineStore]:
-    s = create_store(backend.store_config())
+    s = create_store(backend.store_config(**CONTRACT_TIMEOUTS))
     try:
         yield s
     finally:
