@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 DATA   ?= ../shared/data
 
-.PHONY: setup proto test test-fast lint typecheck demo loadtest bench clean redis-server
+.PHONY: setup proto test test-fault test-fast lint typecheck demo loadtest bench clean redis-server
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,7 +29,12 @@ redis-server:
 test: setup redis-server
 	$(PY) -m ruff check .
 	$(PY) -m mypy service export feature_store models
-	$(PY) -m pytest -q -p no:cacheprovider tests
+	$(PY) -m pytest -q -p no:cacheprovider -m "not fault" tests
+	$(MAKE) --no-print-directory test-fault
+
+# fault injection: Redis killed and slowed, bad bundles, SIGTERM under load, a 5,000-request soak (~2 min)
+test-fault: setup redis-server
+	$(PY) -m pytest -q -p no:cacheprovider -m fault tests
 
 test-fast: setup
 	$(PY) -m pytest -q -x tests/unit

@@ -65,11 +65,12 @@ class FeatureStoreConfig(BaseModel):
     in cluster mode the URL (if any) supplies username/password/TLS for every node.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    # The URL may carry a password: validation errors must not echo it (they end up in logs).
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
 
     backend: Literal["redis"] = Field(default="redis", description="implementation to use (one per backend)")
     mode: StoreMode = "auto"
-    url: str | None = Field(default=None, description="redis:// or rediss:// URL of a single node")
+    url: str | None = Field(default=None, repr=False, description="redis:// or rediss:// URL of a single node")
     cluster_nodes: list[str] = Field(default_factory=list, description="host:port of cluster startup nodes")
     embedded: EmbeddedConfig = Field(default_factory=EmbeddedConfig)
 

@@ -22,18 +22,20 @@ import json
 import logging
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+import orjson
+
+from loadtest.bench_e2e import TUNED_ENV
 
 log = logging.getLogger("rankserve.bench")
 
@@ -50,6 +52,7 @@ class Workload:
     iterations: int = 200
     warmup: int = 20
     seed: int = 0
+    request_time: int = 1_700_000_000  # after every generated event; set from the data for a synthetic set
 
 
 def percentiles(samples_ms: list[float]) -> dict[str, float]:
@@ -63,7 +66,7 @@ def percentiles(samples_ms: list[float]) -> dict[str, float]:
     }
 
 
-def interleaved(methods: dict[str, Callable[[int], object]], iterations: int, warmup: int) -> dict[str, list[float]]:
+def interleaved(methods: Mapping[str, Callable[[int], object]], iterations: int, warmup: int) -> dict[str, list[float]]:
     """Run each method once per round, rotating the order, and collect wall times in ms."""
     names = list(methods)
     for i in range(warmup):
@@ -83,11 +86,13 @@ def interleaved(methods: dict[str, Callable[[int], object]], iterations: int, wa
 # setup
 
 
-def build_bundle(root: Path, w: Workload, schema: Any = None) -> Path:
+def build_bundle(root: Path, w: Workload, schema: Any = None, scorer: str = "current") -> Path:
     """A bundle with the standard workload's table sizes and random weights.
 
     `schema` (a FeatureSchema) replaces the default vocabularies (ids 0..n-1), e.g. with those of
-    a synthetic set, so that its ingested users and items are known to the bundle.
+    a synthetic set, so that its ingested users and items are known to the bundle. `scorer`
+    "proposed" exports the scorer with the attention proposed in `loadtest.proposals` (same
+    weights, same outputs) to measure it; "current" is the exporter as it is.
     """
     import torch
 
@@ -110,6 +115,14 @@ def build_bundle(root: Path, w: Workload, schema: Any = None) -> Path:
         for p in model.scorer.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     model.eval()
+    if scorer == "proposed":
+        from loadtest.proposals import proposed_attention
+
+        with proposed_attention():
+            return write_bundle(model, root / "schema", {"variant": "twin", "data": "bench", "scorer": scorer},
+                                root / "models", "bench")
+    if scorer != "current":
+        raise ValueError(f"scorer must be 'current' or 'proposed', got {scorer!r}")
     return write_bundle(model, root / "schema", {"variant": "twin", "data": "bench"}, root / "models", "bench")
 
 
@@ -161,7 +174,7 @@ def section_retrieval(model: Any, store_fetch: Callable[[int, list[int]], Any], 
         res = store_fetch(user, cands)
         seq = res.sequence
         key = t.item_key[seq.item] + t.category_key[seq.category]
-        gap = time_gap_bucket(1_700_000_000 - seq.timestamp, model.retrieval.time_gap_buckets)
+        gap = time_gap_bucket(w.request_time - seq.timestamp, model.retrieval.time_gap_buckets)
         keys = np.empty((key.shape[0], key.shape[1] + 1), dtype=np.float32)
         keys[:, :-1] = key / math.sqrt(model.retrieval.head_dim)
         keys[:, -1] = t.gsu_action_bias[seq.action] + t.gsu_gap_bias[gap]
@@ -204,8 +217,8 @@ def section_scoring(model: Any, bundle_path: Path, store_fetch: Callable[[int, l
     batches = []
     for user, cands in reqs[:8]:
         res = store_fetch(user, cands)
-        batches.append(model.inputs(res.sequence, res.user_index or 0, res.item_index, res.category_index,
-                                    1_700_000_000))
+        batches.append(model.inputs(res.sequence.before(w.request_time), res.user_index or 0, res.item_index,
+                                    res.category_index, w.request_time))
     onnx = OnnxScorer(bundle_path / "scorer.onnx", threads)
     ts = TorchScriptScorer(bundle_path / "scorer.torchscript.pt", threads, "cpu")
     eager = eager_scorer(bundle_path)
@@ -242,7 +255,7 @@ def eager_scorer(bundle_path: Path) -> Any:
     manifest = json.loads((bundle_path / "manifest.json").read_text())
     schema = FeatureSchema.load(bundle_path / "schema")
     scorer = Scorer(ModelConfig(**manifest["model"]["config"]), schema.spec)
-    scripted = torch.jit.load(str(bundle_path / "scorer.torchscript.pt"))
+    scripted = torch.jit.load(str(bundle_path / "scorer.torchscript.pt"))  # type: ignore[no-untyped-call]
     scorer.load_state_dict(scripted.state_dict())
     scorer.eval()
     return scorer
@@ -266,7 +279,7 @@ async def section_inprocess(settings: Any, reqs: list[tuple[int, list[int]]], w:
         for i in range(w.warmup + w.iterations):
             user, cands = reqs[i % len(reqs)]
             t0 = time.perf_counter()
-            resp = await service.rank(RankRequest(user, cands, top_n=w.top_n, request_time=1_700_000_000, debug=True))
+            resp = await service.rank(RankRequest(user, cands, top_n=w.top_n, request_time=w.request_time, debug=True))
             elapsed = (time.perf_counter() - t0) * 1000
             if i >= w.warmup:
                 totals.append(elapsed)
@@ -279,76 +292,6 @@ async def section_inprocess(settings: Any, reqs: list[tuple[int, list[int]]], w:
         await core.aclose()
 
 
-def section_transports(settings_env: dict[str, str], model_dir: Path, redis_url: str,
-                       reqs: list[tuple[int, list[int]]], w: Workload) -> dict[str, Any]:
-    """REST and gRPC latency at concurrency 1 against a `rankserve serve` process."""
-    import httpx
-
-    from feature_store.embedded import free_port
-
-    http_port, grpc_port = free_port(), free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANKSERVE_", "REDIS_"))} | settings_env
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--http-port", str(http_port),
-         "--grpc-port", str(grpc_port), "--model-dir", str(model_dir), "--redis-url", redis_url],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )
-    try:
-        base = f"http://127.0.0.1:{http_port}"
-        with httpx.Client(base_url=base, timeout=30) as client:
-            deadline = time.monotonic() + 300
-            while time.monotonic() < deadline:
-                try:
-                    if client.get("/readyz").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                time.sleep(0.2)
-            else:
-                raise RuntimeError("server did not become ready")
-            bodies = [
-                json.dumps({"user_id": u, "candidates": c, "top_n": w.top_n, "request_time": 1_700_000_000})
-                for u, c in reqs
-            ]
-
-            def rest(i: int) -> object:
-                r = client.post("/v1/rank", content=bodies[i % len(bodies)],
-                                headers={"content-type": "application/json"})
-                if r.status_code != 200:
-                    raise RuntimeError(f"REST {r.status_code}: {r.text[:200]}")
-                return r
-
-            grpc_call = grpc_caller(f"127.0.0.1:{grpc_port}", reqs, w)
-            times = interleaved({"rest": rest, "grpc": grpc_call}, w.iterations, w.warmup)
-        return {name: percentiles(v) for name, v in times.items()}
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-
-
-def grpc_caller(target: str, reqs: list[tuple[int, list[int]]], w: Workload) -> Callable[[int], object]:
-    import grpc
-
-    from service.proto import ranker_pb2, ranker_pb2_grpc
-
-    channel = grpc.insecure_channel(target)
-    stub = ranker_pb2_grpc.RankerStub(channel)
-    messages = [
-        ranker_pb2.RankRequest(user_id=u, candidates=c, top_n=w.top_n, request_time=1_700_000_000) for u, c in reqs
-    ]
-
-    def call(i: int) -> object:
-        return stub.Rank(messages[i % len(messages)], timeout=30)
-
-    return call
-
-
-# ---------------------------------------------------------------------------------------------
-
-
 def markdown(report: dict[str, Any]) -> str:
     lines = ["| measurement | p50 ms | p99 ms | note |", "|---|---|---|---|"]
     r = report.get("retrieval")
@@ -357,75 +300,134 @@ def markdown(report: dict[str, Any]) -> str:
             lines.append(f"| retrieval: {name} | {s['p50']} | {s['p99']} | |")
         lines.append(f"| retrieval speedup vs faiss.knn (p50) | | | {r['speedup_vs_faiss_knn_p50']}x, "
                      f"{r['rows_differing_from_faiss_knn']}/{r['rows_compared']} rows differ |")
+    st = report.get("strategies")
+    if st:
+        for name, m in st["methods"].items():
+            lines.append(f"| strategy: {name} | {m['p50_ms']} | {m['p99_ms']} | recall@{st['shape']['k']} "
+                         f"{m['recall_at_k']}, CPU {m['cpu_p50_ms']} ms, {m.get('speedup_vs_faiss_knn_p50')}x "
+                         f"faiss.knn wall, {m.get('cpu_speedup_vs_faiss_knn')}x CPU |")
     s = report.get("scoring")
     if s:
-        for name, st in s["latency_ms"].items():
-            lines.append(f"| scoring: {name} | {st['p50']} | {st['p99']} | |")
+        for name, sc in s["latency_ms"].items():
+            lines.append(f"| scoring: {name} | {sc['p50']} | {sc['p99']} | |")
         lines.append(f"| ONNX speedup vs eager (p50) | | | {s['onnx_speedup_vs_eager_p50']}x |")
     p = report.get("in_process")
     if p:
         lines.append(f"| in-process rank (total) | {p['total_ms']['p50']} | {p['total_ms']['p99']} | |")
-        for stage, st in p["stages_ms"].items():
-            lines.append(f"| stage: {stage} | {st['p50']} | {st['p99']} | |")
-    t = report.get("transports")
-    if t:
-        for name, st in t.items():
-            ratio = round(st["p50"] / p["total_ms"]["p50"], 2) if p else None
-            lines.append(f"| {name} (concurrency 1) | {st['p50']} | {st['p99']} | {ratio}x in-process p50 |")
+        for stage, sp in p["stages_ms"].items():
+            lines.append(f"| stage: {stage} | {sp['p50']} | {sp['p99']} | |")
+    sw = report.get("sweeps")
+    if sw:
+        for case, stages in sw["cases"].items():
+            lines.append(f"| sweep {case}: total | {stages['total']['p50']} | {stages['total']['p99']} | "
+                         f"retrieve {stages['retrieve']['p50']}, score {stages['score']['p50']} (p50) |")
+    for scorer, e2e in report.get("e2e", {}).items():
+        for transport, levels in e2e.get("concurrency", {}).items():
+            for c, m in levels.items():
+                lines.append(f"| {transport} c={c} ({scorer} scorer) | {m['p50']} | {m['p99']} | p95 {m['p95']}, "
+                             f"{m['throughput_rps']} req/s, server CPU {m['server_cpu_ms_per_request']} ms/req, "
+                             f"{m['failures']} failures |")
+        t = e2e.get("throughput")
+        if t:
+            lines.append(f"| REST max throughput with p99 <= {t['slo_p99_ms']} ms ({scorer} scorer) | | | "
+                         f"{t['max_rps_within_slo']} req/s (offered {t['at_offered_rps']}) |")
+    mem = report.get("memory")
+    if mem:
+        lines.append(f"| second worker adds (PSS) | | | {mem['second_worker_adds_pss_mb']} MB; its USS "
+                     f"{mem['second_worker_uss_mb']} MB |")
+    f = report.get("fetch")
+    if f and "summary" in f:
+        for name, v in f["summary"].items():
+            lines.append(f"| fetch: {name} | {v.get('p50_ms')} | {v.get('p99_ms')} | |")
     return "\n".join(lines)
+
+
+ALL_SECTIONS = ("retrieval", "strategies", "scoring", "in_process", "sweeps", "transports", "throughput", "memory",
+                "fetch")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     d = Workload()
-    p.add_argument("--items", type=int, default=d.items)
-    p.add_argument("--users", type=int, default=d.users)
+    p.add_argument("--data", default="auto",
+                   help="auto (data-cache/synth when present, else generated) | generated | synthetic:DIR")
+    p.add_argument("--items", type=int, default=d.items, help="catalogue size (generated data)")
+    p.add_argument("--users", type=int, default=64, help="users ingested")
     p.add_argument("--history", type=int, default=d.history)
     p.add_argument("--candidates", type=int, default=d.candidates)
     p.add_argument("--k", type=int, default=d.k)
     p.add_argument("--iterations", type=int, default=d.iterations)
     p.add_argument("--warmup", type=int, default=d.warmup)
-    p.add_argument("--threads", type=int, default=None, help="scorer threads (default: available CPUs)")
-    p.add_argument("--sections", default="retrieval,scoring,in_process,transports",
-                   help="comma-separated subset of retrieval,scoring,in_process,transports")
+    p.add_argument("--threads", type=int, default=None, help="in-process scorer threads (default: available CPUs)")
+    p.add_argument("--sections", default=",".join(ALL_SECTIONS), help=f"comma-separated subset of {ALL_SECTIONS}")
+    p.add_argument("--scorer", choices=("current", "proposed", "both"), default="current",
+                   help="end-to-end sections with today's exported scorer, the proposed one "
+                        "(loadtest/proposals.py), or both")
+    p.add_argument("--levels", default="1,8,32", help="client concurrency levels of the transports section")
+    p.add_argument("--level-requests", type=int, default=300, help="requests per transport and level")
+    p.add_argument("--slo-ms", type=float, default=50.0, help="p99 objective of the throughput search")
+    p.add_argument("--step-seconds", type=float, default=10.0, help="duration of each throughput step")
+    p.add_argument("--server-env", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra server environment (repeatable); the tuned defaults are "
+                        + ", ".join(f"{k}={v}" for k, v in TUNED_ENV.items()))
+    p.add_argument("--untuned", action="store_true", help="start servers without the tuned environment")
+    p.add_argument("--workers", type=int, default=1, help="server worker processes of the transports sections")
+    p.add_argument("--plots", type=Path, default=None, help="directory of the PNG plots (default: beside --out)")
     p.add_argument("--out", type=Path, help="also write the JSON report here")
     p.add_argument("--keep", action="store_true", help="keep the temporary bundle directory")
 
 
+def section_fetch(iterations: int) -> dict[str, Any]:
+    """`loadtest.bench_fetch` (ours vs the raw redis-py floor vs Feast) in a subprocess; its JSON report."""
+    cmd = [sys.executable, "-m", "loadtest.bench_fetch", "--iterations", str(iterations)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, check=False)
+    if proc.returncode != 0:
+        return {"error": proc.stderr[-2000:], "command": " ".join(cmd[1:])}
+    doc: dict[str, Any] = json.loads(proc.stdout)
+    summary = {}
+    for name, v in doc.get("variants", doc).items():
+        if isinstance(v, dict) and "p50_ms" in v:
+            summary[name] = {"p50_ms": v["p50_ms"], "p99_ms": v["p99_ms"]}
+    return {"command": "python -m loadtest.bench_fetch --iterations " + str(iterations), "summary": summary,
+            "report": doc}
+
+
 def run(args: argparse.Namespace) -> int:
     from feature_store.embedded import EmbeddedValkey
-    from feature_store.ingest import ingest_log
-    from feature_store.schema import FeatureSchema
     from feature_store.store import EmbeddedConfig, FeatureStoreConfig, create_store
+    from loadtest.bench_e2e import section_concurrency, section_memory, section_throughput
+    from loadtest.bench_strategies import gsu_input, indexed_events, section_strategies, section_sweeps
+    from loadtest.serving import ServerProcess, ingest, prepare_workload
+    from service.registry import ModelRegistry
+    from service.retrieval import make_retriever
     from service.settings import Settings, available_cpus
 
     w = Workload(items=args.items, users=args.users, history=args.history, candidates=args.candidates, k=args.k,
                  iterations=args.iterations, warmup=args.warmup)
     threads = args.threads or available_cpus()
     sections = set(args.sections.split(","))
+    unknown = sections - set(ALL_SECTIONS)
+    if unknown:
+        raise SystemExit(f"unknown sections {sorted(unknown)}; use {', '.join(ALL_SECTIONS)}")
+    plots = args.plots or (args.out.parent if args.out else Path("bench-plots"))
+    scorers = ["current", "proposed"] if args.scorer == "both" else [args.scorer]
+    server_env = ({} if args.untuned else dict(TUNED_ENV)) | dict(kv.split("=", 1) for kv in args.server_env)
     root = Path(tempfile.mkdtemp(prefix="rankserve-bench-"))
-    report: dict[str, Any] = {"workload": asdict(w), "cpus": available_cpus(), "scorer_threads": threads}
+    report: dict[str, Any] = {"cpus": available_cpus(), "scorer_threads_in_process": threads,
+                              "server_env": server_env, "loadavg_at_start": round(os.getloadavg()[0], 2)}
     t0 = time.perf_counter()
     try:
-        bundle_path = build_bundle(root, w)
-        schema = FeatureSchema.load(bundle_path / "schema")
-        events, _ = bench_events(w)
-        reqs = candidate_sets(w, events, 64)
-        report["setup_s"] = {"bundle": round(time.perf_counter() - t0, 1)}
+        prepared = {name: prepare_workload(root / name, w, args.data, name) for name in scorers}
+        first = prepared[scorers[0]]
+        if first.source != "generated":
+            w.request_time = int(first.events.timestamp.max()) + 3600
+        report["workload"] = asdict(w) | {"data": first.source}
+        reqs = candidate_sets(w, first.events, 64)
+        report["setup_s"] = {"bundles": round(time.perf_counter() - t0, 1)}
         with EmbeddedValkey(EmbeddedConfig(data_dir=None, persistence="none")) as valkey:
+            report["setup_s"]["ingest"] = round(ingest(valkey.url, first), 1)
             cfg = FeatureStoreConfig(url=valkey.url)
-
-            async def ingest() -> None:
-                async with create_store(cfg) as store:
-                    await ingest_log(store, events, schema, "bench", activate=True)
-
-            asyncio.run(ingest())
-            report["setup_s"]["ingest"] = round(time.perf_counter() - t0, 1)
-            settings = Settings(model_dir=root / "models", feature_store=cfg, scorer_threads=threads,
+            settings = Settings(model_dir=first.model_dir, feature_store=cfg, scorer_threads=threads,
                                 poll_interval_s=0, max_candidates=max(1000, w.candidates))
-
-            from service.registry import ModelRegistry
-            from service.retrieval import make_retriever
-
             registry = ModelRegistry(settings, lambda: make_retriever("exact"))
             model = registry.load_version()
             loop = asyncio.new_event_loop()
@@ -436,16 +438,43 @@ def run(args: argparse.Namespace) -> int:
 
             if "retrieval" in sections:
                 report["retrieval"] = section_retrieval(model, fetch, reqs, w)
+            if "strategies" in sections:
+                inputs = []
+                for user, cands in reqs[:8]:
+                    res = fetch(user, cands)
+                    inputs.append(gsu_input(model, res.sequence.before(w.request_time), res.item_index,
+                                            res.category_index, w.request_time))
+                report["strategies"] = section_strategies(inputs, w.k, max(20, w.iterations // 4), 3, plots)
             if "scoring" in sections:
-                report["scoring"] = section_scoring(model, bundle_path, fetch, reqs, w, threads)
+                report["scoring"] = section_scoring(model, first.bundle_path, fetch, reqs, w, threads)
+            if "sweeps" in sections:
+                report["sweeps"] = section_sweeps(
+                    model, indexed_events(first.events, first.schema), w.request_time, [1_000, 10_000, 100_000],
+                    [100, 500, 1_000], w.history, w.candidates, max(10, w.iterations // 10), plots)
             loop.run_until_complete(fetch_store.aclose())
             loop.close()
             if "in_process" in sections:
                 report["in_process"] = asyncio.run(section_inprocess(settings, reqs, w))
-            if "transports" in sections:
-                env = {"RANKSERVE_SCORER_THREADS": str(threads), "RANKSERVE_POLL_INTERVAL_S": "0",
-                       "RANKSERVE_MAX_CANDIDATES": str(max(1000, w.candidates)), "RANKSERVE_LOG_LEVEL": "WARNING"}
-                report["transports"] = section_transports(env, root / "models", valkey.url, reqs, w)
+            bodies = [orjson.dumps({"user_id": u, "candidates": c, "top_n": w.top_n, "request_time": w.request_time})
+                      for u, c in reqs]
+            levels = [int(x) for x in args.levels.split(",") if x]
+            report["e2e"] = {}
+            for name in scorers:
+                e2e: dict[str, Any] = {}
+                if {"transports", "throughput"} & sections:
+                    with ServerProcess(prepared[name].model_dir, valkey.url, env=server_env, workers=args.workers,
+                                       log_path=root / f"server-{name}.log") as server:
+                        if "transports" in sections:
+                            e2e["concurrency"] = section_concurrency(server, bodies, reqs, w.top_n, w.request_time,
+                                                                     levels, args.level_requests)
+                        if "throughput" in sections:
+                            e2e["throughput"] = section_throughput(server, bodies, args.slo_ms,
+                                                                   step_s=args.step_seconds)
+                report["e2e"][name] = e2e
+            if "memory" in sections:
+                report["memory"] = section_memory(first.model_dir, valkey.url, bodies, server_env)
+        if "fetch" in sections:
+            report["fetch"] = section_fetch(max(100, w.iterations))
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)

@@ -126,13 +126,19 @@ async def run_ours(
             await pipe.execute()
 
         async def floor_profile(k: int) -> None:
-            await floor.pipeline(transaction=False).get(prof_key).execute()
+            pipe = floor.pipeline(transaction=False)
+            pipe.get(prof_key)
+            await pipe.execute()
 
         async def floor_sequence(k: int) -> None:
-            await floor.pipeline(transaction=False).getrange(seq_key, -n_seq * SEQ_RECORD_SIZE, -1).execute()
+            pipe = floor.pipeline(transaction=False)
+            pipe.getrange(seq_key, -n_seq * SEQ_RECORD_SIZE, -1)
+            await pipe.execute()
 
         async def floor_items(k: int) -> None:
-            await floor.pipeline(transaction=False).mget(item_key_sets[k]).execute()
+            pipe = floor.pipeline(transaction=False)
+            pipe.mget(item_key_sets[k])
+            await pipe.execute()
 
         async def ours_all(k: int) -> None:
             r = await ours.fetch(USER_ID, candidate_sets[k], n_seq)

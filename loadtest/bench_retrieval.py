@@ -13,6 +13,10 @@ one method's spinning thread pool does not slow down the next:
 - `faiss_knn`    faiss.knn(METRIC_INNER_PRODUCT), faiss's default OpenMP threads (all cores)
 - `faiss_knn_1t` the same on one thread
 - `numpy`        matmul + argpartition + sort
+- `exact_nodedup_1t` `exact` on one thread without the duplicate-key pass (random keys have no
+                 duplicates: the pass is pure overhead here, measured by the difference)
+- `eta_1t`       SimHash (64 bits) + Hamming shortlist of 256 + exact re-rank, one thread (approximate:
+                 its "matches reference" is expected to be false; see bench_strategies for recall)
 - `faiss_gpu`    faiss.knn_gpu, only where a GPU is visible
 
 Reports median and p99 wall ms per call, the speed-up over `faiss_knn` (its median / the
@@ -64,6 +68,8 @@ def make_methods() -> dict[str, retrieval.Retriever]:
         "faiss_knn": retrieval.make_retriever("faiss_knn"),
         "faiss_knn_1t": retrieval.make_retriever("faiss_knn", num_threads=1),
         "numpy": retrieval.make_retriever("numpy"),
+        "exact_nodedup_1t": retrieval.make_retriever("exact", num_threads=1, dedup=False),
+        "eta_1t": retrieval.make_retriever("eta", num_threads=1),
     }
     if retrieval.gpu_available():
         methods["faiss_gpu"] = retrieval.make_retriever("faiss_gpu")
@@ -115,6 +121,7 @@ def run_workload(
     for name, (scores, idx) in last.items():
         problems = retrieval.check_against_reference(queries, keys, k, scores, idx)
         results[name]["matches_reference"] = not problems
+        results[name]["recall_at_k"] = round(retrieval.recall_at_k(queries, keys, k, idx), 4)
         if problems:
             log.warning("%s does not match the reference: %s", name, problems[:3])
         if ref_ms:
@@ -147,15 +154,16 @@ def machine_info(warm_up_s: float, faiss_threads: int) -> dict[str, Any]:
 
 def markdown(report: dict[str, Any]) -> str:
     lines = [
-        "| B | L | d | k | method | median ms | p99 ms | speed-up vs faiss_knn | CPU ms (median) | matches reference |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| B | L | d | k | method | median ms | p99 ms | speed-up vs faiss_knn | CPU ms (median) | matches reference "
+        "| recall@k |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for w in report["workloads"]:
         for name, r in sorted(w["results"].items(), key=lambda item: item[1]["p50_ms"]):
             lines.append(
                 f"| {w['B']} | {w['L']:,} | {w['d']} | {w['k']} | {name} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} "
                 f"| {r.get('speedup_vs_faiss_knn', float('nan')):.2f}x | {r['cpu_p50_ms']:.2f} "
-                f"| {'yes' if r['matches_reference'] else 'NO'} |"
+                f"| {'yes' if r['matches_reference'] else 'NO'} | {r['recall_at_k']} |"
             )
     return "\n".join(lines)
 

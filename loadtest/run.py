@@ -11,6 +11,13 @@ generated as `rankserve bench` does) and the whole catalogue into an embedded Va
 (`<scenario>_stats.csv`, `<scenario>.html`, ...); `summary.json` / `summary.md` hold the aggregated
 rows and `index.html` links the reports. Everything started is stopped at the end. Exit code 1 if
 any request failed.
+
+Arms: when the service has experiments (service/experiments.py), the server gets an experiments
+file with one arm per retrieval strategy (exact, eta, sim_hard; `--arm-strategies`), so the
+Zipf-skewed users land in mixed arms by the service's sticky hash. `--arms` with
+`--arm-header x-rankserve-arm` forces arms per request instead (an admin override: the script
+starts the server with an admin token and sends it). The server runs with the tuned environment
+of the benchmark (loadtest.bench_e2e.TUNED_ENV) unless `--server-env` overrides it.
 """
 
 from __future__ import annotations
@@ -53,8 +60,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default="auto", help="auto | generated | synthetic:DIR")
     p.add_argument("--min-candidates", type=int, default=100)
     p.add_argument("--max-candidates", type=int, default=1000)
-    p.add_argument("--arms", default="", help="weighted arms, e.g. control:0.9,treatment:0.1")
-    p.add_argument("--arm-header", default="", help="header that forces an arm (empty: arms are not sent)")
+    p.add_argument("--arm-strategies", default="auto",
+                   help="one experiment arm per retrieval strategy, users split evenly by the service's sticky "
+                        "hash (e.g. exact,eta,sim_hard); 'auto': those three when the service has experiments, "
+                        "'none': one default arm")
+    p.add_argument("--arms", default="", help="force weighted arms per request, e.g. exact:0.5,eta:0.5 "
+                                              "(sent in --arm-header with the admin token)")
+    p.add_argument("--arm-header", default="", help="header that forces an arm, x-rankserve-arm (empty: not sent)")
     p.add_argument("--workers", type=int, default=1, help="rankserve worker processes")
     p.add_argument("--server-env", action="append", default=[], metavar="KEY=VALUE",
                    help="extra environment of the server (repeatable), e.g. RANKSERVE_SCORER_THREADS=1")
@@ -85,9 +97,49 @@ def locust_command(scenario: str, host: str, grpc_target: str, population: Path,
         "--rs-population", str(population), "--rs-max-requests", str(args.max_requests),
         "--rs-min-candidates", str(args.min_candidates), "--rs-max-candidates", str(args.max_candidates),
         "--rs-think-ms", str(args.think_ms), "--rs-arms", args.arms, "--rs-arm-header", args.arm_header,
+        "--rs-admin-token", ADMIN_TOKEN if args.arm_header else "",
         "--csv", str(out / scenario), "--csv-full-history", "--html", str(out / f"{scenario}.html"),
         *SCENARIOS[scenario],
     ]
+
+
+ADMIN_TOKEN = "loadtest-admin-token"  # loopback-only server started by this script
+
+
+def arm_strategies(spec: str) -> list[str]:
+    """The retrieval strategy of each experiment arm ([] for no experiments file)."""
+    if spec == "none" or not spec:
+        return []
+    if spec == "auto":
+        import importlib.util
+
+        return ["exact", "eta", "sim_hard"] if importlib.util.find_spec("service.experiments") else []
+    return [s for s in spec.split(",") if s]
+
+
+def write_experiments(path: Path, bundle: str, strategies: list[str]) -> None:
+    """An experiments file with one arm per strategy, shares in whole buckets summing to 100%."""
+    import yaml
+
+    buckets = [10_000 // len(strategies)] * len(strategies)
+    buckets[0] += 10_000 - sum(buckets)
+    arms = [{"name": name.replace(":", "-").replace("=", "-").replace(",", "-"), "share": b / 100, "bundle": bundle,
+             "retrieval": {"strategy": name}} for name, b in zip(strategies, buckets, strict=True)]
+    path.write_text(yaml.safe_dump({"salt": "loadtest", "arms": arms}, sort_keys=False))
+
+
+def requests_per_arm(base_url: str) -> dict[str, int]:
+    """Requests the service ranked per experiment arm, from its Prometheus metrics."""
+    import re
+
+    import httpx
+
+    counts: dict[str, int] = {}
+    for line in httpx.get(base_url + "/metrics", timeout=10).text.splitlines():
+        m = re.match(r'^rankserve_request_seconds_count\{.*arm="([^"]*)".*\}\s+(\S+)$', line)
+        if m:
+            counts[m.group(1)] = counts.get(m.group(1), 0) + int(float(m.group(2)))
+    return counts
 
 
 def summary_markdown(summary: dict[str, Any]) -> str:
@@ -98,6 +150,10 @@ def summary_markdown(summary: dict[str, Any]) -> str:
             f"| {name} | {row['Request Count']} | {row['Failure Count']} | {row['Requests/s']:.1f} | "
             f"{row['50%']} | {row['95%']} | {row['99%']} | {row['Max Response Time']:.0f} |"
         )
+    arms = summary.get("requests_per_arm")
+    if arms:
+        lines.append("")
+        lines.append("Requests ranked per arm (service metrics): " + ", ".join(f"{a} {n}" for a, n in arms.items()))
     return "\n".join(lines)
 
 
@@ -142,7 +198,17 @@ def run(args: argparse.Namespace) -> int:
             setup["ingest_s"] = round(ingest(valkey.url, prepared), 1)
             summary["setup"] = setup
             log.info("workload ready", extra=setup)
-            env = dict(kv.split("=", 1) for kv in args.server_env)
+            from loadtest.bench_e2e import TUNED_ENV
+
+            env = TUNED_ENV | dict(kv.split("=", 1) for kv in args.server_env)
+            strategies = arm_strategies(args.arm_strategies)
+            if strategies:  # mixed arms: the service splits the Zipf-skewed users by its sticky hash
+                write_experiments(out / "experiments.yaml", f"{prepared.bundle_path.parent.name}/"
+                                  f"{prepared.bundle_path.name}", strategies)
+                env["RANKSERVE_EXPERIMENTS_FILE"] = str(out / "experiments.yaml")
+            if args.arm_header:
+                env["RANKSERVE_ADMIN_TOKEN"] = ADMIN_TOKEN
+            summary["server_env"] = env
             with ServerProcess(prepared.model_dir, valkey.url, env=env, workers=args.workers,
                                log_path=out / "server.log") as server:
                 for scenario in scenarios:
@@ -155,6 +221,7 @@ def run(args: argparse.Namespace) -> int:
                     row["locust_exit_code"] = code
                     summary["scenarios"][scenario] = row
                     failures += int(row["Failure Count"])
+                summary["requests_per_arm"] = requests_per_arm(server.base_url)
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)

@@ -20,12 +20,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
 
-from loadtest.bench import Workload, bench_events, build_bundle
+if TYPE_CHECKING:  # loadtest.bench imports this module's users: import it lazily
+    from loadtest.bench import Workload
 
 log = logging.getLogger("loadtest.serving")
 
@@ -48,13 +49,15 @@ class PreparedWorkload:
     source: str
 
 
-def prepare_workload(root: Path, w: Workload, data: str = "auto") -> PreparedWorkload:
+def prepare_workload(root: Path, w: Workload, data: str = "auto", scorer: str = "current") -> PreparedWorkload:
     """Build the bundle and the users to ingest.
 
     data: "auto" (the synthetic set in data-cache/synth when present, else generated),
-    "generated", or "synthetic:DIR" (w.users users of it, a deterministic subset).
+    "generated", or "synthetic:DIR" (w.users users of it, a deterministic subset). scorer:
+    "current" or "proposed" (see `loadtest.bench.build_bundle`).
     """
     from feature_store.schema import SchemaSpec
+    from loadtest.bench import bench_events, build_bundle
 
     if data == "auto":
         data = f"synthetic:{DEFAULT_SYNTH}" if (DEFAULT_SYNTH / "meta.json").exists() else "generated"
@@ -81,7 +84,7 @@ def prepare_workload(root: Path, w: Workload, data: str = "auto") -> PreparedWor
         items = range(w.items)
     else:
         raise ValueError(f"unknown data {data!r}: use auto, generated or synthetic:DIR")
-    bundle_path = build_bundle(root, w, schema)
+    bundle_path = build_bundle(root, w, schema, scorer)
     from feature_store.schema import FeatureSchema
 
     schema = FeatureSchema.load(bundle_path / "schema")

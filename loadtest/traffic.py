@@ -92,7 +92,8 @@ class TrafficConfig:
 def zipf_weights(n: int, s: float) -> npt.NDArray[np.float64]:
     """P(rank r) ∝ 1/(r+1)^s for r in 0..n-1, normalized."""
     w = 1.0 / np.power(np.arange(1, n + 1, dtype=np.float64), s)
-    return w / w.sum()
+    out: npt.NDArray[np.float64] = w / w.sum()
+    return out
 
 
 class TrafficModel:
@@ -121,7 +122,7 @@ class TrafficModel:
         cfg = self.cfg
         if n is None:
             n = int(self._rng.integers(cfg.min_candidates, cfg.max_candidates + 1))
-        n_pop = int(round(n * cfg.popular_share))
+        n_pop = round(n * cfg.popular_share)
         ranks = np.searchsorted(self._item_cdf, self._rng.random(n_pop) * self._item_cdf[-1])
         picked = np.unique(np.r_[np.minimum(ranks, self._n_items - 1), self._rng.integers(0, self._n_items, n - n_pop)])
         while picked.shape[0] < n:  # duplicates collapsed: top up with uniform draws

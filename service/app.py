@@ -221,6 +221,9 @@ router = APIRouter()
     responses=ERRORS,
     summary="Rank candidate items for one user",
     tags=["ranking"],
+    # Bearer auth is optional here (needed only with the X-Rankserve-Arm override); FastAPI lists the
+    # shared HTTPBearer dependency as required, and appending `{}` (no requirement) makes it optional.
+    openapi_extra={"security": [{}]},
 )
 async def rank(
     body: Annotated[
@@ -401,6 +404,14 @@ async def _validation_error(request: Request, error: Exception) -> Response:
 
 async def _http_error(request: Request, error: Exception) -> Response:
     exc = cast(StarletteHTTPException, error)
+    if exc.status_code == 400:  # FastAPI could not parse the body at all: malformed, as bad JSON is (422)
+        cause = exc.__cause__
+        why = ("it is not UTF-8 text" if isinstance(cause, UnicodeDecodeError)
+               else "a number has too many digits (ids are 64-bit integers)" if isinstance(cause, ValueError)
+               else "it is nested too deeply" if isinstance(cause, RecursionError) else str(exc.detail))
+        _count_rank_error(request, "invalid_request")
+        return OrjsonResponse(error_body("invalid_request", f"request body is not valid JSON: {why}",
+                                         _request_id(request)), 422)
     code = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}.get(exc.status_code, "http_error")
     return OrjsonResponse(
         error_body(code, str(exc.detail), _request_id(request)), exc.status_code, headers=exc.headers

@@ -76,6 +76,20 @@ class Tables:
         return item, category
 
 
+def _retrieve(
+    retriever: TopK, queries: F32, keys: F32, k: int, key_category: I64, query_category: I64, user_index: int
+) -> tuple[F32, I64]:
+    """`retriever.search`, or `search_context` with the categories for strategies that use them (sim_hard)."""
+    search_context = getattr(retriever, "search_context", None)
+    if search_context is None:  # exact, faiss, numpy, eta: queries and keys are all they need
+        return retriever.search(queries, keys, k)
+    from service.retrieval import RetrievalContext
+
+    context = RetrievalContext(key_category=key_category, query_category=query_category, user_index=user_index)
+    result: tuple[F32, I64] = search_context(queries, keys, k, context)
+    return result
+
+
 def _broadcast(row: npt.NDArray[np.generic], n: int) -> npt.NDArray[np.generic]:
     """`n` copies of `row` along a new first axis, as one contiguous array (ORT wants contiguous)."""
     return np.ascontiguousarray(np.broadcast_to(row, (n, *row.shape)))
@@ -110,7 +124,7 @@ def scorer_inputs(
         keys_aug[:, a_dim] = tables.gsu_action_bias[history.action] + tables.gsu_gap_bias[gap]
         queries_aug = np.ones((n_cand, a_dim + 1), dtype=np.float32)
         queries_aug[:, :a_dim] = query
-        _, idx = retriever.search(queries_aug, keys_aug, settings.k)
+        _, idx = _retrieve(retriever, queries_aug, keys_aug, settings.k, h_cat, cand_category, user_index)
         if length >= settings.k:  # no padding: every slot is a real behaviour
             rows = idx
             mask = np.ones(idx.shape, dtype=np.float32)

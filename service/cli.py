@@ -23,6 +23,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "ingest": ("feature_store.ingest", "bulk-load events into the online feature store"),
     "serve": ("service.server", "run the REST and gRPC ranking server"),
     "bench": ("loadtest.bench", "run the benchmark suite and print JSON plus a markdown table"),
+    "shadow-report": ("service.shadow_report", "summarize a shadow sink: agreement table (markdown) and a PNG"),
+    "replay": ("service.replay", "re-send recorded requests (a shadow sink or a JSONL file) to a running service"),
 }
 
 

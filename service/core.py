@@ -168,6 +168,9 @@ class RankingService:
         route = self.experiments.route(req.user_id, req.arm)
         token = arm_var.set(route.arm)  # every log line of this request carries its arm
         outcome = "internal"
+        activity = self.shadows.activity if self.shadows is not None else None
+        if activity is not None:
+            activity.enter()  # shadow steps start only while no request is being ranked (fetch decode included)
         try:
             resp = await self._rank(req, n, route)
             outcome = "degraded" if resp.degraded else "ok"
@@ -176,6 +179,8 @@ class RankingService:
             outcome = exc.code
             raise
         finally:
+            if activity is not None:
+                activity.leave()
             self.metrics.arm_requests.labels(route.arm, outcome).inc()
             arm_var.reset(token)
 

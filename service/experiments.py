@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import bisect
-import contextlib
 import dataclasses
 import hashlib
 import itertools
@@ -42,7 +41,7 @@ from service.metrics import Metrics
 from service.registry import LoadedModel, ModelRegistry
 from service.scoring import Fusion, Scorer, make_scorer
 from service.settings import Settings
-from service.shadow import ChunkedRetriever, Shadow
+from service.shadow import Shadow
 
 log = logging.getLogger("rankserve.experiments")
 
@@ -257,7 +256,7 @@ def build_retriever(settings: Settings, strategy: str, *, shadow: bool = False) 
     if shadow and strategy in ("exact", "faiss_knn"):
         options["num_threads"] = settings.shadow_threads
     retriever: TopK = make_retriever(strategy, **options)
-    return ChunkedRetriever(retriever, settings.shadow_retrieval_chunk) if shadow else retriever
+    return retriever
 
 
 class ExperimentManager:
@@ -341,14 +340,17 @@ class ExperimentManager:
                 exps = await asyncio.to_thread(self._compile, spec, path, digest)
             except ExperimentsRejected as exc:
                 return self._reject(exc.message)
+            if self._on_change is not None:
+                try:  # shadow lanes and the sink, before the swap: a sink that cannot open refuses the file
+                    self._on_change(exps)
+                except (OSError, ValueError) as exc:
+                    return self._reject(f"experiments file {path} refused: shadow sink unavailable: {exc}")
             self._current = exps
             self._last_error = None
             self.metrics.experiments_reloads.labels("loaded").inc()
             self.metrics.arm_share.clear()
             for arm in exps.arms:
                 self.metrics.arm_share.labels(arm.name, arm.model.key).set(arm.buckets / 100)
-            if self._on_change is not None:
-                self._on_change(exps)
             log.info("experiments loaded", extra={
                 "source": str(path), "digest": digest[:12],
                 "arms": {a.name: {"share": a.buckets / 100, "bundle": a.model.key,
@@ -377,8 +379,12 @@ class ExperimentManager:
                 pass
             if _file_state(self.path) == self._seen_state:
                 continue
-            with contextlib.suppress(ExperimentsRejected):  # logged with its reason; retried on the next change
+            try:
                 await self.reload()
+            except ExperimentsRejected:
+                pass  # logged with its reason; retried on the next change
+            except Exception:  # a bug here must not stop the poller for good
+                log.exception("experiments reload failed")
 
     def _compile(self, spec: ExperimentsSpec, source: Path, digest: str) -> Experiments:
         """Load every pinned bundle and build the arms' and shadows' model views (in a worker thread)."""

@@ -49,9 +49,10 @@ class Metrics:
                                            "Experiment config reloads by outcome (loaded, unchanged, rejected)",
                                            ["outcome"], registry=r)
         # shadow traffic
-        self.shadow_jobs = Counter("rankserve_shadow_jobs_total",
-                                   "Shadow jobs by outcome (ok, error, timeout, dropped)", ["arm", "shadow", "outcome"],
-                                   registry=r)
+        self.shadow_jobs = Counter(
+            "rankserve_shadow_jobs_total", "Shadow jobs by outcome (ok, error, timeout, starved, dropped)",
+            ["arm", "shadow", "outcome"], registry=r,
+        )
         self.shadow_queue = Gauge("rankserve_shadow_queue_depth", "Shadow jobs waiting", ["arm", "shadow"], registry=r)
         self.shadow_inflight = Gauge("rankserve_shadow_inflight", "Shadow jobs running", ["arm", "shadow"], registry=r)
         self.shadow_seconds = Histogram("rankserve_shadow_seconds", "Shadow scoring time (same features)",

@@ -25,6 +25,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
@@ -262,19 +263,26 @@ class ExactRetriever:
 
     name = "exact"
 
-    def __init__(self, device: Device = "cpu", num_threads: int | None = None, cap_factor: int = 3) -> None:
+    def __init__(
+        self, device: Device = "cpu", num_threads: int | None = None, cap_factor: int = 3, dedup: bool = True,
+        dedup_ratio: float = 0.75,
+    ) -> None:
         if device not in ("cpu", "gpu", "auto"):
             raise ValueError(f"device must be 'cpu', 'gpu' or 'auto', got {device!r}")
         if num_threads is not None and num_threads < 1:
             raise ValueError(f"num_threads must be >= 1, got {num_threads}")
         if cap_factor < 2:
             raise ValueError(f"cap_factor must be >= 2, got {cap_factor}")
+        if not 0.0 < dedup_ratio <= 1.0:
+            raise ValueError(f"dedup_ratio must be in (0, 1], got {dedup_ratio}")
         self._gpu: FaissGpuRetriever | None = None
         if device == "gpu" or (device == "auto" and gpu_available()):
             self._gpu = FaissGpuRetriever()
         self.device: Literal["cpu", "gpu"] = "gpu" if self._gpu is not None else "cpu"
         self.num_threads = num_threads
         self.cap_factor = cap_factor
+        self.dedup = dedup
+        self.dedup_ratio = dedup_ratio
 
     def search(self, queries: F32, keys: F32, k: int) -> tuple[F32, I64]:
         if self._gpu is not None:
@@ -285,6 +293,16 @@ class ExactRetriever:
             return padded(n_queries, k)
         if n_keys > _MAX_KEYS:
             raise RetrievalInputError(f"exact supports at most {_MAX_KEYS} keys, got {n_keys}")
+        if self.dedup and n_keys >= _DEDUP_MIN_KEYS:
+            distinct = DistinctKeys.of(keys)
+            if distinct.n_groups <= self.dedup_ratio * n_keys:
+                u_scores, u_idx = self.search_unchecked(q, distinct.keys, min(k, distinct.n_groups))
+                return distinct.expand(u_scores, u_idx, k)
+        return self.search_unchecked(q, keys, k)
+
+    def search_unchecked(self, q: F32, keys: F32, k: int) -> tuple[F32, I64]:
+        """The kernel on validated, non-empty inputs (no dedup): [B, k] scores and indices."""
+        n_queries, n_keys = q.shape[0], keys.shape[0]
         kern = _kernels()
         block = kern.BLOCK
         d = q.shape[1]
@@ -303,6 +321,236 @@ def _kernels() -> Any:
     from service.kernels import topk_ip  # first import loads (or compiles) the numba kernels
 
     return topk_ip
+
+
+def _grouped() -> Any:
+    from service.kernels import grouped
+
+    return grouped
+
+
+# below this many keys the duplicate scan is not worth its fixed cost (~20 ns a key)
+_DEDUP_MIN_KEYS = 1024
+
+
+class DistinctKeys:
+    """The bit-distinct rows of a key matrix and, per distinct row, its rows in ascending order.
+
+    Lifelong histories repeat behaviours (same item, action and time-gap bucket: identical GSU
+    keys), so searching the distinct rows and expanding them gives the exact result for a
+    fraction of the work (`expand`).
+    """
+
+    def __init__(self, keys: F32, group: I64, first: I64, n_groups: int) -> None:
+        self.source = keys
+        self.group = group
+        self.first = first[:n_groups]
+        self.n_groups = n_groups
+        self.keys: F32 = np.ascontiguousarray(keys[self.first])
+        self._offsets: I64 | None = None
+        self._members: I64 | None = None
+
+    @classmethod
+    def of(cls, keys: F32) -> DistinctKeys:
+        n = keys.shape[0]
+        group = np.empty(n, dtype=np.int64)
+        first = np.empty(n, dtype=np.int64)
+        n_groups = int(_grouped().unique_rows(keys.view(np.uint32), group, first))
+        return cls(keys, group, first, n_groups)
+
+    def members(self) -> tuple[I64, I64]:
+        """CSR (offsets [G + 1], rows [L]) of each group's rows, ascending."""
+        if self._offsets is None or self._members is None:
+            self._offsets = np.empty(self.n_groups + 1, dtype=np.int64)
+            self._members = np.empty(self.group.shape[0], dtype=np.int64)
+            _grouped().group_members(self.group, self.n_groups, self._offsets, self._members)
+        return self._offsets, self._members
+
+    def expand(self, u_scores: F32, u_idx: I64, k: int) -> tuple[F32, I64]:
+        """Top-k rows from the exact top-k' (k' = min(k, G)) over the distinct rows; see `grouped.expand_topk`."""
+        offsets, members = self.members()
+        out_s = np.empty((u_idx.shape[0], k), dtype=np.float32)
+        out_i = np.empty((u_idx.shape[0], k), dtype=np.int64)
+        # a serial kernel: no launch lock (the lock guards numba's parallel layer only)
+        _grouped().expand_topk(
+            np.ascontiguousarray(u_scores), np.ascontiguousarray(u_idx), offsets, members, k, out_s, out_i
+        )
+        return out_s, out_i
+
+
+# ---------------------------------------------------------------------------------------------
+# approximate strategies (SIM hard search, ETA) and the context some strategies need
+
+
+@dataclass(frozen=True)
+class RetrievalContext:
+    """What a strategy may need beyond queries and keys; strategies that need none ignore it.
+
+    key_category [L] / query_category [B]: category index of each behaviour / candidate
+    (`sim_hard`); user_index: the user's vocabulary index (for per-user state).
+    """
+
+    key_category: I64 | None = None
+    query_category: I64 | None = None
+    user_index: int | None = None
+
+
+@runtime_checkable
+class ContextRetriever(Protocol):
+    """A retriever that also takes a `RetrievalContext` (`service.assemble` passes one when it can)."""
+
+    name: str
+
+    def search(self, queries: F32, keys: F32, k: int) -> tuple[F32, I64]: ...
+
+    def search_context(self, queries: F32, keys: F32, k: int, context: RetrievalContext) -> tuple[F32, I64]: ...
+
+
+class SimHardRetriever:
+    """SIM hard search: each candidate retrieves among the behaviours of its own category.
+
+    Per request the history is grouped by category (a stable sort), and each candidate gets the
+    exact top-k, by the same GSU metric, of the behaviours in its candidate's category. A candidate
+    with fewer than `min_group` (default k) same-category behaviours falls back to `fallback`:
+    "exact" (top-k over the whole history, the default) or "pad" (the same-category ones, then
+    padding, as in the SIM paper). Small segments are scored by one parallel kernel
+    (`grouped.segment_topk`); segments of at least `big_segment` keys go through the exact kernel,
+    one call per such category (a user has only a few).
+
+    Without a context (no categories), it is `exact`.
+    """
+
+    name = "sim_hard"
+
+    def __init__(self, min_group: int | None = None, fallback: Literal["exact", "pad"] = "exact",
+                 big_segment: int = 2048, num_threads: int | None = None) -> None:
+        if fallback not in ("exact", "pad"):
+            raise ValueError(f"fallback must be 'exact' or 'pad', got {fallback!r}")
+        if min_group is not None and min_group < 1:
+            raise ValueError(f"min_group must be >= 1, got {min_group}")
+        self.min_group = min_group
+        self.fallback = fallback
+        self.big_segment = big_segment
+        self.num_threads = num_threads
+        self._exact = ExactRetriever(num_threads=num_threads)
+
+    def search(self, queries: F32, keys: F32, k: int) -> tuple[F32, I64]:
+        return self._exact.search(queries, keys, k)
+
+    def search_context(self, queries: F32, keys: F32, k: int, context: RetrievalContext) -> tuple[F32, I64]:
+        if context.key_category is None or context.query_category is None:
+            return self._exact.search(queries, keys, k)
+        q, keys, k = validate(queries, keys, k)
+        n_queries, n_keys = q.shape[0], keys.shape[0]
+        key_cat = np.asarray(context.key_category, dtype=np.int64)
+        query_cat = np.asarray(context.query_category, dtype=np.int64)
+        if key_cat.shape != (n_keys,) or query_cat.shape != (n_queries,):
+            raise RetrievalInputError(
+                f"categories must have shapes ({n_keys},) and ({n_queries},), got {key_cat.shape} and {query_cat.shape}"
+            )
+        if n_queries == 0 or n_keys == 0:
+            return padded(n_queries, k)
+        order = np.argsort(key_cat, kind="stable")  # within a category: original (time) order
+        cats, starts, counts = np.unique(key_cat[order], return_index=True, return_counts=True)
+        pos = np.minimum(np.searchsorted(cats, query_cat), cats.shape[0] - 1)
+        found = cats[pos] == query_cat
+        seg_start = np.where(found, starts[pos], 0).astype(np.int64)
+        seg_len = np.where(found, counts[pos], 0).astype(np.int64)
+        min_group = k if self.min_group is None else self.min_group
+        out_s, out_i = padded(n_queries, k)
+        fallback = seg_len < min_group
+        big = ~fallback & (seg_len >= self.big_segment)
+        # small segments, and with fallback="pad" the too-small ones, in one kernel launch
+        in_kernel = ~big if self.fallback == "pad" else ~fallback & ~big
+        sorted_keys = np.ascontiguousarray(keys[order])
+        if in_kernel.any():
+            lens = np.where(in_kernel, seg_len, -1)  # -1: the kernel leaves the row alone
+            with _launch_lock, _numba_threads(self.num_threads):
+                _grouped().segment_topk(q, np.ascontiguousarray(sorted_keys.T), order, seg_start, lens, k, out_s,
+                                        out_i)
+        for start in np.unique(seg_start[big]).tolist():  # a user has few categories this large
+            rows = np.flatnonzero(big & (seg_start == start))
+            n = int(seg_len[rows[0]])
+            s, i = self._exact.search(np.ascontiguousarray(q[rows]), sorted_keys[start : start + n], k)
+            out_s[rows] = s
+            out_i[rows] = np.where(i >= 0, order[start + np.maximum(i, 0)], -1)
+        if self.fallback == "exact" and fallback.any():
+            rows = np.flatnonzero(fallback)
+            out_s[rows], out_i[rows] = self._exact.search(np.ascontiguousarray(q[rows]), keys, k)
+        return out_s, out_i
+
+
+def simhash_planes(dim: int, bits: int, seed: int) -> F32:
+    """Random Gaussian hyperplanes [dim, bits] of SimHash (fixed per seed)."""
+    return np.random.default_rng([seed, dim, bits]).standard_normal((dim, bits), dtype=np.float32)
+
+
+def simhash(x: F32, planes: F32) -> npt.NDArray[np.uint64]:
+    """Sign bits of x @ planes packed into uint64 words [n, bits / 64] (bit i of a word = plane i)."""
+    signs = (x @ planes) > 0
+    packed = np.packbits(signs, axis=1, bitorder="little")
+    return np.ascontiguousarray(packed).view(np.uint64)
+
+
+class EtaRetriever:
+    """ETA: SimHash codes of keys and queries, a Hamming-distance shortlist, then an exact re-rank.
+
+    Inner-product search is reduced to angular search first (the keys get one more coordinate
+    sqrt(M² - |k|²), M the largest key norm of the request, and queries a 0), so the angle, which
+    SimHash estimates, is monotone in the inner product. For each query the `shortlist` keys
+    closest in Hamming distance (`bits`-bit codes, a multiple of 64) are re-scored exactly and the
+    top-k of those returned, with their exact scores. Histories are first reduced to their distinct
+    keys (`dedup`, as `exact` does), so a repeated behaviour costs nothing. `hamming_topk` in
+    `service.kernels.hamming` is the kernel.
+    """
+
+    name = "eta"
+
+    def __init__(self, bits: int = 64, shortlist: int = 256, dedup: bool = True, seed: int = 0,
+                 mips: bool = True, num_threads: int | None = None) -> None:
+        if bits < 64 or bits % 64:
+            raise ValueError(f"bits must be a positive multiple of 64, got {bits}")
+        if shortlist < 1:
+            raise ValueError(f"shortlist must be >= 1, got {shortlist}")
+        self.bits = bits
+        self.shortlist = shortlist
+        self.dedup = dedup
+        self.seed = seed
+        self.mips = mips
+        self.num_threads = num_threads
+        self._planes: dict[int, F32] = {}
+
+    def _codes(self, queries: F32, keys: F32) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint64]]:
+        """Query codes [B, W] and key codes transposed [W, L]."""
+        d = keys.shape[1]
+        if self.mips:
+            norms2 = np.einsum("ij,ij->i", keys, keys)
+            keys = np.concatenate([keys, np.sqrt(np.maximum(norms2.max() - norms2, 0.0))[:, None]], axis=1)
+            queries = np.concatenate([queries, np.zeros((queries.shape[0], 1), dtype=np.float32)], axis=1)
+            d += 1
+        planes = self._planes.get(d)
+        if planes is None:
+            planes = self._planes.setdefault(d, simhash_planes(d, self.bits, self.seed))
+        return simhash(queries, planes), np.ascontiguousarray(simhash(keys.astype(np.float32, copy=False), planes).T)
+
+    def search(self, queries: F32, keys: F32, k: int) -> tuple[F32, I64]:
+        q, keys, k = validate(queries, keys, k)
+        n_queries, n_keys = q.shape[0], keys.shape[0]
+        if n_queries == 0 or n_keys == 0:
+            return padded(n_queries, k)
+        distinct = DistinctKeys.of(keys) if self.dedup and n_keys >= _DEDUP_MIN_KEYS else None
+        base = distinct.keys if distinct is not None else keys
+        kk = min(k, base.shape[0]) if distinct is not None else k
+        q_codes, k_codes = self._codes(q, base)
+        out_s = np.empty((n_queries, kk), dtype=np.float32)
+        out_i = np.empty((n_queries, kk), dtype=np.int64)
+        from service.kernels import hamming
+
+        with _launch_lock, _numba_threads(self.num_threads):
+            hamming.hamming_topk(q_codes, k_codes, q, base, max(self.shortlist, kk), kk, out_s, out_i)
+        if distinct is None:
+            return out_s, out_i
+        return distinct.expand(out_s, out_i, k)
 
 
 def warm_up() -> float:
@@ -372,6 +620,29 @@ def check_against_reference(
     return problems
 
 
+def recall_at_k(queries: F32, keys: F32, k: int, indices: I64, rtol: float = 1e-5) -> float:
+    """Mean recall@k of `indices` [B, k] against the exact top-k (float64 brute force).
+
+    A returned key counts as a hit when its exact score is at least the k-th best exact score
+    (minus rtol * max(1, max |score|) of the row), so ties at the cut and duplicate keys never
+    count against a strategy; the denominator is min(k, L) per query.
+    """
+    n_queries, n_keys = queries.shape[0], keys.shape[0]
+    n_valid = min(k, n_keys)
+    if n_queries == 0 or n_valid == 0:
+        return 1.0
+    hits = 0
+    k64 = keys.astype(np.float64)
+    for start in range(0, n_queries, 64):
+        exact: npt.NDArray[np.float64] = queries[start : start + 64].astype(np.float64) @ k64.T
+        kth = np.partition(exact, n_keys - n_valid, axis=1)[:, n_keys - n_valid]
+        tol = rtol * np.maximum(1.0, np.abs(exact).max(axis=1))
+        idx = indices[start : start + 64, :n_valid]
+        got = np.take_along_axis(exact, np.maximum(idx, 0), axis=1)
+        hits += int(((idx >= 0) & (got >= (kth - tol)[:, None])).sum())
+    return float(hits / (n_queries * n_valid))
+
+
 # ---------------------------------------------------------------------------------------------
 # registry
 
@@ -382,6 +653,8 @@ _REGISTRY: dict[str, RetrieverFactory] = {
     "faiss_knn": FaissKnnRetriever,
     "numpy": NumpyRetriever,
     "faiss_gpu": FaissGpuRetriever,
+    "sim_hard": SimHardRetriever,
+    "eta": EtaRetriever,
 }
 
 
@@ -397,12 +670,49 @@ def available_retrievers() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def parse_strategy(spec: str) -> tuple[str, dict[str, Any]]:
+    """"eta:bits=128,shortlist=512" -> ("eta", {"bits": 128, "shortlist": 512}).
+
+    Values are read as int, float, true/false or none when they look like one, else kept as
+    strings; this is how a setting such as RANKSERVE_RETRIEVAL_STRATEGY carries options.
+    """
+    name, _, rest = spec.partition(":")
+    options: dict[str, Any] = {}
+    for part in filter(None, (p.strip() for p in rest.split(","))):
+        key, eq, raw = part.partition("=")
+        if not eq or not key.strip():
+            raise ValueError(f"bad retriever option {part!r} in {spec!r}: use name:key=value,key=value")
+        options[key.strip()] = _literal(raw.strip())
+    return name.strip(), options
+
+
+def _literal(text: str) -> Any:
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered == "none":
+        return None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
 def make_retriever(name: str, **options: Any) -> Retriever:
-    """Build the strategy `name` with its options, e.g. make_retriever("exact", device="auto")."""
+    """Build the strategy `name` with its options, e.g. make_retriever("exact", device="auto").
+
+    `name` may carry options itself ("eta:bits=128,shortlist=512", see `parse_strategy`); keyword
+    options win over those.
+    """
+    if ":" in name:
+        name, parsed = parse_strategy(name)
+        options = {**parsed, **options}
     try:
         factory = _REGISTRY[name]
     except KeyError:
-        raise ValueError(f"unknown retriever {name!r}; available: {', '.join(available_retrievers())}") from None
+        raise ValueError(f"unknown retriever {name!r}; available: {', '.join(_REGISTRY)}") from None
     try:
         return factory(**options)
     except TypeError as exc:  # unexpected keyword

@@ -35,7 +35,11 @@ def available_cpus() -> int:
 class Settings(BaseSettings):
     """Every knob of the server. Defaults run the demo on one machine."""
 
-    model_config = SettingsConfigDict(env_prefix="RANKSERVE_", env_nested_delimiter="__", extra="forbid")
+    # hide_input_in_errors: a bad value must not be echoed into logs (REDIS_URL and the admin token
+    # are secrets; tests/e2e/test_secrets_not_logged.py)
+    model_config = SettingsConfigDict(
+        env_prefix="RANKSERVE_", env_nested_delimiter="__", extra="forbid", hide_input_in_errors=True
+    )
 
     # models
     model_dir: Path = Field(default=Path("bundles"), description="bundles live in MODEL_DIR/<name>/<version>/")
@@ -85,9 +89,11 @@ class Settings(BaseSettings):
     shadow_queue_size: int = Field(default=64, ge=1, description="jobs waiting per shadow; beyond, dropped and counted")
     shadow_timeout_s: float = Field(default=1.0, gt=0, description="a shadow slower than this is counted as a timeout")
     shadow_threads: int = Field(default=1, ge=1, description="ONNX Runtime intra-op threads of each shadow scorer")
-    shadow_nice: int = Field(default=10, ge=0, le=19, description="nice increment of shadow threads (Linux)")
-    shadow_retrieval_chunk: int = Field(
-        default=32, ge=1, description="candidates per shadow retrieval call (bounds the primary's wait for the kernel)"
+    shadow_nice: int = Field(default=0, ge=0, le=19, description="nice increment of shadow threads (Linux)")
+    shadow_chunk: int = Field(default=32, ge=2, description="candidates per shadow step (retrieval + scoring)")
+    shadow_yield: bool = Field(default=True, description="start a shadow step only when no request is being ranked")
+    shadow_quiet_ms: float = Field(
+        default=2.0, ge=0, description="with shadow_yield: how long no request must have been ranked before a step"
     )
     shadow_sink: Literal["jsonl", "redis", "none"] = Field(default="jsonl", description="where comparisons go")
     shadow_sink_dir: Path = Field(default=Path("shadow-sink"), description="directory of the rotating JSONL sink")

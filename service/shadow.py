@@ -13,12 +13,16 @@ error; one slower than `shadow_timeout_s` is counted as a timeout and its result
 thread cannot be interrupted, so the lane waits for it before taking the next job: at most one
 job per lane runs at any time). Neither ever reaches the primary's response.
 
-On 2 cores the shadow still competes for CPU with the primary. Three things keep that contention
-small: shadow threads run at a lower priority (`shadow_nice`), each shadow scorer gets its own
-ONNX Runtime session with `shadow_threads` (default 1) intra-op threads, so its work stays on the
-niced lane thread, and shadow retrieval is split into chunks of `shadow_retrieval_chunk`
-candidates, because the exact kernel is serialized process-wide: the primary never waits for
-more than one chunk (see loadtest/bench_shadow.py for the measured cost).
+On 2 cores the shadow competes with the primary for CPU and for the GIL; what is off the
+critical path is the waiting, not the cycles. So a shadow job runs in steps of `shadow_chunk`
+candidates (retrieval + scoring of that slice; per-candidate results do not depend on the rest
+of the batch) and, with `shadow_yield` (the default), starts a step only once no request has
+been ranked (fetch included) for `shadow_quiet_ms` (`PrimaryActivity`). A primary request that
+arrives meanwhile shares the CPU with at most one step per shadow lane. A shadow that cannot get
+its steps in before `shadow_timeout_s` (a saturated primary) is abandoned and counted as
+`starved`: shadow traffic is best effort. Each shadow bundle also gets its own ONNX Runtime
+session with `shadow_threads` (1) intra-op threads, so its work stays on the lane thread. See
+loadtest/bench_shadow.py for the measured cost.
 
 `RANKSERVE_SHADOW_FAULT` (`sleep:10x`, `raise`, or per shadow `slow=sleep:10x,bad=raise`) is a
 testing aid that makes shadows slow or failing; it never applies to primaries.
@@ -43,7 +47,6 @@ import numpy as np
 import numpy.typing as npt
 
 from service.agreement import compare
-from service.assemble import TopK
 from service.metrics import Metrics
 from service.registry import LoadedModel
 from service.settings import Settings
@@ -55,7 +58,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("rankserve.shadow")
 
 F32 = npt.NDArray[np.float32]
-I64 = npt.NDArray[np.int64]
 ERROR_LOG_INTERVAL_S = 10.0  # a shadow failing on every request logs once per interval, not per request
 
 
@@ -73,25 +75,48 @@ class Shadow:
         return (self.arm, self.name)
 
 
-class ChunkedRetriever:
-    """Search in chunks of queries: every chunk is its own (short) kernel launch.
+class PrimaryActivity:
+    """How many requests are being ranked, and since when none is; shadow steps wait for quiet.
 
-    Per-query results do not depend on the other queries of a batch, so the output is identical
-    to one call; what changes is that a shared, serialized kernel is held for one chunk at a time.
+    `enter`/`leave` run on the event loop around each rank call; `wait_quiet` on lane threads.
     """
 
-    def __init__(self, inner: TopK, chunk: int) -> None:
-        if chunk < 1:
-            raise ValueError(f"chunk must be >= 1, got {chunk}")
-        self.inner = inner
-        self.chunk = chunk
+    def __init__(self) -> None:
+        self._active = 0
+        self._lock = threading.Lock()
+        self._idle = threading.Event()
+        self._idle.set()
+        self._idle_since = time.monotonic()
 
-    def search(self, queries: F32, keys: F32, k: int) -> tuple[F32, I64]:
-        n = queries.shape[0]
-        if n <= self.chunk:
-            return self.inner.search(queries, keys, k)
-        parts = [self.inner.search(queries[i : i + self.chunk], keys, k) for i in range(0, n, self.chunk)]
-        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+    def enter(self) -> None:
+        with self._lock:
+            self._active += 1
+            self._idle.clear()
+
+    def leave(self) -> None:
+        with self._lock:
+            self._active -= 1
+            if self._active == 0:
+                self._idle_since = time.monotonic()
+                self._idle.set()
+
+    def wait_quiet(self, quiet_s: float, timeout_s: float) -> bool:
+        """True once no request has been ranked for `quiet_s`; False if that takes over `timeout_s`.
+
+        Requiring a quiet period, not just a gap, keeps shadow steps out of the sub-millisecond
+        pauses between back-to-back requests, where they would overlap the next one.
+        """
+        deadline = time.monotonic() + timeout_s
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not self._idle.wait(remaining):
+                return False
+            quiet = time.monotonic() - self._idle_since
+            if quiet >= quiet_s:
+                if self._idle.is_set():  # still quiet: no request arrived while we looked
+                    return True
+                continue
+            time.sleep(min(quiet_s - quiet, max(0.0, deadline - time.monotonic())))
 
 
 # -- fault injection (testing aid) -----------------------------------------------------------------
@@ -99,6 +124,14 @@ class ChunkedRetriever:
 
 class InjectedFault(RuntimeError):
     """Raised by a shadow under RANKSERVE_SHADOW_FAULT=raise."""
+
+
+class ShadowAbandoned(Exception):
+    """A shadow job given up on purpose; `outcome` is its metric label (timeout, starved)."""
+
+    def __init__(self, outcome: str, message: str) -> None:
+        super().__init__(message)
+        self.outcome = outcome
 
 
 _FAULT_RE = re.compile(
@@ -196,26 +229,46 @@ class _Lane:
 
     async def _work(self) -> None:
         m = self.runner.metrics
-        timeout = self.runner.settings.shadow_timeout_s
-        loop = asyncio.get_running_loop()
-        while True:
-            job = await self.queue.get()
-            m.shadow_queue.labels(self.arm, self.name).set(self.queue.qsize())
-            m.shadow_inflight.labels(self.arm, self.name).inc()
-            future = loop.run_in_executor(self.pool, self.runner.process, job)
-            try:
-                await asyncio.wait_for(asyncio.shield(future), timeout)
-            except TimeoutError:
+        try:
+            while True:
+                job = await self.queue.get()
+                m.shadow_queue.labels(self.arm, self.name).set(self.queue.qsize())
+                m.shadow_inflight.labels(self.arm, self.name).inc()
+                try:
+                    await self._run(job)
+                finally:
+                    m.shadow_inflight.labels(self.arm, self.name).dec()
+        finally:  # retired: this lane's gauges go away with it
+            for gauge in (m.shadow_queue, m.shadow_inflight):
+                with contextlib.suppress(KeyError):
+                    gauge.remove(self.arm, self.name)
+
+    async def _run(self, job: ShadowJob) -> None:
+        m = self.runner.metrics
+        # the job checks its own deadline between steps; this backstop covers one step that hangs
+        backstop = 2 * self.runner.settings.shadow_timeout_s
+        future = asyncio.get_running_loop().run_in_executor(self.pool, self.runner.process, job)
+        try:
+            # asyncio.wait, not wait_for: on Python 3.11 wait_for can swallow a cancellation that
+            # arrives as the inner future completes, and this lane would then never stop
+            done, _ = await asyncio.wait({future}, timeout=backstop)
+            if not done:
                 job.expired = True
                 m.shadow_jobs.labels(self.arm, self.name, "timeout").inc()
-                self._log_failure("shadow timed out", f"slower than shadow_timeout_s={timeout}")
-                with contextlib.suppress(Exception):
-                    await future  # one job per lane at a time, even past its timeout
-            except Exception as exc:  # any shadow failure stays here: counted, logged, never raised
-                m.shadow_jobs.labels(self.arm, self.name, "error").inc()
-                self._log_failure("shadow failed", repr(exc))
-            finally:
-                m.shadow_inflight.labels(self.arm, self.name).dec()
+                self._log_failure("shadow timed out", f"one step ran past {backstop} s")
+                await asyncio.wait({future})  # one job per lane at a time, even past its timeout
+        except asyncio.CancelledError:
+            # retiring: a thread cannot be interrupted; give the running job a bounded chance to end
+            # so in-flight counts stay true, then stop
+            job.expired = True
+            await asyncio.wait({future}, timeout=backstop)
+            raise
+        exc = future.exception() if future.done() and not future.cancelled() else None  # always retrieved
+        if exc is None or job.expired:  # a timed-out job was counted above; a retired one is not counted
+            return
+        outcome = exc.outcome if isinstance(exc, ShadowAbandoned) else "error"
+        m.shadow_jobs.labels(self.arm, self.name, outcome).inc()  # counted and logged here, never raised
+        self._log_failure(f"shadow {outcome}", repr(exc))
 
     def _log_failure(self, message: str, detail: str) -> None:
         now = time.monotonic()
@@ -230,9 +283,6 @@ class _Lane:
         if dropped:
             self.runner.metrics.shadow_jobs.labels(self.arm, self.name, "dropped").inc(dropped)
         self.pool.shutdown(wait=False, cancel_futures=True)
-        for gauge in (self.runner.metrics.shadow_queue, self.runner.metrics.shadow_inflight):
-            with contextlib.suppress(KeyError):
-                gauge.remove(self.arm, self.name)
 
 
 def make_sink(settings: Settings) -> Sink:
@@ -259,6 +309,7 @@ class ShadowRunner:
         self._sink = sink  # created on first use: no sink directory appears unless shadows are configured
         self._lanes: dict[tuple[str, str], _Lane] = {}
         self._rng = random.Random(seed)
+        self.activity = PrimaryActivity()
 
     @property
     def sink(self) -> Sink:
@@ -269,14 +320,18 @@ class ShadowRunner:
     # -- on the event loop ---------------------------------------------------------------------------
 
     def configure(self, shadows: Iterable[Shadow]) -> None:
-        """Lanes for exactly these shadows: new ones start, removed ones retire."""
+        """Lanes for exactly these shadows: new ones start, removed ones retire.
+
+        Raises OSError or ValueError, changing nothing, when shadows are wanted and the sink cannot open.
+        """
         wanted = {s.key: s for s in shadows}
+        if wanted:
+            _ = self.sink  # raises (OSError, ValueError) before anything changes if the sink cannot open
         for key in list(self._lanes):
             if key not in wanted:
                 self._lanes.pop(key).retire()
         for key, shadow in wanted.items():
             if key not in self._lanes:
-                _ = self.sink  # fail at config time, not per job, if the sink cannot be opened
                 self._lanes[key] = _Lane(self, shadow)
 
     def offer(
@@ -325,12 +380,25 @@ class ShadowRunner:
     def process(self, job: ShadowJob) -> None:
         """Score with the shadow, compare, observe, write the record. Raises on shadow failure."""
         shadow, f = job.shadow, job.features
+        s = self.settings
         started = time.perf_counter()
+        deadline = started + s.shadow_timeout_s
         self.fault.apply(shadow.name, job.primary_seconds)
         model = shadow.model
         history = f.history.before(job.request_ts)
-        inputs = model.inputs(history, f.user_index, f.item_index, f.category_index, job.request_ts)
-        probs = model.scorer.predict(inputs)
+        n = int(f.item_index.shape[0])
+        # near-equal slices (never a 1-row remainder: ONNX Runtime's batch-1 path rounds differently)
+        parts = []
+        for rows in np.array_split(np.arange(n), max(1, -(-n // s.shadow_chunk))):
+            quiet_s = s.shadow_quiet_ms / 1000
+            if s.shadow_yield and not self.activity.wait_quiet(quiet_s, deadline - time.perf_counter()):
+                raise ShadowAbandoned("starved", "the primary was never quiet long enough before shadow_timeout_s")
+            if job.expired or time.perf_counter() > deadline:
+                raise ShadowAbandoned("timeout", f"slower than shadow_timeout_s={s.shadow_timeout_s}")
+            lo, hi = int(rows[0]), int(rows[-1]) + 1
+            inputs = model.inputs(history, f.user_index, f.item_index[lo:hi], f.category_index[lo:hi], job.request_ts)
+            parts.append(model.scorer.predict(inputs))
+        probs = np.concatenate(parts) if parts else np.zeros((0, len(model.bundle.tasks)), dtype=np.float32)
         fused = model.fusion(probs)
         seconds = time.perf_counter() - started
         if job.expired:

