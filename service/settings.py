@@ -92,6 +92,9 @@ class Settings(BaseSettings):
     shadow_nice: int = Field(default=0, ge=0, le=19, description="nice increment of shadow threads (Linux)")
     shadow_chunk: int = Field(default=32, ge=2, description="candidates per shadow step (retrieval + scoring)")
     shadow_yield: bool = Field(default=True, description="start a shadow step only when no request is being ranked")
+    shadow_cpu_share: float = Field(
+        default=0.1, gt=0, le=1, description="at most this share of wall time runs shadow steps (all shadows)"
+    )
     shadow_quiet_ms: float = Field(
         default=2.0, ge=0, description="with shadow_yield: how long no request must have been ranked before a step"
     )

@@ -18,9 +18,10 @@ critical path is the waiting, not the cycles. So a shadow job runs in steps of `
 candidates (retrieval + scoring of that slice; per-candidate results do not depend on the rest
 of the batch) and, with `shadow_yield` (the default), starts a step only once no request has
 been ranked (fetch included) for `shadow_quiet_ms` (`PrimaryActivity`). A primary request that
-arrives meanwhile shares the CPU with at most one step per shadow lane. A shadow that cannot get
-its steps in before `shadow_timeout_s` (a saturated primary) is abandoned and counted as
-`starved`: shadow traffic is best effort. Each shadow bundle also gets its own ONNX Runtime
+arrives meanwhile shares the CPU with at most one shadow step: steps run one at a time in the
+process, and at most `shadow_cpu_share` of wall time goes to them (`StepBudget`). A shadow that
+cannot get its steps in before `shadow_timeout_s` (a saturated primary, a spent budget) is
+abandoned and counted as `starved`: shadow traffic is best effort. Each shadow bundle also gets its own ONNX Runtime
 session with `shadow_threads` (1) intra-op threads, so its work stays on the lane thread. See
 loadtest/bench_shadow.py for the measured cost.
 
@@ -117,6 +118,36 @@ class PrimaryActivity:
                     return True
                 continue
             time.sleep(min(quiet_s - quiet, max(0.0, deadline - time.monotonic())))
+
+
+class StepBudget:
+    """One shadow step at a time in the process, and at most `share` of wall time spent in steps.
+
+    After a step of t seconds the next one may start t * (1/share - 1) later: the shadows' CPU is
+    capped whatever their sample rates, and the jobs beyond the cap wait, then starve or drop.
+    """
+
+    def __init__(self, share: float) -> None:
+        if not 0 < share <= 1:
+            raise ValueError(f"share must be in (0, 1], got {share}")
+        self.share = share
+        self._lock = threading.Lock()
+        self._next = 0.0
+
+    def acquire(self, deadline: float) -> None:
+        """Hold the step slot once the budget allows; ShadowAbandoned("starved") if not before `deadline`."""
+        if not self._lock.acquire(timeout=max(0.0, deadline - time.perf_counter())):
+            raise ShadowAbandoned("starved", "other shadow steps held the slot until shadow_timeout_s")
+        wait = self._next - time.perf_counter()
+        if wait > 0:
+            if time.perf_counter() + wait > deadline:
+                self._lock.release()
+                raise ShadowAbandoned("starved", "the shadow CPU budget (shadow_cpu_share) ran out before the timeout")
+            time.sleep(wait)
+
+    def release(self, spent_s: float) -> None:
+        self._next = time.perf_counter() + spent_s * (1 / self.share - 1)
+        self._lock.release()
 
 
 # -- fault injection (testing aid) -----------------------------------------------------------------
@@ -310,6 +341,8 @@ class ShadowRunner:
         self._lanes: dict[tuple[str, str], _Lane] = {}
         self._rng = random.Random(seed)
         self.activity = PrimaryActivity()
+        self.budget = StepBudget(settings.shadow_cpu_share)
+        self._last_sink_error_log = float("-inf")
 
     @property
     def sink(self) -> Sink:
@@ -390,14 +423,22 @@ class ShadowRunner:
         # near-equal slices (never a 1-row remainder: ONNX Runtime's batch-1 path rounds differently)
         parts = []
         for rows in np.array_split(np.arange(n), max(1, -(-n // s.shadow_chunk))):
-            quiet_s = s.shadow_quiet_ms / 1000
-            if s.shadow_yield and not self.activity.wait_quiet(quiet_s, deadline - time.perf_counter()):
-                raise ShadowAbandoned("starved", "the primary was never quiet long enough before shadow_timeout_s")
             if job.expired or time.perf_counter() > deadline:
                 raise ShadowAbandoned("timeout", f"slower than shadow_timeout_s={s.shadow_timeout_s}")
-            lo, hi = int(rows[0]), int(rows[-1]) + 1
-            inputs = model.inputs(history, f.user_index, f.item_index[lo:hi], f.category_index[lo:hi], job.request_ts)
-            parts.append(model.scorer.predict(inputs))
+            self.budget.acquire(deadline)
+            spent = 0.0
+            try:
+                quiet_s = s.shadow_quiet_ms / 1000
+                if s.shadow_yield and not self.activity.wait_quiet(quiet_s, deadline - time.perf_counter()):
+                    raise ShadowAbandoned("starved", "the primary was never quiet long enough before shadow_timeout_s")
+                step_started = time.perf_counter()
+                lo, hi = int(rows[0]), int(rows[-1]) + 1
+                inputs = model.inputs(history, f.user_index, f.item_index[lo:hi], f.category_index[lo:hi],
+                                      job.request_ts)
+                parts.append(model.scorer.predict(inputs))
+                spent = time.perf_counter() - step_started
+            finally:
+                self.budget.release(spent)
         probs = np.concatenate(parts) if parts else np.zeros((0, len(model.bundle.tasks)), dtype=np.float32)
         fused = model.fusion(probs)
         seconds = time.perf_counter() - started
@@ -432,4 +473,7 @@ class ShadowRunner:
             self.sink.write(record)
         except Exception as exc:  # a full disk or an unreachable Redis must not count as a shadow failure
             m.shadow_sink_errors.inc()
-            log.warning("shadow sink write failed", extra={"error": repr(exc)})
+            now = time.monotonic()
+            if now - self._last_sink_error_log >= ERROR_LOG_INTERVAL_S:
+                self._last_sink_error_log = now
+                log.warning("shadow sink write failed", extra={"error": repr(exc)})

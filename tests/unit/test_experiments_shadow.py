@@ -162,7 +162,7 @@ async def test_failing_shadow_is_counted_and_contained(model_dir: Path, tmp_path
 async def test_slow_shadow_times_out_and_a_full_queue_drops(model_dir: Path, tmp_path: Path) -> None:
     # each "other" job sleeps 10 x 0.05 s, past the 0.1 s timeout; the queue holds 2
     manager, runner, metrics = await setup(model_dir, tmp_path, shadow_fault="other=sleep:10x", shadow_timeout_s=0.1,
-                                           shadow_queue_size=2)
+                                           shadow_queue_size=2, shadow_cpu_share=1.0)
     try:
         for user in range(6):
             offer(manager, runner, user, primary_s=0.05)
@@ -227,3 +227,20 @@ def test_replay_reads_sink_records_once_per_request_and_plain_requests(tmp_path:
     assert [(rid, body["user_id"]) for rid, body in requests_from(iter(sink))] == [("r1", 1), ("r2", 2)]
     plain = [{"user_id": 5, "candidates": [1], "debug": False}, {"user_id": 6}]  # the second lacks candidates
     assert list(requests_from(iter(plain))) == [(None, {"user_id": 5, "candidates": [1], "debug": False})]
+
+
+def test_step_budget_paces_steps_and_starves_past_the_deadline() -> None:
+    from service.shadow import ShadowAbandoned, StepBudget
+
+    budget = StepBudget(0.25)  # a step of t is followed by 3t of rest
+    budget.acquire(time.perf_counter() + 1)
+    budget.release(0.02)
+    t0 = time.perf_counter()
+    budget.acquire(time.perf_counter() + 1)
+    assert time.perf_counter() - t0 >= 0.055
+    budget.release(0.02)
+    with pytest.raises(ShadowAbandoned) as err:
+        budget.acquire(time.perf_counter() + 0.01)  # 60 ms of rest left, 10 ms to the deadline
+    assert err.value.outcome == "starved"
+    budget.acquire(time.perf_counter() + 1)  # the slot was released by the refusal
+    budget.release(0.0)
