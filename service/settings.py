@@ -90,7 +90,7 @@ class Settings(BaseSettings):
     shadow_timeout_s: float = Field(default=1.0, gt=0, description="a shadow slower than this is counted as a timeout")
     shadow_threads: int = Field(default=1, ge=1, description="ONNX Runtime intra-op threads of each shadow scorer")
     shadow_nice: int = Field(default=0, ge=0, le=19, description="nice increment of shadow threads (Linux)")
-    shadow_chunk: int = Field(default=32, ge=2, description="candidates per shadow step (retrieval + scoring)")
+    shadow_chunk: int = Field(default=16, ge=2, description="candidates per shadow step (retrieval + scoring)")
     shadow_yield: bool = Field(default=True, description="start a shadow step only when no request is being ranked")
     shadow_cpu_share: float = Field(
         default=0.1, gt=0, le=1, description="at most this share of wall time runs shadow steps (all shadows)"

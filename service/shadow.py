@@ -16,13 +16,14 @@ job per lane runs at any time). Neither ever reaches the primary's response.
 On 2 cores the shadow competes with the primary for CPU and for the GIL; what is off the
 critical path is the waiting, not the cycles. So a shadow job runs in steps of `shadow_chunk`
 candidates (retrieval + scoring of that slice; per-candidate results do not depend on the rest
-of the batch) and, with `shadow_yield` (the default), starts a step only once no request has
-been ranked (fetch included) for `shadow_quiet_ms` (`PrimaryActivity`). A primary request that
-arrives meanwhile shares the CPU with at most one shadow step: steps run one at a time in the
-process, and at most `shadow_cpu_share` of wall time goes to them (`StepBudget`). A shadow that
-cannot get its steps in before `shadow_timeout_s` (a saturated primary, a spent budget) is
-abandoned and counted as `starved`: shadow traffic is best effort. Each shadow bundle also gets its own ONNX Runtime
-session with `shadow_threads` (1) intra-op threads, so its work stays on the lane thread. See
+of the batch) and, with `shadow_yield` (the default), starts each half of a step (retrieval,
+then scoring) only once no request has been ranked, fetch included, for `shadow_quiet_ms`
+(`PrimaryActivity`). Steps run one at a time in the process, and at most `shadow_cpu_share` of
+wall time goes to them (`StepBudget`). A primary request that arrives meanwhile so shares the
+CPU with at most half of one step. A shadow that cannot get its steps in before
+`shadow_timeout_s` (a saturated primary, a spent budget) is abandoned and counted as `starved`:
+shadow traffic is best effort. Each shadow bundle also gets its own ONNX Runtime session with
+`shadow_threads` (1) intra-op threads, so its work stays on the lane thread. See
 loadtest/bench_shadow.py for the measured cost.
 
 `RANKSERVE_SHADOW_FAULT` (`sleep:10x`, `raise`, or per shadow `slow=sleep:10x,bad=raise`) is a
@@ -410,6 +411,11 @@ class ShadowRunner:
 
     # -- on a lane's thread ----------------------------------------------------------------------------
 
+    def _wait_quiet(self, deadline: float) -> None:
+        s = self.settings
+        if s.shadow_yield and not self.activity.wait_quiet(s.shadow_quiet_ms / 1000, deadline - time.perf_counter()):
+            raise ShadowAbandoned("starved", "the primary was never quiet long enough before shadow_timeout_s")
+
     def process(self, job: ShadowJob) -> None:
         """Score with the shadow, compare, observe, write the record. Raises on shadow failure."""
         shadow, f = job.shadow, job.features
@@ -428,15 +434,18 @@ class ShadowRunner:
             self.budget.acquire(deadline)
             spent = 0.0
             try:
-                quiet_s = s.shadow_quiet_ms / 1000
-                if s.shadow_yield and not self.activity.wait_quiet(quiet_s, deadline - time.perf_counter()):
-                    raise ShadowAbandoned("starved", "the primary was never quiet long enough before shadow_timeout_s")
-                step_started = time.perf_counter()
+                # retrieval and scoring are gated apart: a request that arrives during retrieval goes
+                # before this step's scoring, so it overlaps at most half a step
+                self._wait_quiet(deadline)
+                t0 = time.perf_counter()
                 lo, hi = int(rows[0]), int(rows[-1]) + 1
                 inputs = model.inputs(history, f.user_index, f.item_index[lo:hi], f.category_index[lo:hi],
                                       job.request_ts)
+                spent += time.perf_counter() - t0
+                self._wait_quiet(deadline)
+                t0 = time.perf_counter()
                 parts.append(model.scorer.predict(inputs))
-                spent = time.perf_counter() - step_started
+                spent += time.perf_counter() - t0
             finally:
                 self.budget.release(spent)
         probs = np.concatenate(parts) if parts else np.zeros((0, len(model.bundle.tasks)), dtype=np.float32)
