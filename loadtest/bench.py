@@ -2,16 +2,25 @@
 
 Standard workload: 1M-item catalogue, users with 10,000-event histories, 500 candidates per
 request, k = 64 retrieved behaviours, 3 tasks, top-100 returned. The bench builds a bundle of
-that size (random weights unless `--bundle` names a trained one: latency does not depend on
-the weights), ingests users into an embedded Valkey, then measures, interleaved so machine
-noise hits every method alike:
+that size (random weights: latency does not depend on them; `--scorer proposed` or `both` also
+exports the scorer proposed in loadtest/proposals.py), ingests users (from the synthetic set in
+data-cache/synth when present, else generated) into an embedded Valkey, then measures,
+interleaved so machine noise hits every method alike:
 
 * retrieval: the service's exact strategy vs faiss.knn brute force vs numpy, same inputs;
+* strategies: every GSU strategy (exact with and without duplicate removal, faiss.knn, numpy,
+  eta, sim_hard) with recall@k against exact, plus a latency-versus-recall plot;
 * scoring: ONNX Runtime vs TorchScript vs PyTorch eager on the same inputs;
 * in-process `RankingService.rank` with its per-stage breakdown;
-* REST and gRPC against a `rankserve serve` process on loopback (concurrency 1).
+* sweeps: in-process latency against history length and candidate count, plotted;
+* transports: REST and gRPC against a `rankserve serve` process on loopback at concurrency 1, 8
+  and 32 (p50 / p95 / p99, throughput, server CPU per request);
+* throughput: the highest open-loop REST load whose p99 stays within --slo-ms;
+* memory: PSS / USS of one and two worker processes;
+* fetch: `loadtest.bench_fetch` (ours vs the raw Redis floor vs Feast).
 
-Prints JSON (and writes it with `--out`) followed by a markdown table.
+Servers run with the tuned environment (`loadtest.bench_e2e.TUNED_ENV`) unless --untuned.
+Prints JSON (and writes it with `--out`, plots beside it or in --plots) followed by a markdown table.
 """
 
 from __future__ import annotations
@@ -204,14 +213,31 @@ def section_retrieval(model: Any, store_fetch: Callable[[int, list[int]], Any], 
     }
 
 
+def ort_session(path: Path, threads: int, spinning: bool) -> Any:
+    """An ONNX Runtime CPU session as `service.scoring.OnnxScorer` builds it, with the spinning knob exposed."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+
+
 def section_scoring(model: Any, bundle_path: Path, store_fetch: Callable[[int, list[int]], Any],
-                    reqs: list[tuple[int, list[int]]], w: Workload, threads: int) -> dict[str, Any]:
-    """ONNX Runtime vs TorchScript vs PyTorch eager on identical scorer inputs."""
+                    reqs: list[tuple[int, list[int]]], w: Workload, threads: int,
+                    proposed_onnx: Path | None = None) -> dict[str, Any]:
+    """ONNX Runtime (thread and spinning variants, and the proposed graph) vs TorchScript vs PyTorch eager.
+
+    Same scorer inputs for all; wall time per call and CPU time of the process per call (on 2
+    shared cores a spinning thread pool looks fast in wall time and costs the neighbours).
+    """
     import torch
 
     from export.bundle import SCORER_INPUTS
-    from models.checkpoint import load_run  # noqa: F401  (documents where eager models come from)
-    from service.scoring import OnnxScorer, TorchScriptScorer
+    from service.scoring import TorchScriptScorer
 
     torch.set_num_threads(threads)
     batches = []
@@ -219,29 +245,53 @@ def section_scoring(model: Any, bundle_path: Path, store_fetch: Callable[[int, l
         res = store_fetch(user, cands)
         batches.append(model.inputs(res.sequence.before(w.request_time), res.user_index or 0, res.item_index,
                                     res.category_index, w.request_time))
-    onnx = OnnxScorer(bundle_path / "scorer.onnx", threads)
+    feeds = [{n: b[n] for n in SCORER_INPUTS} for b in batches]
+    sessions = {
+        f"onnxruntime_{threads}t_spin": ort_session(bundle_path / "scorer.onnx", threads, True),
+        f"onnxruntime_{threads}t_nospin": ort_session(bundle_path / "scorer.onnx", threads, False),
+        "onnxruntime_1t": ort_session(bundle_path / "scorer.onnx", 1, False),
+    }
+    if proposed_onnx is not None:
+        sessions["onnxruntime_proposed_1t"] = ort_session(proposed_onnx, 1, False)
     ts = TorchScriptScorer(bundle_path / "scorer.torchscript.pt", threads, "cpu")
     eager = eager_scorer(bundle_path)
 
-    def run_eager(i: int) -> object:
+    def run_eager(i: int) -> Any:
         b = batches[i % len(batches)]
         with torch.inference_mode():
             return eager(*(torch.from_numpy(b[n]) for n in SCORER_INPUTS))
 
-    methods = {
-        "onnxruntime": lambda i: onnx.predict(batches[i % len(batches)]),
-        "torchscript": lambda i: ts.predict(batches[i % len(batches)]),
-        "pytorch_eager": run_eager,
-    }
-    diff = float(np.abs(onnx.predict(batches[0]) - run_eager(0).numpy()).max())  # type: ignore[attr-defined]
-    times = interleaved(methods, w.iterations, w.warmup)
-    stats = {name: percentiles(v) for name, v in times.items()}
+    def run_onnx(sess: Any) -> Callable[[int], object]:
+        return lambda i: sess.run(None, feeds[i % len(feeds)])
+
+    methods: dict[str, Callable[[int], object]] = {name: run_onnx(sess) for name, sess in sessions.items()}
+    methods["torchscript"] = lambda i: ts.predict(batches[i % len(batches)])
+    methods["pytorch_eager"] = run_eager
+    reference = run_eager(0).numpy()
+    diffs = {name: float(np.abs(sess.run(None, feeds[0])[0] - reference).max()) for name, sess in sessions.items()}
+    cpu: dict[str, list[float]] = {name: [] for name in methods}
+
+    def timed_cpu(name: str, fn: Callable[[int], object]) -> Callable[[int], object]:
+        def call(i: int) -> object:
+            c0 = time.process_time()
+            out = fn(i)
+            cpu[name].append((time.process_time() - c0) * 1000)
+            return out
+
+        return call
+
+    times = interleaved({name: timed_cpu(name, fn) for name, fn in methods.items()}, w.iterations, w.warmup)
+    stats = {name: percentiles(v) | {"cpu_p50": round(float(np.median(cpu[name][w.warmup:])), 3)}
+             for name, v in times.items()}
+    best_onnx = min((n for n in stats if n.startswith("onnxruntime") and "proposed" not in n),
+                    key=lambda n: stats[n]["p50"])
     return {
         "batch": w.candidates,
         "threads": threads,
         "latency_ms": stats,
-        "onnx_speedup_vs_eager_p50": round(stats["pytorch_eager"]["p50"] / stats["onnxruntime"]["p50"], 2),
-        "max_abs_diff_onnx_vs_eager": diff,
+        "onnx_speedup_vs_eager_p50": round(stats["pytorch_eager"]["p50"] / stats[best_onnx]["p50"], 2),
+        "best_onnx_variant": best_onnx,
+        "max_abs_diff_vs_eager": diffs,
     }
 
 
@@ -309,8 +359,9 @@ def markdown(report: dict[str, Any]) -> str:
     s = report.get("scoring")
     if s:
         for name, sc in s["latency_ms"].items():
-            lines.append(f"| scoring: {name} | {sc['p50']} | {sc['p99']} | |")
-        lines.append(f"| ONNX speedup vs eager (p50) | | | {s['onnx_speedup_vs_eager_p50']}x |")
+            lines.append(f"| scoring: {name} | {sc['p50']} | {sc['p99']} | CPU {sc['cpu_p50']} ms |")
+        lines.append(f"| ONNX ({s['best_onnx_variant']}) speedup vs eager (p50) | | | "
+                     f"{s['onnx_speedup_vs_eager_p50']}x |")
     p = report.get("in_process")
     if p:
         lines.append(f"| in-process rank (total) | {p['total_ms']['p50']} | {p['total_ms']['p99']} | |")
@@ -331,10 +382,9 @@ def markdown(report: dict[str, Any]) -> str:
         if t:
             lines.append(f"| REST max throughput with p99 <= {t['slo_p99_ms']} ms ({scorer} scorer) | | | "
                          f"{t['max_rps_within_slo']} req/s (offered {t['at_offered_rps']}) |")
-    mem = report.get("memory")
-    if mem:
-        lines.append(f"| second worker adds (PSS) | | | {mem['second_worker_adds_pss_mb']} MB; its USS "
-                     f"{mem['second_worker_uss_mb']} MB |")
+    for scorer, mem in report.get("memory", {}).items():
+        lines.append(f"| second worker adds ({scorer} scorer) | | | PSS {mem['second_worker_adds_pss_mb']} MB; "
+                     f"worker USS {mem['worker_uss_mb']} MB |")
     f = report.get("fetch")
     if f and "summary" in f:
         for name, v in f["summary"].items():
@@ -365,7 +415,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--levels", default="1,8,32", help="client concurrency levels of the transports section")
     p.add_argument("--level-requests", type=int, default=300, help="requests per transport and level")
     p.add_argument("--slo-ms", type=float, default=50.0, help="p99 objective of the throughput search")
-    p.add_argument("--step-seconds", type=float, default=10.0, help="duration of each throughput step")
+    p.add_argument("--step-seconds", type=float, default=15.0, help="duration of each throughput step")
     p.add_argument("--server-env", action="append", default=[], metavar="KEY=VALUE",
                    help="extra server environment (repeatable); the tuned defaults are "
                         + ", ".join(f"{k}={v}" for k, v in TUNED_ENV.items()))
@@ -384,7 +434,7 @@ def section_fetch(iterations: int) -> dict[str, Any]:
         return {"error": proc.stderr[-2000:], "command": " ".join(cmd[1:])}
     doc: dict[str, Any] = json.loads(proc.stdout)
     summary = {}
-    for name, v in doc.get("variants", doc).items():
+    for name, v in {**doc.get("results", {}), **doc.get("feast", {})}.items():
         if isinstance(v, dict) and "p50_ms" in v:
             summary[name] = {"p50_ms": v["p50_ms"], "p99_ms": v["p99_ms"]}
     return {"command": "python -m loadtest.bench_fetch --iterations " + str(iterations), "summary": summary,
@@ -392,6 +442,10 @@ def section_fetch(iterations: int) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
+    # before numba or faiss load libgomp: its pools spin for milliseconds after each parallel region,
+    # which on 2 cores takes CPU from the next method and counts in its CPU time (the service is
+    # deployed with the same setting: TUNED_ENV)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from feature_store.embedded import EmbeddedValkey
     from feature_store.store import EmbeddedConfig, FeatureStoreConfig, create_store
     from loadtest.bench_e2e import section_concurrency, section_memory, section_throughput
@@ -413,6 +467,7 @@ def run(args: argparse.Namespace) -> int:
     server_env = ({} if args.untuned else dict(TUNED_ENV)) | dict(kv.split("=", 1) for kv in args.server_env)
     root = Path(tempfile.mkdtemp(prefix="rankserve-bench-"))
     report: dict[str, Any] = {"cpus": available_cpus(), "scorer_threads_in_process": threads,
+                              "bench_omp_wait_policy": os.environ["OMP_WAIT_POLICY"],
                               "server_env": server_env, "loadavg_at_start": round(os.getloadavg()[0], 2)}
     t0 = time.perf_counter()
     try:
@@ -446,7 +501,8 @@ def run(args: argparse.Namespace) -> int:
                                             res.category_index, w.request_time))
                 report["strategies"] = section_strategies(inputs, w.k, max(20, w.iterations // 4), 3, plots)
             if "scoring" in sections:
-                report["scoring"] = section_scoring(model, first.bundle_path, fetch, reqs, w, threads)
+                proposed = prepared["proposed"].bundle_path / "scorer.onnx" if "proposed" in prepared else None
+                report["scoring"] = section_scoring(model, first.bundle_path, fetch, reqs, w, threads, proposed)
             if "sweeps" in sections:
                 report["sweeps"] = section_sweeps(
                     model, indexed_events(first.events, first.schema), w.request_time, [1_000, 10_000, 100_000],
@@ -472,7 +528,8 @@ def run(args: argparse.Namespace) -> int:
                                                                    step_s=args.step_seconds)
                 report["e2e"][name] = e2e
             if "memory" in sections:
-                report["memory"] = section_memory(first.model_dir, valkey.url, bodies, server_env)
+                report["memory"] = {name: section_memory(prepared[name].model_dir, valkey.url, bodies, server_env)
+                                    for name in scorers}
         if "fetch" in sections:
             report["fetch"] = section_fetch(max(100, w.iterations))
     finally:

@@ -121,7 +121,8 @@ class Bench:
                 raise RuntimeError("shadow work did not drain within 120 s")
             time.sleep(0.05)
 
-    def request(self, pause_s: float = 0.0) -> tuple[float, bool]:
+    def request(self, pause_s: float = 0.0) -> tuple[float, str | None]:
+        """One timed request; returns (ms, None) or (ms, what went wrong)."""
         if pause_s:
             time.sleep(pause_s)
         body = self.bodies[self.sent % len(self.bodies)]
@@ -129,7 +130,9 @@ class Bench:
         t0 = time.perf_counter()
         resp = self.client.post("/v1/rank", content=body, headers={"content-type": "application/json"})
         ms = (time.perf_counter() - t0) * 1000
-        return ms, resp.status_code == 200 and not resp.json()["degraded"]
+        if resp.status_code != 200:
+            return ms, f"{resp.status_code} {resp.json().get('error', {}).get('code')}"
+        return ms, "degraded" if resp.json()["degraded"] else None
 
 
 def start_server(env: dict[str, str], model_dir: Path, redis_url: str, log_path: Path) -> tuple[Any, str]:
@@ -237,6 +240,7 @@ def run(args: argparse.Namespace) -> int:
             times: dict[str, list[float]] = {p: [] for p in phases}
             per_round: dict[str, list[dict[str, float]]] = {p: [] for p in phases}
             failures: Counter[str] = Counter()
+            problems: dict[str, Counter[str]] = {p: Counter() for p in phases}
             jobs: dict[str, Counter[str]] = {p: Counter() for p in phases}
             for r in range(args.rounds):
                 order = phases[r % len(phases):] + phases[: r % len(phases)]
@@ -248,16 +252,18 @@ def run(args: argparse.Namespace) -> int:
                     before = shadow_counts(bench.metrics())
                     block = []
                     for _ in range(args.requests):
-                        ms, ok = bench.request(pause)
+                        ms, problem = bench.request(pause)
                         block.append(ms)
-                        if not ok:
+                        if problem:
                             failures[phase] += 1
+                            problems[phase][problem] += 1
                     times[phase] += block
                     per_round[phase].append(percentiles(block))
                     jobs[phase] += shadow_counts(bench.metrics()) - before
                 log.info("round %d/%d done", r + 1, args.rounds)
             report["phases"] = {
-                p: {**percentiles(times[p]), "failed_requests": failures[p], "shadow_jobs": dict(jobs[p])}
+                p: {**percentiles(times[p]), "failed_requests": failures[p], "failures": dict(problems[p]),
+                    "shadow_jobs": dict(jobs[p])}
                 for p in phases
             }
             compared = [p for p in phases if BASELINE[p] in phases and BASELINE[p] != p]

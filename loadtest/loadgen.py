@@ -61,6 +61,18 @@ class HttpConnection:
         self._writer: asyncio.StreamWriter | None = None
 
     async def post(self, path: str, body: bytes, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+        reused = self._writer is not None
+        try:
+            return await self._post(path, body, headers)
+        except asyncio.IncompleteReadError as exc:
+            # the server closed an idle keep-alive connection (uvicorn: after 5 s) before reading the
+            # request: nothing was processed, so send it once more on a fresh connection, as HTTP
+            # clients do
+            if not reused or exc.partial:
+                raise
+            return await self._post(path, body, headers)
+
+    async def _post(self, path: str, body: bytes, headers: dict[str, str] | None) -> tuple[int, bytes]:
         if self._writer is None or self._reader is None:
             self._reader, self._writer = await asyncio.open_connection(self.host, self.port)
         extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())

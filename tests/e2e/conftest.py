@@ -160,7 +160,9 @@ class Server:
         """Until /livez answers."""
         self._wait(lambda r: r.status_code == 200, "/livez", timeout)
 
-    def wait_ready(self, timeout: float = 60.0) -> None:
+    def wait_ready(self, timeout: float = 180.0) -> None:
+        # generous: in a fresh checkout each server JIT-compiles the retrieval kernels before it
+        # turns ready (20-30 s on a loaded 2-core machine); a ready server returns at once
         self._wait(lambda r: r.status_code == 200, "/readyz", timeout)
 
     def _wait(self, ok: Any, path: str, timeout: float) -> None:
