@@ -103,6 +103,9 @@ def test_slow_and_failing_shadows_fail_no_primary_request(shadow_server: tuple[S
     assert "injected fault in shadow 'boom'" in server.logs()
 
 
+MIN_RECORDS = 8
+
+
 def records(sink: Path, shadow: str, at_least: int) -> list[dict[str, Any]]:
     deadline = time.monotonic() + 30
     while True:
@@ -121,15 +124,17 @@ def test_self_shadow_agrees_perfectly_and_a_retrained_bundle_does_not(
         for i in range(30):
             assert client.post("/v1/rank", json=body(world, i)).status_code == 200
             time.sleep(0.03)
-    mine = records(sink, "self", 20)
-    assert len(mine) >= 20
+    # shadows are throttled and shed under CPU pressure by design, so how many of the 30 requests
+    # get a shadow record depends on the machine's load; agreement is what this test is about
+    mine = records(sink, "self", MIN_RECORDS)
+    assert len(mine) >= MIN_RECORDS
     for r in mine:
         measures = ("kendall_tau", "spearman", "overlap_at_10", "overlap_at_n", "ndcg_at_n")
         assert [r[m] for m in measures] == [1, 1, 1, 1, 1]
         assert set(r["score_mae"].values()) == {0.0}
         assert r["shadow_model"] == r["primary_model"] == "tiny/1"
-    theirs = records(sink, "other", 20)
-    assert len(theirs) >= 20 and {r["shadow_model"] for r in theirs} == {"tiny/2"}
+    theirs = records(sink, "other", MIN_RECORDS)
+    assert len(theirs) >= MIN_RECORDS and {r["shadow_model"] for r in theirs} == {"tiny/2"}
     taus = [r["kendall_tau"] for r in theirs]
     assert max(taus) < 1 and sum(taus) / len(taus) < 0.99
     assert min(r["overlap_at_n"] for r in theirs) < 1
