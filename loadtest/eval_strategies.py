@@ -84,7 +84,11 @@ def evaluate_strategies(run_dir: Path, strategies: list[str], max_queries: int |
     overlap: dict[str, list[float]] = {name: [] for name in strategies}
     seconds = dict.fromkeys(strategies, 0.0)
     lengths = []
-    for g in groups:
+    log.info("%d test samples in %d (user, request time) groups; offline probabilities done", idx.shape[0],
+             len(groups))
+    for n_done, g in enumerate(groups):
+        if n_done and n_done % 500 == 0:
+            log.info("%d / %d groups", n_done, len(groups))
         i0 = g[0]
         s, e = int(start[i0]), int(end[i0])
         hist = Sequence(item=samples.ev_item[s:e], category=samples.ev_category[s:e],

@@ -89,8 +89,9 @@ def prepare_workload(root: Path, w: Workload, data: str = "auto", scorer: str = 
 
     schema = FeatureSchema.load(bundle_path / "schema")
     users, _ = events.user_offsets()
+    source = data.replace(f"{REPO}/", "")  # repo-relative in reports
     return PreparedWorkload(root / "models", bundle_path, schema, events, catalogue,
-                            [int(u) for u in users], items, data)
+                            [int(u) for u in users], items, source)
 
 
 def _newest(events: Any, n: int) -> Any:

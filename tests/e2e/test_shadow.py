@@ -39,7 +39,10 @@ def shadow_server(tmp_path_factory: pytest.TempPathFactory, world: World) -> Ite
     sink = root / "sink"
     env = {"RANKSERVE_EXPERIMENTS_FILE": str(path), "RANKSERVE_ADMIN_TOKEN": ADMIN_TOKEN,
            "RANKSERVE_SHADOW_SINK_DIR": str(sink), "RANKSERVE_SHADOW_QUEUE_SIZE": "4",
-           "RANKSERVE_SHADOW_FAULT": "slow=sleep:10x,boom=raise"}
+           "RANKSERVE_SHADOW_FAULT": "slow=sleep:10x,boom=raise",
+           # these tests check what shadows compute, not the CPU policy (loadtest/bench_shadow.py does):
+           # a generous budget keeps enough comparisons coming on a busy test machine
+           "RANKSERVE_SHADOW_CPU_SHARE": "0.5"}
     server = Server(model_dir, world.redis_url, root / "server.log", env).start()
     try:
         server.wait_ready()
