@@ -11,6 +11,15 @@ A 10,000-event sequence is 120,000 bytes and decodes with one zero-copy `np.from
 
 User profile: u32 user index (dense, 0 = unknown). Item features: u32 item index, u32 category
 index. All little-endian, fixed width, so a decode is a `frombuffer` and never a parse.
+
+Behaviour clusters (`twin_v2`, optional): a 16-byte header, then one u16 cluster id per event of
+the sequence, oldest first, for the oldest N events (events appended later have none):
+
+    offset 0   4 bytes  magic b"RSC1"
+    offset 4   8 bytes  fingerprint of the GSU key and bias tables the clustering was computed with
+    offset 12  u16      number of clusters C (ids are 0..C-1)
+    offset 14  u16      reserved (0)
+    offset 16  u16[N]   cluster id of event 0..N-1
 """
 
 from __future__ import annotations
@@ -27,6 +36,11 @@ SEQ_RECORD_SIZE = SEQ_RECORD.itemsize  # 12
 PROFILE_RECORD = np.dtype([("user", "<u4")])
 ITEM_RECORD = np.dtype([("item", "<u4"), ("category", "<u4")])
 MAX_CATEGORY_INDEX = (1 << 24) - 1
+CLUSTER_MAGIC = b"RSC1"
+CLUSTER_HEADER_SIZE = 16
+CLUSTER_ENTRY_SIZE = 2
+MAX_CLUSTERS = 0xFFFF
+FINGERPRINT_SIZE = 8
 
 
 class CodecError(ValueError):
@@ -34,13 +48,35 @@ class CodecError(ValueError):
 
 
 @dataclass(frozen=True, eq=False)
+class SequenceClusters:
+    """Each event's behaviour cluster (`twin_v2`), aligned with a `Sequence`'s events.
+
+    assignment[j] is the cluster id (0..n_clusters-1) of event j, or -1 for an event the
+    clustering does not cover (appended after it). `fingerprint` identifies the GSU tables the
+    clustering was computed with (`feature_store.clusters.key_fingerprint`), so a clustering made
+    for other tables is recognised as stale.
+    """
+
+    assignment: npt.NDArray[np.int32]
+    n_clusters: int
+    fingerprint: bytes
+
+    def head(self, n: int) -> SequenceClusters:
+        return SequenceClusters(self.assignment[:n], self.n_clusters, self.fingerprint)
+
+    def tail(self, n: int) -> SequenceClusters:
+        return SequenceClusters(self.assignment[-n:] if n else self.assignment[:0], self.n_clusters, self.fingerprint)
+
+
+@dataclass(frozen=True, eq=False)
 class Sequence:
-    """A decoded behaviour sequence (chronological), as dense indices."""
+    """A decoded behaviour sequence (chronological), as dense indices; `clusters` when stored."""
 
     item: npt.NDArray[np.int64]
     category: npt.NDArray[np.int64]
     action: npt.NDArray[np.int64]
     timestamp: npt.NDArray[np.int64]
+    clusters: SequenceClusters | None = None
 
     def __len__(self) -> int:
         return int(self.item.shape[0])
@@ -55,12 +91,20 @@ class Sequence:
         cut = int(np.searchsorted(self.timestamp, ts, side="left"))
         if cut == len(self):
             return self
-        return Sequence(self.item[:cut], self.category[:cut], self.action[:cut], self.timestamp[:cut])
+        clusters = self.clusters.head(cut) if self.clusters is not None else None
+        return Sequence(self.item[:cut], self.category[:cut], self.action[:cut], self.timestamp[:cut], clusters)
 
     def last(self, n: int) -> Sequence:
         if len(self) <= n:
             return self
-        return Sequence(self.item[-n:], self.category[-n:], self.action[-n:], self.timestamp[-n:])
+        clusters = self.clusters.tail(n) if self.clusters is not None else None
+        return Sequence(self.item[-n:], self.category[-n:], self.action[-n:], self.timestamp[-n:], clusters)
+
+    def with_clusters(self, clusters: SequenceClusters | None) -> Sequence:
+        """The same events with `clusters` (whose assignment must have one entry per event)."""
+        if clusters is not None and clusters.assignment.shape != (len(self),):
+            raise CodecError(f"clusters cover {clusters.assignment.shape[0]} events, the sequence has {len(self)}")
+        return Sequence(self.item, self.category, self.action, self.timestamp, clusters)
 
 
 def encode_sequence(
@@ -164,3 +208,50 @@ def decode_item_values(
         return decode_items(values)
     rec = np.frombuffer(joined, dtype=ITEM_RECORD)
     return rec["item"].astype(np.int64), rec["category"].astype(np.int64), found
+
+
+def encode_clusters(assignment: npt.ArrayLike, n_clusters: int, fingerprint: bytes) -> bytes:
+    """The stored value of a user's behaviour clusters (see the module doc): ids of the oldest events."""
+    a = np.asarray(assignment, dtype=np.int64)
+    if a.ndim != 1:
+        raise CodecError("cluster assignment must be 1-D")
+    if not 0 < n_clusters <= MAX_CLUSTERS:
+        raise CodecError(f"number of clusters must be in 1..{MAX_CLUSTERS}, got {n_clusters}")
+    if a.size and (a.min() < 0 or a.max() >= n_clusters):
+        raise CodecError(f"cluster ids must be in 0..{n_clusters - 1}")
+    if len(fingerprint) != FINGERPRINT_SIZE:
+        raise CodecError(f"fingerprint must have {FINGERPRINT_SIZE} bytes, got {len(fingerprint)}")
+    header = CLUSTER_MAGIC + fingerprint + int(n_clusters).to_bytes(2, "little") + bytes(2)
+    return header + a.astype("<u2").tobytes()
+
+
+def decode_clusters(raw: bytes | bytearray | memoryview) -> tuple[npt.NDArray[np.int32], int, bytes]:
+    """(cluster id per covered event, number of clusters, fingerprint) of a stored value."""
+    if len(raw) < CLUSTER_HEADER_SIZE or bytes(raw[:4]) != CLUSTER_MAGIC:
+        raise CodecError("cluster value has no RSC1 header")
+    if (len(raw) - CLUSTER_HEADER_SIZE) % CLUSTER_ENTRY_SIZE:
+        raise CodecError(f"cluster value of {len(raw)} bytes is not a header plus u16 entries")
+    fingerprint = bytes(raw[4:12])
+    n_clusters = int.from_bytes(raw[12:14], "little")
+    ids = np.frombuffer(raw, dtype="<u2", offset=CLUSTER_HEADER_SIZE).astype(np.int32)
+    return ids, n_clusters, fingerprint
+
+
+def align_clusters(raw: bytes | None, stored_events: int, fetched_events: int) -> SequenceClusters | None:
+    """The clusters of the newest `fetched_events` of a sequence that stores `stored_events`.
+
+    The stored ids cover the oldest N events of the stored sequence (the append script trims them
+    in step with the sequence); events past N get -1. None when nothing is stored, or when the
+    value covers more events than the sequence holds (it does not belong to this sequence).
+    """
+    if raw is None:
+        return None
+    ids, n_clusters, fingerprint = decode_clusters(raw)
+    if ids.shape[0] > stored_events or fetched_events > stored_events or n_clusters == 0:
+        return None
+    first = stored_events - fetched_events  # stored position of the first fetched event
+    out = np.full(fetched_events, -1, dtype=np.int32)
+    covered = max(0, min(ids.shape[0] - first, fetched_events))
+    if covered:
+        out[:covered] = ids[first : first + covered]
+    return SequenceClusters(out, n_clusters, fingerprint)

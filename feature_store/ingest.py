@@ -9,6 +9,11 @@ re-run gives the same state, and a crash loses at most the batch in flight: the 
 key holds a checkpoint (`next_user`) written after each batch, and `--resume` continues there.
 `--activate` switches the active pointer once the version is complete.
 
+With `--cluster-bundle BUNDLE` each user's stored events are also clustered for the `twin_v2`
+retrieval strategy (`feature_store.clusters`: events partitioned by their GSU bias at the user's
+newest event, then faiss k-means over the bundle's GSU keys within each part, cluster size
+capped) and the cluster ids are written beside the sequence (`rs:<ver>:{u<user>}:clu`).
+
 With no `--redis-url`/`REDIS_URL` (or cluster nodes), the embedded Valkey is used, with its data
 directory and RDB snapshot on exit, so a later `rankserve serve` on the same machine finds it.
 """
@@ -21,7 +26,7 @@ import hashlib
 import logging
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +35,7 @@ import numpy.typing as npt
 from tqdm import tqdm
 
 from feature_store import keys
+from feature_store.clusters import ClusterParams, UserClusterer
 from feature_store.codecs import SEQ_RECORD_SIZE, CodecError, encode_items, encode_profile, encode_sequence
 from feature_store.errors import FeatureStoreError, VersionConflict
 from feature_store.schema import SCHEMA_FILE, FeatureSchema, SchemaError, SchemaSpec, Vocabulary
@@ -63,6 +69,7 @@ class IngestStats:
     seconds: float = 0.0
     resumed_from_user: int = 0
     activated: bool = False
+    clustered: int = 0
 
 
 def source_fingerprint(events: EventLog, user_ids: npt.NDArray[np.int64], offsets: npt.NDArray[np.int64]) -> str:
@@ -113,6 +120,22 @@ def encode_user_batch(
     return profiles, sequences, int((ends - starts).sum())
 
 
+def cluster_user_batch(
+    events: EventLog, schema: FeatureSchema, offsets: npt.NDArray[np.int64], u0: int, u1: int, cap: int,
+    clusterer: UserClusterer,
+) -> list[bytes | None]:
+    """Cluster values (`feature_store.codecs.encode_clusters`) of users u0..u1-1's stored events."""
+    out: list[bytes | None] = []
+    for u in range(u0, u1):
+        s, e = max(int(offsets[u]), int(offsets[u + 1]) - cap), int(offsets[u + 1])
+        item = schema.items.lookup(events.item_id[s:e]).astype(np.int64)
+        category = schema.categories.lookup(events.category_id[s:e]).astype(np.int64)
+        action = np.asarray(events.action[s:e], dtype=np.int64)
+        timestamp = np.asarray(events.timestamp[s:e], dtype=np.int64)
+        out.append(clusterer.encode(item, category, action, timestamp))  # gap buckets at the newest event
+    return out
+
+
 async def ingest_log(
     store: OnlineStore,
     events: EventLog,
@@ -126,8 +149,12 @@ async def ingest_log(
     catalogue: tuple[npt.ArrayLike, npt.ArrayLike] | None = None,
     source: str = "",
     progress: bool = False,
+    clusterer: UserClusterer | None = None,
 ) -> IngestStats:
-    """Write `events` through `schema` into `version` (see the module doc); returns what was written."""
+    """Write `events` through `schema` into `version` (see the module doc); returns what was written.
+
+    With a `clusterer`, each user's behaviour clusters are written too (histories shorter than
+    its `min_events` get none)."""
     keys.validate_version(version)
     if batch_users < 1:
         raise ValueError("batch_users must be >= 1")
@@ -141,6 +168,8 @@ async def ingest_log(
     stats = IngestStats(version=version)
     next_user = int(meta.checkpoint.get("next_user", 0))
     stats.resumed_from_user = next_user
+    if clusterer is not None:
+        meta.info["clusters"] = {"fingerprint": clusterer.fingerprint.hex(), **asdict(clusterer.params)}
 
     if not meta.checkpoint.get("items_done"):
         item_ids, values = item_table(events, schema, catalogue)
@@ -165,7 +194,13 @@ async def ingest_log(
         for u0 in range(next_user, n_users, batch_users):
             u1 = min(u0 + batch_users, n_users)
             profiles, sequences, kept = encode_user_batch(events, schema, offsets, u0, u1, cap)
-            await store.write_users(version, user_ids[u0:u1].tolist(), profiles, sequences, ttl_seconds)
+            clusters = None
+            if clusterer is not None:
+                clusters = cluster_user_batch(events, schema, offsets, u0, u1, cap, clusterer)
+                stats.clustered += sum(c is not None for c in clusters)
+                stats.bytes += sum(len(c) for c in clusters if c is not None)
+            await store.write_users(version, user_ids[u0:u1].tolist(), profiles, sequences, ttl_seconds,
+                                    clusters=clusters)
             stats.users += u1 - u0
             stats.events += kept
             stats.bytes += sum(map(len, sequences)) + sum(map(len, profiles))
@@ -200,6 +235,7 @@ async def ingest_log(
             "version": version,
             "activated": stats.activated,
             "resumed_from_user": stats.resumed_from_user,
+            "clustered_users": stats.clustered,
         },
     )
     return stats
@@ -336,6 +372,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--drop-version", default=None, metavar="VERSION", help="delete a non-active version, then exit"
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--cluster-bundle",
+        type=Path,
+        default=None,
+        help="also cluster each user's behaviours with this bundle's GSU keys, for the twin_v2 retrieval strategy",
+    )
+    parser.add_argument(
+        "--cluster-size", type=int, default=None, help="target events per cluster (default sqrt(history length))"
+    )
+    parser.add_argument("--cluster-seed", type=int, default=0, help="k-means seed of the clustering")
 
 
 def store_config_from_args(args: argparse.Namespace) -> FeatureStoreConfig:
@@ -404,6 +450,12 @@ async def _main(args: argparse.Namespace) -> int:
         if version is None:
             version = time.strftime("v%Y%m%d%H%M%S", time.gmtime())
         log.info("ingesting into version %s (schema %s)", version, schema.hash[:12])
+        clusterer = None
+        if args.cluster_bundle is not None:
+            params = ClusterParams(target_size=args.cluster_size, seed=args.cluster_seed)
+            clusterer = UserClusterer.from_bundle(args.cluster_bundle, params)
+            log.info("clustering behaviours with %s (key fingerprint %s)", args.cluster_bundle,
+                     clusterer.fingerprint.hex())
         await ingest_log(
             store,
             events,
@@ -416,5 +468,6 @@ async def _main(args: argparse.Namespace) -> int:
             catalogue=catalogue,
             source=args.data,
             progress=not args.no_progress,
+            clusterer=clusterer,
         )
     return 0

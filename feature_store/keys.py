@@ -2,6 +2,7 @@
 
     rs:<ver>:{u<user>}:seq    lifelong behaviour sequence (12-byte records, oldest first)
     rs:<ver>:{u<user>}:prof   user profile (u32 user index)
+    rs:<ver>:{u<user>}:clu    behaviour clusters of the sequence (twin_v2; optional, see codecs)
     rs:<ver>:i:<item>         item features (u32 item index, u32 category index)
     rs:meta:<ver>             JSON meta of one feature-set version (schema hash, counts, status)
     rs:versions               SET of all version names that have a meta key
@@ -58,6 +59,11 @@ def sequence_key(version: str, user_id: int) -> bytes:
 def profile_key(version: str, user_id: int) -> bytes:
     """`rs:<ver>:{u<user>}:prof`"""
     return user_prefix(version, user_id) + b"prof"
+
+
+def clusters_key(version: str, user_id: int) -> bytes:
+    """`rs:<ver>:{u<user>}:clu`"""
+    return user_prefix(version, user_id) + b"clu"
 
 
 def item_prefix(version: str) -> bytes:

@@ -1,12 +1,14 @@
 """Redis implementation of `OnlineStore`: single node (incl. the embedded Valkey) and Cluster.
 
 Reads: one pipeline per fetch. On a single node that is GET profile, GETRANGE of the sequence's
-newest `n*12` bytes (a negative start: the server clamps it to 0 for shorter sequences) and one
-MGET of the item keys the in-process cache does not hold. In Cluster mode the user's two keys
-share a slot (hash tag); all commands, items as one GET per key, are grouped by node with the slot
-map and sent as one plain pipeline per node, concurrently: one round trip per node. When the
-cached active pointer is due for a refresh, its GET rides in the same pipeline, so no request
-pays an extra round trip for it.
+newest `n*12` bytes (a negative start: the server clamps it to 0 for shorter sequences), with
+`read_clusters` a STRLEN of the sequence and a GET of its behaviour clusters (`twin_v2`; the
+length aligns the stored cluster ids with the newest events read), and one MGET of the item keys
+the in-process cache does not hold. In Cluster mode the user's keys share a slot (hash tag);
+all commands, items as one GET per key, are grouped by node with the slot map and sent as one
+plain pipeline per node, concurrently: one round trip per node. When the cached active pointer
+is due for a refresh, its GET rides in the same pipeline, so no request pays an extra round trip
+for it.
 
 Failures: redis-py's own retries are switched off; `_run` retries connection and timeout errors
 only, with exponential backoff and full jitter, bounded by `retry_attempts` and by the
@@ -36,9 +38,12 @@ from redis.backoff import NoBackoff
 from feature_store import keys
 from feature_store.cache import TTLCache
 from feature_store.codecs import (
+    CLUSTER_ENTRY_SIZE,
+    CLUSTER_HEADER_SIZE,
     SEQ_RECORD_SIZE,
     CodecError,
     Sequence,
+    align_clusters,
     decode_item_values,
     decode_profile,
     decode_sequence,
@@ -70,17 +75,28 @@ AnyClient = Redis | RedisCluster
 
 # APPEND the new records, then keep only the newest cap_bytes (whole 12-byte records, because
 # every value is a multiple of 12 and cap_bytes is too). A Lua script runs atomically, so
-# concurrent appends never interleave between the APPEND and the trim.
+# concurrent appends never interleave between the APPEND and the trim. KEYS[2], the user's
+# behaviour clusters (same hash tag, so legal in Cluster), covers the oldest events: when the
+# trim drops n records, the script drops their n cluster ids too, so the ids stay aligned.
 APPEND_SCRIPT = """
 local len = redis.call('APPEND', KEYS[1], ARGV[1])
 local cap = tonumber(ARGV[2])
+local ttl = tonumber(ARGV[3])
 if len > cap then
   local tail = redis.call('GETRANGE', KEYS[1], len - cap, -1)
   redis.call('SET', KEYS[1], tail, 'KEEPTTL')
+  local clu = redis.call('GET', KEYS[2])
+  if clu then
+    local header = tonumber(ARGV[4])
+    local dropped = (len - cap) / tonumber(ARGV[5]) * tonumber(ARGV[6])
+    redis.call('SET', KEYS[2], string.sub(clu, 1, header) .. string.sub(clu, header + dropped + 1), 'KEEPTTL')
+  end
   len = cap
 end
-local ttl = tonumber(ARGV[3])
-if ttl > 0 then redis.call('EXPIRE', KEYS[1], ttl) end
+if ttl > 0 then
+  redis.call('EXPIRE', KEYS[1], ttl)
+  if redis.call('EXISTS', KEYS[2]) == 1 then redis.call('EXPIRE', KEYS[2], ttl) end
+end
 return len
 """
 
@@ -568,6 +584,7 @@ class RedisOnlineStore(OnlineStore):
         prof_key = keys.profile_key(ver, user_id)
         seq_key = keys.sequence_key(ver, user_id)
         cluster = self._cluster
+        with_clusters = bool(n_seq) and self.config.read_clusters
 
         commands: list[tuple[Any, ...]] = []
         if refresh_active:
@@ -575,6 +592,9 @@ class RedisOnlineStore(OnlineStore):
         commands.append(("GET", prof_key))
         if n_seq:
             commands.append(("GETRANGE", seq_key, -n_seq * SEQ_RECORD_SIZE, -1))
+        if with_clusters:  # same hash tag: same node, same round trip
+            commands.append(("STRLEN", seq_key))
+            commands.append(("GET", keys.clusters_key(ver, user_id)))
         if miss_keys:
             if cluster:  # an MGET cannot span slots
                 commands.extend(("GET", key) for key in miss_keys)
@@ -592,6 +612,13 @@ class RedisOnlineStore(OnlineStore):
             if n_seq:
                 sequence = decode_sequence(replies[pos])
                 pos += 1
+            if with_clusters:
+                stored, raw_clusters = replies[pos], replies[pos + 1]
+                pos += 2
+                if raw_clusters is not None:
+                    sequence = sequence.with_clusters(
+                        align_clusters(raw_clusters, int(stored) // SEQ_RECORD_SIZE, len(sequence))
+                    )
             if miss_keys:
                 fetched = replies[pos:] if cluster else replies[pos]
                 if len(missing) == len(ids):  # cold cache or cache off: the replies are the values
@@ -646,15 +673,24 @@ class RedisOnlineStore(OnlineStore):
         profiles: SequenceABC[bytes],
         sequences: SequenceABC[bytes],
         ttl_seconds: int | None = None,
+        clusters: SequenceABC[bytes | None] | None = None,
     ) -> None:
         version = self._checked_version(version)
         if not len(user_ids) == len(profiles) == len(sequences):
             raise ValueError("user_ids, profiles and sequences must have equal length")
+        if clusters is not None and len(clusters) != len(user_ids):
+            raise ValueError("clusters must have one value (or None) per user")
         expiry: tuple[Any, ...] = ("EX", int(ttl_seconds)) if ttl_seconds and ttl_seconds > 0 else ()
         commands: list[tuple[Any, ...]] = []
-        for uid, prof, seq in zip(user_ids, profiles, sequences, strict=True):
+        for i, (uid, prof, seq) in enumerate(zip(user_ids, profiles, sequences, strict=True)):
             commands.append(("SET", keys.profile_key(version, uid), prof, *expiry))
             commands.append(("SET", keys.sequence_key(version, uid), seq, *expiry))
+            if clusters is not None:
+                value = clusters[i]
+                if value is None:  # not clustered (short history): no stale value from an earlier ingest
+                    commands.append(("DEL", keys.clusters_key(version, uid)))
+                else:
+                    commands.append(("SET", keys.clusters_key(version, uid), value, *expiry))
         # Whole-value SETs are idempotent, so retrying a half-applied batch is safe.
         await self._run(f"write {len(user_ids)} users", partial(self._execute, commands))
 
@@ -684,6 +720,7 @@ class RedisOnlineStore(OnlineStore):
             raise ValueError("cap must be >= 1")
         ver, _ = await self._read_version(version)
         key = keys.sequence_key(ver, user_id)
+        clusters_key = keys.clusters_key(ver, user_id)
         if len(events) == 0:
             length = await self._run("sequence length", lambda: self._client.strlen(key))
             return int(length) // SEQ_RECORD_SIZE
@@ -691,10 +728,13 @@ class RedisOnlineStore(OnlineStore):
             payload = encode_sequence(events.item, events.category, events.action, events.timestamp)
         except CodecError as exc:
             raise FeatureStoreDataError(f"append for user {user_id}: {exc}") from exc
-        args: list[bytes | int] = [payload, limit * SEQ_RECORD_SIZE, int(ttl_seconds or 0)]
+        args: list[bytes | int] = [payload, limit * SEQ_RECORD_SIZE, int(ttl_seconds or 0), CLUSTER_HEADER_SIZE,
+                                   SEQ_RECORD_SIZE, CLUSTER_ENTRY_SIZE]
         # APPEND is not idempotent: a lost reply could mean it was applied, so no retry here.
         # The error is still marked retriable; a caller that retries accepts at-least-once.
-        length = await self._run("append events", lambda: self._append_script(keys=[key], args=args), retry=False)
+        length = await self._run(
+            "append events", lambda: self._append_script(keys=[key, clusters_key], args=args), retry=False
+        )
         return int(length) // SEQ_RECORD_SIZE
 
     # -- lifecycle -------------------------------------------------------------------------------------

@@ -85,6 +85,11 @@ class FeatureStoreConfig(BaseModel):
     item_cache_size: int = Field(default=200_000, ge=0, description="item-feature cache entries (0 disables)")
     item_cache_ttl_s: float = Field(default=60.0, gt=0, description="item-feature cache TTL")
     max_sequence_length: int = Field(default=10_000, ge=0, description="newest events read per fetch")
+    read_clusters: bool = Field(
+        default=True,
+        description="also read the behaviour clusters (twin_v2) in the fetch's round trip: 2 bytes per event when "
+        "an ingest stored them, a nil reply otherwise",
+    )
     active_refresh_interval_s: float = Field(default=5.0, gt=0, description="re-read the active pointer this often")
     version: str | None = Field(default=None, description="pin this feature-set version instead of the active one")
 
@@ -286,8 +291,10 @@ class OnlineStore(abc.ABC):
         profiles: SequenceABC[bytes],
         sequences: SequenceABC[bytes],
         ttl_seconds: int | None = None,
+        clusters: SequenceABC[bytes | None] | None = None,
     ) -> None:
-        """SET the profile and sequence of each user (whole values: idempotent), pipelined."""
+        """SET the profile and sequence of each user (whole values: idempotent), pipelined; with
+        `clusters`, also each user's behaviour clusters (None: delete a stale one)."""
 
     @abc.abstractmethod
     async def write_items(self, version: str, item_ids: SequenceABC[int], values: SequenceABC[bytes]) -> None:

@@ -1,7 +1,7 @@
 """Benchmark sections on the serving model's own GSU inputs: retrieval strategies, and latency sweeps.
 
 * `section_strategies`: every retrieval strategy (exact with and without duplicate removal,
-  faiss.knn, numpy, eta, sim_hard) on the keys and queries the service builds for real requests
+  faiss.knn, numpy, eta, sim_hard, twin_v2) on the keys and queries the service builds for real requests
   of the workload, interleaved call by call: latency, CPU per call, recall@k against the exact
   top-k, and one latency-versus-recall plot (PNG).
 * `section_sweeps`: in-process latency of the CPU stages (gather + retrieve, score, fuse) against
@@ -37,21 +37,38 @@ STRATEGIES: dict[str, str] = {
     "eta_128b_s256": "eta:bits=128,shortlist=256",
     "sim_hard": "sim_hard",
     "sim_hard_pad": "sim_hard:fallback=pad",
+    "twin_v2_p4": "twin_v2:n_probe=4",
+    "twin_v2_p8": "twin_v2:n_probe=8",
+    "twin_v2_p16": "twin_v2:n_probe=16",
+    "twin_v2_p8_nosplit": "twin_v2:n_probe=8,split_bias=false",
+    "twin_v2_p8_size1": "twin_v2:n_probe=8,size_bias=1",
 }
 
 
 @dataclass
 class GsuInput:
-    """One request's GSU inputs as `service.assemble` builds them, plus the categories sim_hard needs."""
+    """One request's GSU inputs as `service.assemble` builds them, plus the categories sim_hard needs
+    and the behaviour clusters twin_v2 needs."""
 
     queries: F32
     keys: F32
     key_category: I64
     query_category: I64
+    clusters: Any = None
+    key_fingerprint: bytes | None = None
 
 
-def gsu_input(model: Any, history: Any, item_index: I64, category_index: I64, request_ts: int) -> GsuInput:
-    """The bias-augmented keys [L, A+1] and queries [B, A+1] of `service.assemble.scorer_inputs`."""
+def gsu_input(model: Any, history: Any, item_index: I64, category_index: I64, request_ts: int,
+              cluster_at: int | None = None) -> GsuInput:
+    """The bias-augmented keys [L, A+1] and queries [B, A+1] of `service.assemble.scorer_inputs`.
+
+    The history's stored clusters are used when the fetch returned them; otherwise the history is
+    clustered here exactly as `rankserve ingest --cluster-bundle` would (`feature_store.clusters`:
+    gap buckets taken at the history's newest event, `cluster_at` seconds later when given, so
+    the request comes `request_ts - cluster time` after the clustering).
+    """
+    from feature_store.clusters import UserClusterer
+    from feature_store.codecs import SequenceClusters
     from feature_store.schema import time_gap_bucket
 
     t = model.tables
@@ -65,7 +82,14 @@ def gsu_input(model: Any, history: Any, item_index: I64, category_index: I64, re
     q = t.item_query[c_item] + t.category_query[c_cat]
     queries = np.ones((q.shape[0], q.shape[1] + 1), dtype=np.float32)
     queries[:, :-1] = q
-    return GsuInput(queries, keys, h_cat.astype(np.int64), c_cat.astype(np.int64))
+    clusters = getattr(history, "clusters", None)
+    if clusters is None:
+        clusterer = UserClusterer.from_tables(t)
+        result = clusterer.cluster(history.item, history.category, history.action, history.timestamp, cluster_at)
+        if result is not None:
+            clusters = SequenceClusters(result[0], result[1], clusterer.fingerprint)
+    return GsuInput(queries, keys, h_cat.astype(np.int64), c_cat.astype(np.int64), clusters,
+                    t.key_fingerprint if hasattr(t, "key_fingerprint") else None)
 
 
 def _search(retriever: Any, x: GsuInput, k: int) -> tuple[F32, I64]:
@@ -73,7 +97,8 @@ def _search(retriever: Any, x: GsuInput, k: int) -> tuple[F32, I64]:
 
     if hasattr(retriever, "search_context"):
         result: tuple[F32, I64] = retriever.search_context(
-            x.queries, x.keys, k, RetrievalContext(x.key_category, x.query_category)
+            x.queries, x.keys, k, RetrievalContext(x.key_category, x.query_category, clusters=x.clusters,
+                                                   key_fingerprint=x.key_fingerprint)
         )
         return result
     out: tuple[F32, I64] = retriever.search(x.queries, x.keys, k)

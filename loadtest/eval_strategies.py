@@ -80,6 +80,13 @@ def evaluate_strategies(run_dir: Path, strategies: list[str], max_queries: int |
     groups = [order[a:b] for a, b in itertools.pairwise(bounds.tolist())]
     offline = predict(model, collator, idx)  # the offline evaluator's probabilities (exact PyTorch GSU)
     retrievers = {name: make_retriever(name) for name in strategies}
+    # twin_v2 searches behaviour clusters stored at ingest: cluster each query's history the same way
+    # (feature_store.clusters, with the run's key tables), as an ingest just before the request would
+    clusterer = None
+    if any(name.split(":", 1)[0] == "twin_v2" for name in strategies):
+        from feature_store.clusters import UserClusterer
+
+        clusterer = UserClusterer.from_tables(tables)
     probs = {name: np.zeros((idx.shape[0], len(spec.tasks)), dtype=np.float32) for name in strategies}
     overlap: dict[str, list[float]] = {name: [] for name in strategies}
     seconds = dict.fromkeys(strategies, 0.0)
@@ -93,6 +100,12 @@ def evaluate_strategies(run_dir: Path, strategies: list[str], max_queries: int |
         s, e = int(start[i0]), int(end[i0])
         hist = Sequence(item=samples.ev_item[s:e], category=samples.ev_category[s:e],
                         action=samples.ev_action[s:e], timestamp=samples.ev_ts[s:e])
+        if clusterer is not None:
+            from feature_store.codecs import SequenceClusters
+
+            found = clusterer.cluster(hist.item, hist.category, hist.action, hist.timestamp)
+            if found is not None:
+                hist = hist.with_clusters(SequenceClusters(found[0], found[1], clusterer.fingerprint))
         lengths.append(e - s)
         ts = int(samples.ts[idx[i0]])
         items, cats = samples.item[idx[g]], samples.category[idx[g]]

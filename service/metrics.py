@@ -3,7 +3,11 @@ per-arm requests and scores, and shadow agreement."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 # Latency buckets from 0.5 ms to 2.5 s: the budget is tens of milliseconds, the tail matters.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25,
@@ -69,3 +73,20 @@ class Metrics:
         self.shadow_sink_errors = Counter(
             "rankserve_shadow_sink_errors_total", "Shadow records the sink failed to write", registry=r
         )
+        # retrieval strategies that fell back to exact (twin_v2 without a valid clustering), by reason
+        r.register(RetrievalFallbacks())
+
+
+class RetrievalFallbacks(Collector):
+    """rankserve_retrieval_fallback_total{strategy, reason}: the process's `service.retrieval.fallback_counts()`."""
+
+    def collect(self) -> Iterator[Metric]:
+        from service.retrieval import fallback_counts
+
+        family = CounterMetricFamily(
+            "rankserve_retrieval_fallback", "Searches an approximate strategy answered with exact instead, by reason "
+            "(twin_v2: missing, stale, misaligned clustering; short history)", labels=["strategy", "reason"],
+        )
+        for (strategy, reason), count in sorted(fallback_counts().items()):
+            family.add_metric([strategy, reason], count)
+        yield family

@@ -12,6 +12,8 @@ over faiss binary indexes) are one `register_retriever` call away.
 * ``faiss_knn`` - `faiss.knn` with METRIC_INNER_PRODUCT, the reference.
 * ``numpy`` - matmul, argpartition, sort.
 * ``faiss_gpu`` - `faiss.knn_gpu` brute force; only constructible with a GPU build and a GPU.
+* ``sim_hard``, ``eta``, ``twin_v2`` - approximate: category search, SimHash shortlist, and the
+  search of the best behaviour clusters stored at ingest (see each class).
 
 This module knows nothing about requests or transports; bad input raises `RetrievalInputError`
 (a ValueError) with a message that says what to fix.
@@ -30,6 +32,8 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
+
+from feature_store.codecs import SequenceClusters
 
 log = logging.getLogger("rankserve.retrieval")
 
@@ -387,12 +391,17 @@ class RetrievalContext:
     """What a strategy may need beyond queries and keys; strategies that need none ignore it.
 
     key_category [L] / query_category [B]: category index of each behaviour / candidate
-    (`sim_hard`); user_index: the user's vocabulary index (for per-user state).
+    (`sim_hard`); user_index: the user's vocabulary index (for per-user state); clusters: the
+    behaviours' stored clusters, aligned with the keys (`twin_v2`, a
+    `feature_store.codecs.SequenceClusters`); key_fingerprint: fingerprint of the serving bundle's
+    key tables (`feature_store.clusters.key_fingerprint`), to recognise a stale clustering.
     """
 
     key_category: I64 | None = None
     query_category: I64 | None = None
     user_index: int | None = None
+    clusters: SequenceClusters | None = None
+    key_fingerprint: bytes | None = None
 
 
 @runtime_checkable
@@ -553,6 +562,158 @@ class EtaRetriever:
         return distinct.expand(out_s, out_i, k)
 
 
+# strategies that fall back to exact count it here, by (strategy, reason); `service.metrics`
+# exports the counts as rankserve_retrieval_fallback_total
+_fallbacks: dict[tuple[str, str], int] = {}
+_fallback_lock = threading.Lock()
+
+
+def count_fallback(strategy: str, reason: str) -> None:
+    with _fallback_lock:
+        _fallbacks[(strategy, reason)] = _fallbacks.get((strategy, reason), 0) + 1
+
+
+def fallback_counts() -> dict[tuple[str, str], int]:
+    """Searches that fell back to exact since the process started, by (strategy, reason)."""
+    with _fallback_lock:
+        return dict(_fallbacks)
+
+
+class TwinV2Retriever:
+    """TWIN-V2 style cluster search over behaviours clustered at ingest (`feature_store.clusters`).
+
+    Each behaviour carries the id of its cluster (stored beside the sequence, passed in
+    `RetrievalContext.clusters`; the ingest makes every cluster homogeneous in GSU bias at the
+    clustering time). Per request, with `split_bias` (default), each cluster is first split by
+    the current value of the keys' last column, the per-behaviour bias `service.assemble` folds
+    in: time-gap buckets drift as events age, and this keeps every searched cluster homogeneous
+    in bias (skipped when it would more than quadruple the clusters: a last column that is not
+    such a bias). The centroids are the means of the members' keys (the same augmented keys the
+    exact search scores, bias column included) and each cluster's size is its number of
+    behaviours. Each query scores every cluster by centroid·query + `size_bias` * ln(size) (0 by
+    default: ln(size) is ~4.6 against scores ~0.05 and drowns the ranking), searches the members
+    of the best ones, at least `n_probe` clusters holding at least max(k, `min_keys`)
+    behaviours (`n_probe` >= the stored clusters: all of them, split parts included), and
+    returns the exact top-k over those members (exact scores). Behaviours appended after the
+    clustering (id -1) are searched by every query. Histories are reduced to distinct keys
+    first, as `exact` does.
+
+    Falls back to `exact` (counted in `fallback_counts()`, reason in brackets) when the history
+    is shorter than `exact_below` ("short"), no clustering is stored ("missing"), it was made for
+    other key tables ("stale") or does not match the history ("misaligned"); never fails.
+    """
+
+    name = "twin_v2"
+
+    def __init__(self, n_probe: int = 8, min_keys: int = 0, size_bias: float = 0.0, exact_below: int = 1024,
+                 dedup: bool = True, split_bias: bool = True, num_threads: int | None = None) -> None:
+        if n_probe < 1:
+            raise ValueError(f"n_probe must be >= 1, got {n_probe}")
+        if min_keys < 0:
+            raise ValueError(f"min_keys must be >= 0, got {min_keys}")
+        if exact_below < 0:
+            raise ValueError(f"exact_below must be >= 0, got {exact_below}")
+        self.n_probe = n_probe
+        self.min_keys = min_keys
+        self.size_bias = size_bias
+        self.exact_below = exact_below
+        self.dedup = dedup
+        self.split_bias = split_bias
+        self.num_threads = num_threads
+        self._exact = ExactRetriever(num_threads=num_threads)
+        _warm_twin_v2()
+
+    def _fallback(self, reason: str, queries: F32, keys: F32, k: int) -> tuple[F32, I64]:
+        count_fallback(self.name, reason)
+        return self._exact.search(queries, keys, k)
+
+    def search(self, queries: F32, keys: F32, k: int) -> tuple[F32, I64]:
+        return self._fallback("missing", queries, keys, k)
+
+    def search_context(self, queries: F32, keys: F32, k: int, context: RetrievalContext) -> tuple[F32, I64]:
+        q, keys, k = validate(queries, keys, k)
+        n_queries, n_keys = q.shape[0], keys.shape[0]
+        if n_queries == 0 or n_keys == 0:
+            return padded(n_queries, k)
+        if n_keys < self.exact_below:
+            return self._fallback("short", q, keys, k)
+        clusters = context.clusters
+        if clusters is None:
+            return self._fallback("missing", q, keys, k)
+        if context.key_fingerprint is not None and clusters.fingerprint != context.key_fingerprint:
+            return self._fallback("stale", q, keys, k)
+        assign = np.asarray(clusters.assignment)
+        n_clusters = int(clusters.n_clusters)
+        if assign.shape != (n_keys,) or n_clusters < 1:
+            return self._fallback("misaligned", q, keys, k)
+        if not (assign >= 0).any():  # every behaviour came after the clustering
+            return self._fallback("missing", q, keys, k)
+        return self.search_clusters(q, keys, k, assign, n_clusters)
+
+    def search_clusters(self, q: F32, keys: F32, k: int, assign: npt.NDArray[np.integer[Any]],
+                        n_clusters: int) -> tuple[F32, I64]:
+        """The cluster search on validated, non-empty inputs; assign [L] in 0..n_clusters-1 or -1."""
+        n_keys, d = keys.shape
+        cl = np.where((assign >= 0) & (assign < n_clusters), assign, n_clusters).astype(np.int64)  # C = unclustered
+        distinct = DistinctKeys.of(keys) if self.dedup and n_keys >= _DEDUP_MIN_KEYS else None
+        if distinct is not None:
+            gkeys = distinct.keys
+            g_cl = cl[distinct.first]
+            g_mult = np.bincount(distinct.group, minlength=distinct.n_groups)
+        else:
+            gkeys, g_cl, g_mult = keys, cl, np.ones(n_keys, dtype=np.int64)
+        n_groups = gkeys.shape[0]
+        from service.kernels import clusters as kernels
+
+        n_probe = self.n_probe
+        if self.split_bias:
+            split = np.empty(n_groups, dtype=np.int64)
+            n_split = kernels.split_by_last_column(gkeys, g_cl, n_clusters, 4 * n_clusters + 64, split)
+            if n_split > 0:
+                if n_probe >= n_clusters:  # every stored cluster: every part of them
+                    n_probe = int(n_split)
+                g_cl, n_clusters = split, int(n_split)
+        order = np.empty(n_groups, dtype=np.int64)
+        offsets = np.empty(n_clusters + 2, dtype=np.int64)
+        cover = np.empty(n_clusters + 1, dtype=np.int64)  # behaviours per cluster (last: not clustered)
+        centroids = np.empty((n_clusters, d), dtype=np.float32)
+        kernels.group_by_cluster(gkeys, g_cl, g_mult, n_clusters, order, offsets, cover, centroids)
+        size = cover[:n_clusters]
+        bias = np.full(n_clusters, -np.inf, dtype=np.float32)  # an empty cluster is never probed
+        np.multiply(self.size_bias, np.log(size, where=size > 0, out=np.zeros(n_clusters)), out=bias,
+                    where=size > 0, casting="unsafe")
+        keys_t = np.ascontiguousarray(gkeys[order].T)
+        kk = min(k, n_groups) if distinct is not None else k
+        out_s = np.empty((q.shape[0], kk), dtype=np.float32)
+        out_i = np.empty((q.shape[0], kk), dtype=np.int64)
+        with _launch_lock, _numba_threads(self.num_threads):
+            kernels.probe_topk(q, keys_t, order, offsets, np.ascontiguousarray(centroids.T), bias, cover, n_probe,
+                               max(k, self.min_keys), kk, out_s, out_i)
+        if distinct is None:
+            return out_s, out_i
+        return distinct.expand(out_s, out_i, k)
+
+
+_twin_v2_warm = False
+
+
+def _warm_twin_v2() -> None:
+    """Load (or compile) the cluster kernel once per process, at construction, not on a request."""
+    global _twin_v2_warm
+    if _twin_v2_warm:
+        return
+    rng = np.random.default_rng(0)
+    keys = rng.standard_normal((1100, 17), dtype=np.float32)
+    keys[550:] = keys[:550]  # repeats: the distinct-key path
+    retriever = TwinV2Retriever.__new__(TwinV2Retriever)
+    retriever.n_probe, retriever.min_keys, retriever.size_bias, retriever.dedup = 2, 0, 1.0, True
+    retriever.split_bias, retriever.num_threads = True, None
+    keys[:, -1] = np.round(keys[:, -1])  # a few distinct last-column values: the split path
+    retriever.search_clusters(rng.standard_normal((9, 17), dtype=np.float32), keys, 64,
+                              np.arange(1100) % 7 - 1, 6)
+    _twin_v2_warm = True
+
+
 def warm_up() -> float:
     """Load the exact kernel from numba's on-disk cache, compiling it if absent; return seconds taken.
 
@@ -655,6 +816,7 @@ _REGISTRY: dict[str, RetrieverFactory] = {
     "faiss_gpu": FaissGpuRetriever,
     "sim_hard": SimHardRetriever,
     "eta": EtaRetriever,
+    "twin_v2": TwinV2Retriever,
 }
 
 

@@ -209,8 +209,8 @@ def scratch_registry() -> Iterator[None]:
 
 @pytest.mark.usefixtures("scratch_registry")
 def test_register_a_new_strategy() -> None:
-    retrieval.register_retriever("twin_v2", retrieval.NumpyRetriever)
-    assert make_retriever("twin_v2").search(*data(9, 2, 30, 16), 4)[0].shape == (2, 4)
+    retrieval.register_retriever("custom_numpy", retrieval.NumpyRetriever)
+    assert make_retriever("custom_numpy").search(*data(9, 2, 30, 16), 4)[0].shape == (2, 4)
     with pytest.raises(ValueError, match="already registered"):
         retrieval.register_retriever("exact", retrieval.NumpyRetriever)
 

@@ -1,0 +1,111 @@
+"""twin_v2 behaviour clusters through a real server: ingest with clustering, read back in the same
+fetch as the sequence, kept aligned by appends that trim the sequence, and ranked with."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from feature_store import keys
+from feature_store.clusters import ClusterParams, UserClusterer, history_bias
+from feature_store.codecs import Sequence
+from feature_store.ingest import ingest_log, schema_from_log
+from feature_store.schema import SchemaSpec
+from feature_store.store import OnlineStore
+from service.retrieval import RetrievalContext, TwinV2Retriever, check_against_reference, fallback_counts
+from tests.integration.conftest import assert_same_sequence, expected_sequence, make_events
+
+pytestmark = pytest.mark.asyncio(loop_scope="function")
+
+
+def _clusterer(n_items: int, n_categories: int) -> UserClusterer:
+    rng = np.random.default_rng(3)
+    item_key = rng.standard_normal((n_items, 8)).astype(np.float32)
+    category_key = rng.standard_normal((n_categories, 8)).astype(np.float32)
+    action_bias = rng.standard_normal(4).astype(np.float32) * 0.05
+    gap_bias = rng.standard_normal(16).astype(np.float32) * 0.05
+    return UserClusterer(item_key, category_key, action_bias, gap_bias, ClusterParams(min_events=100, seed=1))
+
+
+async def test_ingest_clusters_read_back_in_one_fetch(store: OnlineStore) -> None:
+    events = make_events(n_users=6, min_events=50, max_events=400, seed=5)
+    schema = schema_from_log(events, SchemaSpec(max_sequence_length=300))
+    clusterer = _clusterer(schema.items.size, schema.categories.size)
+    stats = await ingest_log(store, events, schema, "clu", batch_users=4, activate=True, clusterer=clusterer)
+    users, offsets = events.user_offsets()
+    lengths = np.minimum(np.diff(offsets), 300)
+    assert stats.clustered == int((lengths >= 100).sum()) > 0
+    meta = await store.get_meta("clu")
+    assert meta is not None and meta.info["clusters"]["fingerprint"] == clusterer.fingerprint.hex()
+
+    for user, length in zip(users.tolist(), lengths.tolist(), strict=True):
+        got = await store.fetch(user, [], version="clu")
+        want = expected_sequence(events, schema, user, 300)
+        assert_same_sequence(got.sequence, want)
+        if length < 100:
+            assert got.sequence.clusters is None
+            continue
+        clusters = got.sequence.clusters
+        assert clusters is not None and clusters.fingerprint == clusterer.fingerprint
+        expect = clusterer.cluster(want.item, want.category, want.action, want.timestamp)
+        assert expect is not None
+        np.testing.assert_array_equal(clusters.assignment, expect[0])
+        assert clusters.n_clusters == expect[1]
+        # clustered at the user's newest event: each cluster has one GSU bias at that time
+        bias = history_bias(clusterer.action_bias, clusterer.gap_bias, want.action, want.timestamp,
+                            int(want.timestamp.max()))
+        for c in range(clusters.n_clusters):
+            assert np.unique(bias[clusters.assignment == c]).shape[0] == 1
+        # a shorter read gets the ids of the newest events only
+        short = await store.fetch(user, [], max_sequence_length=40, version="clu")
+        assert short.sequence.clusters is not None
+        np.testing.assert_array_equal(short.sequence.clusters.assignment, expect[0][-40:])
+
+
+async def test_appends_keep_clusters_aligned(store: OnlineStore) -> None:
+    events = make_events(n_users=1, min_events=300, max_events=300, seed=9)
+    schema = schema_from_log(events, SchemaSpec(max_sequence_length=300))
+    clusterer = _clusterer(schema.items.size, schema.categories.size)
+    await ingest_log(store, events, schema, "app", activate=True, clusterer=clusterer)
+    user = int(events.user_offsets()[0][0])
+    before = await store.fetch(user, [], version="app")
+    assert before.sequence.clusters is not None
+    ids = before.sequence.clusters.assignment.copy()
+
+    # 20 new events at the cap: the 20 oldest records and their cluster ids are dropped
+    new = Sequence(np.arange(1, 21), np.ones(20, dtype=np.int64), np.zeros(20, dtype=np.int64),
+                   np.arange(20, dtype=np.int64) + int(events.timestamp.max()) + 1)
+    assert await store.append_events(user, new, cap=300, version="app") == 300
+    after = await store.fetch(user, [], version="app")
+    assert len(after.sequence) == 300 and after.sequence.clusters is not None
+    np.testing.assert_array_equal(after.sequence.clusters.assignment[:280], ids[20:])
+    assert (after.sequence.clusters.assignment[280:] == -1).all()  # appended after the clustering
+    raw = await store.client.get(keys.clusters_key("app", user))  # type: ignore[attr-defined]
+    assert len(raw) == 16 + 2 * 280
+
+    # the retriever searches the clustered events by cluster and the appended ones always
+    rng = np.random.default_rng(0)
+    keys_aug = rng.standard_normal((300, 9)).astype(np.float32)
+    queries = rng.standard_normal((12, 9)).astype(np.float32)
+    retriever = TwinV2Retriever(n_probe=10_000, exact_below=0)
+    context = RetrievalContext(clusters=after.sequence.clusters, key_fingerprint=clusterer.fingerprint)
+    scores, idx = retriever.search_context(queries, keys_aug, 16, context)
+    assert check_against_reference(queries, keys_aug, 16, scores, idx) == []
+
+
+async def test_stale_clustering_falls_back_to_exact(store: OnlineStore) -> None:
+    events = make_events(n_users=1, min_events=200, max_events=200, seed=2)
+    schema = schema_from_log(events, SchemaSpec(max_sequence_length=300))
+    clusterer = _clusterer(schema.items.size, schema.categories.size)
+    await ingest_log(store, events, schema, "st", activate=True, clusterer=clusterer)
+    user = int(events.user_offsets()[0][0])
+    got = await store.fetch(user, [], version="st")
+    assert got.sequence.clusters is not None
+    rng = np.random.default_rng(1)
+    keys_aug = rng.standard_normal((200, 9)).astype(np.float32)
+    queries = rng.standard_normal((5, 9)).astype(np.float32)
+    before = fallback_counts().get(("twin_v2", "stale"), 0)
+    stale = RetrievalContext(clusters=got.sequence.clusters, key_fingerprint=b"\x00" * 8)
+    scores, idx = TwinV2Retriever(exact_below=0).search_context(queries, keys_aug, 8, stale)
+    assert fallback_counts()[("twin_v2", "stale")] == before + 1
+    assert check_against_reference(queries, keys_aug, 8, scores, idx) == []
