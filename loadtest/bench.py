@@ -2,8 +2,7 @@
 
 Standard workload: 1M-item catalogue, users with 10,000-event histories, 500 candidates per
 request, k = 64 retrieved behaviours, 3 tasks, top-100 returned. The bench builds a bundle of
-that size (random weights: latency does not depend on them; `--scorer proposed` or `both` also
-exports the scorer proposed in loadtest/proposals.py), ingests users (from the synthetic set in
+that size (random weights: latency does not depend on them), ingests users (from the synthetic set in
 data-cache/synth when present, else generated) into an embedded Valkey, then measures,
 interleaved so machine noise hits every method alike:
 
@@ -95,13 +94,11 @@ def interleaved(methods: Mapping[str, Callable[[int], object]], iterations: int,
 # setup
 
 
-def build_bundle(root: Path, w: Workload, schema: Any = None, scorer: str = "current") -> Path:
+def build_bundle(root: Path, w: Workload, schema: Any = None) -> Path:
     """A bundle with the standard workload's table sizes and random weights.
 
     `schema` (a FeatureSchema) replaces the default vocabularies (ids 0..n-1), e.g. with those of
-    a synthetic set, so that its ingested users and items are known to the bundle. `scorer`
-    "proposed" exports the scorer with the attention proposed in `loadtest.proposals` (same
-    weights, same outputs) to measure it; "current" is the exporter as it is.
+    a synthetic set, so that its ingested users and items are known to the bundle.
     """
     import torch
 
@@ -124,14 +121,6 @@ def build_bundle(root: Path, w: Workload, schema: Any = None, scorer: str = "cur
         for p in model.scorer.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     model.eval()
-    if scorer == "proposed":
-        from loadtest.proposals import proposed_attention
-
-        with proposed_attention():
-            return write_bundle(model, root / "schema", {"variant": "twin", "data": "bench", "scorer": scorer},
-                                root / "models", "bench")
-    if scorer != "current":
-        raise ValueError(f"scorer must be 'current' or 'proposed', got {scorer!r}")
     return write_bundle(model, root / "schema", {"variant": "twin", "data": "bench"}, root / "models", "bench")
 
 
@@ -227,9 +216,8 @@ def ort_session(path: Path, threads: int, spinning: bool) -> Any:
 
 
 def section_scoring(model: Any, bundle_path: Path, store_fetch: Callable[[int, list[int]], Any],
-                    reqs: list[tuple[int, list[int]]], w: Workload, threads: int,
-                    proposed_onnx: Path | None = None) -> dict[str, Any]:
-    """ONNX Runtime (thread and spinning variants, and the proposed graph) vs TorchScript vs PyTorch eager.
+                    reqs: list[tuple[int, list[int]]], w: Workload, threads: int) -> dict[str, Any]:
+    """ONNX Runtime (thread and spinning variants) vs TorchScript vs PyTorch eager.
 
     Same scorer inputs for all; wall time per call and CPU time of the process per call (on 2
     shared cores a spinning thread pool looks fast in wall time and costs the neighbours).
@@ -251,8 +239,6 @@ def section_scoring(model: Any, bundle_path: Path, store_fetch: Callable[[int, l
         f"onnxruntime_{threads}t_nospin": ort_session(bundle_path / "scorer.onnx", threads, False),
         "onnxruntime_1t": ort_session(bundle_path / "scorer.onnx", 1, False),
     }
-    if proposed_onnx is not None:
-        sessions["onnxruntime_proposed_1t"] = ort_session(proposed_onnx, 1, False)
     ts = TorchScriptScorer(bundle_path / "scorer.torchscript.pt", threads, "cpu")
     eager = eager_scorer(bundle_path)
 
@@ -283,8 +269,7 @@ def section_scoring(model: Any, bundle_path: Path, store_fetch: Callable[[int, l
     times = interleaved({name: timed_cpu(name, fn) for name, fn in methods.items()}, w.iterations, w.warmup)
     stats = {name: percentiles(v) | {"cpu_p50": round(float(np.median(cpu[name][w.warmup:])), 3)}
              for name, v in times.items()}
-    best_onnx = min((n for n in stats if n.startswith("onnxruntime") and "proposed" not in n),
-                    key=lambda n: stats[n]["p50"])
+    best_onnx = min((n for n in stats if n.startswith("onnxruntime")), key=lambda n: stats[n]["p50"])
     return {
         "batch": w.candidates,
         "threads": threads,
@@ -372,18 +357,19 @@ def markdown(report: dict[str, Any]) -> str:
         for case, stages in sw["cases"].items():
             lines.append(f"| sweep {case}: total | {stages['total']['p50']} | {stages['total']['p99']} | "
                          f"retrieve {stages['retrieve']['p50']}, score {stages['score']['p50']} (p50) |")
-    for scorer, e2e in report.get("e2e", {}).items():
-        for transport, levels in e2e.get("concurrency", {}).items():
-            for c, m in levels.items():
-                lines.append(f"| {transport} c={c} ({scorer} scorer) | {m['p50']} | {m['p99']} | p95 {m['p95']}, "
-                             f"{m['throughput_rps']} req/s, server CPU {m['server_cpu_ms_per_request']} ms/req, "
-                             f"{m['failures']} failures |")
-        t = e2e.get("throughput")
-        if t:
-            lines.append(f"| REST max throughput with p99 <= {t['slo_p99_ms']} ms ({scorer} scorer) | | | "
-                         f"{t['max_rps_within_slo']} req/s (offered {t['at_offered_rps']}) |")
-    for scorer, mem in report.get("memory", {}).items():
-        lines.append(f"| second worker adds ({scorer} scorer) | | | PSS {mem['second_worker_adds_pss_mb']} MB; "
+    e2e = report.get("e2e", {})
+    for transport, levels in e2e.get("concurrency", {}).items():
+        for c, m in levels.items():
+            lines.append(f"| {transport} c={c} | {m['p50']} | {m['p99']} | p95 {m['p95']}, "
+                         f"{m['throughput_rps']} req/s, server CPU {m['server_cpu_ms_per_request']} ms/req, "
+                         f"{m['failures']} failures |")
+    t = e2e.get("throughput")
+    if t:
+        lines.append(f"| REST max throughput with p99 <= {t['slo_p99_ms']} ms | | | "
+                     f"{t['max_rps_within_slo']} req/s (offered {t['at_offered_rps']}) |")
+    mem = report.get("memory")
+    if mem:
+        lines.append(f"| second worker adds | | | PSS {mem['second_worker_adds_pss_mb']} MB; "
                      f"worker USS {mem['worker_uss_mb']} MB |")
     f = report.get("fetch")
     if f and "summary" in f:
@@ -409,9 +395,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=d.warmup)
     p.add_argument("--threads", type=int, default=None, help="in-process scorer threads (default: available CPUs)")
     p.add_argument("--sections", default=",".join(ALL_SECTIONS), help=f"comma-separated subset of {ALL_SECTIONS}")
-    p.add_argument("--scorer", choices=("current", "proposed", "both"), default="current",
-                   help="end-to-end sections with today's exported scorer, the proposed one "
-                        "(loadtest/proposals.py), or both")
     p.add_argument("--levels", default="1,8,32", help="client concurrency levels of the transports section")
     p.add_argument("--level-requests", type=int, default=300, help="requests per transport and level")
     p.add_argument("--slo-ms", type=float, default=50.0, help="p99 objective of the throughput search")
@@ -463,7 +446,6 @@ def run(args: argparse.Namespace) -> int:
     if unknown:
         raise SystemExit(f"unknown sections {sorted(unknown)}; use {', '.join(ALL_SECTIONS)}")
     plots = args.plots or (args.out.parent if args.out else Path("bench-plots"))
-    scorers = ["current", "proposed"] if args.scorer == "both" else [args.scorer]
     server_env = ({} if args.untuned else dict(TUNED_ENV)) | dict(kv.split("=", 1) for kv in args.server_env)
     root = Path(tempfile.mkdtemp(prefix="rankserve-bench-"))
     report: dict[str, Any] = {"cpus": available_cpus(), "scorer_threads_in_process": threads,
@@ -471,8 +453,7 @@ def run(args: argparse.Namespace) -> int:
                               "server_env": server_env, "loadavg_at_start": round(os.getloadavg()[0], 2)}
     t0 = time.perf_counter()
     try:
-        prepared = {name: prepare_workload(root / name, w, args.data, name) for name in scorers}
-        first = prepared[scorers[0]]
+        first = prepare_workload(root, w, args.data)
         if first.source != "generated":
             w.request_time = int(first.events.timestamp.max()) + 3600
         report["workload"] = asdict(w) | {"data": first.source}
@@ -501,8 +482,7 @@ def run(args: argparse.Namespace) -> int:
                                             res.category_index, w.request_time))
                 report["strategies"] = section_strategies(inputs, w.k, max(20, w.iterations // 4), 3, plots)
             if "scoring" in sections:
-                proposed = prepared["proposed"].bundle_path / "scorer.onnx" if "proposed" in prepared else None
-                report["scoring"] = section_scoring(model, first.bundle_path, fetch, reqs, w, threads, proposed)
+                report["scoring"] = section_scoring(model, first.bundle_path, fetch, reqs, w, threads)
             if "sweeps" in sections:
                 report["sweeps"] = section_sweeps(
                     model, indexed_events(first.events, first.schema), w.request_time, [1_000, 10_000, 100_000],
@@ -514,22 +494,18 @@ def run(args: argparse.Namespace) -> int:
             bodies = [orjson.dumps({"user_id": u, "candidates": c, "top_n": w.top_n, "request_time": w.request_time})
                       for u, c in reqs]
             levels = [int(x) for x in args.levels.split(",") if x]
-            report["e2e"] = {}
-            for name in scorers:
-                e2e: dict[str, Any] = {}
-                if {"transports", "throughput"} & sections:
-                    with ServerProcess(prepared[name].model_dir, valkey.url, env=server_env, workers=args.workers,
-                                       log_path=root / f"server-{name}.log") as server:
-                        if "transports" in sections:
-                            e2e["concurrency"] = section_concurrency(server, bodies, reqs, w.top_n, w.request_time,
-                                                                     levels, args.level_requests)
-                        if "throughput" in sections:
-                            e2e["throughput"] = section_throughput(server, bodies, args.slo_ms,
-                                                                   step_s=args.step_seconds)
-                report["e2e"][name] = e2e
+            e2e: dict[str, Any] = {}
+            if {"transports", "throughput"} & sections:
+                with ServerProcess(first.model_dir, valkey.url, env=server_env, workers=args.workers,
+                                   log_path=root / "server.log") as server:
+                    if "transports" in sections:
+                        e2e["concurrency"] = section_concurrency(server, bodies, reqs, w.top_n, w.request_time,
+                                                                 levels, args.level_requests)
+                    if "throughput" in sections:
+                        e2e["throughput"] = section_throughput(server, bodies, args.slo_ms, step_s=args.step_seconds)
+            report["e2e"] = e2e
             if "memory" in sections:
-                report["memory"] = {name: section_memory(prepared[name].model_dir, valkey.url, bodies, server_env)
-                                    for name in scorers}
+                report["memory"] = section_memory(first.model_dir, valkey.url, bodies, server_env)
         if "fetch" in sections:
             report["fetch"] = section_fetch(max(100, w.iterations))
     finally:

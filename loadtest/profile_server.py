@@ -1,7 +1,6 @@
 """Where a serving process spends its CPU under load: py-spy on `rankserve serve`, stacks bucketed.
 
-    python -m loadtest.profile_server [--concurrency 8] [--seconds 20] [--scorer current|proposed] \\
-        [--out profile.txt]
+    python -m loadtest.profile_server [--concurrency 8] [--seconds 20] [--out profile.txt]
 
 Builds the standard workload (as `rankserve bench` does), starts one server with the tuned
 environment, drives closed-loop REST load, and records the server with `py-spy record --native
@@ -27,14 +26,17 @@ IDLE = ("epoll_wait", "PyThread_acquire_lock_timed", "pthread_cond_wait", "pthre
         "nanosleep", "clock_nanosleep", "do_futex_wait", "__GI___poll", "accept4")
 BUCKETS: list[tuple[str, tuple[str, ...]]] = [
     ("score (ONNX Runtime)", ("onnxruntime", "OnnxScorer.predict")),
+    # before retrieval: the history's distinct rows are found with a kernel retrieval uses too
+    ("assemble: table gathers, arrays", ("_history_rows",)),
     ("retrieve: exact kernel and distinct keys", ("topk_ip", "unique_rows", "expand_topk", "group_members",
                                                   "pack_keys", "ExactRetriever", "DistinctKeys", "grouped.py")),
     ("assemble: cross features", ("cross_features",)),
     ("assemble: table gathers, arrays", ("scorer_inputs", "assemble.py")),
     ("fetch and decode (redis)", ("redis", "feature_store", "hiredis")),
+    # before HTTP: the core's own code on the event loop runs inside the FastAPI endpoint's frames
+    ("core: validate, fuse, top-N, response", ("service/core.py", "scoring.py", "experiments.py", "types.py")),
     ("HTTP and JSON (uvicorn, FastAPI, pydantic, orjson)", ("uvicorn", "starlette", "fastapi", "pydantic",
                                                             "httptools", "orjson", "service/app.py", "schemas.py")),
-    ("core: validate, fuse, top-N, response", ("service/core.py", "scoring.py", "experiments.py", "types.py")),
     ("gRPC", ("grpc",)),
     ("asyncio event loop", ("asyncio", "base_events", "events.py")),
 ]
@@ -70,7 +72,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--seconds", type=int, default=20)
     p.add_argument("--rate", type=int, default=50, help="py-spy samples per second")
-    p.add_argument("--scorer", choices=("current", "proposed"), default="current")
     p.add_argument("--users", type=int, default=64)
     p.add_argument("--out", type=Path, default=Path("profile.txt"), help="py-spy raw output")
     args = p.parse_args(argv)
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(tempfile.mkdtemp(prefix="rankserve-profile-"))
     try:
         w = Workload(users=args.users)
-        prepared = prepare_workload(root, w, "auto", args.scorer)
+        prepared = prepare_workload(root, w, "auto")
         request_ts = int(prepared.events.timestamp.max()) + 3600
         bodies = [orjson.dumps({"user_id": u, "candidates": c, "top_n": 100, "request_time": request_ts})
                   for u, c in candidate_sets(w, prepared.events, 64)]

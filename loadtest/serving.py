@@ -49,12 +49,11 @@ class PreparedWorkload:
     source: str
 
 
-def prepare_workload(root: Path, w: Workload, data: str = "auto", scorer: str = "current") -> PreparedWorkload:
+def prepare_workload(root: Path, w: Workload, data: str = "auto") -> PreparedWorkload:
     """Build the bundle and the users to ingest.
 
     data: "auto" (the synthetic set in data-cache/synth when present, else generated),
-    "generated", or "synthetic:DIR" (w.users users of it, a deterministic subset). scorer:
-    "current" or "proposed" (see `loadtest.bench.build_bundle`).
+    "generated", or "synthetic:DIR" (w.users users of it, a deterministic subset).
     """
     from feature_store.schema import SchemaSpec
     from loadtest.bench import bench_events, build_bundle
@@ -84,7 +83,7 @@ def prepare_workload(root: Path, w: Workload, data: str = "auto", scorer: str = 
         items = range(w.items)
     else:
         raise ValueError(f"unknown data {data!r}: use auto, generated or synthetic:DIR")
-    bundle_path = build_bundle(root, w, schema, scorer)
+    bundle_path = build_bundle(root, w, schema)
     from feature_store.schema import FeatureSchema
 
     schema = FeatureSchema.load(bundle_path / "schema")

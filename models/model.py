@@ -111,15 +111,39 @@ class TargetAttention(nn.Module):
         return logits
 
     def forward(self, key: Tensor, repr_: Tensor, action: Tensor, gap: Tensor, mask: Tensor, query: Tensor) -> Tensor:
-        logits = self.logits(key, query, action, gap)  # [B, L, H]
-        m = mask.unsqueeze(-1)
+        """out_h = Σ_j w_jh (W (r_j + A[a_j] + G[g_j]) + b)_h, computed without any [B, L, R] temporary.
+
+        The value projection is linear, so it commutes with the attention-weighted sum:
+        out_h = W_h (Σ_j w_jh r_j + Σ_a m_ha A_a + Σ_g n_hg G_g) + b_h Σ_j w_jh, where m_ha (n_hg)
+        is the attention mass on action a (gap bucket g), a scatter-add over L, and Σ_j w_jh is 1
+        (0 for an empty history). The per-head logits are one batched matmul of the keys with a
+        block-diagonal query [B, A, H]. Same values as projecting every behaviour first
+        (tests/unit/test_model.py keeps that form as the reference), at about a third of the
+        exported scorer's CPU time (docs/PERFORMANCE.md).
+        """
+        b, length, a_dim = key.shape
+        h, dh = self.n_heads, self.head_dim
+        head_of = (torch.arange(a_dim, device=key.device) // dh).unsqueeze(-1) == torch.arange(h, device=key.device)
+        qbd = query.unsqueeze(-1) * head_of.to(query.dtype)  # [B, A, H]: query h in rows of head h only
+        dot = torch.matmul(key, qbd) / math.sqrt(dh)  # [B, L, H]
+        logits = (dot + self.action_bias(action) + self.gap_bias(gap)).transpose(1, 2)  # [B, H, L]
+        m = mask.unsqueeze(1)  # [B, 1, L]
         logits = logits * m + (1.0 - m) * -1e9
-        weights = torch.softmax(logits, dim=1) * m  # padding (and empty histories) weigh exactly 0
-        values = self.value(repr_ + self.action_emb(action) + self.gap_emb(gap))  # [B, L, R]
-        b, length, r = values.shape
-        v = values.reshape(b, length, self.n_heads, r // self.n_heads)
-        out = (weights.unsqueeze(-1) * v).sum(1)  # [B, H, R/H]
-        return out.reshape(b, r)  # type: ignore[no-any-return]
+        w = torch.softmax(logits, dim=-1) * m  # padding (and empty histories) weigh exactly 0
+        mass_act = w.new_zeros(b, h, self.action_emb.rows).scatter_add(2, action.unsqueeze(1).expand(b, h, length), w)
+        mass_gap = w.new_zeros(b, h, self.gap_emb.rows).scatter_add(2, gap.unsqueeze(1).expand(b, h, length), w)
+        x = (
+            torch.matmul(w, repr_)
+            + torch.matmul(mass_act, self.action_emb.weight)
+            + torch.matmul(mass_gap, self.gap_emb.weight)
+        )  # [B, H, R]: the weighted input of every head's values
+        r = repr_.shape[-1]
+        wh = self.value.weight.reshape(h, r // h, r)  # [H, R/H, R]: the value rows of each head
+        # Σ_j w_jh is 1, or 0 for an empty history: the mask's max, exactly (a sum over L would round
+        # differently with the batch size in ONNX Runtime, and a candidate's scores must not depend on it)
+        attended = m.amax(-1, keepdim=True)  # [B, 1, 1]
+        out = torch.einsum("bhr,hor->bho", x, wh) + self.value.bias.reshape(h, r // h) * attended
+        return out.reshape(b, r)
 
 
 class MMoE(nn.Module):

@@ -246,16 +246,25 @@ def _file_state(path: Path) -> tuple[int, int, int] | None:
     return (st.st_mtime_ns, st.st_size, st.st_ino)
 
 
-def build_retriever(settings: Settings, strategy: str, *, shadow: bool = False) -> TopK:
-    """A retriever instance of `strategy` (exact takes the device setting; shadows get few threads)."""
-    from service.retrieval import make_retriever  # may pull in faiss or compile the kernel
+# strategies whose search runs on a thread pool: a shadow's instance gets `shadow_threads` of them
+THREADED_STRATEGIES = frozenset({"exact", "faiss_knn", "eta", "sim_hard", "twin_v2"})
 
+
+def build_retriever(settings: Settings, strategy: str, *, shadow: bool = False) -> TopK:
+    """A retriever instance of `strategy`, which may carry options ("eta:bits=128,shortlist=512").
+
+    exact takes the device setting and a shadow's threaded strategy `shadow_threads` threads,
+    unless the strategy's own options set them.
+    """
+    from service.retrieval import make_retriever, parse_strategy  # may pull in faiss or compile the kernel
+
+    name, given = parse_strategy(strategy)
     options: dict[str, Any] = {}
-    if strategy == "exact":
+    if name == "exact":
         options["device"] = settings.retrieval_device
-    if shadow and strategy in ("exact", "faiss_knn"):
+    if shadow and name in THREADED_STRATEGIES:
         options["num_threads"] = settings.shadow_threads
-    retriever: TopK = make_retriever(strategy, **options)
+    retriever: TopK = make_retriever(name, **(options | given))
     return retriever
 
 
@@ -461,9 +470,9 @@ class ExperimentManager:
             limit = int(model.bundle.retrieval.get("max_sequence_length", model.bundle.schema.spec.max_sequence_length))
             if not 1 <= k <= limit:
                 raise ValueError(f"retrieval k={k} is outside bundle {model.key}'s limits 1..{limit}")
-        from service.retrieval import available_retrievers
+        from service.retrieval import available_retrievers, parse_strategy
 
-        if strategy not in available_retrievers():
+        if parse_strategy(strategy)[0] not in available_retrievers():  # the name; options are checked when built
             raise ValueError(f"unknown retrieval strategy {strategy!r}; available: {', '.join(available_retrievers())}")
         if shadow_scorer is None and new_fusion is model.fusion and k == settings_r.k and (
             strategy == s.retrieval_strategy

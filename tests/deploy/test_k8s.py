@@ -201,6 +201,12 @@ def test_thread_pools_follow_the_cpu_limit(overlay: str) -> None:
     assert c["resources"]["requests"]["cpu"] == c["resources"]["limits"]["cpu"]
 
 
+def test_serving_environment_is_tuned(overlay: str) -> None:
+    """No spinning OpenMP pools and one ONNX Runtime thread per worker (docs/PERFORMANCE.md)."""
+    env = settings_env(render(overlay))
+    assert env["OMP_WAIT_POLICY"] == "PASSIVE" and env["RANKSERVE_SCORER_THREADS"] == "1"
+
+
 def test_settings_configmap_is_valid_settings(overlay: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The ConfigMap, as the pod's environment, builds a valid `Settings` with the intended values."""
     from service.settings import Settings
@@ -218,6 +224,7 @@ def test_settings_configmap_is_valid_settings(overlay: str, monkeypatch: pytest.
     assert settings.host == "0.0.0.0"
     assert (settings.http_port, settings.grpc_port) == (ports["http"], ports["grpc"])
     assert str(settings.model_dir) == "/models"
+    assert settings.scorer_threads == 1
     mode = settings.feature_store.resolved_mode()
     assert mode == ("single" if overlay == "trial" else "cluster"), mode
     if overlay == "gpu":

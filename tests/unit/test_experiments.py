@@ -188,6 +188,30 @@ async def test_compiles_arm_views_and_shadows(model_dir: Path, tmp_path: Path) -
     assert described["arms"][0]["buckets"] == [0, 4999] and described["arms"][1]["retrieval"]["k"] == 4
 
 
+async def test_arm_strategies_carry_options_and_shadows_get_few_threads(model_dir: Path, tmp_path: Path) -> None:
+    from service.retrieval import EtaRetriever, ExactRetriever, SimHardRetriever
+
+    config = tmp_path / "exp.yaml"
+    write_config(config, {"salt": "s", "arms": [
+        {"name": "eta", "share": 50, "bundle": "tiny/1", "retrieval": {"strategy": "eta:bits=128,shortlist=512"},
+         "shadows": [{"name": "sim", "bundle": "tiny/2", "sample_rate": 1.0,
+                      "retrieval": {"strategy": "sim_hard:fallback=pad"}},
+                     {"name": "mine", "bundle": "tiny/2", "sample_rate": 1.0,
+                      "retrieval": {"strategy": "eta:num_threads=2"}}]},
+        {"name": "nodedup", "share": 50, "bundle": "tiny/1", "retrieval": {"strategy": "exact:dedup=false"}},
+    ]})
+    manager = make_manager(model_dir, config, shadow_threads=1)
+    arm, nodedup = (await manager.reload()).experiments.arms
+    eta = arm.model.retriever
+    assert isinstance(eta, EtaRetriever) and (eta.bits, eta.shortlist, eta.num_threads) == (128, 512, None)
+    assert arm.strategy == "eta:bits=128,shortlist=512"
+    sim, mine = (s.model.retriever for s in arm.shadows)
+    assert isinstance(sim, SimHardRetriever) and sim.fallback == "pad" and sim.num_threads == 1  # shadow_threads
+    assert isinstance(mine, EtaRetriever) and mine.num_threads == 2  # the strategy's own option wins
+    exact = nodedup.model.retriever
+    assert isinstance(exact, ExactRetriever) and not exact.dedup and exact.device == "cpu"
+
+
 @pytest.mark.parametrize(
     ("arm", "fragments"),
     [
@@ -197,6 +221,10 @@ async def test_compiles_arm_views_and_shadows(model_dir: Path, tmp_path: Path) -
         ({"fusion": {"transforms": {"buy": "sqrt"}}}, ["transform of 'buy'"]),
         ({"retrieval": {"k": 100_000}}, ["k=100000 is outside bundle tiny/1's limits"]),
         ({"retrieval": {"strategy": "magic"}}, ["unknown retrieval strategy 'magic'"]),
+        ({"retrieval": {"strategy": "magic:bits=128"}}, ["unknown retrieval strategy 'magic:bits=128'"]),
+        ({"retrieval": {"strategy": "eta:colour=blue"}}, ["arm 'a'", "bad options for retriever 'eta'"]),
+        ({"retrieval": {"strategy": "eta:bits"}}, ["bad retriever option 'bits'"]),
+        ({"retrieval": {"strategy": "eta:bits=100"}}, ["bits must be a positive multiple of 64"]),
         ({"shadows": [{"name": "x", "bundle": "tiny/2", "sample_rate": 1, "fusion": {"weights": {"ctr": 1}}}]},
          ["arm 'a' shadow 'x'", "['ctr']"]),
     ],

@@ -244,3 +244,36 @@ def test_step_budget_paces_steps_and_starves_past_the_deadline() -> None:
     assert err.value.outcome == "starved"
     budget.acquire(time.perf_counter() + 1)  # the slot was released by the refusal
     budget.release(0.0)
+
+
+async def test_sim_hard_shadow_searches_with_the_categories(model_dir: Path, tmp_path: Path) -> None:
+    """A shadow's steps go through `assemble`, which hands sim_hard its categories (`search_context`)."""
+    config = tmp_path / "exp.yaml"
+    write_config(config, {"salt": "s", "arms": [{"name": "main", "share": 100, "bundle": "tiny/1", "shadows": [
+        {"name": "sim", "bundle": "tiny/1", "sample_rate": 1.0, "retrieval": {"strategy": "sim_hard:fallback=pad"}},
+    ]}]})
+    settings = Settings(model_dir=model_dir, experiments_file=config, scorer_threads=1, poll_interval_s=0,
+                        shadow_sink_dir=tmp_path / "sink", shadow_chunk=16)
+    registry = ModelRegistry(settings, lambda: make_retriever("exact"))
+    metrics = Metrics()
+    runner = ShadowRunner(settings, metrics, seed=0)
+    manager = ExperimentManager(settings, registry, metrics, on_change=lambda e: runner.configure(e.shadows()))
+    await manager.reload()
+    (shadow,) = manager.route(0).shadows
+    retriever = shadow.model.retriever
+    contexts: list[Any] = []
+    search_context = retriever.search_context  # type: ignore[attr-defined]
+
+    def spy(queries: Any, keys: Any, k: int, context: Any) -> Any:
+        contexts.append(context)
+        return search_context(queries, keys, k, context)
+
+    retriever.search_context = spy  # type: ignore[attr-defined]
+    try:
+        offer(manager, runner, 0)
+        await wait_for(lambda: count(metrics, "sim", "ok") == 1)
+    finally:
+        await runner.aclose()
+    assert len(contexts) == 3  # 40 candidates in steps of 14/13/13
+    assert all(c.key_category is not None and c.query_category is not None for c in contexts)
+    assert sum(c.query_category.shape[0] for c in contexts) == 40
