@@ -36,9 +36,10 @@ COPY models ./models
 # gRPC stubs are generated at build time and never committed (see service/proto/codegen.py)
 RUN python -m service.proto.codegen
 
-# -- deps-cpu / deps-gpu: the serving install (no extras: never torch) ------------------------------
+# -- deps-cpu / deps-gpu: the serving install (only the otel extra: never torch) ---------------------
 FROM builder-base AS deps-cpu
-RUN pip install --no-cache-dir .
+# OpenTelemetry is in the image so that tracing is one setting away (RANKSERVE_OTEL_ENDPOINT)
+RUN pip install --no-cache-dir "./[otel]"
 
 FROM builder-base AS deps-gpu
 # CUDA 12 throughout: faiss-gpu-cu12 is built for CUDA 12, and onnxruntime-gpu moved to CUDA 13
@@ -46,7 +47,7 @@ FROM builder-base AS deps-gpu
 # needs no CUDA base image: only the host's driver, which the NVIDIA container runtime mounts.
 # The base dependencies name onnxruntime and faiss-cpu, which provide the same import packages as
 # their GPU builds: install, remove the CPU builds, then add the GPU ones.
-RUN pip install --no-cache-dir . \
+RUN pip install --no-cache-dir "./[otel]" \
     && pip uninstall -y onnxruntime faiss-cpu \
     && pip install --no-cache-dir "onnxruntime-gpu[cuda,cudnn]>=1.20,<1.26" "faiss-gpu-cu12>=1.8"
 
@@ -86,6 +87,10 @@ COPY --from=builder /opt/venv /opt/venv
 # NUMBA_CACHE_DIR (numba refuses a cache directory it cannot write, even just to read it).
 COPY --from=builder /opt/numba-cache /opt/numba-cache
 COPY --chmod=0755 docker/entrypoint.sh /usr/local/bin/rankserve-entrypoint
+# The last two: OpenMP pools (numba's, faiss's) sleep after a parallel region instead of spinning
+# for milliseconds on the cores the next stage needs, and ONNX Runtime scores on the request's own
+# thread; together they halve the CPU a request costs on 2 cores (docs/PERFORMANCE.md). Scale with
+# RANKSERVE_WORKERS, one worker process per core, rather than with intra-op threads.
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
@@ -98,7 +103,9 @@ ENV PATH=/opt/venv/bin:$PATH \
     RANKSERVE_GRPC_PORT=50051 \
     RANKSERVE_MODEL_DIR=/models \
     RANKSERVE_FEATURE_STORE__EMBEDDED__DATA_DIR=/tmp/rankserve-valkey \
-    NVIDIA_DRIVER_CAPABILITIES=compute,utility
+    NVIDIA_DRIVER_CAPABILITIES=compute,utility \
+    OMP_WAIT_POLICY=PASSIVE \
+    RANKSERVE_SCORER_THREADS=1
 # /tmp and the numba cache are the only paths written at run time (emptyDir / tmpfs in k8s)
 RUN mkdir -p /var/cache/numba /models \
     && chown 10001:10001 /var/cache/numba

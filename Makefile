@@ -11,7 +11,7 @@ DATA   ?= ../shared/data
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q -e '.[train,dev,loadtest]'
+	$(PIP) install -q -e '.[train,dev,loadtest,otel]'
 	$(MAKE) --no-print-directory proto
 	touch $(STAMP)
 

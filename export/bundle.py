@@ -32,6 +32,7 @@ FORMAT = "rankserve.bundle/1"
 MANIFEST = "manifest.json"
 ONNX_FILE = "scorer.onnx"
 TORCHSCRIPT_FILE = "scorer.torchscript.pt"
+SCORER_RUNTIMES = ("onnx", "torchscript")
 TABLES_DIR = "tables"
 SCHEMA_DIR = "schema"
 # The scorer's inputs, in order: the exporter's graph signature and what the service builds.
@@ -108,6 +109,11 @@ class Bundle:
     def fusion(self) -> dict[str, Any]:
         return dict(self.manifest["fusion"])
 
+    @property
+    def scorer_runtime(self) -> str:
+        """The runtime this bundle asks to be scored with (bundles before the field: "onnx")."""
+        return str(self.manifest.get("scorer", {}).get("runtime", "onnx"))
+
     def scorer_path(self, runtime: str) -> Path:
         """Path of the scorer for `runtime` ("onnx" or "torchscript")."""
         files = {"onnx": ONNX_FILE, "torchscript": TORCHSCRIPT_FILE}
@@ -125,6 +131,7 @@ class Bundle:
             "tasks": self.tasks,
             "fusion": self.fusion,
             "retrieval": self.retrieval,
+            "scorer_runtime": self.scorer_runtime,
         }
 
 

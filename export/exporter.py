@@ -30,6 +30,7 @@ from export.bundle import (
     SCHEMA_DIR,
     SCORER_INPUTS,
     SCORER_OUTPUT,
+    SCORER_RUNTIMES,
     TABLES_DIR,
     TORCHSCRIPT_FILE,
     list_versions,
@@ -73,23 +74,27 @@ def default_fusion(tasks: list[str]) -> dict[str, Any]:
 
 
 def export_onnx(scorer: torch.nn.Module, example: dict[str, torch.Tensor], path: Path) -> None:
+    """Trace under no_grad: the small tables export as Gathers (their training path is OneHot -> MatMul)."""
     args = tuple(example[name] for name in SCORER_INPUTS)
-    torch.onnx.export(
-        scorer,
-        args,
-        str(path),
-        dynamo=False,  # the TorchScript-based exporter: fast and exact for these ops
-        opset_version=17,
-        input_names=list(SCORER_INPUTS),
-        output_names=[SCORER_OUTPUT],
-        dynamic_axes=DYNAMIC_AXES,
-        do_constant_folding=True,
-    )
+    with torch.no_grad():
+        torch.onnx.export(
+            scorer,
+            args,
+            str(path),
+            dynamo=False,  # the TorchScript-based exporter: fast and exact for these ops
+            opset_version=17,
+            input_names=list(SCORER_INPUTS),
+            output_names=[SCORER_OUTPUT],
+            dynamic_axes=DYNAMIC_AXES,
+            do_constant_folding=True,
+        )
 
 
 def export_torchscript(scorer: torch.nn.Module, example: dict[str, torch.Tensor], path: Path) -> None:
+    """Trace under no_grad, like `export_onnx`: the traced graph keeps the Gathers."""
     example_args = tuple(example[name] for name in SCORER_INPUTS)
-    traced = torch.jit.trace(scorer, example_args, check_trace=False)  # type: ignore[no-untyped-call]
+    with torch.no_grad():
+        traced = torch.jit.trace(scorer, example_args, check_trace=False)  # type: ignore[no-untyped-call]
     traced.save(str(path))
 
 
@@ -117,8 +122,15 @@ def write_bundle(
     version: int | None = None,
     fusion: dict[str, Any] | None = None,
     metrics: dict[str, Any] | None = None,
+    scorer_runtime: str = "onnx",
 ) -> Path:
-    """Write `out_root/name/version/` and return its path. Refuses to overwrite a version."""
+    """Write `out_root/name/version/` and return its path. Refuses to overwrite a version.
+
+    `scorer_runtime` ("onnx" or "torchscript") is the runtime the service uses for this bundle
+    unless its settings override it; both scorers are always written.
+    """
+    if scorer_runtime not in SCORER_RUNTIMES:
+        raise ValueError(f"scorer_runtime must be one of {SCORER_RUNTIMES}, got {scorer_runtime!r}")
     from feature_store.schema import FeatureSchema
 
     model.eval()
@@ -170,7 +182,12 @@ def write_bundle(
                 "max_sequence_length": schema.spec.max_sequence_length,
             },
             "model": {"config": cfg.to_dict(), "variant": run_config.get("variant"), "data": run_config.get("data")},
-            "scorer": {"onnx": ONNX_FILE, "torchscript": TORCHSCRIPT_FILE, **_io_spec(example, probs)},
+            "scorer": {
+                "runtime": scorer_runtime,
+                "onnx": ONNX_FILE,
+                "torchscript": TORCHSCRIPT_FILE,
+                **_io_spec(example, probs),
+            },
             "tables": tables_meta,
             "parity": parity,
             "metrics": metrics or {},
@@ -189,7 +206,9 @@ def write_bundle(
     return final
 
 
-def export_run(run_dir: Path, out_root: Path, name: str | None = None, version: int | None = None) -> Path:
+def export_run(
+    run_dir: Path, out_root: Path, name: str | None = None, version: int | None = None, scorer_runtime: str = "onnx"
+) -> Path:
     model, _schema, config = load_run(run_dir)
     metrics_file = run_dir / "metrics.json"
     metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
@@ -202,6 +221,7 @@ def export_run(run_dir: Path, out_root: Path, name: str | None = None, version: 
         bundle_name,
         version=version,
         metrics={"best_valid_mean_auc": metrics.get("best_valid_mean_auc")},
+        scorer_runtime=scorer_runtime,
     )
 
 
@@ -210,11 +230,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, required=True, help="model root; the bundle goes to OUT/NAME/VERSION")
     p.add_argument("--name", help="bundle name (default: derived from the dataset)")
     p.add_argument("--version", type=int, help="bundle version (default: next integer)")
+    p.add_argument(
+        "--scorer-runtime", choices=SCORER_RUNTIMES, default="onnx",
+        help="runtime the service scores this bundle with, unless RANKSERVE_SCORER_RUNTIME overrides it",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
-    path = export_run(args.run, args.out, args.name, args.version)
+    path = export_run(args.run, args.out, args.name, args.version, args.scorer_runtime)
     manifest = json.loads((path / MANIFEST).read_text())
     log.info(
         "bundle exported",

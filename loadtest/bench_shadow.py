@@ -32,7 +32,6 @@ import asyncio
 import json
 import logging
 import os
-import re
 import secrets
 import shutil
 import signal
@@ -50,6 +49,7 @@ import numpy as np
 import yaml
 
 from loadtest.bench import Workload, bench_events, build_bundle, candidate_sets, percentiles
+from loadtest.prom import metric_sum
 
 log = logging.getLogger("rankserve.bench_shadow")
 
@@ -74,18 +74,6 @@ def write_config(path: Path, shadows: list[dict[str, Any]]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(yaml.safe_dump(doc))
     os.replace(tmp, path)
-
-
-def metric_sum(text: str, name: str, **labels: str) -> float:
-    total = 0.0
-    for line in text.splitlines():
-        m = re.match(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)$", line)
-        if m is None or m.group(1) != name:
-            continue
-        got = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2) or ""))
-        if all(got.get(k) == v for k, v in labels.items()):
-            total += float(m.group(3))
-    return total
 
 
 def shadow_counts(text: str) -> Counter[str]:

@@ -44,6 +44,7 @@ from service.schemas import (
     rank_response_body,
 )
 from service.settings import Settings
+from service.tracing import trace_carrier
 
 log = logging.getLogger("rankserve.rest")
 
@@ -238,11 +239,12 @@ async def rank(
             }
         ),
     ],
+    request: Request,
     core: CoreDep,
     request_id: RequestIdDep,
     arm: ArmOverrideDep,
 ) -> Response:
-    result = await core.service.rank(body.to_core(request_id, arm))
+    result = await core.service.rank(body.to_core(request_id, arm, trace_carrier(request.headers.get)))
     core.metrics.requests.labels("rest", "ok").inc()
     return OrjsonResponse(rank_response_body(result, request_id))
 

@@ -23,11 +23,12 @@ from feature_store.errors import FeatureStoreError
 from feature_store.store import FetchResult, OnlineStore
 from service.errors import DeadlineExceeded, InvalidRequest, Overloaded, RankServeError
 from service.experiments import DEFAULT_ARM, ExperimentManager, Route
-from service.logging_setup import arm_var
+from service.logging_setup import arm_var, trace_id_var
 from service.metrics import Metrics
 from service.registry import LoadedModel, ModelRegistry
 from service.settings import Settings
 from service.shadow import ShadowRunner
+from service.tracing import Tracing
 from service.types import RankedItem, RankRequest, RankResponse
 
 log = logging.getLogger("rankserve.core")
@@ -38,10 +39,15 @@ __all__ = ["DEFAULT_ARM", "INT64_MAX", "Features", "RankingService", "top_n"]
 
 @dataclass
 class StageClock:
-    """Per-stage wall times of one request (ms), also observed into the stage histograms."""
+    """Per-stage wall times of one request (ms), also observed into the stage histograms.
+
+    The stages' wall-clock boundaries (`spans`: stage, start ns, end ns) are what tracing exports.
+    """
 
     metrics: Metrics
     timings_ms: dict[str, float] = field(default_factory=dict)
+    spans: list[tuple[str, int, int]] = field(default_factory=list)
+    started_ns: int = field(default_factory=time.time_ns)
     _t: float = field(default_factory=time.perf_counter)
 
     def lap(self, stage: str) -> None:
@@ -50,6 +56,8 @@ class StageClock:
         self._t = now
         self.timings_ms[stage] = round(seconds * 1000, 3)
         self.metrics.stage_seconds.labels(stage).observe(seconds)
+        end_ns = time.time_ns()
+        self.spans.append((stage, end_ns - int(seconds * 1e9), end_ns))
 
 
 @dataclass(frozen=True)
@@ -95,8 +103,10 @@ class RankingService:
         metrics: Metrics,
         experiments: ExperimentManager | None = None,
         shadows: ShadowRunner | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         self.settings = settings
+        self.tracing = tracing
         self.registry = registry
         self.store = store
         self.metrics = metrics
@@ -164,15 +174,43 @@ class RankingService:
         return order, fused, probs
 
     async def rank(self, req: RankRequest) -> RankResponse:
-        n = self.validate(req)
-        route = self.experiments.route(req.user_id, req.arm)
+        clock = StageClock(self.metrics)
+        span = self.tracing.start(req.trace_headers, clock.started_ns) if self.tracing is not None else None
+        trace_token = trace_id_var.set(span.trace_id) if span is not None else None
+        attributes: dict[str, str | int | float | bool] = {"rankserve.candidates": len(req.candidates)}
+        if req.request_id is not None:
+            attributes["rankserve.request_id"] = req.request_id
+        error: BaseException | None = None
+        try:
+            n = self.validate(req)
+            route = self.experiments.route(req.user_id, req.arm)
+            attributes.update({"rankserve.arm": route.arm, "rankserve.model": route.model.key})
+            resp = await self._rank_in_arm(req, n, route, clock)
+            attributes["rankserve.degraded"] = resp.degraded
+            return resp
+        except RankServeError as exc:
+            error = exc
+            # one line per refused or failed request (the response says the same to the caller)
+            level = logging.INFO if exc.http_status < 500 else logging.WARNING
+            log.log(level, "request not ranked", extra={"code": exc.code, "reason": exc.message})
+            raise
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            if span is not None:
+                span.finish(clock.spans, attributes, error)
+            if trace_token is not None:
+                trace_id_var.reset(trace_token)
+
+    async def _rank_in_arm(self, req: RankRequest, n: int, route: Route, clock: StageClock) -> RankResponse:
         token = arm_var.set(route.arm)  # every log line of this request carries its arm
         outcome = "internal"
         activity = self.shadows.activity if self.shadows is not None else None
         if activity is not None:
             activity.enter()  # shadow steps start only while no request is being ranked (fetch decode included)
         try:
-            resp = await self._rank(req, n, route)
+            resp = await self._rank(req, n, route, clock)
             outcome = "degraded" if resp.degraded else "ok"
             return resp
         except RankServeError as exc:
@@ -184,11 +222,10 @@ class RankingService:
             self.metrics.arm_requests.labels(route.arm, outcome).inc()
             arm_var.reset(token)
 
-    async def _rank(self, req: RankRequest, n: int, route: Route) -> RankResponse:
+    async def _rank(self, req: RankRequest, n: int, route: Route, clock: StageClock) -> RankResponse:
         model = route.model
         arm = route.arm
         started = time.perf_counter()
-        clock = StageClock(self.metrics)
         self.metrics.candidates.observe(len(req.candidates))
         request_ts = int(time.time()) if req.request_time is None else req.request_time
         if not req.candidates:

@@ -33,6 +33,7 @@ from service.errors import RankServeError
 from service.lifecycle import REQUEST_ID_HEADER, ServingCore, request_id_from
 from service.logging_setup import request_id_var
 from service.metrics import Metrics
+from service.tracing import trace_carrier
 
 log = logging.getLogger("rankserve.grpc")
 
@@ -88,6 +89,7 @@ class RankerServicer:
             debug=request.debug,
             request_id=request_id_var.get(),
             arm=arm if isinstance(arm, str) else None,
+            trace_headers=trace_carrier(metadata.get),
         )
         resp = await self.core.service.rank(req)
         out = pb2.RankResponse(

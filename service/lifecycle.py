@@ -31,6 +31,7 @@ from service.metrics import Metrics
 from service.registry import LoadedModel, ModelRegistry, RetrieverFactory
 from service.settings import Settings
 from service.shadow import ShadowRunner
+from service.tracing import Tracing
 
 log = logging.getLogger("rankserve.lifecycle")
 
@@ -119,7 +120,7 @@ class ServingCore:
 
     def __init__(
         self, settings: Settings, store: OnlineStore, registry: ModelRegistry, schema_hash: StoreSchemaHash,
-        metrics: Metrics,
+        metrics: Metrics, tracing: Tracing | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -128,7 +129,8 @@ class ServingCore:
         self.metrics = metrics
         self.shadows = ShadowRunner(settings, metrics)
         self.experiments = ExperimentManager(settings, registry, metrics, on_change=self._experiments_changed)
-        self.service = RankingService(settings, registry, store, metrics, self.experiments, self.shadows)
+        self.tracing = tracing
+        self.service = RankingService(settings, registry, store, metrics, self.experiments, self.shadows, tracing)
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._listeners: list[ReadinessListener] = []
@@ -143,9 +145,11 @@ class ServingCore:
     async def create(cls, settings: Settings, metrics: Metrics | None = None) -> ServingCore:
         """Connect the store (starting the embedded Valkey if configured) and build the registry.
 
-        Raises ValueError for an unknown retrieval strategy (before anything is started).
+        Raises ValueError for an unknown retrieval strategy and TracingUnavailable for tracing
+        configured without its packages (before anything is started).
         """
         _retriever_factory(settings)()  # fail fast on a bad RANKSERVE_RETRIEVAL_STRATEGY, not at first load
+        tracing = Tracing.from_settings(settings)
         # create_store may start and wait for an embedded server: keep the loop free meanwhile
         store = await asyncio.to_thread(create_store, settings.feature_store)
         schema_hash = StoreSchemaHash(store, asyncio.get_running_loop())
@@ -154,7 +158,7 @@ class ServingCore:
             "serving core built",
             extra={"model_dir": str(settings.model_dir), "store_mode": settings.feature_store.resolved_mode()},
         )
-        return cls(settings, store, registry, schema_hash, metrics or Metrics())
+        return cls(settings, store, registry, schema_hash, metrics or Metrics(), tracing)
 
     # -- lifecycle -----------------------------------------------------------------------------------
 
@@ -205,6 +209,8 @@ class ServingCore:
         await self.shadows.aclose()
         await asyncio.to_thread(self.service.close)
         await self.store.aclose()
+        if self.tracing is not None:
+            await asyncio.to_thread(self.tracing.shutdown)  # flush the last spans
         log.info("serving core closed")
 
     # -- readiness ------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""JSON logs, one object per line, with the request id and experiment arm when bound to the context."""
+"""JSON logs, one object per line, with the request id, experiment arm and trace id when bound to the context."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import orjson
 
 request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
 arm_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("arm", default=None)
+trace_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("trace_id", default=None)
 
 _RESERVED = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime", "color_message"}
 
@@ -31,6 +32,9 @@ class JsonFormatter(logging.Formatter):
         arm = arm_var.get()
         if arm is not None:
             doc["arm"] = arm
+        trace_id = trace_id_var.get()
+        if trace_id is not None:
+            doc["trace_id"] = trace_id
         for key, value in record.__dict__.items():
             if key not in _RESERVED and not key.startswith("_"):
                 doc[key] = value

@@ -40,7 +40,9 @@ class RankRequest(BaseModel):
     )
     debug: bool = Field(default=False, description="add per-stage timings_ms and retrieval details to the response")
 
-    def to_core(self, request_id: str, arm: str | None = None) -> core.RankRequest:
+    def to_core(
+        self, request_id: str, arm: str | None = None, trace_headers: dict[str, str] | None = None
+    ) -> core.RankRequest:
         return core.RankRequest(
             user_id=self.user_id,
             candidates=self.candidates,
@@ -49,6 +51,7 @@ class RankRequest(BaseModel):
             debug=self.debug,
             request_id=request_id,
             arm=arm,
+            trace_headers=trace_headers,
         )
 
 

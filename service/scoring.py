@@ -84,6 +84,9 @@ class TorchScriptScorer:
 
 
 def make_scorer(bundle: Bundle, runtime: str, threads: int, provider: str) -> Scorer:
+    """The scorer of `bundle` in `runtime`; "bundle" takes the runtime the bundle was exported for."""
+    if runtime == "bundle":
+        runtime = bundle.scorer_runtime
     if runtime == "onnx":
         return OnnxScorer(bundle.scorer_path("onnx"), threads, provider)
     if runtime == "torchscript":

@@ -44,7 +44,10 @@ class Settings(BaseSettings):
     # models
     model_dir: Path = Field(default=Path("bundles"), description="bundles live in MODEL_DIR/<name>/<version>/")
     model_name: str | None = Field(default=None, description="bundle name to serve (default: the only one)")
-    scorer_runtime: Literal["onnx", "torchscript"] = Field(default="onnx", description="scorer runtime")
+    scorer_runtime: Literal["bundle", "onnx", "torchscript"] = Field(
+        default="bundle",
+        description="scorer runtime: 'bundle' uses each bundle's own choice (rankserve export --scorer-runtime)",
+    )
     execution_provider: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="ONNX Runtime provider")
     scorer_threads: int | None = Field(default=None, ge=1, description="intra-op threads (default: available CPUs)")
     poll_interval_s: float = Field(default=10.0, ge=0, description="scan MODEL_DIR for new versions (0: never)")
@@ -114,7 +117,18 @@ class Settings(BaseSettings):
     # observability
     log_level: str = "INFO"
     json_logs: bool = True
-    otel_endpoint: str | None = None
+    otel_endpoint: str | None = Field(
+        default=None,
+        description="OTLP collector to trace requests to (e.g. http://otel-collector:4317); unset: no tracing",
+    )
+    otel_protocol: Literal["grpc", "http/protobuf"] = Field(
+        default="grpc", description="OTLP transport; for http/protobuf give the full URL ending in /v1/traces"
+    )
+    otel_service_name: str = Field(default="rankserve", min_length=1, description="service.name of the spans")
+    otel_sample_ratio: float = Field(
+        default=1.0, ge=0, le=1, description="share of requests traced unless the caller's traceparent decides"
+    )
+    otel_export_timeout_s: float = Field(default=5.0, gt=0, description="deadline of one span export call")
 
     @field_validator("fusion_weights")
     @classmethod

@@ -18,6 +18,7 @@ class RankRequest:
     debug: bool = False  # include per-stage timings and retrieval details
     request_id: str | None = None
     arm: str | None = None  # forced experiment arm (admin override); None = hash assignment
+    trace_headers: dict[str, str] | None = None  # W3C traceparent / tracestate of the caller, if any
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +10,7 @@ import torch
 import yaml
 
 from feature_store.schema import FeatureSchema
+from loadtest.prom import metric_sum as metric_value
 from models.model import RankingModel
 from tests.helpers import tiny_model
 
@@ -32,15 +32,4 @@ def write_config(path: Path, doc: dict[str, Any]) -> None:
     tmp.write_text(yaml.safe_dump(doc, sort_keys=False))
     os.replace(tmp, path)
 
-
-def metric_value(text: str, name: str, **labels: str) -> float:
-    """Sum of the samples of `name` whose labels include `labels` (Prometheus text format)."""
-    total = 0.0
-    for line in text.splitlines():
-        m = re.match(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)$", line)
-        if m is None or m.group(1) != name:
-            continue
-        got = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2) or ""))
-        if all(got.get(k) == v for k, v in labels.items()):
-            total += float(m.group(3))
-    return total
+__all__ = ["metric_value", "retrained_tiny_model", "write_config"]

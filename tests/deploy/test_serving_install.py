@@ -30,6 +30,9 @@ assert importlib.util.find_spec("torch") is None, "torch is installed"
 assert "torch" not in sys.modules
 assert importlib.util.find_spec("grpc_tools") is None, "grpcio-tools is a build-time tool, not a serving dependency"
 import service.proto.ranker_pb2 as pb2
+from service.settings import Settings
+from service.tracing import Tracing
+assert Tracing.from_settings(Settings(otel_endpoint="http://127.0.0.1:4317")) is not None  # the otel extra
 print(service.app.__file__)
 print(pb2.__file__)
 """
@@ -54,13 +57,15 @@ def test_serving_install_without_torch(tmp_path: Path) -> None:
     subprocess.run([sys.executable, "-m", "service.proto.codegen"], cwd=context, check=True, timeout=120)
     assert (context / "service" / "proto" / "ranker_pb2_grpc.py").exists()
 
-    # deps-cpu: `pip install .` into a fresh venv, no extras
+    # deps-cpu: `pip install "./[otel]"` into a fresh venv
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
     python = venv / "bin" / "python"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV", "NUMBA_"))}
-    pip = subprocess.run([str(python), "-m", "pip", "install", "--disable-pip-version-check", "-q", str(context)],
-                         env=env, capture_output=True, text=True, timeout=600)
+    pip = subprocess.run(
+        [str(python), "-m", "pip", "install", "--disable-pip-version-check", "-q", f"{context}/[otel]"],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
     assert pip.returncode == 0, pip.stdout[-3000:] + pip.stderr[-3000:]
 
     # builder: out of the context (cwd would shadow the installed package), as the Dockerfile does

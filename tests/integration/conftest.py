@@ -30,6 +30,7 @@ from feature_store.embedded import EmbeddedValkey, free_port
 from feature_store.schema import FeatureSchema
 from feature_store.store import EmbeddedConfig, FeatureStoreConfig, OnlineStore, create_store
 from models.data.events import EventLog
+from tests.secure_redis import wait_for_ping
 
 REDIS_SERVER = shutil.which("redis-server")
 REDIS_CLI = shutil.which("redis-cli")
@@ -45,23 +46,6 @@ TEST_STORE_SETTINGS: dict[str, object] = {
     "retry_backoff_max_s": 0.05,
     "active_refresh_interval_s": 0.05,
 }
-
-
-def _wait_ping(port: int, timeout: float = 10.0) -> None:
-    client = redis.Redis(port=port, socket_timeout=0.5, socket_connect_timeout=0.5)
-    deadline = time.monotonic() + timeout
-    try:
-        while True:
-            try:
-                if client.ping():
-                    return
-            except redis.RedisError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"redis-server on port {port} did not answer PING within {timeout}s")
-            time.sleep(0.05)
-    finally:
-        client.close()
 
 
 class RedisProcess:
@@ -107,7 +91,7 @@ class RedisProcess:
                 "3000",
             ]
         self.proc = subprocess.Popen(args, cwd=self.workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        _wait_ping(self.port)
+        wait_for_ping(self.port, 10.0)
 
     @property
     def pid(self) -> int:

@@ -93,6 +93,16 @@ def test_parity_for_every_head(heads: str, tmp_path: Path) -> None:
     assert parity["max_abs_diff"] <= 1e-5, parity
 
 
+def test_scorer_graph_is_the_inference_graph(exported: tuple[RankingModel, FeatureSchema, Path]) -> None:
+    """Exported without autograd: small tables are Gathers (no OneHot), values projected after the weighted sum."""
+    import onnx
+
+    _model, _schema, path = exported
+    ops = {node.op_type for node in onnx.load(str(path / "scorer.onnx")).graph.node}
+    assert "OneHot" not in ops
+    assert {"Gather", "ScatterElements"} <= ops
+
+
 def history_batch(
     schema: FeatureSchema, hist: Sequence, user: int, items: np.ndarray, cats: np.ndarray, ts: int
 ) -> Batch:
@@ -156,6 +166,48 @@ def test_serving_path_matches_pytorch(length: int, use_retrieval: bool, tmp_path
     np.testing.assert_allclose(served, expected, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize(("length", "distinct_items"), [(2_000, 25), (500, 300), (63, 5), (64, 5), (1, 1)])
+def test_history_rows_are_bit_identical_to_direct_gathers(
+    exported: tuple[RankingModel, FeatureSchema, Path],
+    length: int,
+    distinct_items: int,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Gathering once per distinct (item, category) pair changes no bit of any scorer input."""
+    import service.assemble as assemble
+
+    _model, schema, path = exported
+    bundle = open_bundle(path)
+    tables = Tables.from_dict(bundle.tables)
+    rng = np.random.default_rng(length)
+    ts = 1_700_000_000
+    pool = rng.choice(schema.items.size, distinct_items, replace=False)
+    hist = Sequence(
+        item=rng.choice(pool, length),
+        category=rng.integers(0, 3, length),  # a revisited item may come with another category
+        action=rng.integers(0, 4, length),
+        timestamp=np.sort(rng.integers(ts - 90 * 86_400, ts, length)),
+    )
+    hist.item[:3] = schema.items.size + 5  # past the table: clamped to the OOV row
+    item, category = tables.clamp_rows(hist.item, hist.category)
+    key, rep = assemble._history_rows(tables, item, category)
+    assert key.dtype == rep.dtype == np.float32
+    assert np.array_equal(key, tables.item_key[item] + tables.category_key[category])
+    assert np.array_equal(rep, tables.item_repr[item] + tables.category_repr[category])
+
+    from service.retrieval import make_retriever
+
+    settings = RetrievalSettings.from_manifest(bundle.retrieval, schema.spec.time_gap_buckets)
+    cands, cand_cats = rng.integers(0, schema.items.size, 30), rng.integers(0, schema.categories.size, 30)
+    args = (tables, settings, make_retriever("exact"), hist, 7, cands, cand_cats, ts)
+    served = scorer_inputs(*args)
+    monkeypatch.setattr(assemble, "_history_rows", lambda t, i, c: (
+        t.item_key[i] + t.category_key[c], t.item_repr[i] + t.category_repr[c]))
+    direct = scorer_inputs(*args)
+    for name in SCORER_INPUTS:
+        assert served[name].dtype == direct[name].dtype and np.array_equal(served[name], direct[name]), name
+
+
 def test_bundle_reader_does_not_import_torch(exported: tuple[RankingModel, FeatureSchema, Path]) -> None:
     _model, _schema, path = exported
     code = (
@@ -164,3 +216,19 @@ def test_bundle_reader_does_not_import_torch(exported: tuple[RankingModel, Featu
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "1"
+
+
+def test_scorer_runtime_is_chosen_per_bundle(
+    exported: tuple[RankingModel, FeatureSchema, Path], tmp_path: Path
+) -> None:
+    from service.scoring import make_scorer
+
+    model, _schema, path = exported
+    assert open_bundle(path).scorer_runtime == "onnx"  # the default
+    ts_path = write_bundle(model, path / "schema", {}, tmp_path, "tiny", scorer_runtime="torchscript")
+    ts_bundle = open_bundle(ts_path)
+    assert ts_bundle.manifest["scorer"]["runtime"] == "torchscript"
+    assert make_scorer(ts_bundle, "bundle", 1, "cpu").runtime == "torchscript"
+    assert make_scorer(ts_bundle, "onnx", 1, "cpu").runtime == "onnx"  # the setting overrides the bundle
+    with pytest.raises(ValueError, match="scorer_runtime must be one of"):
+        write_bundle(model, path / "schema", {}, tmp_path, "tiny", scorer_runtime="tensorrt")

@@ -1,0 +1,29 @@
+"""Tracing configuration: off without an endpoint, a clear refusal without the packages, and only the
+W3C trace-context headers are taken from a request (the end-to-end path is tests/e2e/test_tracing.py)."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from service.settings import Settings
+from service.tracing import Tracing, TracingUnavailable, trace_carrier
+
+
+def test_no_endpoint_means_no_tracing() -> None:
+    assert Tracing.from_settings(Settings()) is None
+
+
+def test_endpoint_without_the_packages_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "opentelemetry.sdk.resources", None)  # import raises ImportError
+    with pytest.raises(TracingUnavailable, match=r"rankserve\[otel\]"):
+        Tracing.from_settings(Settings(otel_endpoint="http://127.0.0.1:4317"))
+
+
+def test_trace_carrier_takes_only_trace_context() -> None:
+    headers = {"traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01", "tracestate": "v=1",
+               "authorization": "Bearer secret", "x-request-id": "r1"}
+    assert trace_carrier(headers.get) == {"traceparent": headers["traceparent"], "tracestate": "v=1"}
+    assert trace_carrier({"x-request-id": "r1"}.get) is None
+    assert trace_carrier({"traceparent": b"bytes-metadata"}.get) is None  # binary gRPC metadata is ignored
