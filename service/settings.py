@@ -99,7 +99,7 @@ class Settings(BaseSettings):
         default=0.1, gt=0, le=1, description="at most this share of wall time runs shadow steps (all shadows)"
     )
     shadow_quiet_ms: float = Field(
-        default=2.0, ge=0, description="with shadow_yield: how long no request must have been ranked before a step"
+        default=10.0, ge=0, description="with shadow_yield: how long no request must have been ranked before a step"
     )
     shadow_sink: Literal["jsonl", "redis", "none"] = Field(default="jsonl", description="where comparisons go")
     shadow_sink_dir: Path = Field(default=Path("shadow-sink"), description="directory of the rotating JSONL sink")

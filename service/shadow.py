@@ -177,14 +177,20 @@ class ShadowFault:
 
     rules: Mapping[str | None, tuple[str, float]] = field(default_factory=dict)
 
-    def apply(self, shadow: str, primary_seconds: float) -> None:
-        rule = self.rules.get(shadow) or self.rules.get(None)
-        if rule is None:
-            return
-        kind, factor = rule
-        if kind == "raise":
+    def _rule(self, shadow: str) -> tuple[str, float] | None:
+        return self.rules.get(shadow) or self.rules.get(None)
+
+    def delay(self, shadow: str, primary_seconds: float) -> None:
+        """A "sleep" rule: wait (no CPU, no lock held) factor x the primary's latency."""
+        rule = self._rule(shadow)
+        if rule is not None and rule[0] == "sleep":
+            time.sleep(rule[1] * primary_seconds)
+
+    def fail(self, shadow: str) -> None:
+        """A "raise" rule: raise, where a broken model's scorer call would."""
+        rule = self._rule(shadow)
+        if rule is not None and rule[0] == "raise":
             raise InjectedFault(f"injected fault in shadow {shadow!r} (RANKSERVE_SHADOW_FAULT)")
-        time.sleep(factor * primary_seconds)
 
 
 def parse_fault(text: str | None) -> ShadowFault:
@@ -422,7 +428,7 @@ class ShadowRunner:
         s = self.settings
         started = time.perf_counter()
         deadline = started + s.shadow_timeout_s
-        self.fault.apply(shadow.name, job.primary_seconds)
+        self.fault.delay(shadow.name, job.primary_seconds)
         model = shadow.model
         history = f.history.before(job.request_ts)
         n = int(f.item_index.shape[0])
@@ -437,6 +443,8 @@ class ShadowRunner:
                 # retrieval and scoring are gated apart: a request that arrives during retrieval goes
                 # before this step's scoring, so it overlaps at most half a step
                 self._wait_quiet(deadline)
+                if not parts:  # an injected failure strikes inside the gated work, as a model's error would
+                    self.fault.fail(shadow.name)
                 t0 = time.perf_counter()
                 lo, hi = int(rows[0]), int(rows[-1]) + 1
                 inputs = model.inputs(history, f.user_index, f.item_index[lo:hi], f.category_index[lo:hi],
