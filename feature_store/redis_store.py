@@ -36,10 +36,11 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from feature_store import keys
-from feature_store.cache import TTLCache
+from feature_store.cache import ItemCache
 from feature_store.codecs import (
     CLUSTER_ENTRY_SIZE,
     CLUSTER_HEADER_SIZE,
+    ITEM_RECORD,
     SEQ_RECORD_SIZE,
     CodecError,
     Sequence,
@@ -192,7 +193,7 @@ class RedisOnlineStore(OnlineStore):
         self._embedded = embedded  # EmbeddedValkey this store started, stopped on aclose()
         self._retry = RetryPolicy.from_config(config)
         self._append_script = client.register_script(APPEND_SCRIPT)
-        self._item_caches: dict[str, TTLCache[int, bytes | None]] = {}
+        self._item_caches: dict[str, ItemCache] = {}
         self._node_clients: dict[str, Redis] = {}  # cluster mode: plain clients per node, for reads
         self._valid_versions: set[str] = set()
         self._active: str | None = None
@@ -467,12 +468,12 @@ class RedisOnlineStore(OnlineStore):
 
     # -- reads -----------------------------------------------------------------------------------------
 
-    def _item_cache(self, version: str) -> TTLCache[int, bytes | None]:
+    def _item_cache(self, version: str) -> ItemCache:
         cache = self._item_caches.get(version)
         if cache is None:
             if len(self._item_caches) >= _MAX_ITEM_CACHES:
                 self._item_caches.pop(next(iter(self._item_caches)))
-            cache = TTLCache(self.config.item_cache_size, self.config.item_cache_ttl_s)
+            cache = ItemCache(self.config.item_cache_size, self.config.item_cache_ttl_s, ITEM_RECORD.itemsize)
             self._item_caches[version] = cache
         return cache
 

@@ -433,7 +433,7 @@ class ShadowRunner:
         history = f.history.before(job.request_ts)
         n = int(f.item_index.shape[0])
         # near-equal slices (never a 1-row remainder: ONNX Runtime's batch-1 path rounds differently)
-        parts = []
+        parts: list[F32] = []
         for rows in np.array_split(np.arange(n), max(1, -(-n // s.shadow_chunk))):
             if job.expired or time.perf_counter() > deadline:
                 raise ShadowAbandoned("timeout", f"slower than shadow_timeout_s={s.shadow_timeout_s}")

@@ -1,10 +1,11 @@
-"""The bounded TTL + LRU cache used for item features."""
+"""The bounded, direct-mapped TTL cache used for item features (fixed-size values in numpy arrays)."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
-from feature_store.cache import TTLCache
+from feature_store.cache import ItemCache
 
 
 class FakeClock:
@@ -15,56 +16,76 @@ class FakeClock:
         return self.now
 
 
+def rec(i: int) -> bytes:
+    return np.array([i, i + 1], dtype="<u4").tobytes()  # 8 bytes, like codecs.ITEM_RECORD
+
+
 def test_hits_misses_and_order() -> None:
-    cache: TTLCache[int, bytes | None] = TTLCache(10, 5.0, clock=FakeClock())
+    cache = ItemCache(1024, 5.0, 8, clock=FakeClock())
     values, missing = cache.get_many([1, 2, 3])
     assert values == [None, None, None] and missing == [0, 1, 2]
-    cache.put_many([(1, b"a"), (3, None)])  # None: a cached "known missing"
+    cache.put_many([(1, rec(1)), (3, None)])  # None: a cached "known absent"
     values, missing = cache.get_many([3, 2, 1, 1])
-    assert values == [None, None, b"a", b"a"] and missing == [1]
+    assert values == [None, None, rec(1), rec(1)] and missing == [1]
     assert cache.get(3) == (True, None) and cache.get(2) == (False, None)
     assert cache.hits == 4 and cache.misses == 5
+    assert len(cache) == 2
 
 
 def test_ttl_expiry() -> None:
     clock = FakeClock()
-    cache: TTLCache[str, int] = TTLCache(10, 5.0, clock=clock)
-    cache.put("a", 1)
+    cache = ItemCache(16, 5.0, 8, clock=clock)
+    cache.put(7, rec(7))
     clock.now += 4.9
-    assert cache.get("a") == (True, 1)
+    assert cache.get(7) == (True, rec(7))
     clock.now += 0.2
-    assert cache.get("a") == (False, None)
-    assert len(cache) == 0  # expired entries are removed on lookup
-    cache.put("a", 2)  # a put renews the TTL
+    assert cache.get(7) == (False, None) and len(cache) == 0
+    cache.put(7, rec(8))  # a put renews the entry and its TTL
     clock.now += 4.0
-    assert cache.get("a") == (True, 2)
+    assert cache.get(7) == (True, rec(8))
 
 
-def test_lru_eviction_bound() -> None:
-    cache: TTLCache[int, int] = TTLCache(3, 60.0, clock=FakeClock())
-    cache.put_many([(1, 1), (2, 2), (3, 3)])
-    assert cache.get(1) == (True, 1)  # 1 is now the most recently used
-    cache.put(4, 4)  # evicts 2, the least recently used
-    assert len(cache) == 3 and cache.evictions == 1
-    assert cache.get(2) == (False, None)
-    assert [cache.get(k)[0] for k in (1, 3, 4)] == [True, True, True]
-    cache.put_many((k, k) for k in range(100, 110))
-    assert len(cache) == 3 and cache.evictions == 11
-    assert cache.get_many([107, 108, 109])[1] == []
+def test_bounded_and_collisions_replace() -> None:
+    cache = ItemCache(1000, 60.0, 8, clock=FakeClock())  # 1024 slots
+    ids = list(range(0, 50_000, 7))
+    cache.put_many((i, rec(i)) for i in ids)
+    assert len(cache) <= 1024 and cache.evictions >= len(ids) - 1024
+    values, missing = cache.get_many(ids)
+    hits = [i for i, v in zip(ids, values, strict=True) if v is not None]
+    assert len(hits) == len(ids) - len(missing) > 500  # the hash spreads ids over most slots
+    assert all(v == rec(i) for i, v in zip(ids, values, strict=True) if v is not None)  # never a wrong value
+    cache.put_many((i, rec(i)) for i in (3, 5))
+    assert cache.get_many([3, 5])[1] == []  # the newest put of a slot wins
+
+
+def test_huge_and_extreme_ids() -> None:
+    cache = ItemCache(64, 60.0, 8, clock=FakeClock())
+    big = [(1 << 63) - 1, (1 << 62) + 12345, 0]
+    cache.put_many((i, rec(n)) for n, i in enumerate(big))
+    values, _ = cache.get_many(big)
+    assert [v for v in values if v is not None] == [rec(n) for n, v in enumerate(values) if v is not None]
+
+
+def test_wrong_sized_values_are_not_cached() -> None:
+    cache = ItemCache(16, 60.0, 8, clock=FakeClock())
+    cache.put_many([(1, b"short"), (2, rec(2))])
+    assert cache.get(1) == (False, None) and cache.get(2) == (True, rec(2))
 
 
 def test_disabled_cache_and_bad_arguments() -> None:
-    cache: TTLCache[int, int] = TTLCache(0, 1.0)
-    cache.put(1, 1)
+    cache = ItemCache(0, 1.0, 8)
+    cache.put(1, rec(1))
     assert not cache.enabled and len(cache) == 0 and cache.get(1) == (False, None)
-    with pytest.raises(ValueError):
-        TTLCache(-1, 1.0)
-    with pytest.raises(ValueError):
-        TTLCache(1, 0.0)
+    single = ItemCache(1, 1.0, 8)
+    single.put(5, rec(5))
+    assert single.get(5) == (True, rec(5))
+    for args in ((-1, 1.0, 8), (1, 0.0, 8), (1, 1.0, 0)):
+        with pytest.raises(ValueError):
+            ItemCache(*args)
 
 
 def test_clear() -> None:
-    cache: TTLCache[int, int] = TTLCache(5, 1.0)
-    cache.put(1, 1)
+    cache = ItemCache(5, 1.0, 8)
+    cache.put(1, rec(1))
     cache.clear()
-    assert len(cache) == 0
+    assert len(cache) == 0 and cache.get(1) == (False, None)
