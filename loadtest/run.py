@@ -13,7 +13,7 @@ rows and `index.html` links the reports. Everything started is stopped at the en
 any request failed.
 
 Arms: when the service has experiments (service/experiments.py), the server gets an experiments
-file with one arm per retrieval strategy (exact, eta, sim_hard; `--arm-strategies`), so the
+file with one arm per retrieval strategy (exact, eta, sim_hard, twin_v2; `--arm-strategies`), so the
 Zipf-skewed users land in mixed arms by the service's sticky hash. `--arms` with
 `--arm-header x-rankserve-arm` forces arms per request instead (an admin override: the script
 starts the server with an admin token and sends it). The server runs with the tuned environment
@@ -62,7 +62,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-candidates", type=int, default=1000)
     p.add_argument("--arm-strategies", default="auto",
                    help="one experiment arm per retrieval strategy, users split evenly by the service's sticky "
-                        "hash (e.g. exact,eta,sim_hard); 'auto': those three when the service has experiments, "
+                        "hash (e.g. exact,eta,sim_hard,twin_v2); 'auto': those four when the service has experiments, "
                         "'none': one default arm")
     p.add_argument("--arms", default="", help="force weighted arms per request, e.g. exact:0.5,eta:0.5 "
                                               "(sent in --arm-header with the admin token)")
@@ -113,7 +113,7 @@ def arm_strategies(spec: str) -> list[str]:
     if spec == "auto":
         import importlib.util
 
-        return ["exact", "eta", "sim_hard"] if importlib.util.find_spec("service.experiments") else []
+        return ["exact", "eta", "sim_hard", "twin_v2"] if importlib.util.find_spec("service.experiments") else []
     return [s for s in spec.split(",") if s]
 
 
@@ -128,18 +128,24 @@ def write_experiments(path: Path, bundle: str, strategies: list[str]) -> None:
     path.write_text(yaml.safe_dump({"salt": "loadtest", "arms": arms}, sort_keys=False))
 
 
-def requests_per_arm(base_url: str) -> dict[str, int]:
-    """Requests the service ranked per experiment arm, from its Prometheus metrics."""
+def service_counts(base_url: str) -> dict[str, dict[str, int]]:
+    """From the service's Prometheus metrics: requests ranked per experiment arm, and searches an
+    approximate strategy answered with exact instead, per "strategy/reason" (e.g. twin_v2 without
+    clusters)."""
     import re
 
     import httpx
 
-    counts: dict[str, int] = {}
+    arms: dict[str, int] = {}
+    fallbacks: dict[str, int] = {}
     for line in httpx.get(base_url + "/metrics", timeout=10).text.splitlines():
-        m = re.match(r'^rankserve_request_seconds_count\{.*arm="([^"]*)".*\}\s+(\S+)$', line)
-        if m:
-            counts[m.group(1)] = counts.get(m.group(1), 0) + int(float(m.group(2)))
-    return counts
+        if m := re.match(r'^rankserve_request_seconds_count\{.*arm="([^"]*)".*\}\s+(\S+)$', line):
+            arms[m.group(1)] = arms.get(m.group(1), 0) + int(float(m.group(2)))
+        elif line.startswith("rankserve_retrieval_fallback_total{"):
+            labels = dict(re.findall(r'(\w+)="([^"]*)"', line))
+            key = f"{labels.get('strategy')}/{labels.get('reason')}"
+            fallbacks[key] = fallbacks.get(key, 0) + int(float(line.rsplit(" ", 1)[1]))
+    return {"requests_per_arm": arms, "retrieval_fallbacks": fallbacks}
 
 
 def summary_markdown(summary: dict[str, Any]) -> str:
@@ -154,6 +160,9 @@ def summary_markdown(summary: dict[str, Any]) -> str:
     if arms:
         lines.append("")
         lines.append("Requests ranked per arm (service metrics): " + ", ".join(f"{a} {n}" for a, n in arms.items()))
+        fallbacks = summary.get("retrieval_fallbacks") or {}
+        lines.append("Searches answered with exact instead of the arm's approximate strategy: "
+                     + (", ".join(f"{k} {n}" for k, n in fallbacks.items()) or "none"))
     return "\n".join(lines)
 
 
@@ -195,13 +204,15 @@ def run(args: argparse.Namespace) -> int:
         write_population(population, users, prepared.items)
         setup = {"bundle_s": round(time.perf_counter() - t0, 1), "source": prepared.source}
         with EmbeddedValkey(EmbeddedConfig(data_dir=None, persistence="none")) as valkey:
-            setup["ingest_s"] = round(ingest(valkey.url, prepared), 1)
+            strategies = arm_strategies(args.arm_strategies)
+            # a twin_v2 arm searches the behaviour clusters that ingest writes with the bundle's tables
+            clustered = any(s.split(":")[0] == "twin_v2" for s in strategies)
+            setup["ingest_s"] = round(ingest(valkey.url, prepared, clusters=clustered), 1)
             summary["setup"] = setup
             log.info("workload ready", extra=setup)
             from loadtest.bench_e2e import TUNED_ENV
 
             env = TUNED_ENV | dict(kv.split("=", 1) for kv in args.server_env)
-            strategies = arm_strategies(args.arm_strategies)
             if strategies:  # mixed arms: the service splits the Zipf-skewed users by its sticky hash
                 write_experiments(out / "experiments.yaml", f"{prepared.bundle_path.parent.name}/"
                                   f"{prepared.bundle_path.name}", strategies)
@@ -221,7 +232,7 @@ def run(args: argparse.Namespace) -> int:
                     row["locust_exit_code"] = code
                     summary["scenarios"][scenario] = row
                     failures += int(row["Failure Count"])
-                summary["requests_per_arm"] = requests_per_arm(server.base_url)
+                summary.update(service_counts(server.base_url))
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)

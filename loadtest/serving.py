@@ -107,17 +107,22 @@ def _newest(events: Any, n: int) -> Any:
                     events.timestamp[rows])
 
 
-def ingest(url: str, prepared: PreparedWorkload, version: str = FEATURE_VERSION) -> float:
-    """Write the prepared users and the whole catalogue into the store at `url`; returns seconds."""
+def ingest(url: str, prepared: PreparedWorkload, version: str = FEATURE_VERSION, clusters: bool = False) -> float:
+    """Write the prepared users and the whole catalogue into the store at `url`; returns seconds.
+
+    `clusters`: also each user's behaviour clusters (twin_v2), made with the workload's bundle.
+    """
+    from feature_store.clusters import UserClusterer
     from feature_store.ingest import ingest_log
     from feature_store.store import FeatureStoreConfig, create_store
 
     t0 = time.perf_counter()
+    clusterer = UserClusterer.from_bundle(prepared.bundle_path) if clusters else None
 
     async def run() -> None:
         async with create_store(FeatureStoreConfig(url=url)) as store:
             await ingest_log(store, prepared.events, prepared.schema, version, activate=True,
-                             catalogue=prepared.catalogue, source=prepared.source)
+                             catalogue=prepared.catalogue, source=prepared.source, clusterer=clusterer)
 
     asyncio.run(run())
     return time.perf_counter() - t0
