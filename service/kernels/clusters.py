@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from numba import prange
 
-from service.kernels.topk_ip import _decode, _encode, _jit, _select, _sort
+from service.kernels.topk_ip import _emit_topk, _encode, _jit
 
 _TILE = 16  # queries per parallel work item
 
@@ -152,13 +152,4 @@ def probe_topk(queries: Any, keys_t: Any, ids: Any, offsets: Any, centroids_t: A
                 for i in range(n):
                     buf[m + i] = _encode(sbits, i, ids[s0 + i])
                 m += n
-            if m > k:
-                _select(buf, m, k)
-                m = k
-            _sort(buf, m, sort_tmp)
-            for a in range(m):
-                out_i[q, a] = _decode(buf[a], tmp_bits, a)
-                out_s[q, a] = tmp[a]
-            for a in range(m, k):
-                out_s[q, a] = -np.inf
-                out_i[q, a] = -1
+            _emit_topk(buf, m, k, sort_tmp, tmp, tmp_bits, out_s, out_i, q)

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from numba import prange
 
-from service.kernels.topk_ip import _decode, _encode, _jit, _select, _sort
+from service.kernels.topk_ip import _decode, _emit_topk, _encode, _jit, _select, _sort
 
 _EMPTY = np.int64(-1)
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
@@ -190,14 +190,4 @@ def segment_topk(queries: Any, keys_t: Any, rows: Any, seg_start: Any, seg_len: 
                     scores[j] += a * col[j]
             for j in range(n):
                 buf[j] = _encode(sbits, j, rows[s0 + j])
-            m = n
-            if m > k:
-                _select(buf, m, k)
-                m = k
-            _sort(buf, m, sort_tmp)
-            for a in range(m):
-                out_i[q, a] = _decode(buf[a], tmp_bits, a)
-                out_s[q, a] = tmp[a]
-            for a in range(m, k):
-                out_s[q, a] = -np.inf
-                out_i[q, a] = -1
+            _emit_topk(buf, n, k, sort_tmp, tmp, tmp_bits, out_s, out_i, q)

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from numba import prange
 
-from service.kernels.topk_ip import _decode, _encode, _jit, _select, _sort
+from service.kernels.topk_ip import _emit_topk, _encode, _jit
 
 _TILE = 8  # queries per parallel work item (scratch buffers are allocated once per tile)
 _M1 = np.uint64(0x5555555555555555)
@@ -103,14 +103,4 @@ def hamming_topk(q_codes: Any, k_codes_t: Any, queries: Any, keys: Any, n_short:
                 scores[a] = acc
             for a in range(m):
                 buf[a] = _encode(sbits, a, rows[a])
-            kk = m
-            if kk > k:
-                _select(buf, kk, k)
-                kk = k
-            _sort(buf, kk, sort_tmp)
-            for a in range(kk):
-                out_i[q, a] = _decode(buf[a], tmp_bits, a)
-                out_s[q, a] = tmp[a]
-            for a in range(kk, k):
-                out_s[q, a] = -np.inf
-                out_i[q, a] = -1
+            _emit_topk(buf, m, k, sort_tmp, tmp, tmp_bits, out_s, out_i, q)

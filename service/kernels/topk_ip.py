@@ -160,6 +160,25 @@ def _sort(a: Any, n: int, tmp: Any) -> None:
         a[:n] = np.sort(a[:n])[::-1]
 
 
+
+@_jit(inline="always")
+def _emit_topk(buf: Any, m: int, k: int, sort_tmp: Any, tmp: Any, tmp_bits: Any, out_s: Any, out_i: Any,
+               q: int) -> None:
+    """Row q of the output from the m encoded candidates in buf: the k best, sorted, padded with -inf / -1.
+
+    `tmp_bits` is the uint32 view of `tmp` (float32 [k]): `_decode` leaves each score's bits there.
+    """
+    if m > k:
+        _select(buf, m, k)
+        m = k
+    _sort(buf, m, sort_tmp)
+    for a in range(m):
+        out_i[q, a] = _decode(buf[a], tmp_bits, a)
+        out_s[q, a] = tmp[a]
+    for a in range(m, k):
+        out_s[q, a] = -np.inf
+        out_i[q, a] = -1
+
 @_jit(inline="always")
 def _block_scores(q: Any, kb: Any, out: Any, flags: Any, tt: float) -> None:
     """out[:BLOCK] = q · kb and flags[:BLOCK] = out > tt, where kb is one packed key block [d, BLOCK].
@@ -368,15 +387,4 @@ def topk_ip(queries: Any, kb: Any, n_keys: int, ks: Any, rank: int, k: int, cap:
                 cnt1 = np.zeros(1, np.int64)
                 _scan(queries, q0 + t, 1, kb, n_keys, k, cap, thr1, buf[t : t + 1], cnt1, scores, flags, tmp)
                 m = cnt1[0]
-            row = buf[t]
-            if m > k:
-                _select(row, m, k)
-                m = k
-            _sort(row, m, sort_tmp)
-            q = q0 + t
-            for a in range(m):
-                out_i[q, a] = _decode(row[a], tmp_bits, a)
-                out_s[q, a] = tmp[a]
-            for a in range(m, k):
-                out_s[q, a] = -np.inf
-                out_i[q, a] = -1
+            _emit_topk(buf[t], m, k, sort_tmp, tmp, tmp_bits, out_s, out_i, q0 + t)
