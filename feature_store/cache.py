@@ -122,3 +122,4 @@ class ItemCache:
 
     def clear(self) -> None:
         self._keys.fill(_EMPTY)
+        self._expires.fill(0.0)

@@ -194,6 +194,7 @@ class RedisOnlineStore(OnlineStore):
         self._retry = RetryPolicy.from_config(config)
         self._append_script = client.register_script(APPEND_SCRIPT)
         self._item_caches: dict[str, ItemCache] = {}
+        self._cluster_error_logged = float("-inf")
         self._node_clients: dict[str, Redis] = {}  # cluster mode: plain clients per node, for reads
         self._valid_versions: set[str] = set()
         self._active: str | None = None
@@ -617,9 +618,7 @@ class RedisOnlineStore(OnlineStore):
                 stored, raw_clusters = replies[pos], replies[pos + 1]
                 pos += 2
                 if raw_clusters is not None:
-                    sequence = sequence.with_clusters(
-                        align_clusters(raw_clusters, int(stored) // SEQ_RECORD_SIZE, len(sequence))
-                    )
+                    sequence = self._with_clusters(sequence, raw_clusters, int(stored), user_id, ver)
             if miss_keys:
                 fetched = replies[pos:] if cluster else replies[pos]
                 if len(missing) == len(ids):  # cold cache or cache off: the replies are the values
@@ -633,6 +632,23 @@ class RedisOnlineStore(OnlineStore):
         except CodecError as exc:
             raise FeatureStoreDataError(f"fetch of user {user_id} in version {ver!r}: {exc}") from exc
         return FetchResult(ver, user_index, sequence, item_index, category_index, found)
+
+    def _with_clusters(self, sequence: Sequence, raw: bytes, stored_bytes: int, user_id: int, ver: str) -> Sequence:
+        """The sequence with its behaviour clusters; without them when the value cannot be read.
+
+        Clusters only steer the twin_v2 search, which falls back to exact (and counts it) without
+        them: an unreadable value (truncated, or a format a newer ingest wrote) must not cost the
+        request its profile, history and items, on every arm.
+        """
+        try:
+            return sequence.with_clusters(align_clusters(raw, stored_bytes // SEQ_RECORD_SIZE, len(sequence)))
+        except CodecError as exc:
+            now = time.monotonic()
+            if now - self._cluster_error_logged >= 10.0:  # at most one line every 10 s
+                self._cluster_error_logged = now
+                log.warning("behaviour clusters unreadable; searching without them",
+                            extra={"user_id": user_id, "version": ver, "error": str(exc)})
+            return sequence
 
     async def ping(self) -> float:
         start = time.perf_counter()

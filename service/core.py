@@ -176,7 +176,10 @@ class RankingService:
     async def rank(self, req: RankRequest) -> RankResponse:
         clock = StageClock(self.metrics)
         span = self.tracing.start(req.trace_headers, clock.started_ns) if self.tracing is not None else None
-        trace_token = trace_id_var.set(span.trace_id) if span is not None else None
+        if span is not None:
+            # bound for the rest of the request's task (each REST or gRPC request has its own), so
+            # the adapters' own error lines carry it too
+            trace_id_var.set(span.trace_id)
         attributes: dict[str, str | int | float | bool] = {"rankserve.candidates": len(req.candidates)}
         if req.request_id is not None:
             attributes["rankserve.request_id"] = req.request_id
@@ -200,8 +203,6 @@ class RankingService:
         finally:
             if span is not None:
                 span.finish(clock.spans, attributes, error)
-            if trace_token is not None:
-                trace_id_var.reset(trace_token)
 
     async def _rank_in_arm(self, req: RankRequest, n: int, route: Route, clock: StageClock) -> RankResponse:
         token = arm_var.set(route.arm)  # every log line of this request carries its arm

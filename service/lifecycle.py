@@ -150,8 +150,13 @@ class ServingCore:
         """
         _retriever_factory(settings)()  # fail fast on a bad RANKSERVE_RETRIEVAL_STRATEGY, not at first load
         tracing = Tracing.from_settings(settings)
-        # create_store may start and wait for an embedded server: keep the loop free meanwhile
-        store = await asyncio.to_thread(create_store, settings.feature_store)
+        try:
+            # create_store may start and wait for an embedded server: keep the loop free meanwhile
+            store = await asyncio.to_thread(create_store, settings.feature_store)
+        except BaseException:
+            if tracing is not None:
+                tracing.shutdown()  # its export thread would otherwise outlive the failed start
+            raise
         schema_hash = StoreSchemaHash(store, asyncio.get_running_loop())
         registry = ModelRegistry(settings, _retriever_factory(settings), schema_hash=schema_hash)
         log.info(
@@ -206,11 +211,13 @@ class ServingCore:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self.shadows.aclose()
-        await asyncio.to_thread(self.service.close)
-        await self.store.aclose()
-        if self.tracing is not None:
-            await asyncio.to_thread(self.tracing.shutdown)  # flush the last spans
+        try:
+            await self.shadows.aclose()
+            await asyncio.to_thread(self.service.close)
+            await self.store.aclose()
+        finally:
+            if self.tracing is not None:
+                await asyncio.to_thread(self.tracing.shutdown)  # flush the last spans
         log.info("serving core closed")
 
     # -- readiness ------------------------------------------------------------------------------------

@@ -16,9 +16,12 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit, urlunsplit
 
+from service.errors import RankServeError
 from service.settings import Settings
 
 if TYPE_CHECKING:
@@ -33,6 +36,14 @@ TRACE_HEADERS = ("traceparent", "tracestate")
 
 class TracingUnavailable(ValueError):
     """Tracing is configured but the OpenTelemetry packages are missing."""
+
+
+def _without_credentials(url: str) -> str:
+    """`url` for the logs: any user:password@ part is dropped."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
 
 
 def trace_carrier(get: Any) -> dict[str, str] | None:
@@ -56,7 +67,21 @@ class RequestSpan:
         attributes: Mapping[str, str | int | float | bool],
         error: BaseException | None = None,
     ) -> None:
-        """Emit one child span per (stage, start ns, end ns), set `attributes`, end the root span."""
+        """Emit one child span per (stage, start ns, end ns), set `attributes`, end the root span.
+
+        Never raises: a tracing failure must not turn an answered request into an error.
+        """
+        try:
+            self._finish(stages, attributes, error)
+        except Exception as exc:  # the SDK swallows its own errors; this guards the rest
+            self._tracing.warn("finishing a span failed", exc)
+
+    def _finish(
+        self,
+        stages: Sequence[tuple[str, int, int]],
+        attributes: Mapping[str, str | int | float | bool],
+        error: BaseException | None,
+    ) -> None:
         from opentelemetry import trace
         from opentelemetry.trace import Status, StatusCode
 
@@ -69,7 +94,10 @@ class RequestSpan:
                 )
             span.set_attributes(dict(attributes))
             if error is not None:
-                span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"))
+                # what the caller was told: a service error's message; for anything else (a bug) only
+                # its type, since exception text can hold data and the tracing backend is a third party
+                message = getattr(error, "message", None) if isinstance(error, RankServeError) else None
+                span.set_status(Status(StatusCode.ERROR, message or f"internal error ({type(error).__name__})"))
         span.end()
 
 
@@ -79,6 +107,14 @@ class Tracing:
     def __init__(self, provider: TracerProvider) -> None:
         self.provider = provider
         self.tracer: Tracer = provider.get_tracer("rankserve")
+        self._warned = float("-inf")
+
+    def warn(self, what: str, exc: BaseException) -> None:
+        """Log a tracing failure, at most once a minute."""
+        now = time.monotonic()
+        if now - self._warned >= 60.0:
+            self._warned = now
+            log.warning(what, extra={"error": repr(exc)})
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Tracing | None:
@@ -119,19 +155,26 @@ class Tracing:
         provider.add_span_processor(BatchSpanProcessor(exporter, export_timeout_millis=timeout_ms))
         log.info(
             "tracing requests over OTLP",
-            extra={"endpoint": settings.otel_endpoint, "protocol": settings.otel_protocol,
+            extra={"endpoint": _without_credentials(settings.otel_endpoint), "protocol": settings.otel_protocol,
                    "sample_ratio": settings.otel_sample_ratio},
         )
         return cls(provider)
 
-    def start(self, carrier: Mapping[str, str] | None, start_ns: int) -> RequestSpan:
-        """Open the root span of a request, as a child of the caller's trace when `carrier` has one."""
+    def start(self, carrier: Mapping[str, str] | None, start_ns: int) -> RequestSpan | None:
+        """Open the root span of a request, as a child of the caller's trace when `carrier` has one.
+
+        None (the request goes untraced) if that fails: tracing never fails a request.
+        """
         from opentelemetry.propagate import extract
         from opentelemetry.trace import SpanKind
 
-        parent = extract(carrier) if carrier else None
-        span = self.tracer.start_span("rankserve.rank", context=parent, kind=SpanKind.SERVER, start_time=start_ns)
-        return RequestSpan(self, span)
+        try:
+            parent = extract(carrier) if carrier else None
+            span = self.tracer.start_span("rankserve.rank", context=parent, kind=SpanKind.SERVER, start_time=start_ns)
+            return RequestSpan(self, span)
+        except Exception as exc:
+            self.warn("starting a span failed; the request goes untraced", exc)
+            return None
 
     def shutdown(self) -> None:
         """Flush queued spans (bounded by the export timeout) and stop the exporter."""

@@ -5,15 +5,16 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import redis
 
 from feature_store import keys
 from feature_store.clusters import ClusterParams, UserClusterer, history_bias
 from feature_store.codecs import Sequence
 from feature_store.ingest import ingest_log, schema_from_log
 from feature_store.schema import SchemaSpec
-from feature_store.store import OnlineStore
+from feature_store.store import OnlineStore, create_store
 from service.retrieval import RetrievalContext, TwinV2Retriever, check_against_reference, fallback_counts
-from tests.integration.conftest import assert_same_sequence, expected_sequence, make_events
+from tests.integration.conftest import Backend, assert_same_sequence, expected_sequence, make_events
 
 pytestmark = pytest.mark.asyncio(loop_scope="function")
 
@@ -109,3 +110,24 @@ async def test_stale_clustering_falls_back_to_exact(store: OnlineStore) -> None:
     scores, idx = TwinV2Retriever(exact_below=0).search_context(queries, keys_aug, 8, stale)
     assert fallback_counts()[("twin_v2", "stale")] == before + 1
     assert check_against_reference(queries, keys_aug, 8, scores, idx) == []
+
+
+async def test_unreadable_clusters_cost_only_the_clusters(valkey_backend: Backend) -> None:
+    """A cluster value this server cannot read (truncated, or a newer format) drops the clusters,
+    not the fetch: profile, history and items still come back, and twin_v2 falls back to exact."""
+    events = make_events(n_users=1, min_events=200, max_events=200, seed=4)
+    schema = schema_from_log(events, SchemaSpec(max_sequence_length=300))
+    clusterer = _clusterer(schema.items.size, schema.categories.size)
+    user = int(events.user_offsets()[0][0])
+    items = [int(i) for i in events.item_id[:5]]
+    async with create_store(valkey_backend.store_config()) as store:
+        await ingest_log(store, events, schema, "bad", activate=True, clusterer=clusterer)
+        raw = redis.Redis.from_url(str(valkey_backend.config.url))
+        try:
+            raw.set(keys.clusters_key("bad", user), b"RSC9" + bytes(40))
+        finally:
+            raw.close()
+        got = await store.fetch(user, items, version="bad")
+    assert got.sequence.clusters is None
+    assert_same_sequence(got.sequence, expected_sequence(events, schema, user, 300))
+    assert got.user_index and all(got.item_index > 0)

@@ -27,3 +27,31 @@ def test_trace_carrier_takes_only_trace_context() -> None:
     assert trace_carrier(headers.get) == {"traceparent": headers["traceparent"], "tracestate": "v=1"}
     assert trace_carrier({"x-request-id": "r1"}.get) is None
     assert trace_carrier({"traceparent": b"bytes-metadata"}.get) is None  # binary gRPC metadata is ignored
+
+
+def test_span_status_says_what_the_caller_was_told() -> None:
+    """A service error's message goes into the span; a bug's text (which may hold data) does not."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from service.errors import InvalidRequest
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracing = Tracing(provider)
+    for error in (InvalidRequest("top_n must be between 1 and 100, got 500"), RuntimeError("user 42 secret row")):
+        span = tracing.start(None, 1_000)
+        assert span is not None
+        span.finish([("fetch", 1_000, 2_000)], {"rankserve.candidates": 3}, error)
+    statuses = [s.status.description for s in exporter.get_finished_spans() if s.name == "rankserve.rank"]
+    assert statuses == ["top_n must be between 1 and 100, got 500", "internal error (RuntimeError)"]
+    provider.shutdown()
+
+
+def test_log_line_of_the_endpoint_hides_credentials() -> None:
+    from service.tracing import _without_credentials
+
+    assert _without_credentials("https://user:pw@collector:4318/v1/traces") == "https://collector:4318/v1/traces"
+    assert _without_credentials("http://collector:4317") == "http://collector:4317"
