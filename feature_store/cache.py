@@ -4,13 +4,14 @@ Every ranking request reads a few hundred item-feature values that change only w
 feature-set version, so the store keeps them here (keyed by version and item) and sends only the
 misses to Redis. The values are fixed-size records (`codecs.ITEM_RECORD`), so the cache holds
 them in preallocated arrays rather than as Python objects: 200,000 entries take at most 13 MB
-(twice as many slots, 25 bytes each) instead of the ~40 MB an LRU of dict entries takes, in every
-worker process (issue 6's memory goal for a second worker). It is 2-way set-associative: an id
-hashes (multiplicatively) to a set of two slots; a put takes the id's own slot, else a free or
-expired one, else the one written longer ago. Steady-state hit rate with max_entries = 200,000
-and a uniformly used hot set of 100k / 150k / 200k items: 0.98 / 0.96 / 0.93 (an LRU: 1.0 / 1.0 /
-0.997); on a Zipf stream over 1M items both hit 0.83. Pure and synchronous: the asyncio store
-calls it from one thread.
+(twice as many slots, 25 bytes each, zero pages until written) instead of the ~40 MB an LRU of
+dict entries takes, in every worker process (issue 6's memory goal for a second worker).
+
+It is 2-way set-associative: an id hashes (multiplicatively) to a set of two slots; a put takes
+the id's own slot, else a free or expired one, else the one written longer ago. Steady-state hit
+rate with max_entries = 200,000 and a uniformly used hot set of 100k / 150k / 200k items: 0.98 /
+0.96 / 0.93 (an LRU: 1.0 / 1.0 / 0.997); on a Zipf stream over 1M items both hit 0.83. Pure and
+synchronous: the asyncio store calls it from one thread.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from collections.abc import Callable, Iterable, Sequence
 import numpy as np
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)  # Fibonacci hashing: spreads consecutive ids over the slots
-_EMPTY = -1  # key of an empty slot (ids are >= 0)
 
 
 class ItemCache:
@@ -54,7 +54,9 @@ class ItemCache:
         capacity = (1 << bits) if max_entries else 0
         self._ways = 2 if capacity >= 2 else 1  # two slots per set: colliding hot ids can both stay
         self._shift = np.uint64(64 - (bits - (self._ways - 1)))
-        self._keys = np.full(capacity, _EMPTY, dtype=np.int64)
+        # all zeros: the pages are the kernel's zero pages until written, so an unused cache costs
+        # nothing; a slot is live while its expiry is ahead (never-written slots expire at 0)
+        self._keys = np.zeros(capacity, dtype=np.int64)
         self._expires = np.zeros(capacity, dtype=np.float64)
         self._absent = np.zeros(capacity, dtype=bool)
         self._values = np.zeros((capacity, value_size), dtype=np.uint8)
@@ -65,7 +67,7 @@ class ItemCache:
 
     def __len__(self) -> int:
         """Entries stored and not yet expired."""
-        return int(np.count_nonzero((self._keys != _EMPTY) & (self._expires > self._clock())))
+        return int(np.count_nonzero(self._expires > self._clock()))
 
     @property
     def enabled(self) -> bool:
@@ -95,7 +97,7 @@ class ItemCache:
         other = base + 1
         k0, k1 = self._keys[base], self._keys[other]
         e0, e1 = self._expires[base], self._expires[other]
-        conditions = [k0 == ids, k1 == ids, (k0 == _EMPTY) | (e0 <= now), (k1 == _EMPTY) | (e1 <= now), e1 < e0]
+        conditions = [k0 == ids, k1 == ids, e0 <= now, e1 <= now, e1 < e0]
         return np.select(conditions, [base, other, base, other, other], default=base)
 
     def get_many(self, keys: Sequence[int]) -> tuple[list[bytes | None], list[int]]:
@@ -127,7 +129,7 @@ class ItemCache:
         slots = self._victims(ids, now)
         uniq, first = np.unique(slots, return_index=True)
         held = self._keys[uniq]
-        occupied = (held != _EMPTY) & (held != ids[first]) & (self._expires[uniq] > now)
+        occupied = (held != ids[first]) & (self._expires[uniq] > now)
         # live entries replaced, plus the batch's own ids that share a slot (the last put wins)
         self.evictions += int(np.count_nonzero(occupied)) + slots.shape[0] - uniq.shape[0]
         self._keys[slots] = ids  # with repeated slots numpy keeps the last write, in every array alike
@@ -148,5 +150,4 @@ class ItemCache:
         self.put_many(((key, value),))
 
     def clear(self) -> None:
-        self._keys.fill(_EMPTY)
         self._expires.fill(0.0)
