@@ -3,15 +3,16 @@
 Every ranking request reads a few hundred item-feature values that change only with a new
 feature-set version, so the store keeps them here (keyed by version and item) and sends only the
 misses to Redis. The values are fixed-size records (`codecs.ITEM_RECORD`), so the cache holds
-them in preallocated arrays rather than as Python objects: 200,000 entries take at most 13 MB
-(twice as many slots, 25 bytes each, zero pages until written) instead of the ~40 MB an LRU of
-dict entries takes, in every worker process (issue 6's memory goal for a second worker).
+them in preallocated arrays rather than as Python objects: 200,000 entries (262,144 slots, 25
+bytes each, zero pages until written) take at most 6.6 MB instead of the ~40 MB an LRU of dict
+entries takes, in every worker process (issue 6's memory goal for a second worker).
 
 It is 2-way set-associative: an id hashes (multiplicatively) to a set of two slots; a put takes
-the id's own slot, else a free or expired one, else the one written longer ago. Steady-state hit
-rate with max_entries = 200,000 and a uniformly used hot set of 100k / 150k / 200k items: 0.98 /
-0.96 / 0.93 (an LRU: 1.0 / 1.0 / 0.997); on a Zipf stream over 1M items both hit 0.83. Pure and
-synchronous: the asyncio store calls it from one thread.
+the id's own slot, else a free or expired one, else the one written longer ago. On a Zipf stream
+over 1M items it hits as often as an LRU of the same size (0.83 both); a uniformly used hot set
+fills it less evenly: 100k / 150k / 200k hot items hit 0.93 / 0.87 / 0.80 (LRU 1.0 / 1.0 /
+0.997), so size it at about twice such a hot set. Pure and synchronous: the asyncio store calls
+it from one thread.
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ _GOLDEN = np.uint64(0x9E3779B97F4A7C15)  # Fibonacci hashing: spreads consecutiv
 class ItemCache:
     """Values of `value_size` bytes (or None: "known absent") for non-negative int ids.
 
-    2 x `max_entries` slots (rounded up to a power of two), each entry valid for `ttl_seconds`
-    after it was put. `max_entries == 0` disables the cache (every lookup misses, puts are
+    `max_entries` slots (rounded up to a power of two), each entry valid for `ttl_seconds` after
+    it was put. `max_entries == 0` disables the cache (every lookup misses, puts are
     dropped). A value of another size is not cached (the decoder reports it).
     """
 
@@ -48,9 +49,7 @@ class ItemCache:
         self.ttl_seconds = ttl_seconds
         self.value_size = value_size
         self._clock = clock
-        # twice the entries asked for, in slots: a hashed cache holds a hot set as large as an LRU
-        # of `max_entries` only with room to spare (measured in the module doc)
-        bits = (2 * max_entries - 1).bit_length() if max_entries else 0
+        bits = (max_entries - 1).bit_length() if max_entries > 1 else int(max_entries)
         capacity = (1 << bits) if max_entries else 0
         self._ways = 2 if capacity >= 2 else 1  # two slots per set: colliding hot ids can both stay
         self._shift = np.uint64(64 - (bits - (self._ways - 1)))

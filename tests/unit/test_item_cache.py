@@ -46,10 +46,10 @@ def test_ttl_expiry() -> None:
 
 
 def test_bounded_and_collisions_replace() -> None:
-    cache = ItemCache(1000, 60.0, 8, clock=FakeClock())  # 2048 slots
+    cache = ItemCache(1000, 60.0, 8, clock=FakeClock())  # 1024 slots
     ids = list(range(0, 50_000, 7))
     cache.put_many((i, rec(i)) for i in ids)
-    assert len(cache) <= 2048 and cache.evictions >= len(ids) - 2048
+    assert len(cache) <= 1024 and cache.evictions >= len(ids) - 1024
     values, missing = cache.get_many(ids)
     hits = [i for i, v in zip(ids, values, strict=True) if v is not None]
     assert len(hits) == len(ids) - len(missing) > 500  # the hash spreads ids over most slots
@@ -93,7 +93,7 @@ def test_clear() -> None:
 
 def test_two_ids_of_one_set_both_stay_and_the_older_makes_room() -> None:
     clock = FakeClock()
-    cache = ItemCache(8, 60.0, 8, clock=clock)  # 16 slots, 8 sets of 2
+    cache = ItemCache(8, 60.0, 8, clock=clock)  # 8 slots, 4 sets of 2
     sets = cache._sets(np.arange(10_000, dtype=np.int64))
     a, b, c = (int(i) for i in np.flatnonzero(sets == sets[0])[:3])  # three ids of one set
     cache.put(a, rec(a))
