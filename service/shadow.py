@@ -254,7 +254,7 @@ class _Lane:
             initargs=(s.shadow_nice,),
         )
         self.task = asyncio.create_task(self._work(), name=f"shadow-{self.arm}-{self.name}")
-        self._last_error_log = float("-inf")
+        self._last_log: dict[str, float] = {}  # per message: a starved job must not hide an error
 
     def offer(self, job: ShadowJob) -> None:
         m = self.runner.metrics
@@ -310,8 +310,8 @@ class _Lane:
 
     def _log_failure(self, message: str, detail: str) -> None:
         now = time.monotonic()
-        if now - self._last_error_log >= ERROR_LOG_INTERVAL_S:
-            self._last_error_log = now
+        if now - self._last_log.get(message, float("-inf")) >= ERROR_LOG_INTERVAL_S:
+            self._last_log[message] = now
             log.warning(message, extra={"arm": self.arm, "shadow": self.name, "error": detail})
 
     def retire(self) -> None:
