@@ -132,20 +132,17 @@ def service_counts(base_url: str) -> dict[str, dict[str, int]]:
     """From the service's Prometheus metrics: requests ranked per experiment arm, and searches an
     approximate strategy answered with exact instead, per "strategy/reason" (e.g. twin_v2 without
     clusters)."""
-    import re
-
     import httpx
 
-    arms: dict[str, int] = {}
-    fallbacks: dict[str, int] = {}
-    for line in httpx.get(base_url + "/metrics", timeout=10).text.splitlines():
-        if m := re.match(r'^rankserve_request_seconds_count\{.*arm="([^"]*)".*\}\s+(\S+)$', line):
-            arms[m.group(1)] = arms.get(m.group(1), 0) + int(float(m.group(2)))
-        elif line.startswith("rankserve_retrieval_fallback_total{"):
-            labels = dict(re.findall(r'(\w+)="([^"]*)"', line))
-            key = f"{labels.get('strategy')}/{labels.get('reason')}"
-            fallbacks[key] = fallbacks.get(key, 0) + int(float(line.rsplit(" ", 1)[1]))
-    return {"requests_per_arm": arms, "retrieval_fallbacks": fallbacks}
+    from loadtest.prom import sums_by
+
+    text = httpx.get(base_url + "/metrics", timeout=10).text
+    return {
+        "requests_per_arm": sums_by(text, "rankserve_request_seconds_count", lambda labels: labels["arm"]),
+        "retrieval_fallbacks": sums_by(
+            text, "rankserve_retrieval_fallback_total", lambda labels: f"{labels['strategy']}/{labels['reason']}"
+        ),
+    }
 
 
 def summary_markdown(summary: dict[str, Any]) -> str:

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from numba import prange
 
-from service.kernels.topk_ip import _emit_topk, _encode, _jit
+from service.kernels.topk_ip import _emit_topk, _encode, _jit, _segment_scores
 
 _TILE = 16  # queries per parallel work item
 
@@ -143,12 +143,7 @@ def probe_topk(queries: Any, keys_t: Any, ids: Any, offsets: Any, centroids_t: A
                 n = offsets[c + 1] - s0
                 if n == 0:
                     continue
-                scores[:n] = 0.0
-                for j in range(d):
-                    a = queries[q, j]
-                    col = keys_t[j, s0 : s0 + n]
-                    for i in range(n):
-                        scores[i] += a * col[i]
+                _segment_scores(queries, q, keys_t, s0, n, scores)
                 for i in range(n):
                     buf[m + i] = _encode(sbits, i, ids[s0 + i])
                 m += n

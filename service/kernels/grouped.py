@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from numba import prange
 
-from service.kernels.topk_ip import _decode, _emit_topk, _encode, _jit, _select, _sort
+from service.kernels.topk_ip import _decode, _emit_topk, _encode, _jit, _segment_scores, _select, _sort
 
 _EMPTY = np.int64(-1)
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
@@ -165,7 +165,7 @@ def segment_topk(queries: Any, keys_t: Any, rows: Any, seg_start: Any, seg_len: 
     Query q searches columns seg_start[q] .. seg_start[q] + seg_len[q] - 1; seg_len[q] < 0 skips
     the query (its output rows are left untouched: the caller fills them another way).
     """
-    n_queries, d = queries.shape
+    n_queries = queries.shape[0]
     longest = 1
     for q in range(n_queries):
         longest = max(longest, seg_len[q])
@@ -182,12 +182,7 @@ def segment_topk(queries: Any, keys_t: Any, rows: Any, seg_start: Any, seg_len: 
             if n < 0:
                 continue
             s0 = seg_start[q]
-            scores[:n] = 0.0
-            for c in range(d):
-                a = queries[q, c]
-                col = keys_t[c, s0 : s0 + n]
-                for j in range(n):
-                    scores[j] += a * col[j]
+            _segment_scores(queries, q, keys_t, s0, n, scores)
             for j in range(n):
                 buf[j] = _encode(sbits, j, rows[s0 + j])
             _emit_topk(buf, n, k, sort_tmp, tmp, tmp_bits, out_s, out_i, q)

@@ -162,6 +162,17 @@ def _sort(a: Any, n: int, tmp: Any) -> None:
 
 
 @_jit(inline="always")
+def _segment_scores(queries: Any, q: int, keys_t: Any, s0: int, n: int, scores: Any) -> None:
+    """scores[:n] = keys_t[:, s0:s0+n].T @ queries[q]: column by column, contiguous in the keys."""
+    scores[:n] = 0.0
+    for c in range(keys_t.shape[0]):
+        a = queries[q, c]
+        col = keys_t[c, s0 : s0 + n]
+        for j in range(n):
+            scores[j] += a * col[j]
+
+
+@_jit(inline="always")
 def _emit_topk(buf: Any, m: int, k: int, sort_tmp: Any, tmp: Any, tmp_bits: Any, out_s: Any, out_i: Any,
                q: int) -> None:
     """Row q of the output from the m encoded candidates in buf: the k best, sorted, padded with -inf / -1.

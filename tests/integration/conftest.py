@@ -30,7 +30,7 @@ from feature_store.embedded import EmbeddedValkey, free_port
 from feature_store.schema import FeatureSchema
 from feature_store.store import EmbeddedConfig, FeatureStoreConfig, OnlineStore, create_store
 from models.data.events import EventLog
-from tests.secure_redis import wait_for_ping
+from tests.secure_redis import stop_process, wait_for_ping
 
 REDIS_SERVER = shutil.which("redis-server")
 REDIS_CLI = shutil.which("redis-cli")
@@ -111,12 +111,7 @@ class RedisProcess:
         if self.proc is not None and self.proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.proc.pid, signal.SIGCONT)  # a frozen server cannot handle SIGTERM
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
+        stop_process(self.proc)
         self.proc = None
 
 

@@ -16,7 +16,6 @@ from typing import Any, cast
 import numpy as np
 import pytest
 
-from export.exporter import write_bundle
 from service.errors import ExperimentsRejected, InvalidRequest, ModelUnavailable
 from service.experiments import (
     BUCKETS,
@@ -31,8 +30,7 @@ from service.registry import LoadedModel, ModelRegistry
 from service.retrieval import make_retriever
 from service.settings import Settings
 from service.shadow import parse_fault
-from tests.experiments_helpers import retrained_tiny_model, write_config
-from tests.helpers import tiny_model, tiny_schema
+from tests.experiments_helpers import two_version_model_dir, write_config
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -144,12 +142,7 @@ def test_valid_config_parses() -> None:
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("experiments")
-    schema = tiny_schema()
-    schema.save(root / "schema")
-    write_bundle(tiny_model(schema), root / "schema", {}, root / "models", "tiny")
-    write_bundle(retrained_tiny_model(schema, seed=1), root / "schema", {}, root / "models", "tiny")
-    return root / "models"
+    return two_version_model_dir(tmp_path_factory.mktemp("experiments"), retrained_seed=1)
 
 
 def make_manager(model_dir: Path, config: Path | None, **overrides: Any) -> ExperimentManager:

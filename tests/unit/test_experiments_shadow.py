@@ -11,7 +11,6 @@ from typing import Any
 import numpy as np
 import pytest
 
-from export.exporter import write_bundle
 from feature_store.codecs import Sequence
 from service.core import Features
 from service.experiments import ExperimentManager, Experiments
@@ -21,8 +20,7 @@ from service.retrieval import make_retriever
 from service.settings import Settings
 from service.shadow import ShadowRunner
 from service.shadow_sink import JsonlSink, read_jsonl, sink_files
-from tests.experiments_helpers import retrained_tiny_model, write_config
-from tests.helpers import tiny_model, tiny_schema
+from tests.experiments_helpers import two_version_model_dir, write_config
 
 NOW = 1_700_000_000
 
@@ -61,12 +59,7 @@ def test_reader_skips_a_torn_line(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("shadow")
-    schema = tiny_schema()
-    schema.save(root / "schema")
-    write_bundle(tiny_model(schema), root / "schema", {}, root / "models", "tiny")
-    write_bundle(retrained_tiny_model(schema, seed=2), root / "schema", {}, root / "models", "tiny")
-    return root / "models"
+    return two_version_model_dir(tmp_path_factory.mktemp("shadow"), retrained_seed=2)
 
 
 async def setup(model_dir: Path, tmp_path: Path, **overrides: Any) -> tuple[ExperimentManager, ShadowRunner, Metrics]:
