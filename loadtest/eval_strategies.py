@@ -46,7 +46,7 @@ def _split_strategies(text: str) -> list[str]:
 
 
 def evaluate_strategies(run_dir: Path, strategies: list[str], max_queries: int | None, seed: int = 0,
-                        data_root: Path | None = None) -> dict[str, Any]:
+                        data_root: Path | None = None, cluster_min_events: int | None = None) -> dict[str, Any]:
     import torch
 
     from export.bundle import SCORER_INPUTS
@@ -84,9 +84,10 @@ def evaluate_strategies(run_dir: Path, strategies: list[str], max_queries: int |
     # (feature_store.clusters, with the run's key tables), as an ingest just before the request would
     clusterer = None
     if any(name.split(":", 1)[0] == "twin_v2" for name in strategies):
-        from feature_store.clusters import UserClusterer
+        from feature_store.clusters import ClusterParams, UserClusterer
 
-        clusterer = UserClusterer.from_tables(tables)
+        params = ClusterParams() if cluster_min_events is None else ClusterParams(min_events=cluster_min_events)
+        clusterer = UserClusterer.from_tables(tables, params)
     probs = {name: np.zeros((idx.shape[0], len(spec.tasks)), dtype=np.float32) for name in strategies}
     overlap: dict[str, list[float]] = {name: [] for name in strategies}
     seconds = dict.fromkeys(strategies, 0.0)
@@ -177,11 +178,14 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"comma-separated make_retriever specs (default {DEFAULT_STRATEGIES})")
     parser.add_argument("--max-queries", type=int, default=None, help="sample this many test ranking queries")
     parser.add_argument("--data-root", type=Path, default=None)
+    parser.add_argument("--cluster-min-events", type=int, default=None,
+                        help="twin_v2: cluster histories from this length on (default: ClusterParams' 256; "
+                             "lower it for short-history data such as Tmall, with exact_below=0)")
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON report here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)
     report = evaluate_strategies(args.run, _split_strategies(args.strategies), args.max_queries,
-                                 data_root=args.data_root)
+                                 data_root=args.data_root, cluster_min_events=args.cluster_min_events)
     text = json.dumps(report, indent=2, sort_keys=True)
     if args.out:
         args.out.write_text(text)
