@@ -28,7 +28,8 @@ import numpy.typing as npt
 
 from feature_store.schema import FeatureSchema, SchemaError
 
-FORMAT = "rankserve.bundle/1"
+# /2: action and time gap folded into the behaviour rows (scorer inputs without ret_action & co.)
+FORMAT = "rankserve.bundle/2"
 MANIFEST = "manifest.json"
 ONNX_FILE = "scorer.onnx"
 TORCHSCRIPT_FILE = "scorer.torchscript.pt"
@@ -40,15 +41,11 @@ SCORER_INPUTS: tuple[str, ...] = (
     "cand_query",  # [B, A]    float32  candidate's attention query (item + category rows)
     "cand_repr",  # [B, R]     float32  candidate's representation (item + category rows)
     "cand_cross",  # [B, C]    float32  user-item cross features (schema.cross_features)
-    "ret_key",  # [B, K, A]    float32  keys of the retrieved behaviours
-    "ret_repr",  # [B, K, R]   float32  representations of the retrieved behaviours
-    "ret_action",  # [B, K]    int64    action codes
-    "ret_gap",  # [B, K]       int64    time-gap buckets
+    "ret_key",  # [B, K, A+H]  float32  keys of the retrieved behaviours, then their per-head event bias
+    "ret_repr",  # [B, K, R]   float32  representations of the retrieved behaviours plus their event embedding
     "ret_mask",  # [B, K]      float32  1 = real behaviour, 0 = padding
-    "short_key",  # [B, S, A]  float32  the most recent S behaviours, same fields
+    "short_key",  # [B, S, A+H] float32  the most recent S behaviours, same fields
     "short_repr",  # [B, S, R]
-    "short_action",  # [B, S]
-    "short_gap",  # [B, S]
     "short_mask",  # [B, S]
     "user_repr",  # [B, U]     float32  user representation row
     "user_dense",  # [B, D]    float32  schema.history_features
@@ -65,6 +62,8 @@ TABLE_NAMES: tuple[str, ...] = (
     "user_repr",
     "gsu_action_bias",
     "gsu_gap_bias",
+    "event_key_bias",  # [n_actions * n_gaps, H] by event code action * n_gaps + gap
+    "event_repr",  # [n_actions * n_gaps, R]
 )
 
 
@@ -143,7 +142,11 @@ def read_manifest(path: Path) -> dict[str, Any]:
     except (OSError, json.JSONDecodeError) as exc:
         raise BundleError(f"{path}: unreadable {MANIFEST}: {exc}") from exc
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise BundleError(f"{path}: manifest format is not {FORMAT!r}")
+        found = manifest.get("format") if isinstance(manifest, dict) else None
+        raise BundleError(
+            f"{path}: manifest format is {found!r}, this service reads {FORMAT!r}: re-export the run with "
+            "this version's `rankserve export`"
+        )
     for key in ("name", "version", "schema", "tasks", "fusion", "retrieval", "files", "tables"):
         if key not in manifest:
             raise BundleError(f"{path}: manifest lacks {key!r}")

@@ -87,6 +87,9 @@ class TargetAttention(nn.Module):
 
     logit_jh = k_jh·q_h/√d_h + b_act[a_j, h] + b_gap[g_j, h]; values are the DARE representation
     plus action and gap embeddings, projected. The GSU uses the same logits (summed over heads).
+    The action and gap parts are per behaviour, not per candidate, so they are folded into the
+    behaviour rows before the attention (`behaviours`): the service does that once per history row
+    from the bundle's event tables, and the scorer graph holds no gathers or scatters over behaviours.
     """
 
     def __init__(self, attn_dim: int, repr_dim: int, n_heads: int, n_actions: int, n_gaps: int) -> None:
@@ -110,33 +113,44 @@ class TargetAttention(nn.Module):
         logits: Tensor = dot + self.action_bias(action) + self.gap_bias(gap)
         return logits
 
-    def forward(self, key: Tensor, repr_: Tensor, action: Tensor, gap: Tensor, mask: Tensor, query: Tensor) -> Tensor:
-        """out_h = Σ_j w_jh (W (r_j + A[a_j] + G[g_j]) + b)_h, computed without any [B, L, R] temporary.
+    def behaviours(self, key: Tensor, repr_: Tensor, action: Tensor, gap: Tensor) -> tuple[Tensor, Tensor]:
+        """Behaviour rows with their action and time gap folded in: keys [.., A + H], values [.., R].
 
-        The value projection is linear, so it commutes with the attention-weighted sum:
-        out_h = W_h (Σ_j w_jh r_j + Σ_a m_ha A_a + Σ_g n_hg G_g) + b_h Σ_j w_jh, where m_ha (n_hg)
-        is the attention mass on action a (gap bucket g), a scatter-add over L, and Σ_j w_jh is 1
-        (0 for an empty history). The per-head logits are one batched matmul of the keys with a
-        block-diagonal query [B, A, H]. Same values as projecting every behaviour first
-        (tests/unit/test_model.py keeps that form as the reference), at about a third of the
-        exported scorer's CPU time (docs/PERFORMANCE.md).
+        key_aug = [k | b_act[a] + b_gap[g]]: the per-head bias rides along as H extra key columns
+        that the attention's augmented query multiplies by 1. repr_aug = r + (A[a] + G[g]). The
+        event parts are exactly the rows of `event_tables` at code a * n_gaps + g, so the service's
+        numpy fold gives the same floats.
         """
-        b, length, a_dim = key.shape
+        bias = self.action_bias(action) + self.gap_bias(gap)
+        return torch.cat([key, bias], dim=-1), repr_ + (self.action_emb(action) + self.gap_emb(gap))
+
+    def event_tables(self) -> tuple[Tensor, Tensor]:
+        """The fold's tables by event code a * n_gaps + g: bias [n_actions * n_gaps, H], repr [.., R]."""
+        bias = self.action_bias.weight[:, None, :] + self.gap_bias.weight[None, :, :]
+        rep = self.action_emb.weight[:, None, :] + self.gap_emb.weight[None, :, :]
+        return bias.reshape(-1, self.n_heads), rep.reshape(-1, rep.shape[-1])
+
+    def forward(self, key: Tensor, repr_: Tensor, mask: Tensor, query: Tensor) -> Tensor:
+        """out_h = Σ_j w_jh (W r̃_j + b)_h over folded behaviours (`behaviours`), without a [B, L, R] temporary.
+
+        The logits of all heads are one batched matmul of the folded keys [B, L, A + H] with an
+        augmented query [B, A + H, H]: head h's query (scaled by 1/√d_h) in the rows of head h,
+        then an identity block that picks each head's bias column. The value projection is linear,
+        so it commutes with the attention-weighted sum: out_h = W_h (Σ_j w_jh r̃_j) + b_h Σ_j w_jh,
+        where Σ_j w_jh is 1 (0 for an empty history). Same values as projecting every behaviour
+        first (tests/unit/test_model.py keeps that form as the reference).
+        """
+        b = key.shape[0]
         h, dh = self.n_heads, self.head_dim
+        a_dim = h * dh  # a Python int, so the head mask below is a constant of the exported graph
         head_of = (torch.arange(a_dim, device=key.device) // dh).unsqueeze(-1) == torch.arange(h, device=key.device)
-        qbd = query.unsqueeze(-1) * head_of.to(query.dtype)  # [B, A, H]: query h in rows of head h only
-        dot = torch.matmul(key, qbd) / math.sqrt(dh)  # [B, L, H]
-        logits = (dot + self.action_bias(action) + self.gap_bias(gap)).transpose(1, 2)  # [B, H, L]
+        qbd = query.unsqueeze(-1) * (head_of.to(query.dtype) / math.sqrt(dh))  # [B, A, H]
+        eye = torch.eye(h, dtype=query.dtype, device=query.device).expand(b, h, h)
+        logits = torch.matmul(key, torch.cat([qbd, eye], dim=1)).transpose(1, 2)  # [B, H, L]
         m = mask.unsqueeze(1)  # [B, 1, L]
         logits = logits * m + (1.0 - m) * -1e9
         w = torch.softmax(logits, dim=-1) * m  # padding (and empty histories) weigh exactly 0
-        mass_act = w.new_zeros(b, h, self.action_emb.rows).scatter_add(2, action.unsqueeze(1).expand(b, h, length), w)
-        mass_gap = w.new_zeros(b, h, self.gap_emb.rows).scatter_add(2, gap.unsqueeze(1).expand(b, h, length), w)
-        x = (
-            torch.matmul(w, repr_)
-            + torch.matmul(mass_act, self.action_emb.weight)
-            + torch.matmul(mass_gap, self.gap_emb.weight)
-        )  # [B, H, R]: the weighted input of every head's values
+        x = torch.matmul(w, repr_)  # [B, H, R]: the weighted input of every head's values
         r = repr_.shape[-1]
         wh = self.value.weight.reshape(h, r // h, r)  # [H, R/H, R]: the value rows of each head
         # Σ_j w_jh is 1, or 0 for an empty history: the mask's max, exactly (a sum over L would round
@@ -251,20 +265,16 @@ class Scorer(nn.Module):
         cand_cross: Tensor,
         ret_key: Tensor,
         ret_repr: Tensor,
-        ret_action: Tensor,
-        ret_gap: Tensor,
         ret_mask: Tensor,
         short_key: Tensor,
         short_repr: Tensor,
-        short_action: Tensor,
-        short_gap: Tensor,
         short_mask: Tensor,
         user_repr: Tensor,
         user_dense: Tensor,
         weekday: Tensor,
     ) -> Tensor:
-        long_interest = self.attention(ret_key, ret_repr, ret_action, ret_gap, ret_mask, cand_query)
-        short_interest = self.attention(short_key, short_repr, short_action, short_gap, short_mask, cand_query)
+        long_interest = self.attention(ret_key, ret_repr, ret_mask, cand_query)
+        short_interest = self.attention(short_key, short_repr, short_mask, cand_query)
         x = torch.cat(
             [
                 cand_repr,
@@ -384,23 +394,21 @@ class RankingModel(nn.Module):
         attn_item, attn_category = self.attn_item(item), self.attn_category(category)
         key = self.key_proj(attn_item) + self.key_proj(attn_category)
         repr_ = self.repr_item(item) + self.repr_category(category)
-        action, gap, mask = take(batch.hist_action), take(batch.hist_gap), take(batch.hist_mask)
+        mask = take(batch.hist_mask)
+        folded_key, folded_repr = self.scorer.attention.behaviours(
+            key[:, 1:], repr_[:, 1:], take(batch.hist_action), take(batch.hist_gap)
+        )
         out = {
             "cand_query": self.query_proj(attn_item[:, 0]) + self.query_proj(attn_category[:, 0]),
             "cand_repr": repr_[:, 0],
             "cand_cross": batch.cand_cross,
         }
         if k:
-            ret = slice(1, 1 + k)
-            out |= {"ret_key": key[:, ret], "ret_repr": repr_[:, ret], "ret_action": action[:, :k],
-                    "ret_gap": gap[:, :k], "ret_mask": mask[:, :k]}
+            out |= {"ret_key": folded_key[:, :k], "ret_repr": folded_repr[:, :k], "ret_mask": mask[:, :k]}
         else:  # an all-padding block keeps the scorer's signature
-            z = torch.zeros(b, 1, dtype=torch.long)
-            out |= {"ret_key": key.new_zeros(b, 1, cfg.attn_dim), "ret_repr": repr_.new_zeros(b, 1, cfg.repr_dim),
-                    "ret_action": z, "ret_gap": z, "ret_mask": mask.new_zeros(b, 1)}
-        short = slice(1 + k, None)
-        out |= {"short_key": key[:, short], "short_repr": repr_[:, short], "short_action": action[:, k:],
-                "short_gap": gap[:, k:], "short_mask": mask[:, k:]}
+            out |= {"ret_key": folded_key.new_zeros(b, 1, folded_key.shape[-1]),
+                    "ret_repr": folded_repr.new_zeros(b, 1, cfg.repr_dim), "ret_mask": mask.new_zeros(b, 1)}
+        out |= {"short_key": folded_key[:, k:], "short_repr": folded_repr[:, k:], "short_mask": mask[:, k:]}
         return out | {
             "user_repr": self.repr_user(batch.user),
             "user_dense": batch.user_dense,
@@ -415,6 +423,7 @@ class RankingModel(nn.Module):
     def precomputed_tables(self) -> dict[str, Tensor]:
         """The tables a bundle ships: TWIN-precomputed keys/queries and DARE representations."""
         att = self.scorer.attention
+        event_bias, event_repr = att.event_tables()
         tables = {
             "item_key": self.key_proj(self.attn_item.weight),
             "category_key": self.key_proj(self.attn_category.weight),
@@ -426,5 +435,8 @@ class RankingModel(nn.Module):
             # GSU bias, summed over heads (the service folds it into an extra key column)
             "gsu_action_bias": att.action_bias.weight.sum(-1),
             "gsu_gap_bias": att.gap_bias.weight.sum(-1),
+            # the ESU's per-behaviour event parts by code action * n_gaps + gap (TargetAttention.behaviours)
+            "event_key_bias": event_bias,
+            "event_repr": event_repr,
         }
         return {name: t.detach().clone() for name, t in tables.items()}

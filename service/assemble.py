@@ -66,6 +66,8 @@ class Tables:
     user_repr: F32
     gsu_action_bias: F32
     gsu_gap_bias: F32
+    event_key_bias: F32
+    event_repr: F32
 
     @classmethod
     def from_dict(cls, tables: dict[str, F32]) -> Tables:
@@ -100,31 +102,43 @@ def _retrieve(
     return result
 
 
-def _history_rows(tables: Tables, item: I64, category: I64) -> tuple[F32, F32]:
-    """The history's keys [L, A] and representations [L, R]: item row + category row of each behaviour.
+def _history_rows(tables: Tables, item: I64, category: I64, event: I64) -> tuple[F32, F32]:
+    """Every behaviour's scorer rows: keys [L, A + H] and representations [L, R].
 
-    Lifelong histories revisit the same items (a 10,000-event synthetic history has 900-2,400
-    distinct (item, category) pairs), so the rows are read from the million-row tables once per
-    distinct pair (a hash pass, `grouped.unique_rows`) and expanded; each row is the same float32
-    sum as a direct gather, so the result is bit-identical. With few repeats, gather directly.
+    A row is the item row plus the category row, with the behaviour's event (action and time-gap
+    bucket, code `event`) folded in as `TargetAttention.behaviours` does: the event's per-head
+    bias as H extra key columns, its embedding added to the representation, in the model's float
+    order (so the rows are bit-identical to its). Lifelong histories repeat the same (item,
+    category, event) many times (60-80% of a 10,000-event synthetic history), so the rows are
+    built once per distinct triple (a hash pass, `grouped.unique_rows`) and expanded, which reads
+    the million-row tables once per distinct triple; with few repeats, directly.
     """
     length = int(item.shape[0])
     if length >= 64:
         from service.kernels.grouped import unique_rows
 
-        pairs = np.empty((length, 2), dtype=np.int64)
-        pairs[:, 0] = item
-        pairs[:, 1] = category
+        triples = np.empty((length, 2), dtype=np.int64)
+        triples[:, 0] = item
+        triples[:, 1] = category * tables.event_repr.shape[0] + event  # exact: both factors are small
         group = np.empty(length, dtype=np.int64)
         first = np.empty(length, dtype=np.int64)
-        n_distinct = unique_rows(pairs.view(np.uint32), group, first)
+        n_distinct = unique_rows(triples.view(np.uint32), group, first)
         if 4 * n_distinct <= 3 * length:  # at least a quarter repeat: the pass pays for itself
-            u_item, u_cat = item[first[:n_distinct]], category[first[:n_distinct]]
-            key = np.take(tables.item_key[u_item] + tables.category_key[u_cat], group, axis=0)
-            rep = np.take(tables.item_repr[u_item] + tables.category_repr[u_cat], group, axis=0)
-            return key, rep
-    key = tables.item_key[item] + tables.category_key[category]
-    return key, tables.item_repr[item] + tables.category_repr[category]
+            pick = first[:n_distinct]
+            key, rep = _rows(tables, item[pick], category[pick], event[pick])
+            return np.take(key, group, axis=0), np.take(rep, group, axis=0)
+    return _rows(tables, item, category, event)
+
+
+def _rows(tables: Tables, item: I64, category: I64, event: I64) -> tuple[F32, F32]:
+    """The rows of the given behaviours, gathered from the tables (see `_history_rows`)."""
+    a_dim, n_heads = tables.item_key.shape[1], tables.event_key_bias.shape[1]
+    key = np.empty((item.shape[0], a_dim + n_heads), dtype=np.float32)
+    np.add(tables.item_key[item], tables.category_key[category], out=key[:, :a_dim])
+    key[:, a_dim:] = tables.event_key_bias[event]
+    rep: F32 = tables.item_repr[item] + tables.category_repr[category]
+    rep += tables.event_repr[event]
+    return key, rep
 
 
 def _broadcast(row: npt.NDArray[np.generic], n: int) -> npt.NDArray[np.generic]:
@@ -150,37 +164,32 @@ def scorer_inputs(
     gap = time_gap_bucket(request_ts - history.timestamp, settings.time_gap_buckets)
     # gather the history's rows once: candidates retrieve overlapping behaviours, and indexing a
     # cache-resident [L, R] array is far cheaper than B*k random reads of the million-row tables
-    key, hist_repr = _history_rows(tables, h_item, h_cat)  # [L, A], [L, R]
+    event = history.action * settings.time_gap_buckets + gap  # row of the bundle's event tables
+    folded_key, folded_repr = _history_rows(tables, h_item, h_cat, event)  # [L, A + H], [L, R]
     query = tables.item_query[cand_item] + tables.category_query[cand_category]  # [B, A]
     a_dim = query.shape[1]
+    folded_width, r_dim = folded_key.shape[1], folded_repr.shape[1]
     if settings.use_retrieval and length:
         keys_aug = np.empty((length, a_dim + 1), dtype=np.float32)
-        np.multiply(key, np.float32(1.0 / math.sqrt(settings.head_dim)), out=keys_aug[:, :a_dim])
+        np.multiply(folded_key[:, :a_dim], np.float32(1.0 / math.sqrt(settings.head_dim)), out=keys_aug[:, :a_dim])
         keys_aug[:, a_dim] = tables.gsu_action_bias[history.action] + tables.gsu_gap_bias[gap]
         queries_aug = np.ones((n_cand, a_dim + 1), dtype=np.float32)
         queries_aug[:, :a_dim] = query
         _, idx = _retrieve(retriever, queries_aug, keys_aug, settings.k, h_cat, cand_category, user_index,
                            history.clusters, tables)
         if length >= settings.k:  # no padding: every slot is a real behaviour
-            rows = idx
             mask = np.ones(idx.shape, dtype=np.float32)
-            ret_key = np.take(key, rows, axis=0)
-            ret_repr = np.take(hist_repr, rows, axis=0)
-            ret_action = np.take(history.action, rows)
-            ret_gap = np.take(gap, rows)
+            ret_key = np.take(folded_key, idx, axis=0)
+            ret_repr = np.take(folded_repr, idx, axis=0)
         else:
             valid = idx >= 0
             rows = np.where(valid, idx, 0)
             mask = valid.astype(np.float32)
-            ret_key = np.take(key, rows, axis=0) * mask[..., None]
-            ret_repr = np.take(hist_repr, rows, axis=0) * mask[..., None]
-            ret_action = np.where(valid, history.action[rows], 0)
-            ret_gap = np.where(valid, gap[rows], 0)
+            ret_key = np.take(folded_key, rows, axis=0) * mask[..., None]
+            ret_repr = np.take(folded_repr, rows, axis=0) * mask[..., None]
     else:  # no long-term retrieval (DIN-short bundles) or an empty history: one padding slot
-        r_dim = tables.item_repr.shape[1]
-        ret_key = np.zeros((n_cand, 1, a_dim), dtype=np.float32)
+        ret_key = np.zeros((n_cand, 1, folded_width), dtype=np.float32)
         ret_repr = np.zeros((n_cand, 1, r_dim), dtype=np.float32)
-        ret_action = ret_gap = np.zeros((n_cand, 1), dtype=np.int64)
         mask = np.zeros((n_cand, 1), dtype=np.float32)
 
     # the most recent behaviours, identical for every candidate (at least one padding slot)
@@ -188,18 +197,15 @@ def scorer_inputs(
     width = max(s, 1)
     short_valid = np.zeros(width, dtype=np.float32)
     short_valid[width - s :] = 1.0
-    pick = np.zeros(width, dtype=np.int64)
-    pick[width - s :] = np.arange(length - s, length)
-    sv = short_valid[:, None]
     if length:
-        short_key = key[pick] * sv
-        short_repr = hist_repr[pick] * sv
-        short_action = np.where(short_valid > 0, history.action[pick], 0)
-        short_gap = np.where(short_valid > 0, gap[pick], 0)
+        pick = np.zeros(width, dtype=np.int64)
+        pick[width - s :] = np.arange(length - s, length)
+        sv = short_valid[:, None]
+        short_key = folded_key[pick] * sv
+        short_repr = folded_repr[pick] * sv
     else:
-        short_key = np.zeros((width, a_dim), dtype=np.float32)
-        short_repr = np.zeros((width, tables.item_repr.shape[1]), dtype=np.float32)
-        short_action = short_gap = np.zeros(width, dtype=np.int64)
+        short_key = np.zeros((width, folded_width), dtype=np.float32)
+        short_repr = np.zeros((width, r_dim), dtype=np.float32)
 
     user_row = user_index if 0 <= user_index < tables.user_repr.shape[0] else 0
     return {
@@ -210,13 +216,9 @@ def scorer_inputs(
         "cand_cross": cross_features(h_item, history.action, history.timestamp, cand_item, request_ts),
         "ret_key": np.ascontiguousarray(ret_key, dtype=np.float32),
         "ret_repr": np.ascontiguousarray(ret_repr, dtype=np.float32),
-        "ret_action": np.ascontiguousarray(ret_action, dtype=np.int64),
-        "ret_gap": np.ascontiguousarray(ret_gap, dtype=np.int64),
         "ret_mask": np.ascontiguousarray(mask, dtype=np.float32),
         "short_key": _broadcast(short_key.astype(np.float32), n_cand),
         "short_repr": _broadcast(short_repr.astype(np.float32), n_cand),
-        "short_action": _broadcast(short_action.astype(np.int64), n_cand),
-        "short_gap": _broadcast(short_gap.astype(np.int64), n_cand),
         "short_mask": _broadcast(short_valid, n_cand),
         "user_repr": _broadcast(np.asarray(tables.user_repr[user_row], dtype=np.float32), n_cand),
         "user_dense": _broadcast(history_features(history.action), n_cand),

@@ -94,13 +94,16 @@ def test_parity_for_every_head(heads: str, tmp_path: Path) -> None:
 
 
 def test_scorer_graph_is_the_inference_graph(exported: tuple[RankingModel, FeatureSchema, Path]) -> None:
-    """Exported without autograd: small tables are Gathers (no OneHot), values projected after the weighted sum."""
+    """Exported without autograd (no OneHot); action and gap folded in, so nothing gathers or scatters per behaviour."""
     import onnx
 
     _model, _schema, path = exported
-    ops = {node.op_type for node in onnx.load(str(path / "scorer.onnx")).graph.node}
-    assert "OneHot" not in ops
-    assert {"Gather", "ScatterElements"} <= ops
+    graph = onnx.load(str(path / "scorer.onnx")).graph
+    ops = {node.op_type for node in graph.node}
+    assert "OneHot" not in ops and "ScatterElements" not in ops
+    tables = {init.name for init in graph.initializer}
+    looked_up = {node.input[0] for node in graph.node if node.op_type == "Gather" and node.input[0] in tables}
+    assert looked_up == {"weekday_emb.weight"}, "the weekday row is the only table lookup left in the graph"
 
 
 def history_batch(
@@ -110,10 +113,12 @@ def history_batch(
     n, length = items.shape[0], max(len(hist), 1)
     mask = np.zeros(length, dtype=np.float32)
     mask[length - len(hist) :] = 1
+
     def right(a: np.ndarray) -> np.ndarray:
         out = np.zeros(length, dtype=np.int64)
         out[length - len(hist) :] = a
         return out
+
     gap = time_gap_bucket(ts - hist.timestamp, schema.spec.time_gap_buckets)
     rep = lambda a: torch.from_numpy(np.repeat(a[None], n, axis=0))  # noqa: E731
     return Batch(
@@ -158,12 +163,18 @@ def test_serving_path_matches_pytorch(length: int, use_retrieval: bool, tmp_path
     from service.retrieval import make_retriever
 
     settings = RetrievalSettings.from_manifest(bundle.retrieval, schema.spec.time_gap_buckets)
-    inputs = scorer_inputs(
-        Tables.from_dict(bundle.tables), settings, make_retriever("numpy"), hist, 7, items, cats, ts
-    )
+    inputs = scorer_inputs(Tables.from_dict(bundle.tables), settings, make_retriever("numpy"), hist, 7, items, cats, ts)
     sess = ort.InferenceSession(str(bundle.scorer_path("onnx")), providers=["CPUExecutionProvider"])
     served = sess.run(None, {n: inputs[n] for n in SCORER_INPUTS})[0]
     np.testing.assert_allclose(served, expected, atol=1e-5, rtol=0)
+
+
+def direct_rows(
+    tables: Tables, item: np.ndarray, category: np.ndarray, event: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """The folded behaviour rows gathered per behaviour, with no dedup: the reference."""
+    key = np.concatenate([tables.item_key[item] + tables.category_key[category], tables.event_key_bias[event]], axis=1)
+    return key, tables.item_repr[item] + tables.category_repr[category] + tables.event_repr[event]
 
 
 @pytest.mark.parametrize(("length", "distinct_items"), [(2_000, 25), (500, 300), (63, 5), (64, 5), (1, 1)])
@@ -173,7 +184,7 @@ def test_history_rows_are_bit_identical_to_direct_gathers(
     distinct_items: int,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Gathering once per distinct (item, category) pair changes no bit of any scorer input."""
+    """Building rows once per distinct (item, category, event) changes no bit of any scorer input."""
     import service.assemble as assemble
 
     _model, schema, path = exported
@@ -190,10 +201,11 @@ def test_history_rows_are_bit_identical_to_direct_gathers(
     )
     hist.item[:3] = schema.items.size + 5  # past the table: clamped to the OOV row
     item, category = tables.clamp_rows(hist.item, hist.category)
-    key, rep = assemble._history_rows(tables, item, category)
+    event = rng.integers(0, tables.event_repr.shape[0], length)
+    key, rep = assemble._history_rows(tables, item, category, event)
     assert key.dtype == rep.dtype == np.float32
-    assert np.array_equal(key, tables.item_key[item] + tables.category_key[category])
-    assert np.array_equal(rep, tables.item_repr[item] + tables.category_repr[category])
+    assert np.array_equal(key, direct_rows(tables, item, category, event)[0])
+    assert np.array_equal(rep, direct_rows(tables, item, category, event)[1])
 
     from service.retrieval import make_retriever
 
@@ -201,8 +213,7 @@ def test_history_rows_are_bit_identical_to_direct_gathers(
     cands, cand_cats = rng.integers(0, schema.items.size, 30), rng.integers(0, schema.categories.size, 30)
     args = (tables, settings, make_retriever("exact"), hist, 7, cands, cand_cats, ts)
     served = scorer_inputs(*args)
-    monkeypatch.setattr(assemble, "_history_rows", lambda t, i, c: (
-        t.item_key[i] + t.category_key[c], t.item_repr[i] + t.category_repr[c]))
+    monkeypatch.setattr(assemble, "_history_rows", direct_rows)
     direct = scorer_inputs(*args)
     for name in SCORER_INPUTS:
         assert served[name].dtype == direct[name].dtype and np.array_equal(served[name], direct[name]), name

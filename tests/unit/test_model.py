@@ -1,4 +1,4 @@
-"""TargetAttention: the fast forward against the per-behaviour reference, values and gradients."""
+"""TargetAttention: the folded fast forward against the per-behaviour reference, values and gradients."""
 
 from __future__ import annotations
 
@@ -43,6 +43,14 @@ def random_inputs(b: int, length: int, a_dim: int, r_dim: int, n_act: int, n_gap
     ]
 
 
+def fast_forward(
+    att: TargetAttention, key: Tensor, repr_: Tensor, action: Tensor, gap: Tensor, mask: Tensor, query: Tensor
+) -> Tensor:
+    """The model's form: action and gap folded into the behaviour rows, then the attention."""
+    folded_key, folded_repr = att.behaviours(key, repr_, action, gap)
+    return att(folded_key, folded_repr, mask, query)
+
+
 def make_attention(n_heads: int, seed: int) -> TargetAttention:
     torch.manual_seed(seed)
     att = TargetAttention(attn_dim=16, repr_dim=32, n_heads=n_heads, n_actions=4, n_gaps=12)
@@ -57,7 +65,7 @@ def test_fast_forward_matches_reference(n_heads: int, length: int, seed: int) ->
     att = make_attention(n_heads, seed)
     inputs = random_inputs(33, length, 16, 32, 4, 12, seed)
     with torch.no_grad():  # inference and export: the small tables are gathers
-        fast, ref = att(*inputs), reference_forward(att, *inputs)
+        fast, ref = fast_forward(att, *inputs), reference_forward(att, *inputs)
         assert fast.shape == ref.shape == (33, 32)
         # float32: another summation order, so equal to rounding (~1e-6 of the outputs' scale)
         assert (fast - ref).abs().max() <= 1e-6 * ref.abs().max()
@@ -65,7 +73,7 @@ def test_fast_forward_matches_reference(n_heads: int, length: int, seed: int) ->
         # float64: the same math
         att64 = att.double()
         in64 = [t.double() if t.is_floating_point() else t for t in inputs]
-        torch.testing.assert_close(att64(*in64), reference_forward(att64, *in64), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(fast_forward(att64, *in64), reference_forward(att64, *in64), rtol=1e-12, atol=1e-12)
 
 
 def test_fast_forward_gradients_match_reference() -> None:
@@ -74,7 +82,7 @@ def test_fast_forward_gradients_match_reference() -> None:
     inputs = random_inputs(17, 24, 16, 32, 4, 12, 5)
     float_inputs = [0, 1, 5]  # key, repr, query
     grads = []
-    for forward in (att.forward, lambda *x: reference_forward(att, *x)):
+    for forward in (lambda *x: fast_forward(att, *x), lambda *x: reference_forward(att, *x)):
         att.zero_grad()
         leaves = [t.clone().requires_grad_(i in float_inputs) for i, t in enumerate(inputs)]
         out = forward(*leaves)
@@ -82,3 +90,19 @@ def test_fast_forward_gradients_match_reference() -> None:
         grads.append([p.grad.clone() for p in att.parameters()] + [leaves[i].grad for i in float_inputs])
     for fast, ref in zip(*grads, strict=True):
         torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_event_tables_are_the_fold_rows() -> None:
+    """The bundle's event tables hold exactly what `behaviours` adds, row code = action * n_gaps + gap."""
+    att = make_attention(2, 7)
+    action = torch.arange(4).repeat_interleave(12)
+    gap = torch.arange(12).repeat(4)
+    key, rep = torch.zeros(1, 48, 16), torch.zeros(1, 48, 32)
+    with torch.no_grad():
+        folded_key, folded_repr = att.behaviours(key, rep, action[None], gap[None])
+        bias, emb = att.event_tables()
+    assert bias.shape == (48, 2) and emb.shape == (48, 32)
+    code = action * 12 + gap
+    assert torch.equal(folded_key[0, :, 16:], bias[code]) and torch.equal(folded_key[0, :, :16], key[0])
+    assert torch.equal(folded_repr[0], emb[code])
+
