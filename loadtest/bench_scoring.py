@@ -1,12 +1,16 @@
 """ONNX Runtime vs PyTorch eager on the same scorer, across batch sizes, with ONNX Runtime's op profile.
 
-    python -m loadtest.bench_scoring [--batches 20,100,500,1000] [--iterations 80] [--threads 1]
+    python -m loadtest.bench_scoring [--batches 8,20,100,500,1000] [--iterations 100] [--threads 1]
 
 A bundle with the standard workload's model configuration and random weights (the scorer's cost
 does not depend on the catalogue size: the large tables are gathered outside the graph, so a
 20,000-item catalogue stands in for 1M), the export's own parity batch at each size, both
 runtimes called alternately, medians of wall time. Then ONNX Runtime's per-op profile at the
-standard batch (500): where the graph's time goes. Prints JSON, then a markdown table.
+standard batch (500): where the graph's time goes. Then a least-squares fit of each runtime's
+median to t(B) = per-call cost + B x per-candidate cost: the speed-up at batch B is
+(e_call + e_cand·B) / (o_call + o_cand·B), so the fit tells what bounds it (the per-call cost,
+ONNX Runtime's edge, decides small batches; the per-candidate kernels decide large ones).
+Prints JSON, then a markdown table.
 """
 
 from __future__ import annotations
@@ -53,6 +57,26 @@ def op_profile(session: Any, feeds: dict[str, Any], runs: int) -> dict[str, floa
     return {op: round(100 * us / total, 1) for op, us in top}
 
 
+def linear_fit(batches: list[int], ms: list[float]) -> dict[str, float]:
+    """Least-squares t(B) = per_call_ms + per_candidate_us / 1000 * B."""
+    slope, intercept = np.polyfit(np.asarray(batches, dtype=np.float64), np.asarray(ms, dtype=np.float64), 1)
+    return {"per_call_ms": round(float(intercept), 3), "per_candidate_us": round(float(slope) * 1000, 3)}
+
+
+def cost_model(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each runtime's fitted per-call and per-candidate cost, and the speed-up they imply in the limits."""
+    batches = [r["batch"] for r in rows]
+    eager = linear_fit(batches, [r["eager_ms"] for r in rows])
+    onnx = linear_fit(batches, [r["onnx_ms"] for r in rows])
+    return {
+        "pytorch_eager": eager,
+        "onnxruntime": onnx,
+        # B -> 0: only the per-call costs count; B -> infinity: only the per-candidate kernels
+        "speedup_small_batch_limit": round(eager["per_call_ms"] / max(onnx["per_call_ms"], 1e-9), 2),
+        "speedup_large_batch_limit": round(eager["per_candidate_us"] / max(onnx["per_candidate_us"], 1e-9), 2),
+    }
+
+
 def run_bench(batches: list[int], iterations: int, threads: int) -> dict[str, Any]:
     import torch
 
@@ -95,7 +119,8 @@ def run_bench(batches: list[int], iterations: int, threads: int) -> dict[str, An
         standard = parity_batch(shapes, schema.spec, seed=1, batch_size=500)
         profiled = _session(bundle / "scorer.onnx", threads, profile_prefix=str(root / "ort-profile"))
         profile = op_profile(profiled, {n: standard[n].numpy() for n in SCORER_INPUTS}, runs=30)
-    return {"threads": threads, "iterations": iterations, "batches": rows, "onnx_op_share_pct_batch_500": profile}
+    return {"threads": threads, "iterations": iterations, "batches": rows, "cost_model": cost_model(rows),
+            "onnx_op_share_pct_batch_500": profile}
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -104,6 +129,12 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(
             f"| {r['batch']} | {r['eager_ms']} | {r['onnx_ms']} | {r['onnx_speedup']}x | {r['max_abs_diff']:.1e} |"
         )
+    cm = report["cost_model"]
+    lines.append("\n| fit t(B) = per call + B x per candidate | per call ms | per candidate µs |\n|---|---|---|")
+    for name in ("pytorch_eager", "onnxruntime"):
+        lines.append(f"| {name} | {cm[name]['per_call_ms']} | {cm[name]['per_candidate_us']} |")
+    lines.append(f"\nspeed-up limits: small batches {cm['speedup_small_batch_limit']}x, "
+                 f"large batches {cm['speedup_large_batch_limit']}x")
     ops = ", ".join(f"{op} {share}%" for op, share in report["onnx_op_share_pct_batch_500"].items())
     lines.append(f"\nONNX Runtime kernel time at batch 500: {ops}")
     return "\n".join(lines)
@@ -111,12 +142,15 @@ def markdown(report: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m loadtest.bench_scoring", description=__doc__.splitlines()[0])
-    p.add_argument("--batches", default="20,100,500,1000", help="comma-separated batch sizes (candidates)")
-    p.add_argument("--iterations", type=int, default=80, help="calls per runtime and batch size")
+    p.add_argument("--batches", default="8,20,100,500,1000", help="comma-separated batch sizes (candidates)")
+    p.add_argument("--iterations", type=int, default=100, help="calls per runtime and batch size")
     p.add_argument("--threads", type=int, default=1, help="intra-op threads of both runtimes")
     p.add_argument("--out", type=Path, help="also write the JSON report here")
     args = p.parse_args(argv)
-    report = run_bench([int(x) for x in args.batches.split(",")], args.iterations, args.threads)
+    batches = [int(x) for x in args.batches.split(",")]
+    if len(batches) < 2 or min(batches) < 4:
+        p.error("--batches needs two or more sizes of at least 4 (the parity batch's four edge-case rows)")
+    report = run_bench(batches, args.iterations, args.threads)
     text = json.dumps(report, indent=2)
     if args.out is not None:
         args.out.write_text(text + "\n")
