@@ -33,8 +33,9 @@ COPY service ./service
 COPY export ./export
 COPY feature_store ./feature_store
 COPY models ./models
-# gRPC stubs are generated at build time and never committed (see service/proto/codegen.py)
-RUN python -m service.proto.codegen
+COPY ingest ./ingest
+# gRPC stubs are generated at build time and never committed (see service/transports/grpc/proto/codegen.py)
+RUN python -m service.transports.grpc.proto.codegen
 
 # -- deps-cpu / deps-gpu: the serving install (only the otel extra: never torch) ---------------------
 FROM builder-base AS deps-cpu
@@ -69,7 +70,7 @@ ENV NUMBA_CPU_NAME=${NUMBA_CPU_NAME} \
 WORKDIR /opt
 RUN python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('torch') is not None)" \
     && python -c "from service.retrieval import warm_up; warm_up()" \
-    && python -c "import service.app, service.grpc_server"
+    && python -c "import service.transports.rest.app, service.transports.grpc.server"
 
 # -- runtime ----------------------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS runtime

@@ -17,9 +17,9 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-# gRPC stubs are generated from service/proto/*.proto, never hand-written or committed.
+# gRPC stubs are generated from service/transports/grpc/proto/*.proto, never hand-written or committed.
 proto:
-	$(PY) -m service.proto.codegen
+	$(PY) -m service.transports.grpc.proto.codegen
 
 # Debian's redis-server (and redis-cli for the Cluster fixture): the tests' second real backend.
 redis-server:

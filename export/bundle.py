@@ -36,22 +36,6 @@ TORCHSCRIPT_FILE = "scorer.torchscript.pt"
 SCORER_RUNTIMES = ("onnx", "torchscript")
 TABLES_DIR = "tables"
 SCHEMA_DIR = "schema"
-# The scorer's inputs, in order: the exporter's graph signature and what the service builds.
-SCORER_INPUTS: tuple[str, ...] = (
-    "cand_query",  # [B, A]    float32  candidate's attention query (item + category rows)
-    "cand_repr",  # [B, R]     float32  candidate's representation (item + category rows)
-    "cand_cross",  # [B, C]    float32  user-item cross features (schema.cross_features)
-    "ret_key",  # [B, K, A+H]  float32  keys of the retrieved behaviours, then their per-head event bias
-    "ret_repr",  # [B, K, R]   float32  representations of the retrieved behaviours plus their event embedding
-    "ret_mask",  # [B, K]      float32  1 = real behaviour, 0 = padding
-    "short_key",  # [B, S, A+H] float32  the most recent S behaviours, same fields
-    "short_repr",  # [B, S, R]
-    "short_mask",  # [B, S]
-    "user_repr",  # [B, U]     float32  user representation row
-    "user_dense",  # [B, D]    float32  schema.history_features
-    "weekday",  # [B]          int64    weekday of the request time
-)
-SCORER_OUTPUT = "probs"  # [B, T] float32 task probabilities, in schema task order
 TABLE_NAMES: tuple[str, ...] = (
     "item_key",
     "category_key",

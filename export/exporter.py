@@ -28,8 +28,6 @@ from export.bundle import (
     MANIFEST,
     ONNX_FILE,
     SCHEMA_DIR,
-    SCORER_INPUTS,
-    SCORER_OUTPUT,
     SCORER_RUNTIMES,
     TABLES_DIR,
     TORCHSCRIPT_FILE,
@@ -37,6 +35,7 @@ from export.bundle import (
     sha256_file,
 )
 from export.parity import PARITY_TOLERANCE, parity_batch, scorer_parity
+from feature_store.schema import SCORER_INPUTS, SCORER_OUTPUT, FeatureSchema
 from models.checkpoint import load_run
 from models.model import RankingModel
 
@@ -127,8 +126,6 @@ def write_bundle(
     """
     if scorer_runtime not in SCORER_RUNTIMES:
         raise ValueError(f"scorer_runtime must be one of {SCORER_RUNTIMES}, got {scorer_runtime!r}")
-    from feature_store.schema import FeatureSchema
-
     model.eval()
     schema = FeatureSchema.load(schema_dir, mmap=False)
     if version is None:

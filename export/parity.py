@@ -9,8 +9,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from export.bundle import SCORER_INPUTS
-from feature_store.schema import ACTIONS, N_CROSS_FEATURES, SchemaSpec
+from feature_store.schema import ACTIONS, N_CROSS_FEATURES, SCORER_INPUTS, SchemaSpec
 from models.model import Batch, RankingModel
 
 PARITY_TOLERANCE = 1e-5

@@ -27,7 +27,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from feature_store.codecs import FINGERPRINT_SIZE, MAX_CLUSTERS
+from feature_store.codecs import FINGERPRINT_SIZE, MAX_CLUSTERS, encode_clusters
+from feature_store.schema import time_gap_bucket
 
 F32 = npt.NDArray[np.float32]
 I32 = npt.NDArray[np.int32]
@@ -72,8 +73,6 @@ def history_bias(action_bias: npt.NDArray[Any], gap_bias: npt.NDArray[Any], acti
     b_act[action] + b_gap[time_gap_bucket(now - timestamp)], with as many gap buckets as `gap_bias`
     has rows (out-of-table actions read row 0).
     """
-    from feature_store.schema import time_gap_bucket
-
     action = np.where((action >= 0) & (action < action_bias.shape[0]), action, 0)
     gap = time_gap_bucket(now - np.asarray(timestamp, dtype=np.int64), int(gap_bias.shape[0]))
     out: F32 = np.asarray(action_bias[action] + gap_bias[gap], dtype=np.float32)
@@ -243,13 +242,6 @@ class UserClusterer:
         """From anything with `item_key`, `category_key`, `gsu_action_bias`, `gsu_gap_bias` (e.g. `Tables`)."""
         return cls(tables.item_key, tables.category_key, tables.gsu_action_bias, tables.gsu_gap_bias, params)
 
-    @classmethod
-    def from_bundle(cls, path: Any, params: ClusterParams | None = None) -> UserClusterer:
-        from export.bundle import open_bundle
-
-        t = open_bundle(path, verify=False).tables
-        return cls(t["item_key"], t["category_key"], t["gsu_action_bias"], t["gsu_gap_bias"], params)
-
     def cluster(self, item: I64, category: I64, action: I64, timestamp: I64, now: int | None = None,
                 ) -> tuple[I32, int] | None:
         """(cluster ids, number of clusters) of a history (dense indices), None when too short.
@@ -264,8 +256,6 @@ class UserClusterer:
 
     def encode(self, item: I64, category: I64, action: I64, timestamp: I64, now: int | None = None) -> bytes | None:
         """The stored cluster value of a history (None when it is too short to cluster)."""
-        from feature_store.codecs import encode_clusters
-
         result = self.cluster(item, category, action, timestamp, now)
         if result is None:
             return None

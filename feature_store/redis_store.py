@@ -24,16 +24,12 @@ from collections.abc import Awaitable, Callable
 from collections.abc import Sequence as SequenceABC
 from functools import partial
 from typing import Any, TypeVar, cast
-from urllib.parse import unquote, urlsplit
 
 import numpy as np
 import numpy.typing as npt
 from redis import exceptions as rex
-from redis.asyncio import ConnectionPool, Redis
+from redis.asyncio import Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
-from redis.asyncio.connection import AbstractConnection, Connection, SSLConnection, UnixDomainSocketConnection
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 
 from feature_store import keys
 from feature_store.cache import ItemCache
@@ -50,6 +46,8 @@ from feature_store.codecs import (
     decode_sequence,
     encode_sequence,
 )
+from feature_store.connections import cluster_client, node_client, single_client
+from feature_store.embedded import EmbeddedValkey
 from feature_store.errors import (
     FeatureStoreConfigError,
     FeatureStoreDataError,
@@ -59,6 +57,7 @@ from feature_store.errors import (
     VersionConflict,
     VersionNotFound,
 )
+from feature_store.logs import RateLimitedLog
 from feature_store.store import (
     STATUS_COMPLETE,
     STATUS_DROPPING,
@@ -105,84 +104,6 @@ return len
 _MAX_ITEM_CACHES = 4
 
 
-_hiredis_pack: Callable[[tuple[Any, ...]], bytes] | None
-try:
-    import hiredis
-
-    _hiredis_pack = hiredis.pack_command
-except ImportError:  # hiredis is in the serving install; without it redis-py's packer is used
-    _hiredis_pack = None
-
-
-class _HiredisPackMixin:
-    """Pack commands with hiredis' C packer, as redis-py's *sync* client already does.
-
-    redis-py's asyncio connections pack in Python, re-joining a growing buffer per argument:
-    about 280 us for an MGET of 500 keys, a third of a whole fetch. The bytes are the same
-    (tests/integration/test_feature_store_config.py checks it); anything hiredis refuses falls
-    back to redis-py's packer, which raises redis-py's own errors.
-    """
-
-    def pack_command(self, *args: Any) -> list[bytes]:
-        if _hiredis_pack is not None and args and isinstance(args[0], str) and " " not in args[0]:
-            try:
-                return [_hiredis_pack(args)]
-            except TypeError:
-                pass
-        return cast(list[bytes], super().pack_command(*args))  # type: ignore[misc]
-
-
-class FastConnection(_HiredisPackMixin, Connection):
-    pass
-
-
-class FastSSLConnection(_HiredisPackMixin, SSLConnection):
-    pass
-
-
-class FastUnixDomainSocketConnection(_HiredisPackMixin, UnixDomainSocketConnection):
-    pass
-
-
-_FAST_CONNECTIONS: dict[type[AbstractConnection], type[AbstractConnection]] = {
-    Connection: FastConnection,
-    SSLConnection: FastSSLConnection,
-    UnixDomainSocketConnection: FastUnixDomainSocketConnection,
-}
-
-
-# The connection handshake: RESP2 and no CLIENT SETINFO. redis-py 8 defaults to RESP3, which
-# costs a HELLO round trip on every new connection plus a CLIENT MAINT_NOTIFICATIONS one (refused
-# by Valkey and open-source Redis), then sends CLIENT SETINFO: three round trips before the first
-# command. The store's commands (GET, GETRANGE, MGET, SET, SCAN, EVALSHA, ...) reply the same in
-# RESP2. It matters after a slow spell: each call cut off by its deadline discards its
-# connection, so the next calls connect anew, and with a long handshake they miss the budget
-# again even once the store is fast: measured through a proxy adding 30 ms per reply, after a
-# 400 ms spell 0 of 40 fetches met a 100 ms deadline with redis-py's handshake, 40 of 40 with
-# this one (tests/fault/test_redis_faults.py). A password still costs its AUTH round trip.
-_HANDSHAKE: dict[str, Any] = {"protocol": 2, "lib_name": None, "lib_version": None}
-
-
-def _no_retry() -> Retry:
-    # redis-py's default is 10 retries with up to 1 s backoff each; retries are ours alone.
-    return Retry(NoBackoff(), 0)
-
-
-def _cluster_kwargs_from_url(url: str | None) -> dict[str, Any]:
-    """Username, password and TLS for every cluster node, taken from a redis(s):// URL."""
-    if not url:
-        return {}
-    parts = urlsplit(url)
-    out: dict[str, Any] = {}
-    if parts.username:
-        out["username"] = unquote(parts.username)
-    if parts.password:
-        out["password"] = unquote(parts.password)
-    if parts.scheme == "rediss":
-        out["ssl"] = True
-    return out
-
-
 class RedisOnlineStore(OnlineStore):
     """`OnlineStore` on redis-py asyncio (hiredis parser), single node or Cluster."""
 
@@ -194,7 +115,7 @@ class RedisOnlineStore(OnlineStore):
         self._retry = RetryPolicy.from_config(config)
         self._append_script = client.register_script(APPEND_SCRIPT)
         self._item_caches: dict[str, ItemCache] = {}
-        self._cluster_error_logged = float("-inf")
+        self._cluster_errors = RateLimitedLog(log, 10.0)  # one line every 10 s, not one per fetch
         self._node_clients: dict[str, Redis] = {}  # cluster mode: plain clients per node, for reads
         self._valid_versions: set[str] = set()
         self._active: str | None = None
@@ -209,56 +130,15 @@ class RedisOnlineStore(OnlineStore):
         embedded = None
         url = config.url
         if mode == "embedded":
-            from feature_store.embedded import EmbeddedValkey
-
             embedded = EmbeddedValkey(config.embedded)
             url = embedded.start()
         try:
-            client = cls._cluster_client(config) if mode == "cluster" else cls._single_client(config, url)
+            client = cluster_client(config) if mode == "cluster" else single_client(config, url)
         except (ValueError, rex.RedisError) as exc:
             if embedded is not None:
                 embedded.stop()
             raise FeatureStoreConfigError(f"cannot configure the Redis client: {exc}") from exc
         return cls(config, client, embedded=embedded)
-
-    @staticmethod
-    def _single_client(config: FeatureStoreConfig, url: str | None) -> Redis:
-        if not url:
-            raise FeatureStoreConfigError("single-node mode needs a url")
-        # A plain (non-blocking) pool: when all `pool_size` connections are busy, the call fails
-        # with MaxConnectionsError, a connection error that `_run` retries with backoff within the
-        # deadline. The blocking pool's condition variable and timer cost ~30 us on every call.
-        pool = ConnectionPool.from_url(
-            url,
-            max_connections=config.pool_size,
-            socket_connect_timeout=config.connect_timeout_s,
-            socket_timeout=config.read_timeout_s,
-            socket_keepalive=True,
-            retry=_no_retry(),
-            **_HANDSHAKE,
-        )
-        # The URL picks TCP, TLS or a unix socket; swap in the same kind with the fast packer.
-        pool.connection_class = _FAST_CONNECTIONS.get(pool.connection_class, pool.connection_class)
-        return Redis(connection_pool=pool)
-
-    @staticmethod
-    def _cluster_client(config: FeatureStoreConfig) -> RedisCluster:
-        common: dict[str, Any] = {
-            "max_connections": config.pool_size,
-            "socket_connect_timeout": config.connect_timeout_s,
-            "socket_timeout": config.read_timeout_s,
-            "socket_keepalive": True,
-            "retry": _no_retry(),
-            # Serve the slots that are up while others are down (explicit misses, not total failure).
-            "require_full_coverage": False,
-            **_HANDSHAKE,
-        }
-        if config.cluster_nodes:
-            nodes = [ClusterNode(h, int(p)) for h, _, p in (n.rpartition(":") for n in config.cluster_nodes)]
-            return RedisCluster(startup_nodes=nodes, **common, **_cluster_kwargs_from_url(config.url))
-        if config.url:
-            return RedisCluster.from_url(config.url, **common)
-        raise FeatureStoreConfigError("cluster mode needs cluster_nodes or url")
 
     @property
     def mode(self) -> str:
@@ -534,24 +414,7 @@ class RedisOnlineStore(OnlineStore):
         """A plain client of one cluster node (same credentials, TLS and timeouts), kept per node."""
         client = self._node_clients.get(node.name)
         if client is None:
-            options = _cluster_kwargs_from_url(self.config.url)
-            ssl = bool(options.pop("ssl", False))
-            pool = ConnectionPool(
-                connection_class=FastSSLConnection if ssl else FastConnection,
-                host=node.host,
-                port=int(node.port),
-                max_connections=self.config.pool_size,
-                socket_connect_timeout=self.config.connect_timeout_s,
-                # No per-read socket timeout: redis-py arms a timer for every reply it reads, which
-                # for 500 one-key replies is most of the fetch. The call deadline in `_run`
-                # (request_timeout_s) still bounds a hung node.
-                socket_timeout=None,
-                socket_keepalive=True,
-                retry=_no_retry(),
-                **_HANDSHAKE,
-                **options,
-            )
-            client = Redis(connection_pool=pool)
+            client = node_client(self.config, node.host, int(node.port))
             self._node_clients[node.name] = client
         return client
 
@@ -643,11 +506,8 @@ class RedisOnlineStore(OnlineStore):
         try:
             return sequence.with_clusters(align_clusters(raw, stored_bytes // SEQ_RECORD_SIZE, len(sequence)))
         except CodecError as exc:
-            now = time.monotonic()
-            if now - self._cluster_error_logged >= 10.0:  # at most one line every 10 s
-                self._cluster_error_logged = now
-                log.warning("behaviour clusters unreadable; searching without them",
-                            extra={"user_id": user_id, "version": ver, "error": str(exc)})
+            self._cluster_errors.warning("behaviour clusters unreadable; searching without them",
+                                         user_id=user_id, version=ver, error=str(exc))
             return sequence
 
     async def ping(self) -> float:
@@ -771,3 +631,11 @@ class RedisOnlineStore(OnlineStore):
         if self._embedded is not None:
             # Stopping waits for the shutdown save; keep the event loop free meanwhile.
             await asyncio.to_thread(self._embedded.stop)
+
+
+def create_store(config: FeatureStoreConfig) -> OnlineStore:
+    """Build the store the config names. In embedded mode this starts a Valkey server (blocking,
+    at startup), which the store stops on `aclose()`."""
+    if config.backend != "redis":
+        raise FeatureStoreConfigError(f"unknown feature store backend {config.backend!r}")
+    return RedisOnlineStore.from_config(config)

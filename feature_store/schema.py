@@ -25,6 +25,24 @@ import numpy.typing as npt
 ACTIONS: tuple[str, ...] = ("click", "cart", "fav", "buy")
 ACTION_CODE: dict[str, int] = {name: code for code, name in enumerate(ACTIONS)}
 
+# The train/serve contract of the scorer: its inputs, in order (the exporter's graph signature and
+# what the service assembles per request), and its output.
+SCORER_INPUTS: tuple[str, ...] = (
+    "cand_query",  # [B, A]    float32  candidate's attention query (item + category rows)
+    "cand_repr",  # [B, R]     float32  candidate's representation (item + category rows)
+    "cand_cross",  # [B, C]    float32  user-item cross features (schema.cross_features)
+    "ret_key",  # [B, K, A+H]  float32  keys of the retrieved behaviours, then their per-head event bias
+    "ret_repr",  # [B, K, R]   float32  representations of the retrieved behaviours plus their event embedding
+    "ret_mask",  # [B, K]      float32  1 = real behaviour, 0 = padding
+    "short_key",  # [B, S, A+H] float32  the most recent S behaviours, same fields
+    "short_repr",  # [B, S, R]
+    "short_mask",  # [B, S]
+    "user_repr",  # [B, U]     float32  user representation row
+    "user_dense",  # [B, D]    float32  schema.history_features
+    "weekday",  # [B]          int64    weekday of the request time
+)
+SCORER_OUTPUT = "probs"  # [B, T] float32 task probabilities, in schema task order
+
 SCHEMA_FILE = "schema.json"
 VOCAB_FILES = {"user": "vocab_user.npy", "item": "vocab_item.npy", "category": "vocab_category.npy"}
 

@@ -28,7 +28,6 @@ import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from feature_store.codecs import Sequence
-from feature_store.errors import FeatureStoreConfigError
 
 StoreMode = Literal["auto", "embedded", "single", "cluster"]
 Persistence = Literal["none", "rdb", "aof"]
@@ -326,13 +325,3 @@ class OnlineStore(abc.ABC):
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         await self.aclose()
-
-
-def create_store(config: FeatureStoreConfig) -> OnlineStore:
-    """Build the store the config names. In embedded mode this starts a Valkey server (blocking,
-    at startup), which the store stops on `aclose()`."""
-    if config.backend != "redis":
-        raise FeatureStoreConfigError(f"unknown feature store backend {config.backend!r}")
-    from feature_store.redis_store import RedisOnlineStore
-
-    return RedisOnlineStore.from_config(config)

@@ -224,7 +224,7 @@ def section_scoring(model: Any, bundle_path: Path, store_fetch: Callable[[int, l
     """
     import torch
 
-    from export.bundle import SCORER_INPUTS
+    from feature_store.schema import SCORER_INPUTS
     from service.scoring import TorchScriptScorer
 
     torch.set_num_threads(threads)
@@ -430,7 +430,8 @@ def run(args: argparse.Namespace) -> int:
     # deployed with the same setting: TUNED_ENV)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from feature_store.embedded import EmbeddedValkey
-    from feature_store.store import EmbeddedConfig, FeatureStoreConfig, create_store
+    from feature_store.redis_store import create_store
+    from feature_store.store import EmbeddedConfig, FeatureStoreConfig
     from loadtest.bench_e2e import section_concurrency, section_memory, section_throughput
     from loadtest.bench_strategies import gsu_input, indexed_events, section_strategies, section_sweeps
     from loadtest.serving import ServerProcess, ingest, prepare_workload

@@ -42,7 +42,7 @@ def cpu_seconds(pids: Sequence[int]) -> float:
 def _grpc_stub(target: str) -> tuple[Any, Any, Any]:
     import grpc
 
-    from service.grpc_server import load_stubs
+    from service.transports.grpc.server import load_stubs
 
     pb2, pb2_grpc = load_stubs()
     channel = grpc.aio.insecure_channel(target)

@@ -88,14 +88,15 @@ async def run_ours(
 
     from feature_store import keys
     from feature_store.codecs import SEQ_RECORD_SIZE
-    from feature_store.store import STATUS_COMPLETE, FeatureStoreConfig, VersionMeta, create_store
+    from feature_store.redis_store import create_store
+    from feature_store.store import STATUS_COMPLETE, FeatureStoreConfig, VersionMeta
 
     base = FeatureStoreConfig(url=url, request_timeout_s=5.0, read_timeout_s=5.0)
     ours = create_store(base.model_copy(update={"item_cache_size": 0}))
     cached = create_store(base)
     floor = Redis.from_url(url)  # redis-py defaults (hiredis parser, same as the store)
     # The same, packing commands with hiredis like the store does: the floor of the transport.
-    from feature_store.redis_store import FastConnection
+    from feature_store.connections import FastConnection
 
     floor_packed = Redis(connection_pool=ConnectionPool.from_url(url, connection_class=FastConnection))
     try:

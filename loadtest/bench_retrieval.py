@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 
 from service import retrieval
-from service.kernels.topk_ip import cache_enabled
+from service.retrieval.kernels.topk_ip import cache_enabled
 
 log = logging.getLogger("loadtest.bench_retrieval")
 

@@ -80,9 +80,8 @@ def cost_model(rows: list[dict[str, Any]]) -> dict[str, Any]:
 def run_bench(batches: list[int], iterations: int, threads: int) -> dict[str, Any]:
     import torch
 
-    from export.bundle import SCORER_INPUTS
     from export.parity import parity_batch
-    from feature_store.schema import FeatureSchema
+    from feature_store.schema import SCORER_INPUTS, FeatureSchema
     from models.model import ModelConfig, RankingModel
 
     torch.set_num_threads(threads)

@@ -179,9 +179,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from feature_store.embedded import EmbeddedValkey
-    from feature_store.ingest import ingest_log
+    from feature_store.redis_store import create_store
     from feature_store.schema import FeatureSchema
-    from feature_store.store import EmbeddedConfig, FeatureStoreConfig, create_store
+    from feature_store.store import EmbeddedConfig, FeatureStoreConfig
+    from ingest.bulk import ingest_log
     from service.settings import available_cpus
 
     phases = [p for p in args.phases.split(",") if p]
@@ -293,7 +294,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main() -> int:
-    from service.logging_setup import configure_logging
+    from service.observability.logging_setup import configure_logging
 
     parser = argparse.ArgumentParser(prog="python -m loadtest.bench_shadow", description=__doc__.splitlines()[0])
     add_arguments(parser)

@@ -95,8 +95,8 @@ def gsu_input(model: Any, history: Any, item_index: I64, category_index: I64, re
 def _search(retriever: Any, x: GsuInput, k: int) -> tuple[F32, I64]:
     from service.retrieval import RetrievalContext
 
-    if hasattr(retriever, "search_context"):
-        result: tuple[F32, I64] = retriever.search_context(
+    if retriever.uses_context:
+        result: tuple[F32, I64] = retriever.search(
             x.queries, x.keys, k, RetrievalContext(x.key_category, x.query_category, clusters=x.clusters,
                                                    key_fingerprint=x.key_fingerprint)
         )

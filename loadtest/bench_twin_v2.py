@@ -40,7 +40,8 @@ SPECS = {
 
 def bench_histories() -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any]]:
     from feature_store.embedded import EmbeddedValkey
-    from feature_store.store import EmbeddedConfig, FeatureStoreConfig, create_store
+    from feature_store.redis_store import create_store
+    from feature_store.store import EmbeddedConfig, FeatureStoreConfig
     from loadtest.bench import Workload, candidate_sets
     from loadtest.serving import ingest, prepare_workload
     from service.registry import ModelRegistry
@@ -137,10 +138,10 @@ def main() -> None:
 
     def search(name: str, i: int, queries: Any, keys: Any) -> Any:
         r = retrievers[name]
-        if not hasattr(r, "search_context"):
+        if not r.uses_context:
             return r.search(queries, keys, 64)[1]
         a, c = (before if name.startswith("before") else after)[i]  # type: ignore[misc]
-        return r.search_context(queries, keys, 64, RetrievalContext(clusters=SequenceClusters(a, c, fp),
+        return r.search(queries, keys, 64, RetrievalContext(clusters=SequenceClusters(a, c, fp),
                                                                     key_fingerprint=fp))[1]
 
     lag_h = float(np.median([(meta["request_time"] - int(h["timestamp"].max())) / 3600 for h in hists]))

@@ -49,8 +49,8 @@ def evaluate_strategies(run_dir: Path, strategies: list[str], max_queries: int |
                         data_root: Path | None = None, cluster_min_events: int | None = None) -> dict[str, Any]:
     import torch
 
-    from export.bundle import SCORER_INPUTS
     from feature_store.codecs import Sequence
+    from feature_store.schema import SCORER_INPUTS
     from models.batching import Collator
     from models.checkpoint import load_run
     from models.data.readers import load_dataset

@@ -192,15 +192,15 @@ def _grpc_modules() -> tuple[ModuleType, ModuleType, ModuleType]:
 
     grpc_gevent.init_gevent()  # without it a blocking call would stall every greenlet of the process
     try:
-        pb2 = importlib.import_module("service.proto.ranker_pb2")
-        pb2_grpc = importlib.import_module("service.proto.ranker_pb2_grpc")
+        pb2 = importlib.import_module("service.transports.grpc.proto.ranker_pb2")
+        pb2_grpc = importlib.import_module("service.transports.grpc.proto.ranker_pb2_grpc")
     except ImportError:  # a fresh checkout: generate the stubs as the server does
-        from service.proto import codegen
+        from service.transports.grpc.proto import codegen
 
         codegen.generate()
         importlib.invalidate_caches()
-        pb2 = importlib.import_module("service.proto.ranker_pb2")
-        pb2_grpc = importlib.import_module("service.proto.ranker_pb2_grpc")
+        pb2 = importlib.import_module("service.transports.grpc.proto.ranker_pb2")
+        pb2_grpc = importlib.import_module("service.transports.grpc.proto.ranker_pb2_grpc")
     return grpc, pb2, pb2_grpc
 
 

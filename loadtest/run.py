@@ -246,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m loadtest.run", description=__doc__.split("\n\n")[0])
     add_arguments(parser)
     args = parser.parse_args(argv)
-    from service.logging_setup import configure_logging
+    from service.observability.logging_setup import configure_logging
 
     configure_logging("INFO")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per readiness poll otherwise

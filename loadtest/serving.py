@@ -61,7 +61,7 @@ def prepare_workload(root: Path, w: Workload, data: str = "auto") -> PreparedWor
     if data == "auto":
         data = f"synthetic:{DEFAULT_SYNTH}" if (DEFAULT_SYNTH / "meta.json").exists() else "generated"
     if data.startswith("synthetic:"):
-        from feature_store.ingest import schema_from_log
+        from ingest.bulk import schema_from_log
         from models.data.synth import load_synthetic
 
         directory = Path(data.partition(":")[2])
@@ -112,12 +112,12 @@ def ingest(url: str, prepared: PreparedWorkload, version: str = FEATURE_VERSION,
 
     `clusters`: also each user's behaviour clusters (twin_v2), made with the workload's bundle.
     """
-    from feature_store.clusters import UserClusterer
-    from feature_store.ingest import ingest_log
-    from feature_store.store import FeatureStoreConfig, create_store
+    from feature_store.redis_store import create_store
+    from feature_store.store import FeatureStoreConfig
+    from ingest.bulk import clusterer_from_bundle, ingest_log
 
     t0 = time.perf_counter()
-    clusterer = UserClusterer.from_bundle(prepared.bundle_path) if clusters else None
+    clusterer = clusterer_from_bundle(prepared.bundle_path) if clusters else None
 
     async def run() -> None:
         async with create_store(FeatureStoreConfig(url=url)) as store:

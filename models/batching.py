@@ -8,17 +8,14 @@ the same definition of history (the user's events strictly before the sample tim
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
 import torch
 
 from feature_store.schema import ACTIONS, SchemaSpec, cross_features_batch, time_gap_bucket, weekday
+from models.data.samples import SampleSet
 from models.model import Batch
-
-if TYPE_CHECKING:
-    from models.data.samples import SampleSet
 
 
 class Collator:

@@ -22,8 +22,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import Tensor, nn
 
-from export.bundle import SCORER_INPUTS
-from feature_store.schema import ACTIONS, N_CROSS_FEATURES, SchemaSpec
+from feature_store.schema import ACTIONS, N_CROSS_FEATURES, SCORER_INPUTS, SchemaSpec
 
 
 @dataclass

@@ -13,7 +13,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -21,15 +20,11 @@ import numpy.typing as npt
 from feature_store.clusters import key_fingerprint
 from feature_store.codecs import Sequence, SequenceClusters
 from feature_store.schema import cross_features, history_features, time_gap_bucket, weekday
+from service.retrieval import RetrievalContext, Retriever
+from service.retrieval.base import grouped_kernels
 
 F32 = npt.NDArray[np.float32]
 I64 = npt.NDArray[np.int64]
-
-
-class TopK(Protocol):
-    """A retrieval strategy: top-k keys by inner product per query (see service/retrieval.py)."""
-
-    def search(self, queries: F32, keys: F32, k: int) -> tuple[F32, I64]: ...
 
 
 @dataclass(frozen=True)
@@ -86,20 +81,16 @@ class Tables:
 
 
 def _retrieve(
-    retriever: TopK, queries: F32, keys: F32, k: int, key_category: I64, query_category: I64, user_index: int,
+    retriever: Retriever, queries: F32, keys: F32, k: int, key_category: I64, query_category: I64, user_index: int,
     clusters: SequenceClusters | None = None, tables: Tables | None = None,
 ) -> tuple[F32, I64]:
-    """`retriever.search`, or `search_context` with the categories (sim_hard) and clusters (twin_v2)."""
-    search_context = getattr(retriever, "search_context", None)
-    if search_context is None:  # exact, faiss, numpy, eta: queries and keys are all they need
+    """`retriever.search`, with the categories (sim_hard) and clusters (twin_v2) when it reads them."""
+    if not retriever.uses_context:  # exact, faiss, numpy, eta: queries and keys are all they need
         return retriever.search(queries, keys, k)
-    from service.retrieval import RetrievalContext
-
     fingerprint = tables.key_fingerprint if clusters is not None and tables is not None else None
     context = RetrievalContext(key_category=key_category, query_category=query_category, user_index=user_index,
                                clusters=clusters, key_fingerprint=fingerprint)
-    result: tuple[F32, I64] = search_context(queries, keys, k, context)
-    return result
+    return retriever.search(queries, keys, k, context)
 
 
 def _history_rows(tables: Tables, item: I64, category: I64, event: I64) -> tuple[F32, F32]:
@@ -115,14 +106,12 @@ def _history_rows(tables: Tables, item: I64, category: I64, event: I64) -> tuple
     """
     length = int(item.shape[0])
     if length >= 64:
-        from service.kernels.grouped import unique_rows
-
         triples = np.empty((length, 2), dtype=np.int64)
         triples[:, 0] = item
         triples[:, 1] = category * tables.event_repr.shape[0] + event  # exact: both factors are small
         group = np.empty(length, dtype=np.int64)
         first = np.empty(length, dtype=np.int64)
-        n_distinct = unique_rows(triples.view(np.uint32), group, first)
+        n_distinct = grouped_kernels().unique_rows(triples.view(np.uint32), group, first)
         if 4 * n_distinct <= 3 * length:  # at least a quarter repeat: the pass pays for itself
             pick = first[:n_distinct]
             key, rep = _rows(tables, item[pick], category[pick], event[pick])
@@ -149,7 +138,7 @@ def _broadcast(row: npt.NDArray[np.generic], n: int) -> npt.NDArray[np.generic]:
 def scorer_inputs(
     tables: Tables,
     settings: RetrievalSettings,
-    retriever: TopK,
+    retriever: Retriever,
     history: Sequence,
     user_index: int,
     cand_item: I64,

@@ -13,6 +13,8 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from service.observability.logging_setup import configure_logging
+
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("models.data.synth", "write a deterministic synthetic event set at production scale"),
@@ -20,11 +22,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("models.evaluate", "offline evaluation: AUC, GAUC, logloss, WR@K, IA, baselines"),
     "export": ("export.exporter", "export a trained run to a versioned bundle (ONNX + TorchScript + tables)"),
     "verify-bundle": ("export.verify", "open a bundle without torch and verify its manifest and hashes"),
-    "ingest": ("feature_store.ingest", "bulk-load events into the online feature store"),
+    "ingest": ("ingest.bulk", "bulk-load events into the online feature store"),
     "serve": ("service.server", "run the REST and gRPC ranking server"),
     "bench": ("loadtest.bench", "run the benchmark suite and print JSON plus a markdown table"),
-    "shadow-report": ("service.shadow_report", "summarize a shadow sink: agreement table (markdown) and a PNG"),
-    "replay": ("service.replay", "re-send recorded requests (a shadow sink or a JSONL file) to a running service"),
+    "shadow-report": ("service.experiments.report", "summarize a shadow sink: agreement table (markdown) and a PNG"),
+    "replay": ("service.experiments.replay",
+               "re-send recorded requests (a shadow sink or a JSONL file) to a running service"),
 }
 
 
@@ -47,8 +50,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    from service.logging_setup import configure_logging
-
     configure_logging(args.log_level)
     module = importlib.import_module(COMMANDS[args.command][0])
     try:

@@ -22,19 +22,17 @@ from feature_store.codecs import Sequence
 from feature_store.errors import FeatureStoreError
 from feature_store.store import FetchResult, OnlineStore
 from service.errors import DeadlineExceeded, InvalidRequest, Overloaded, RankServeError
-from service.experiments import DEFAULT_ARM, ExperimentManager, Route
-from service.logging_setup import arm_var, trace_id_var
-from service.metrics import Metrics
+from service.experiments.manager import ExperimentManager, Route
+from service.experiments.shadow import ShadowRunner
+from service.observability.logging_setup import arm_var, trace_id_var
+from service.observability.metrics import Metrics
+from service.observability.tracing import Tracing
 from service.registry import LoadedModel, ModelRegistry
 from service.settings import Settings
-from service.shadow import ShadowRunner
-from service.tracing import Tracing
-from service.types import RankedItem, RankRequest, RankResponse
+from service.types import INT64_MAX, Features, RankedItem, RankRequest, RankResponse
 
 log = logging.getLogger("rankserve.core")
 
-INT64_MAX = (1 << 63) - 1
-__all__ = ["DEFAULT_ARM", "INT64_MAX", "Features", "RankingService", "top_n"]
 
 
 @dataclass
@@ -58,17 +56,6 @@ class StageClock:
         self.metrics.stage_seconds.labels(stage).observe(seconds)
         end_ns = time.time_ns()
         self.spans.append((stage, end_ns - int(seconds * 1e9), end_ns))
-
-
-@dataclass(frozen=True)
-class Features:
-    """What the fetch stage produced for one request."""
-
-    user_index: int
-    history: Sequence
-    item_index: npt.NDArray[np.int64]
-    category_index: npt.NDArray[np.int64]
-    degraded_reason: str | None
 
 
 def top_n(scores: npt.NDArray[np.float64], n: int) -> npt.NDArray[np.int64]:

@@ -125,7 +125,7 @@ def query(args: argparse.Namespace, body: dict[str, Any]) -> None:
     import grpc
     from google.protobuf import json_format
 
-    from service.grpc_server import pb2, pb2_grpc
+    from service.transports.grpc.server import pb2, pb2_grpc
 
     url = f"http://localhost:{args.http_port}"
     resp = httpx.post(f"{url}/v1/rank", json=body, headers={"X-Request-ID": "demo-rest"}, timeout=10.0)
@@ -160,7 +160,7 @@ def stop_server(proc: subprocess.Popen[bytes], timeout: float = 60.0) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from service.logging_setup import configure_logging
+    from service.observability.logging_setup import configure_logging
 
     args = parse_args(argv)
     configure_logging("INFO", json_logs=False)

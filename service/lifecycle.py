@@ -15,23 +15,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from feature_store.errors import FeatureStoreError
-from feature_store.store import OnlineStore, StoreHealth, create_store
-from service.assemble import TopK
+from feature_store.redis_store import create_store
+from feature_store.store import OnlineStore, StoreHealth
+from service.background import run_every
 from service.core import RankingService
 from service.errors import BundleRejected, ExperimentsRejected, ModelUnavailable
-from service.experiments import ExperimentManager, Experiments, ReloadResult, build_retriever
-from service.metrics import Metrics
-from service.registry import LoadedModel, ModelRegistry, RetrieverFactory
+from service.experiments.manager import ExperimentManager, Experiments, ReloadResult, build_retriever
+from service.experiments.shadow import ShadowRunner
+from service.observability.metrics import Metrics
+from service.observability.tracing import Tracing
+from service.registry import LoadedModel, MakeRetriever, ModelRegistry
+from service.retrieval import Retriever
 from service.settings import Settings
-from service.shadow import ShadowRunner
-from service.tracing import Tracing
 
 log = logging.getLogger("rankserve.lifecycle")
 
@@ -39,20 +39,6 @@ READINESS_INTERVAL_S = 1.0  # how often the monitor re-checks readiness (gRPC he
 SCHEMA_HASH_TTL_S = 2.0  # a bundle load re-reads the store's schema hash when older than this
 
 ReadinessListener = Callable[[bool], Awaitable[None]]
-
-REQUEST_ID_HEADER = "x-request-id"  # HTTP header and gRPC metadata key
-# Client-supplied ids end up in logs and headers: accept only short, plain tokens.
-_REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
-
-
-def new_request_id() -> str:
-    return uuid.uuid4().hex
-
-
-def request_id_from(given: str | None) -> str:
-    """The caller's request id when it is a plain token, else a fresh one."""
-    return given if given and _REQUEST_ID_RE.fullmatch(given) else new_request_id()
-
 
 @dataclass(frozen=True)
 class Readiness:
@@ -107,8 +93,8 @@ class StoreSchemaHash:
             return False
 
 
-def _retriever_factory(settings: Settings) -> RetrieverFactory:
-    def make() -> TopK:
+def _retriever_factory(settings: Settings) -> MakeRetriever:
+    def make() -> Retriever:
         # the exact strategy takes the device setting (faiss GPU when present and allowed)
         return build_retriever(settings, settings.retrieval_strategy)
 
@@ -192,10 +178,8 @@ class ServingCore:
         self.shadows.configure(experiments.shadows())
 
     async def _monitor_readiness(self) -> None:
-        while not self._stop.is_set():
-            await self.check_readiness()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), timeout=READINESS_INTERVAL_S)
+        await run_every("readiness-monitor", READINESS_INTERVAL_S, self.check_readiness, self._stop,
+                        first_at_once=True)
 
     def begin_drain(self) -> None:
         """Shutting down: report not ready from now on (load balancers stop sending traffic)."""

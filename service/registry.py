@@ -4,6 +4,10 @@ A `LoadedModel` is immutable. Swapping replaces one reference, so a request that
 the old model finishes on it while new requests get the new one. A bundle that fails any check
 (sha256, schema hash against the feature store, scorer load, warm-up inference) is refused
 with a logged reason and the current model keeps serving.
+
+Only what can still serve stays loaded: the current model and the versions pinned by experiment
+arms and shadows (`pin`). Everything else is dropped at each swap, so a long-running process that
+hot-swaps many versions holds the scorer sessions and tables of a few, not of all it ever loaded.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,14 +25,17 @@ import numpy as np
 
 from export.bundle import Bundle, BundleError, list_versions, open_bundle
 from feature_store.codecs import Sequence
-from service.assemble import RetrievalSettings, Tables, TopK, scorer_inputs
+from service.assemble import RetrievalSettings, Tables, scorer_inputs
+from service.background import run_every
 from service.errors import BundleRejected, ModelUnavailable
-from service.scoring import Fusion, Scorer, make_scorer
+from service.fusion import Fusion
+from service.retrieval import Retriever
+from service.scoring import Scorer, make_scorer
 from service.settings import Settings
 
 log = logging.getLogger("rankserve.registry")
 
-RetrieverFactory = Callable[[], TopK]
+MakeRetriever = Callable[[], Retriever]
 
 
 @dataclass(frozen=True, eq=False)
@@ -40,7 +47,7 @@ class LoadedModel:
     tables: Tables
     retrieval: RetrievalSettings
     fusion: Fusion
-    retriever: TopK
+    retriever: Retriever
     loaded_at: float
 
     @property
@@ -93,7 +100,7 @@ class ModelRegistry:
     def __init__(
         self,
         settings: Settings,
-        retriever_factory: RetrieverFactory,
+        retriever_factory: MakeRetriever,
         schema_hash: Callable[[], str | None] | None = None,
     ) -> None:
         self.settings = settings
@@ -101,6 +108,7 @@ class ModelRegistry:
         self._schema_hash = schema_hash or (lambda: None)
         self._current: LoadedModel | None = None
         self._loaded: dict[str, LoadedModel] = {}
+        self._pinned: frozenset[str] = frozenset()  # keys the experiments' arms and shadows use
         self._refused: dict[Path, str] = {}  # path -> reason, so a bad bundle is not retried every poll
         self._lock = threading.Lock()
         self._loading = threading.Lock()  # one bundle load at a time (poller, admin reload, experiments)
@@ -123,10 +131,12 @@ class ModelRegistry:
         return self._loaded.get(key)
 
     def loaded(self) -> list[LoadedModel]:
-        return list(self._loaded.values())
+        with self._lock:  # loader threads write it while the event loop reads
+            return list(self._loaded.values())
 
     def refused(self) -> dict[str, str]:
-        return {str(p): reason for p, reason in self._refused.items()}
+        with self._lock:
+            return {str(p): reason for p, reason in self._refused.items()}
 
     # -- loading ---------------------------------------------------------------------------------
 
@@ -158,24 +168,31 @@ class ModelRegistry:
                 f"{path}: schema {bundle.schema.hash[:12]} does not match the feature store's active schema "
                 f"{store_hash[:12]}; ingest with this bundle's schema (`rankserve ingest --schema {path}`) first"
             )
-        scorer = make_scorer(bundle, s.scorer_runtime, s.threads, s.execution_provider)
-        fusion = Fusion.from_bundle(bundle, s.fusion_weights, s.fusion_transforms)
-        model = LoadedModel(
-            bundle=bundle,
-            scorer=scorer,
-            tables=Tables.from_dict(bundle.tables),
-            retrieval=RetrievalSettings.from_manifest(bundle.retrieval, bundle.schema.spec.time_gap_buckets),
-            fusion=fusion,
-            retriever=self._retriever_factory(),
-            loaded_at=time.time(),
-        )
         try:
+            model = LoadedModel(
+                bundle=bundle,
+                scorer=make_scorer(bundle, s.scorer_runtime, s.threads, s.execution_provider),
+                tables=Tables.from_dict(bundle.tables),
+                retrieval=RetrievalSettings.from_manifest(bundle.retrieval, bundle.schema.spec.time_gap_buckets),
+                fusion=Fusion.from_bundle(bundle, s.fusion_weights, s.fusion_transforms),
+                retriever=self._retriever_factory(),
+                loaded_at=time.time(),
+            )
             model.warm_up()
         except BundleRejected:
             raise
-        except Exception as exc:  # a scorer that cannot run its own inputs must never serve
-            raise BundleRejected(f"{path}: warm-up inference failed: {exc}") from exc
+        except Exception as exc:  # whatever a broken bundle raises refuses it; it never serves nor stops a loop
+            raise BundleRejected(f"{path}: cannot load: {exc}") from exc
         return model
+
+    def _refuse(self, path: Path, exc: BundleRejected) -> None:
+        with self._lock:
+            self._refused[path] = exc.message
+        log.error("bundle refused", extra={"bundle": str(path), "reason": exc.message})
+
+    def _accept(self, path: Path) -> None:
+        with self._lock:
+            self._refused.pop(path, None)
 
     def _install(self, model: LoadedModel) -> None:
         with self._lock:
@@ -183,7 +200,27 @@ class ModelRegistry:
             self._loaded[model.key] = model
             self._current = model
             self.swaps += 1
-        log.info("model serving", extra={"model": model.key, "previous": old.key if old else None})
+            dropped = self._drop_unused()
+        log.info("model serving", extra={"model": model.key, "previous": old.key if old else None,
+                                         "dropped": dropped})
+
+    def pin(self, models: Iterable[LoadedModel]) -> None:
+        """Keep exactly these (the experiments' arms and shadows) loaded beside the current model."""
+        with self._lock:
+            for model in models:
+                self._loaded[model.key] = model
+            self._pinned = frozenset(m.key for m in models)
+            dropped = self._drop_unused()
+        if dropped:
+            log.info("models unloaded", extra={"models": dropped})
+
+    def _drop_unused(self) -> list[str]:
+        """Forget every model neither current nor pinned (caller holds the lock); their keys."""
+        current = self._current.key if self._current is not None else None
+        dropped = [key for key in self._loaded if key != current and key not in self._pinned]
+        for key in dropped:
+            del self._loaded[key]
+        return dropped
 
     def ensure(self, key: str) -> LoadedModel:
         """The bundle "name/version", loaded (verified, warmed up) if not yet; never made current.
@@ -208,10 +245,9 @@ class ModelRegistry:
             try:
                 model = self.load(path)
             except BundleRejected as exc:
-                self._refused[path] = exc.message
-                log.error("bundle refused", extra={"bundle": str(path), "reason": exc.message})
+                self._refuse(path, exc)
                 raise
-            self._refused.pop(path, None)
+            self._accept(path)
             if model.key != key:
                 raise BundleRejected(f"{path}: its manifest says {model.key}, not {key}")
             with self._lock:
@@ -248,11 +284,10 @@ class ModelRegistry:
             try:
                 model = self.load(path)
             except BundleRejected as exc:
-                self._refused[path] = exc.message
-                log.error("bundle refused", extra={"bundle": str(path), "reason": exc.message})
+                self._refuse(path, exc)
                 last_error = exc.message
                 continue
-            self._refused.pop(path, None)
+            self._accept(path)
             self._install(model)
             return model
         raise BundleRejected(last_error)
@@ -272,17 +307,12 @@ class ModelRegistry:
 
     async def poll(self, stop: asyncio.Event) -> None:
         """Pick up new versions every `poll_interval_s` until `stop` is set."""
-        interval = self.settings.poll_interval_s
-        if interval <= 0:
+        await run_every("model-poller", self.settings.poll_interval_s, self._poll_once, stop)
+
+    async def _poll_once(self) -> None:
+        if not self.newer_version_available():
             return
-        while not stop.is_set():
-            try:
-                await asyncio.wait_for(stop.wait(), timeout=interval)
-                return
-            except TimeoutError:
-                pass
-            if self.newer_version_available():
-                try:
-                    await asyncio.to_thread(self.load_version)
-                except (BundleRejected, ModelUnavailable) as exc:
-                    log.warning("new version not loaded", extra={"reason": exc.message})
+        try:
+            await asyncio.to_thread(self.load_version)
+        except (BundleRejected, ModelUnavailable) as exc:
+            log.warning("new version not loaded", extra={"reason": exc.message})

@@ -1,4 +1,4 @@
-"""Scorer runtimes (ONNX Runtime, TorchScript) and additive fusion."""
+"""Scorer runtimes: ONNX Runtime (CUDA when present) and TorchScript, behind one `Scorer` protocol."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from export.bundle import SCORER_INPUTS, Bundle
+from export.bundle import Bundle
+from feature_store.schema import SCORER_INPUTS
 from service.errors import BundleRejected
 
 log = logging.getLogger("rankserve.scoring")
@@ -92,56 +93,3 @@ def make_scorer(bundle: Bundle, runtime: str, threads: int, provider: str) -> Sc
     if runtime == "torchscript":
         return TorchScriptScorer(bundle.scorer_path("torchscript"), threads, provider)
     raise BundleRejected(f"unknown scorer runtime {runtime!r}")
-
-
-TRANSFORMS = ("identity", "log", "power")
-
-
-class Fusion:
-    """Additive fusion s = Σ_t w_t·f_t(p_t), f_t in {identity, log, power:<exponent>}."""
-
-    def __init__(self, tasks: list[str], weights: Mapping[str, float], transforms: Mapping[str, str]) -> None:
-        unknown = (set(weights) | set(transforms)) - set(tasks)
-        if unknown:
-            raise ValueError(f"fusion names tasks {sorted(unknown)} that the model does not predict ({tasks})")
-        self.tasks = tasks
-        self.weights = np.array([float(weights.get(t, 0.0)) for t in tasks], dtype=np.float64)
-        self.transforms = [transforms.get(t, "identity") for t in tasks]
-        for t, spec in zip(tasks, self.transforms, strict=True):
-            kind, _, arg = spec.partition(":")
-            if kind not in TRANSFORMS or (kind == "power" and not _is_float(arg)) or (kind != "power" and arg):
-                raise ValueError(f"transform of {t!r} must be identity, log or power:<exponent>, got {spec!r}")
-
-    @classmethod
-    def from_bundle(
-        cls, bundle: Bundle, weights: Mapping[str, float] | None = None, transforms: Mapping[str, str] | None = None
-    ) -> Fusion:
-        fusion = bundle.fusion
-        return cls(bundle.tasks, weights or fusion["weights"], transforms or fusion.get("transforms", {}))
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            "weights": dict(zip(self.tasks, self.weights.tolist(), strict=True)),
-            "transforms": dict(zip(self.tasks, self.transforms, strict=True)),
-        }
-
-    def __call__(self, probs: F32) -> npt.NDArray[np.float64]:
-        p = probs.astype(np.float64)
-        score = np.zeros(p.shape[0], dtype=np.float64)
-        for t, spec in enumerate(self.transforms):
-            kind, _, arg = spec.partition(":")
-            col = p[:, t]
-            if kind == "log":
-                col = np.log(np.maximum(col, 1e-12))
-            elif kind == "power":
-                col = np.power(col, float(arg))
-            score += self.weights[t] * col
-        return score
-
-
-def _is_float(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True

@@ -36,6 +36,7 @@ from typing import Any
 import uvicorn
 from pydantic import ValidationError
 
+from service.observability.logging_setup import configure_logging
 from service.settings import Settings
 
 log = logging.getLogger("rankserve.server")
@@ -103,10 +104,12 @@ def _uvicorn_config(settings: Settings, app: Any) -> uvicorn.Config:
 
 async def serve(settings: Settings, http_socket: socket.socket | None = None, reuse_port: bool = False) -> int:
     """Run REST and gRPC on this event loop until SIGTERM/SIGINT; returns the exit code."""
+    # imported here: the supervisor of several workers never runs `serve`, and must not carry the
+    # serving stack's memory (ONNX Runtime, numba, faiss) for nothing
     from feature_store.errors import FeatureStoreError
-    from service.app import create_app
-    from service.grpc_server import GrpcServer, start_grpc_server
     from service.lifecycle import ServingCore
+    from service.transports.grpc.server import GrpcServer, start_grpc_server
+    from service.transports.rest.app import create_app
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -170,8 +173,6 @@ def _nodelay(sock: socket.socket) -> socket.socket:
 
 
 def _worker_main(settings: Settings, http_socket: socket.socket, log_level: str) -> None:
-    from service.logging_setup import configure_logging
-
     configure_logging(log_level, settings.json_logs)
     sys.exit(asyncio.run(serve(settings, http_socket, reuse_port=True)))
 

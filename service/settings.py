@@ -16,6 +16,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
 
 from feature_store.store import FeatureStoreConfig
+from service.experiments.faults import parse_fault
 
 
 def available_cpus() -> int:
@@ -143,8 +144,6 @@ class Settings(BaseSettings):
     @classmethod
     def _valid_fault(cls, value: str | None) -> str | None:
         if value:
-            from service.shadow import parse_fault  # here, not at import: shadow imports the serving stack
-
             parse_fault(value)  # raises ValueError saying what is wrong
         return value
 

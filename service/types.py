@@ -8,6 +8,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
+import numpy.typing as npt
+
+from feature_store.codecs import Sequence
+
+INT64_MAX = (1 << 63) - 1  # ids are int64 on every path: REST, gRPC, the store's keys
+
 
 @dataclass(frozen=True)
 class RankRequest:
@@ -37,3 +44,14 @@ class RankResponse:
     request_id: str | None = None
     timings_ms: dict[str, float] = field(default_factory=dict)  # filled when debug
     debug: dict[str, object] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Features:
+    """What the fetch stage produced for one request."""
+
+    user_index: int
+    history: Sequence
+    item_index: npt.NDArray[np.int64]
+    category_index: npt.NDArray[np.int64]
+    degraded_reason: str | None

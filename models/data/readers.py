@@ -30,6 +30,7 @@ import pandas as pd
 
 from feature_store.schema import ACTION_CODE, ACTIONS
 from models.data.events import EventLog
+from models.data.synth import load_synthetic
 
 log = logging.getLogger(__name__)
 
@@ -377,8 +378,6 @@ def load_dataset(
             )
         return read_tmall(path) if kind == "tmall" else read_taobao(path)
     if kind == "synthetic" and arg:
-        from models.data.synth import load_synthetic
-
         return load_synthetic(_resolve_path(arg, root), max_users=max_users)
     if kind == "events" and arg:
         return read_events(_resolve_path(arg, root), action_map)

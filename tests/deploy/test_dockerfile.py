@@ -65,14 +65,14 @@ def test_context_is_only_what_the_image_needs() -> None:
     uncovered = [f for f in context if not any(f == s or f.startswith(s + "/") for s in copied)]
     assert not uncovered, f"in the build context but never copied (add to .dockerignore): {uncovered}"
     rules = df.ignore_rules()
-    for generated in ("service/proto/ranker_pb2.py", "service/proto/ranker_pb2_grpc.py",
-                      "service/kernels/__pycache__/topk_ip.topk_ip-304.py311.nbi", ".venv/bin/python",
+    for generated in ("service/transports/grpc/proto/ranker_pb2.py", "service/transports/grpc/proto/ranker_pb2_grpc.py",
+                      "service/retrieval/kernels/__pycache__/topk_ip.topk_ip-304.py311.nbi", ".venv/bin/python",
                       "bundles/tiny/1/manifest.json", "data-cache/valkey/dump.rdb", "tests/helpers.py"):
         assert df.is_ignored(generated, rules), generated
     # the package sources the install needs are all there (pyproject's packages.find)
-    for module in ("service/server.py", "service/proto/ranker.proto", "service/proto/codegen.py",
-                   "service/kernels/topk_ip.py", "export/bundle.py", "feature_store/redis_store.py",
-                   "models/data/events.py"):
+    for module in ("service/server.py", "service/transports/grpc/proto/ranker.proto",
+                   "service/transports/grpc/proto/codegen.py", "service/retrieval/kernels/topk_ip.py",
+                   "export/bundle.py", "feature_store/redis_store.py", "models/data/events.py", "ingest/bulk.py"):
         assert module in context, module
 
 
@@ -92,7 +92,8 @@ def test_stages_and_variants() -> None:
     builder_runs = " ".join(i.args for i in _stage("builder").all("RUN"))
     assert "find_spec('torch') is not None" in builder_runs
     assert "from service.retrieval import warm_up; warm_up()" in builder_runs
-    assert "python -m service.proto.codegen" in " ".join(i.args for i in _stage("builder-base").all("RUN"))
+    builder_base_runs = " ".join(i.args for i in _stage("builder-base").all("RUN"))
+    assert "python -m service.transports.grpc.proto.codegen" in builder_base_runs
 
 
 def test_runtime_stage_is_slim_non_root_with_healthcheck() -> None:

@@ -109,7 +109,7 @@ def test_pod_security(overlay: str) -> None:
 
 
 def test_probes_hit_the_real_endpoints(deployment: dict[str, Any]) -> None:
-    from service.app import router
+    from service.transports.rest.app import router
 
     paths = {route.path for route in router.routes}  # type: ignore[attr-defined]
     c = container(deployment)
@@ -160,7 +160,7 @@ def test_experiments_are_off_by_default_and_the_example_is_valid() -> None:
     """An experiments file that does not validate keeps pods not ready, so the base ships only a
     commented example and leaves RANKSERVE_EXPERIMENTS_FILE unset; the commented setting points
     into the mount, and the example passes the service's own parser."""
-    from service.experiments import parse_experiments
+    from service.experiments.manager import parse_experiments
 
     env_text = (K8S / "base" / "settings.env").read_text()
     assert "RANKSERVE_EXPERIMENTS_FILE" not in settings_env(render("cpu"))

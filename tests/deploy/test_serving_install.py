@@ -25,15 +25,15 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 IMPORT_CHECK = """
 import importlib.util, sys
-import service.app, service.grpc_server, service.server, feature_store.ingest
+import service.transports.rest.app, service.transports.grpc.server, service.server, ingest.bulk
 assert importlib.util.find_spec("torch") is None, "torch is installed"
 assert "torch" not in sys.modules
 assert importlib.util.find_spec("grpc_tools") is None, "grpcio-tools is a build-time tool, not a serving dependency"
-import service.proto.ranker_pb2 as pb2
+import service.transports.grpc.proto.ranker_pb2 as pb2
 from service.settings import Settings
-from service.tracing import Tracing
+from service.observability.tracing import Tracing
 assert Tracing.from_settings(Settings(otel_endpoint="http://127.0.0.1:4317")) is not None  # the otel extra
-print(service.app.__file__)
+print(service.transports.rest.app.__file__)
 print(pb2.__file__)
 """
 
@@ -54,8 +54,9 @@ def test_serving_install_without_torch(tmp_path: Path) -> None:
 
     # builder-base: stubs generated inside the context (this interpreter has grpcio-tools, as the
     # build stage's system Python does)
-    subprocess.run([sys.executable, "-m", "service.proto.codegen"], cwd=context, check=True, timeout=120)
-    assert (context / "service" / "proto" / "ranker_pb2_grpc.py").exists()
+    codegen = [sys.executable, "-m", "service.transports.grpc.proto.codegen"]
+    subprocess.run(codegen, cwd=context, check=True, timeout=120)
+    assert (context / "service" / "transports" / "grpc" / "proto" / "ranker_pb2_grpc.py").exists()
 
     # deps-cpu: `pip install "./[otel]"` into a fresh venv
     venv = tmp_path / "venv"

@@ -27,9 +27,10 @@ import pytest
 
 from export.exporter import write_bundle
 from feature_store.embedded import EmbeddedValkey, free_port
-from feature_store.ingest import ingest_log
+from feature_store.redis_store import create_store
 from feature_store.schema import FeatureSchema
-from feature_store.store import EmbeddedConfig, FeatureStoreConfig, create_store
+from feature_store.store import EmbeddedConfig, FeatureStoreConfig
+from ingest.bulk import ingest_log
 from models.data.events import EventLog
 from tests.helpers import tiny_model, tiny_schema
 
@@ -92,7 +93,7 @@ def export_bundle(world: World, model_dir: Path, version: int | None = None) -> 
 
 @pytest.fixture(scope="session")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
-    import service.grpc_server  # noqa: F401  (generates the gRPC stubs once, before servers start)
+    import service.transports.grpc.server  # noqa: F401  (generates the gRPC stubs once, before servers start)
 
     root = tmp_path_factory.mktemp("e2e")
     schema = tiny_schema()

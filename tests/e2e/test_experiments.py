@@ -14,8 +14,8 @@ import httpx
 import pytest
 
 from export.exporter import write_bundle
-from service.experiments import bucket_of
-from service.grpc_server import pb2, pb2_grpc
+from service.experiments.manager import bucket_of
+from service.transports.grpc.server import pb2, pb2_grpc
 from tests.e2e.conftest import ADMIN_TOKEN, BUNDLE_NAME, Server, World, export_bundle
 from tests.experiments_helpers import metric_value, retrained_tiny_model, write_config
 

@@ -20,7 +20,7 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from service.grpc_server import pb2, pb2_grpc
+from service.transports.grpc.server import pb2, pb2_grpc
 from tests.e2e.conftest import Server, World
 
 pytestmark = pytest.mark.timeout(300)

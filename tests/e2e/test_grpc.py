@@ -10,7 +10,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from service.grpc_server import pb2, pb2_grpc
+from service.transports.grpc.server import pb2, pb2_grpc
 from tests.e2e.conftest import Server, World, export_bundle
 
 pytestmark = pytest.mark.timeout(180)

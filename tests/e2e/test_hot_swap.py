@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from export.exporter import write_bundle
-from service.grpc_server import pb2, pb2_grpc
+from service.transports.grpc.server import pb2, pb2_grpc
 from tests.e2e.conftest import BUNDLE_NAME, Server, World, export_bundle
 from tests.helpers import tiny_model
 
@@ -153,7 +153,7 @@ async def test_hot_swap_and_tampered_bundle_under_load(make_server: Any, world: 
     assert late and all(o.model == "tiny/2" for o in late)
     assert {o.transport for o in late} == {"rest", "grpc"}
     assert state["current"]["key"] == "tiny/2"
-    assert [m["key"] for m in state["loaded"]] == ["tiny/1", "tiny/2"]
+    assert [m["key"] for m in state["loaded"]] == ["tiny/2"]  # tiny/1 is neither current nor pinned: unloaded
     (reason,) = [r["reason"] for r in state["refused"] if r["path"].endswith(f"{BUNDLE_NAME}/3")]
     assert "sha256 mismatch for tables/item_key.npy" in reason
     assert "rankserve_bundles_refused_total 1.0" in metrics and "rankserve_model_swaps_total 2.0" in metrics

@@ -11,7 +11,7 @@ import grpc
 import httpx
 import pytest
 
-from service.grpc_server import pb2, pb2_grpc
+from service.transports.grpc.server import pb2, pb2_grpc
 from tests.e2e.conftest import Server, World
 from tests.e2e.test_rest import assert_error, rank
 

@@ -280,7 +280,7 @@ def test_store_down_means_not_ready_but_ranking_degrades(make_server: Any, world
 def test_two_workers_share_both_ports(make_server: Any, world: World, tmp_path: Path) -> None:
     import grpc
 
-    from service.grpc_server import pb2, pb2_grpc
+    from service.transports.grpc.server import pb2, pb2_grpc
 
     model_dir = tmp_path / "models"
     export_bundle(world, model_dir)

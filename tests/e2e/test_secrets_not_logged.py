@@ -14,7 +14,7 @@ import grpc
 import httpx
 import pytest
 
-from service.grpc_server import pb2, pb2_grpc
+from service.transports.grpc.server import pb2, pb2_grpc
 from tests.e2e.conftest import REPO, Server, World, export_bundle
 from tests.fault.conftest import ingest_world
 from tests.secure_redis import SecureRedis, valkey_binary

@@ -17,8 +17,8 @@ import grpc
 import httpx
 import pytest
 
-from service.grpc_server import pb2, pb2_grpc
-from service.shadow_sink import RedisStreamSink, read_jsonl, read_stream
+from service.experiments.sinks import RedisStreamSink, read_jsonl, read_stream
+from service.transports.grpc.server import pb2, pb2_grpc
 from tests.e2e.conftest import ADMIN_TOKEN, REPO, Server, World
 from tests.e2e.test_experiments import make_model_dir
 from tests.experiments_helpers import metric_value, write_config

@@ -18,9 +18,10 @@ import pytest
 
 from export.exporter import write_bundle
 from feature_store.embedded import EmbeddedValkey
-from feature_store.ingest import ingest_log
+from feature_store.redis_store import create_store
 from feature_store.schema import SchemaSpec
-from feature_store.store import EmbeddedConfig, FeatureStoreConfig, create_store
+from feature_store.store import EmbeddedConfig, FeatureStoreConfig
+from ingest.bulk import ingest_log
 from models.batching import Collator
 from models.data.readers import DataError, load_dataset
 from models.data.samples import build_samples, default_split
@@ -99,7 +100,7 @@ def test_rest_serves_the_offline_probabilities(parity_server) -> None:  # type: 
 
 
 def test_grpc_serves_the_offline_probabilities(parity_server) -> None:  # type: ignore[no-untyped-def]
-    from service.proto import ranker_pb2, ranker_pb2_grpc
+    from service.transports.grpc.proto import ranker_pb2, ranker_pb2_grpc
 
     server, queries, tasks = parity_server
     worst = 0.0

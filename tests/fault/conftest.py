@@ -12,8 +12,9 @@ import pytest
 import redis
 
 from feature_store.embedded import EmbeddedValkey
-from feature_store.ingest import ingest_log
-from feature_store.store import EmbeddedConfig, FeatureStoreConfig, create_store
+from feature_store.redis_store import create_store
+from feature_store.store import EmbeddedConfig, FeatureStoreConfig
+from ingest.bulk import ingest_log
 from tests.e2e.conftest import FEATURE_VERSION, World, make_server, tiny_event_log, world
 
 __all__ = ["make_server", "private_valkey", "world"]  # the e2e fixtures, registered for tests/fault too

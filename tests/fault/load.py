@@ -17,7 +17,7 @@ from typing import Any
 import grpc
 import httpx
 
-from service.grpc_server import pb2, pb2_grpc
+from service.transports.grpc.server import pb2, pb2_grpc
 from tests.e2e.conftest import Server, World
 
 # failures that happen at the connection, before a server could answer (a refused or closed

@@ -27,8 +27,9 @@ import redis
 
 from feature_store.codecs import Sequence
 from feature_store.embedded import EmbeddedValkey, free_port
+from feature_store.redis_store import create_store
 from feature_store.schema import FeatureSchema
-from feature_store.store import EmbeddedConfig, FeatureStoreConfig, OnlineStore, create_store
+from feature_store.store import EmbeddedConfig, FeatureStoreConfig, OnlineStore
 from models.data.events import EventLog
 from tests.secure_redis import stop_process, wait_for_ping
 

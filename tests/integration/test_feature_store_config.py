@@ -75,7 +75,7 @@ def test_version_meta_json_roundtrip_ignores_unknown_fields() -> None:
 def test_fast_packer_sends_the_same_bytes_as_redis_py() -> None:
     from redis.asyncio.connection import Connection
 
-    from feature_store.redis_store import FastConnection
+    from feature_store.connections import FastConnection
 
     commands = [
         ("MGET", *(b"rs:v1:i:%d" % i for i in range(600))),
@@ -100,7 +100,7 @@ def test_fast_packer_sends_the_same_bytes_as_redis_py() -> None:
 def test_url_selects_transport_and_credentials(url: str, kind: str) -> None:
     import asyncio
 
-    from feature_store.store import create_store
+    from feature_store.redis_store import create_store
 
     store = create_store(FeatureStoreConfig(url=url))
     try:

@@ -12,9 +12,10 @@ import redis
 from feature_store import keys
 from feature_store.codecs import SEQ_RECORD_SIZE, Sequence, decode_sequence
 from feature_store.errors import FeatureStoreUnavailable, VersionConflict, VersionNotFound
-from feature_store.ingest import ingest_log, schema_from_log
+from feature_store.redis_store import create_store
 from feature_store.schema import FeatureSchema, SchemaSpec
-from feature_store.store import STATUS_COMPLETE, STATUS_INGESTING, OnlineStore, create_store
+from feature_store.store import STATUS_COMPLETE, STATUS_INGESTING, OnlineStore
+from ingest.bulk import ingest_log, schema_from_log
 from models.data.events import EventLog
 from tests.integration.conftest import Backend, assert_same_sequence, expected_sequence, make_events
 

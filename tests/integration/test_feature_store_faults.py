@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 
 from feature_store.errors import FeatureStoreError, FeatureStoreUnavailable
-from feature_store.ingest import ingest_log, schema_from_log
+from feature_store.redis_store import create_store
 from feature_store.schema import SchemaSpec
-from feature_store.store import OnlineStore, create_store
+from feature_store.store import OnlineStore
+from ingest.bulk import ingest_log, schema_from_log
 from tests.integration.conftest import TEST_STORE_SETTINGS, Backend, make_events
 
 pytestmark = pytest.mark.fault

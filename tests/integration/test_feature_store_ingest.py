@@ -12,9 +12,10 @@ import pytest
 
 from feature_store import ingest
 from feature_store.embedded import EmbeddedValkey
-from feature_store.ingest import ingest_log, schema_from_log
+from feature_store.redis_store import create_store
 from feature_store.schema import FeatureSchema
-from feature_store.store import EmbeddedConfig, FeatureStoreConfig, OnlineStore, create_store
+from feature_store.store import EmbeddedConfig, FeatureStoreConfig, OnlineStore
+from ingest.bulk import ingest_log, schema_from_log
 from models.data.events import EventLog
 from tests.integration.conftest import Backend, assert_same_sequence, expected_sequence
 

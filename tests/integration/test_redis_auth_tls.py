@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 
 from feature_store.errors import FeatureStoreError, FeatureStoreUnavailable
-from feature_store.ingest import ingest_log
-from feature_store.store import FeatureStoreConfig, create_store
+from feature_store.redis_store import create_store
+from feature_store.store import FeatureStoreConfig
+from ingest.bulk import ingest_log
 from tests.e2e.conftest import FEATURE_VERSION, tiny_event_log
 from tests.helpers import tiny_schema
 from tests.integration.conftest import TEST_STORE_SETTINGS
@@ -96,7 +97,7 @@ def test_wrong_or_missing_password_is_refused(auth_server: SecureRedis, password
 
 def test_tls_with_password(tls_server: SecureRedis) -> None:
     assert roundtrip(tls_server.tls_url()) == 300
-    from feature_store.redis_store import FastSSLConnection
+    from feature_store.connections import FastSSLConnection
 
     async def connection_class() -> type:
         async with create_store(FeatureStoreConfig(url=tls_server.tls_url())) as store:

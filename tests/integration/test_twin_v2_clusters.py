@@ -10,9 +10,10 @@ import redis
 from feature_store import keys
 from feature_store.clusters import ClusterParams, UserClusterer, history_bias
 from feature_store.codecs import Sequence
-from feature_store.ingest import ingest_log, schema_from_log
+from feature_store.redis_store import create_store
 from feature_store.schema import SchemaSpec
-from feature_store.store import OnlineStore, create_store
+from feature_store.store import OnlineStore
+from ingest.bulk import ingest_log, schema_from_log
 from service.retrieval import RetrievalContext, TwinV2Retriever, check_against_reference, fallback_counts
 from tests.integration.conftest import Backend, assert_same_sequence, expected_sequence, make_events
 
@@ -90,7 +91,7 @@ async def test_appends_keep_clusters_aligned(store: OnlineStore) -> None:
     queries = rng.standard_normal((12, 9)).astype(np.float32)
     retriever = TwinV2Retriever(n_probe=10_000, exact_below=0)
     context = RetrievalContext(clusters=after.sequence.clusters, key_fingerprint=clusterer.fingerprint)
-    scores, idx = retriever.search_context(queries, keys_aug, 16, context)
+    scores, idx = retriever.search(queries, keys_aug, 16, context)
     assert check_against_reference(queries, keys_aug, 16, scores, idx) == []
 
 
@@ -107,7 +108,7 @@ async def test_stale_clustering_falls_back_to_exact(store: OnlineStore) -> None:
     queries = rng.standard_normal((5, 9)).astype(np.float32)
     before = fallback_counts().get(("twin_v2", "stale"), 0)
     stale = RetrievalContext(clusters=got.sequence.clusters, key_fingerprint=b"\x00" * 8)
-    scores, idx = TwinV2Retriever(exact_below=0).search_context(queries, keys_aug, 8, stale)
+    scores, idx = TwinV2Retriever(exact_below=0).search(queries, keys_aug, 8, stale)
     assert fallback_counts()[("twin_v2", "stale")] == before + 1
     assert check_against_reference(queries, keys_aug, 8, scores, idx) == []
 

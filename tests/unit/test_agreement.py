@@ -9,7 +9,16 @@ import math
 import numpy as np
 import pytest
 
-from service.agreement import compare, kendall_tau, ndcg_at, order_desc, overlap_at, rankdata, score_mae, spearman
+from service.experiments.agreement import (
+    compare,
+    kendall_tau,
+    ndcg_at,
+    order_desc,
+    overlap_at,
+    rankdata,
+    score_mae,
+    spearman,
+)
 
 
 def ref_kendall_tau_b(x: list[float], y: list[float]) -> float:

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from service.errors import ExperimentsRejected, InvalidRequest, ModelUnavailable
-from service.experiments import (
+from service.experiments.manager import (
     BUCKETS,
     Arm,
     ExperimentManager,
@@ -25,11 +25,11 @@ from service.experiments import (
     bucket_of,
     parse_experiments,
 )
-from service.metrics import Metrics
+from service.experiments.shadow import parse_fault
+from service.observability.metrics import Metrics
 from service.registry import LoadedModel, ModelRegistry
 from service.retrieval import make_retriever
 from service.settings import Settings
-from service.shadow import parse_fault
 from tests.experiments_helpers import two_version_model_dir, write_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -75,7 +75,7 @@ def test_bucket_ranges_are_contiguous_in_declared_order() -> None:
 
 def test_assignment_does_not_depend_on_the_process() -> None:
     """Unlike Python's hash(), the bucket is the same in any process, whatever PYTHONHASHSEED."""
-    code = ("import json; from service.experiments import bucket_of; "
+    code = ("import json; from service.experiments.manager import bucket_of; "
             "print(json.dumps([bucket_of('s', u) for u in range(500)]))")
     here = [bucket_of("s", u) for u in range(500)]
     for seed in ("1", "2"):
@@ -313,8 +313,8 @@ def test_fault_spec() -> None:
 
 
 def test_arm_override_needs_the_admin_token() -> None:
-    from service.auth import authorize_arm_override, bearer_token
     from service.errors import Forbidden
+    from service.transports.auth import authorize_arm_override, bearer_token
 
     with_token = Settings(admin_token="s3cret")
     assert authorize_arm_override(with_token, "qa", "s3cret") == "qa"
@@ -330,7 +330,7 @@ def test_arm_override_needs_the_admin_token() -> None:
 def test_log_lines_carry_the_arm() -> None:
     import logging
 
-    from service.logging_setup import JsonFormatter, arm_var
+    from service.observability.logging_setup import JsonFormatter, arm_var
 
     record = logging.LogRecord("rankserve.core", logging.WARNING, __file__, 1, "degraded", None, None)
     token = arm_var.set("treatment")

@@ -12,14 +12,14 @@ import numpy as np
 import pytest
 
 from feature_store.codecs import Sequence
-from service.core import Features
-from service.experiments import ExperimentManager, Experiments
-from service.metrics import Metrics
+from service.experiments.manager import ExperimentManager, Experiments
+from service.experiments.shadow import ShadowRunner
+from service.experiments.sinks import JsonlSink, read_jsonl, sink_files
+from service.observability.metrics import Metrics
 from service.registry import ModelRegistry
 from service.retrieval import make_retriever
 from service.settings import Settings
-from service.shadow import ShadowRunner
-from service.shadow_sink import JsonlSink, read_jsonl, sink_files
+from service.types import Features
 from tests.experiments_helpers import two_version_model_dir, write_config
 
 NOW = 1_700_000_000
@@ -194,7 +194,7 @@ async def test_shadow_steps_wait_while_the_primary_computes(model_dir: Path, tmp
 
 
 def test_report_summarizes_per_shadow_and_skips_undefined_values() -> None:
-    from service.shadow_report import markdown, summarize
+    from service.experiments.report import markdown, summarize
 
     recs = [
         {"arm": "a", "shadow": "s", "primary_model": "m/1", "shadow_model": "m/2", "kendall_tau": 0.5,
@@ -212,7 +212,7 @@ def test_report_summarizes_per_shadow_and_skips_undefined_values() -> None:
 
 
 def test_replay_reads_sink_records_once_per_request_and_plain_requests(tmp_path: Path) -> None:
-    from service.replay import requests_from
+    from service.experiments.replay import requests_from
 
     req = {"user_id": 1, "candidates": [3, 4], "top_n": 2, "request_time": NOW}
     sink = [{"request_id": "r1", "shadow": "x", "request": req}, {"request_id": "r1", "shadow": "y", "request": req},
@@ -223,7 +223,7 @@ def test_replay_reads_sink_records_once_per_request_and_plain_requests(tmp_path:
 
 
 def test_step_budget_paces_steps_and_starves_past_the_deadline() -> None:
-    from service.shadow import ShadowAbandoned, StepBudget
+    from service.experiments.shadow import ShadowAbandoned, StepBudget
 
     budget = StepBudget(0.25)  # a step of t is followed by 3t of rest
     budget.acquire(time.perf_counter() + 1)
@@ -240,7 +240,7 @@ def test_step_budget_paces_steps_and_starves_past_the_deadline() -> None:
 
 
 async def test_sim_hard_shadow_searches_with_the_categories(model_dir: Path, tmp_path: Path) -> None:
-    """A shadow's steps go through `assemble`, which hands sim_hard its categories (`search_context`)."""
+    """A shadow's steps go through `assemble`, which hands sim_hard its categories (its `RetrievalContext`)."""
     config = tmp_path / "exp.yaml"
     write_config(config, {"salt": "s", "arms": [{"name": "main", "share": 100, "bundle": "tiny/1", "shadows": [
         {"name": "sim", "bundle": "tiny/1", "sample_rate": 1.0, "retrieval": {"strategy": "sim_hard:fallback=pad"}},
@@ -255,13 +255,13 @@ async def test_sim_hard_shadow_searches_with_the_categories(model_dir: Path, tmp
     (shadow,) = manager.route(0).shadows
     retriever = shadow.model.retriever
     contexts: list[Any] = []
-    search_context = retriever.search_context  # type: ignore[attr-defined]
+    search = retriever.search
 
-    def spy(queries: Any, keys: Any, k: int, context: Any) -> Any:
+    def spy(queries: Any, keys: Any, k: int, context: Any = None) -> Any:
         contexts.append(context)
-        return search_context(queries, keys, k, context)
+        return search(queries, keys, k, context)
 
-    retriever.search_context = spy  # type: ignore[attr-defined]
+    retriever.search = spy  # type: ignore[method-assign]
     try:
         offer(manager, runner, 0)
         await wait_for(lambda: count(metrics, "sim", "ok") == 1)

@@ -13,10 +13,17 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from export.bundle import MANIFEST, SCORER_INPUTS, BundleError, open_bundle
+from export.bundle import MANIFEST, BundleError, open_bundle
 from export.exporter import write_bundle
 from feature_store.codecs import Sequence
-from feature_store.schema import FeatureSchema, cross_features, history_features, time_gap_bucket, weekday
+from feature_store.schema import (
+    SCORER_INPUTS,
+    FeatureSchema,
+    cross_features,
+    history_features,
+    time_gap_bucket,
+    weekday,
+)
 from models.model import Batch, RankingModel
 from service.assemble import RetrievalSettings, Tables, scorer_inputs
 from tests.helpers import tiny_model, tiny_schema

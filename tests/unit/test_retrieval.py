@@ -16,8 +16,15 @@ import numpy as np
 import pytest
 
 from service import retrieval
-from service.kernels import topk_ip
-from service.retrieval import RetrievalInputError, RetrieverUnavailable, check_against_reference, make_retriever
+from service.retrieval import (
+    RetrievalInputError,
+    RetrieverUnavailable,
+    check_against_reference,
+    make_retriever,
+    strategies,
+)
+from service.retrieval import exact as exact_strategy
+from service.retrieval.kernels import topk_ip
 
 SEED = int(os.environ.get("RETRIEVAL_TEST_SEED", int(np.random.SeedSequence().entropy) % 2**32))
 
@@ -119,7 +126,7 @@ def test_exact_rescans_when_the_seed_is_too_high() -> None:
     """Put the best keys exactly where the threshold sample looks: the seed then lets fewer than
     k keys through and the kernel must fall back to an unfiltered scan."""
     n_keys, k = 6_000, 64
-    n_blocks, rank = retrieval._seed_plan(n_keys, k, topk_ip.BLOCK)
+    n_blocks, rank = exact_strategy._seed_plan(n_keys, k, topk_ip.BLOCK)
     assert rank > 0
     n_sample = n_blocks * topk_ip.BLOCK
     rng = np.random.default_rng([SEED, 6])
@@ -201,10 +208,10 @@ def test_registry() -> None:
 
 @pytest.fixture
 def scratch_registry() -> Iterator[None]:
-    saved = dict(retrieval._REGISTRY)
+    saved = dict(strategies._REGISTRY)
     yield
-    retrieval._REGISTRY.clear()
-    retrieval._REGISTRY.update(saved)
+    strategies._REGISTRY.clear()
+    strategies._REGISTRY.update(saved)
 
 
 @pytest.mark.usefixtures("scratch_registry")
@@ -272,7 +279,7 @@ def test_numba_cache_dir_is_honoured(tmp_path: Path) -> None:
     script = textwrap.dedent(
         """
         import numpy as np
-        from service.kernels import topk_ip
+        from service.retrieval.kernels import topk_ip
         from service.retrieval import make_retriever
         make_retriever("exact").search(np.ones((1, 4), np.float32), np.ones((3, 4), np.float32), 2)
         assert topk_ip.cache_enabled()

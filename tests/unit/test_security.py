@@ -12,7 +12,7 @@ from pydantic import SecretStr
 
 REPO = Path(__file__).resolve().parents[2]
 # what a serving process imports (service/ imports export/ and feature_store/; models/ is
-# training code, and feature_store.ingest reads its event logs)
+# training code, and ingest.bulk reads its event logs)
 SERVING_PACKAGES = ("service", "export", "feature_store")
 UNPICKLING_MODULES = {"pickle", "_pickle", "cPickle", "dill", "cloudpickle", "joblib", "shelve", "marshal",
                       "jsonpickle"}
@@ -76,8 +76,8 @@ def test_bundles_are_opened_with_json_and_without_pickle() -> None:
 
 
 def test_admin_token_is_compared_in_constant_time(monkeypatch: pytest.MonkeyPatch) -> None:
-    from service import auth
     from service.settings import Settings
+    from service.transports import auth
 
     calls: list[tuple[bytes, bytes]] = []
     original = hmac.compare_digest
@@ -86,7 +86,7 @@ def test_admin_token_is_compared_in_constant_time(monkeypatch: pytest.MonkeyPatc
         calls.append((a, b))
         return original(a, b)
 
-    monkeypatch.setattr(hmac, "compare_digest", spy)  # the module service.auth calls through
+    monkeypatch.setattr(hmac, "compare_digest", spy)  # the module service.transports.auth calls through
     enabled = Settings(admin_token=SecretStr("s3cret-token"))
     assert auth.token_matches(enabled, "s3cret-token") is True
     assert auth.token_matches(enabled, "s3cret-tokeN") is False

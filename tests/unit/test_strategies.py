@@ -109,7 +109,7 @@ def test_sim_hard_retrieves_within_the_category(fallback: str, big_segment: int)
     key_cat, query_cat = categories(4, 6_000, 120, 40)
     k = 32
     sim = make_retriever("sim_hard", fallback=fallback, big_segment=big_segment)
-    scores, idx = sim.search_context(queries, keys, k, RetrievalContext(key_cat, query_cat))  # type: ignore[attr-defined]
+    scores, idx = sim.search(queries, keys, k, RetrievalContext(key_cat, query_cat))  # type: ignore[attr-defined]
     exact = make_retriever("exact").search(queries, keys, k)
     for q in range(queries.shape[0]):
         members = np.flatnonzero(key_cat == query_cat[q])
@@ -130,7 +130,7 @@ def test_sim_hard_without_categories_is_exact() -> None:
     queries, keys = history(5, 30, 2_000, 800)
     sim = make_retriever("sim_hard")
     a = sim.search(queries, keys, 16)
-    b = sim.search_context(queries, keys, 16, RetrievalContext())  # type: ignore[attr-defined]
+    b = sim.search(queries, keys, 16, RetrievalContext())  # type: ignore[attr-defined]
     c = make_retriever("exact").search(queries, keys, 16)
     assert np.array_equal(a[1], c[1]) and np.array_equal(b[1], c[1])
 
@@ -138,7 +138,7 @@ def test_sim_hard_without_categories_is_exact() -> None:
 def test_sim_hard_checks_category_shapes() -> None:
     queries, keys = history(6, 3, 100, 50)
     with pytest.raises(RetrievalInputError, match="categories must have shapes"):
-        make_retriever("sim_hard").search_context(  # type: ignore[attr-defined]
+        make_retriever("sim_hard").search(  # type: ignore[attr-defined]
             queries, keys, 8, RetrievalContext(np.zeros(99, dtype=np.int64), np.zeros(3, dtype=np.int64))
         )
     with pytest.raises(ValueError, match="fallback"):
@@ -148,7 +148,7 @@ def test_sim_hard_checks_category_shapes() -> None:
 def test_sim_hard_empty_history() -> None:
     queries, _ = history(7, 3, 10, 5)
     empty = np.zeros((0, 17), dtype=np.float32)
-    s, i = make_retriever("sim_hard").search_context(  # type: ignore[attr-defined]
+    s, i = make_retriever("sim_hard").search(  # type: ignore[attr-defined]
         queries, empty, 8, RetrievalContext(np.zeros(0, dtype=np.int64), np.zeros(3, dtype=np.int64))
     )
     assert np.all(i == -1) and np.all(s == -np.inf)
@@ -218,24 +218,23 @@ def test_strategy_specs() -> None:
     with pytest.raises(ValueError, match="bad retriever option"):
         parse_strategy("eta:bits")
     assert {"sim_hard", "eta"} <= set(retrieval.available_retrievers())
-    assert isinstance(make_retriever("sim_hard"), retrieval.ContextRetriever)
-    assert not isinstance(make_retriever("eta"), retrieval.ContextRetriever)
+    assert make_retriever("sim_hard").uses_context
+    assert not make_retriever("eta").uses_context
 
 
 def test_assemble_passes_categories_to_context_strategies() -> None:
-    """service.assemble calls search_context with the history's and the candidates' categories."""
+    """service.assemble passes a context-reading strategy the history's and the candidates' categories."""
     from service.assemble import _retrieve
 
     seen: list[RetrievalContext] = []
 
     class Recorder:
         name = "recorder"
+        uses_context = True
 
-        def search(self, queries: np.ndarray, keys: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-            raise AssertionError("search_context should be used")
-
-        def search_context(self, queries: np.ndarray, keys: np.ndarray, k: int,
-                           context: RetrievalContext) -> tuple[np.ndarray, np.ndarray]:
+        def search(self, queries: np.ndarray, keys: np.ndarray, k: int,
+                   context: RetrievalContext | None = None) -> tuple[np.ndarray, np.ndarray]:
+            assert context is not None, "a strategy that reads the context must get one"
             seen.append(context)
             return retrieval.padded(queries.shape[0], k)
 

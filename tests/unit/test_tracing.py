@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
+from service.observability.tracing import Tracing, TracingUnavailable, trace_carrier
 from service.settings import Settings
-from service.tracing import Tracing, TracingUnavailable, trace_carrier
 
 
 def test_no_endpoint_means_no_tracing() -> None:
@@ -51,7 +51,7 @@ def test_span_status_says_what_the_caller_was_told() -> None:
 
 
 def test_log_line_of_the_endpoint_hides_credentials() -> None:
-    from service.tracing import _without_credentials
+    from service.observability.tracing import _without_credentials
 
     assert _without_credentials("https://user:pw@collector:4318/v1/traces") == "https://collector:4318/v1/traces"
     assert _without_credentials("http://collector:4317") == "http://collector:4317"

@@ -256,7 +256,7 @@ def test_probing_every_cluster_is_exact(n_keys: int, n_distinct: int, k: int, de
     assign, n = cluster_keys(keys_)
     keys_aug, q = augment(keys_, queries)
     twin = TwinV2Retriever(n_probe=n, exact_below=0, dedup=dedup)
-    s, i = twin.search_context(q, keys_aug, k, _context(assign, n))
+    s, i = twin.search(q, keys_aug, k, _context(assign, n))
     assert check_against_reference(q, keys_aug, k, s, i) == [], f"seed {SEED}"
     assert recall_at_k(q, keys_aug, k, i) == 1.0
     # the scores of exact, up to float32 summation order
@@ -270,7 +270,7 @@ def test_few_probes_are_approximate_with_exact_scores_and_never_padding() -> Non
     keys_aug, q = augment(keys_, queries)
     recalls = []
     for n_probe in (1, 4, 16):
-        s, i = TwinV2Retriever(n_probe=n_probe, exact_below=0).search_context(q, keys_aug, 64, _context(assign, n))
+        s, i = TwinV2Retriever(n_probe=n_probe, exact_below=0).search(q, keys_aug, 64, _context(assign, n))
         assert (i >= 0).all()  # L >= k: every slot is a behaviour (service.assemble relies on it)
         np.testing.assert_allclose(s, np.take_along_axis(q @ keys_aug.T, i, 1), rtol=1e-5, atol=1e-5)
         assert (np.diff(s, axis=1) <= 0).all()
@@ -284,7 +284,7 @@ def test_events_after_the_clustering_are_always_searched() -> None:
     keys_aug, q = augment(keys_, queries)
     keys_aug[2_500] = q[0] * 10  # a new behaviour, the best match of query 0
     full = np.concatenate([assign, np.full(1_000, -1, np.int32)])
-    _, i = TwinV2Retriever(n_probe=1, exact_below=0).search_context(q, keys_aug, 8, _context(full, n))
+    _, i = TwinV2Retriever(n_probe=1, exact_below=0).search(q, keys_aug, 8, _context(full, n))
     assert i[0, 0] == 2_500
 
 
@@ -325,7 +325,7 @@ def test_bias_aware_clusters_reach_high_recall(shift_days: int) -> None:
                                          "bias_p8_nosplit": (assign, n, 8, False),
                                          "keys_p8": (key_only, n_key_only, 8, True)}.items():
         twin = TwinV2Retriever(n_probe=n_probe, exact_below=0, split_bias=split)
-        s, i = twin.search_context(q, keys_aug, 64, _context(a, c))
+        s, i = twin.search(q, keys_aug, 64, _context(a, c))
         np.testing.assert_allclose(s, np.take_along_axis(q @ keys_aug.T, i, 1), rtol=1e-5, atol=1e-6)
         got[name] = recall_at_k(q, keys_aug, 64, i)
     assert got["bias_p32"] >= 0.95, f"seed {SEED}: {got}"
@@ -337,13 +337,13 @@ def test_bias_aware_clusters_reach_high_recall(shift_days: int) -> None:
 def test_probing_every_stored_cluster_is_exact_when_parts_split() -> None:
     keys_aug, q, (assign, n), _ = biased_history(14, 3_000, shift_s=30 * 86_400)  # buckets drifted
     n_stored = int(n[0])
-    s, i = TwinV2Retriever(n_probe=n_stored, exact_below=0).search_context(q, keys_aug, 64, _context(assign, n_stored))
+    s, i = TwinV2Retriever(n_probe=n_stored, exact_below=0).search(q, keys_aug, 64, _context(assign, n_stored))
     assert check_against_reference(q, keys_aug, 64, s, i) == [], f"seed {SEED}"
     assert recall_at_k(q, keys_aug, 64, i) == 1.0
 
 
 def test_split_by_last_column() -> None:
-    from service.kernels.clusters import split_by_last_column
+    from service.retrieval.kernels.clusters import split_by_last_column
 
     keys_ = np.zeros((8, 3), np.float32)
     keys_[:, 2] = [0.5, 0.5, 0.25, 0.5, 0.25, 0.75, 0.5, 0.5]
@@ -358,11 +358,11 @@ def test_short_histories_pad_like_exact() -> None:
     keys_, queries = clustered_history(9, 20, 20)
     keys_aug, q = augment(keys_, queries)
     assign = np.arange(20) % 3
-    s, i = TwinV2Retriever(n_probe=1, exact_below=0).search_context(q, keys_aug, 64, _context(assign, 3))
+    s, i = TwinV2Retriever(n_probe=1, exact_below=0).search(q, keys_aug, 64, _context(assign, 3))
     assert check_against_reference(q, keys_aug, 64, s, i) == []  # too few behaviours: all of them, then padding
-    s, i = TwinV2Retriever().search_context(q[:0], keys_aug, 8, _context(assign, 3))
+    s, i = TwinV2Retriever().search(q[:0], keys_aug, 8, _context(assign, 3))
     assert s.shape == (0, 8)
-    s, i = TwinV2Retriever().search_context(q, keys_aug[:0], 8, RetrievalContext())
+    s, i = TwinV2Retriever().search(q, keys_aug[:0], 8, RetrievalContext())
     assert (i == -1).all()
 
 
@@ -384,7 +384,7 @@ def test_fallbacks_are_exact_and_counted(reason: str, context: Any, n_keys: int)
     elif context == "unassigned":
         context = _context(assign - 1, 1)
     before = fallback_counts().get(("twin_v2", reason), 0)
-    _, i = TwinV2Retriever().search_context(q, keys_aug, 16, context)
+    _, i = TwinV2Retriever().search(q, keys_aug, 16, context)
     assert fallback_counts()[("twin_v2", reason)] == before + 1
     _, ei = make_retriever("exact").search(q, keys_aug, 16)
     np.testing.assert_array_equal(i, ei)
@@ -396,7 +396,7 @@ def test_fallbacks_are_exact_and_counted(reason: str, context: Any, n_keys: int)
 def test_fallback_metric_is_exported() -> None:
     from prometheus_client import generate_latest
 
-    from service.metrics import Metrics
+    from service.observability.metrics import Metrics
 
     retrieval.count_fallback("twin_v2", "stale")
     text = generate_latest(Metrics().registry).decode()
@@ -406,7 +406,7 @@ def test_fallback_metric_is_exported() -> None:
 def test_registry_and_options() -> None:
     assert "twin_v2" in retrieval.available_retrievers()
     twin = make_retriever("twin_v2:n_probe=4,min_keys=256,size_bias=0.5,exact_below=0,split_bias=false")
-    assert isinstance(twin, TwinV2Retriever) and isinstance(twin, retrieval.ContextRetriever)
+    assert isinstance(twin, TwinV2Retriever) and twin.uses_context
     assert (twin.n_probe, twin.min_keys, twin.size_bias, twin.exact_below, twin.split_bias) == (4, 256, 0.5, 0, False)
     default = make_retriever("twin_v2")
     assert (default.size_bias, default.split_bias) == (0.0, True)  # type: ignore[attr-defined]
@@ -448,7 +448,7 @@ def test_core_ranks_with_twin_v2(model_dir: Path) -> None:
     """RankingService with a twin_v2 retriever and a clustered history: probing every cluster ranks
     exactly as exact does; a stale clustering falls back (counted) and still ranks."""
     from service.core import RankingService
-    from service.metrics import Metrics
+    from service.observability.metrics import Metrics
     from service.registry import ModelRegistry
     from service.settings import Settings
     from service.types import RankRequest

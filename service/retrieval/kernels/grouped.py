@@ -9,7 +9,7 @@
   sorted by category), for `sim_hard`.
 
 The selection helpers (`_encode`, `_select`, `_sort`, `_decode`) are those of the exact kernel
-(`service.kernels.topk_ip`), so order and tie-breaking are identical. numba's on-disk cache does
+(`service.retrieval.kernels.topk_ip`), so order and tie-breaking are identical. numba's on-disk cache does
 not notice changes in another module: after editing those helpers, clear `__pycache__` here.
 """
 
@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from numba import prange
 
-from service.kernels.topk_ip import _decode, _emit_topk, _encode, _jit, _segment_scores, _select, _sort
+from service.retrieval.kernels.topk_ip import _decode, _emit_topk, _encode, _jit, _segment_scores, _select, _sort
 
 _EMPTY = np.int64(-1)
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)

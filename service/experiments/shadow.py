@@ -7,7 +7,7 @@ CPU part on the lane's own single thread, never on the primary's CPU executor. A
 shadow, so a slow or broken shadow starves only itself.
 
 A job reuses the primary's fetched features (no second store round trip), runs retrieval and
-scoring with the shadow's bundle, compares the two rankings (`service.agreement`), observes the
+scoring with the shadow's bundle, compares the two rankings (`service.experiments.agreement`), observes the
 per-shadow histograms and writes one record to the sink. A shadow that raises is counted as an
 error; one slower than `shadow_timeout_s` is counted as a timeout and its result discarded (a
 thread cannot be interrupted, so the lane waits for it before taking the next job: at most one
@@ -37,25 +37,24 @@ import contextlib
 import logging
 import os
 import random
-import re
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-from service.agreement import compare
-from service.metrics import Metrics
+from feature_store.logs import RateLimitedLog
+from service.experiments.agreement import compare
+from service.experiments.faults import parse_fault
+from service.experiments.sinks import JsonlSink, NullSink, RedisStreamSink, Sink
+from service.observability.metrics import Metrics
 from service.registry import LoadedModel
 from service.settings import Settings
-from service.shadow_sink import JsonlSink, NullSink, RedisStreamSink, Sink
-
-if TYPE_CHECKING:
-    from service.core import Features
+from service.types import Features
 
 log = logging.getLogger("rankserve.shadow")
 
@@ -151,62 +150,12 @@ class StepBudget:
         self._lock.release()
 
 
-# -- fault injection (testing aid) -----------------------------------------------------------------
-
-
-class InjectedFault(RuntimeError):
-    """Raised by a shadow under RANKSERVE_SHADOW_FAULT=raise."""
-
-
 class ShadowAbandoned(Exception):
     """A shadow job given up on purpose; `outcome` is its metric label (timeout, starved)."""
 
     def __init__(self, outcome: str, message: str) -> None:
         super().__init__(message)
         self.outcome = outcome
-
-
-_FAULT_RE = re.compile(
-    r"(?:(?P<name>[A-Za-z0-9][A-Za-z0-9_./-]*)=)?(?:sleep:(?P<factor>\d+(?:\.\d+)?)x|(?P<raise>raise))"
-)
-
-
-@dataclass(frozen=True)
-class ShadowFault:
-    """Per shadow name (None: every shadow): ("sleep", factor of the primary's latency) or ("raise", 0)."""
-
-    rules: Mapping[str | None, tuple[str, float]] = field(default_factory=dict)
-
-    def _rule(self, shadow: str) -> tuple[str, float] | None:
-        return self.rules.get(shadow) or self.rules.get(None)
-
-    def delay(self, shadow: str, primary_seconds: float) -> None:
-        """A "sleep" rule: wait (no CPU, no lock held) factor x the primary's latency."""
-        rule = self._rule(shadow)
-        if rule is not None and rule[0] == "sleep":
-            time.sleep(rule[1] * primary_seconds)
-
-    def fail(self, shadow: str) -> None:
-        """A "raise" rule: raise, where a broken model's scorer call would."""
-        rule = self._rule(shadow)
-        if rule is not None and rule[0] == "raise":
-            raise InjectedFault(f"injected fault in shadow {shadow!r} (RANKSERVE_SHADOW_FAULT)")
-
-
-def parse_fault(text: str | None) -> ShadowFault:
-    """`sleep:<factor>x` | `raise`, optionally `<shadow>=` first, comma-separated; ValueError if malformed."""
-    rules: dict[str | None, tuple[str, float]] = {}
-    for part in (text or "").split(","):
-        part = part.strip()
-        if not part:
-            continue
-        m = _FAULT_RE.fullmatch(part)
-        if m is None:
-            raise ValueError(
-                f"bad shadow fault {part!r}: use 'sleep:<factor>x' or 'raise', optionally prefixed by '<shadow>='"
-            )
-        rules[m["name"]] = ("raise", 0.0) if m["raise"] else ("sleep", float(m["factor"]))
-    return ShadowFault(rules)
 
 
 # -- jobs and lanes --------------------------------------------------------------------------------
@@ -254,7 +203,7 @@ class _Lane:
             initargs=(s.shadow_nice,),
         )
         self.task = asyncio.create_task(self._work(), name=f"shadow-{self.arm}-{self.name}")
-        self._last_log: dict[str, float] = {}  # per message: a starved job must not hide an error
+        self._failures = RateLimitedLog(log, ERROR_LOG_INTERVAL_S)  # per message: a starved job must not hide an error
 
     def offer(self, job: ShadowJob) -> None:
         m = self.runner.metrics
@@ -309,10 +258,7 @@ class _Lane:
         self._log_failure(f"shadow {outcome}", repr(exc))
 
     def _log_failure(self, message: str, detail: str) -> None:
-        now = time.monotonic()
-        if now - self._last_log.get(message, float("-inf")) >= ERROR_LOG_INTERVAL_S:
-            self._last_log[message] = now
-            log.warning(message, extra={"arm": self.arm, "shadow": self.name, "error": detail})
+        self._failures.warning(message, arm=self.arm, shadow=self.name, error=detail)
 
     def retire(self) -> None:
         """Stop taking jobs; a job already running finishes on its thread, queued ones are dropped."""
@@ -349,7 +295,7 @@ class ShadowRunner:
         self._rng = random.Random(seed)
         self.activity = PrimaryActivity()
         self.budget = StepBudget(settings.shadow_cpu_share)
-        self._last_sink_error_log = float("-inf")
+        self._sink_errors = RateLimitedLog(log, ERROR_LOG_INTERVAL_S)
 
     @property
     def sink(self) -> Sink:
@@ -490,7 +436,4 @@ class ShadowRunner:
             self.sink.write(record)
         except Exception as exc:  # a full disk or an unreachable Redis must not count as a shadow failure
             m.shadow_sink_errors.inc()
-            now = time.monotonic()
-            if now - self._last_sink_error_log >= ERROR_LOG_INTERVAL_S:
-                self._last_sink_error_log = now
-                log.warning("shadow sink write failed", extra={"error": repr(exc)})
+            self._sink_errors.warning("shadow sink write failed", error=repr(exc))

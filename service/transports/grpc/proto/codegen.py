@@ -1,7 +1,7 @@
 """Generate the gRPC/protobuf Python modules from the `.proto` files beside this file.
 
 Run at build time (`make proto`, the Dockerfile): the generated `*_pb2*.py` are never committed.
-Imports in generated gRPC stubs are rewritten to package-relative ones so `service.proto` is
+Imports in generated gRPC stubs are rewritten to package-relative ones so `service.transports.grpc.proto` is
 importable from anywhere.
 """
 

@@ -16,11 +16,11 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import time
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
+from feature_store.logs import RateLimitedLog
 from service.errors import RankServeError
 from service.settings import Settings
 
@@ -107,14 +107,11 @@ class Tracing:
     def __init__(self, provider: TracerProvider) -> None:
         self.provider = provider
         self.tracer: Tracer = provider.get_tracer("rankserve")
-        self._warned = float("-inf")
+        self._warnings = RateLimitedLog(log, 60.0)
 
     def warn(self, what: str, exc: BaseException) -> None:
-        """Log a tracing failure, at most once a minute."""
-        now = time.monotonic()
-        if now - self._warned >= 60.0:
-            self._warned = now
-            log.warning(what, extra={"error": repr(exc)})
+        """Log a tracing failure, at most once a minute per kind of failure."""
+        self._warnings.warning(what, error=repr(exc))
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Tracing | None:

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from service.shadow_sink import read_jsonl, read_stream
+from service.experiments.sinks import read_jsonl, read_stream
 
 log = logging.getLogger("rankserve.shadow_report")
 

@@ -34,10 +34,12 @@ import numpy as np
 import numpy.typing as npt
 from tqdm import tqdm
 
+from export.bundle import open_bundle
 from feature_store import keys
 from feature_store.clusters import ClusterParams, UserClusterer
 from feature_store.codecs import SEQ_RECORD_SIZE, CodecError, encode_items, encode_profile, encode_sequence
 from feature_store.errors import FeatureStoreError, VersionConflict
+from feature_store.redis_store import create_store
 from feature_store.schema import SCHEMA_FILE, FeatureSchema, SchemaError, SchemaSpec, Vocabulary
 from feature_store.store import (
     STATUS_COMPLETE,
@@ -46,9 +48,9 @@ from feature_store.store import (
     FeatureStoreConfig,
     OnlineStore,
     VersionMeta,
-    create_store,
 )
 from models.data.events import EventLog
+from models.data.readers import add_dataset_arguments, dataset_from_args
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +120,12 @@ def encode_user_batch(
     user_index = schema.users.lookup(events.user_id[offsets[u0:u1]])
     profiles = [encode_profile(int(u)) for u in user_index.tolist()]
     return profiles, sequences, int((ends - starts).sum())
+
+
+def clusterer_from_bundle(path: str | Path, params: ClusterParams | None = None) -> UserClusterer:
+    """A clusterer over the GSU key tables of the bundle at `path` (the `--cluster-bundle` option)."""
+    t = open_bundle(path, verify=False).tables
+    return UserClusterer(t["item_key"], t["category_key"], t["gsu_action_bias"], t["gsu_gap_bias"], params)
 
 
 def cluster_user_batch(
@@ -337,8 +345,6 @@ def _synthetic_catalogue(spec: str, data_root: Path | None) -> tuple[npt.NDArray
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from models.data.readers import add_dataset_arguments
-
     add_dataset_arguments(parser)
     parser.add_argument(
         "--schema",
@@ -435,8 +441,6 @@ async def _main(args: argparse.Namespace) -> int:
             log.info("dropped %s: %d keys", args.drop_version, removed)
             return 0
 
-        from models.data.readers import dataset_from_args
-
         t0 = time.perf_counter()
         events = dataset_from_args(args)
         log.info("loaded %s: %d events in %.1f s", args.data, len(events), time.perf_counter() - t0)
@@ -453,7 +457,7 @@ async def _main(args: argparse.Namespace) -> int:
         clusterer = None
         if args.cluster_bundle is not None:
             params = ClusterParams(target_size=args.cluster_size, seed=args.cluster_seed)
-            clusterer = UserClusterer.from_bundle(args.cluster_bundle, params)
+            clusterer = clusterer_from_bundle(args.cluster_bundle, params)
             log.info("clustering behaviours with %s (key fingerprint %s)", args.cluster_bundle,
                      clusterer.fingerprint.hex())
         await ingest_log(

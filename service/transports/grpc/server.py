@@ -28,12 +28,14 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from service import types as core_types
-from service.auth import ARM_HEADER, AUTHORIZATION, authorize_arm_override, bearer_token
 from service.errors import RankServeError
-from service.lifecycle import REQUEST_ID_HEADER, ServingCore, request_id_from
-from service.logging_setup import request_id_var
-from service.metrics import Metrics
-from service.tracing import trace_carrier
+from service.lifecycle import ServingCore
+from service.observability.logging_setup import request_id_var
+from service.observability.metrics import Metrics
+from service.observability.tracing import trace_carrier
+from service.transports.auth import ARM_HEADER, AUTHORIZATION, authorize_arm_override, bearer_token
+from service.transports.grpc.proto import codegen
+from service.transports.request_ids import REQUEST_ID_HEADER, request_id_from
 
 log = logging.getLogger("rankserve.grpc")
 
@@ -49,20 +51,18 @@ def load_stubs() -> tuple[ModuleType, ModuleType]:
     importing a half-written module.
     """
     try:
-        return (importlib.import_module("service.proto.ranker_pb2"),
-                importlib.import_module("service.proto.ranker_pb2_grpc"))
+        return (importlib.import_module("service.transports.grpc.proto.ranker_pb2"),
+                importlib.import_module("service.transports.grpc.proto.ranker_pb2_grpc"))
     except ImportError:
         pass
     with open(Path(tempfile.gettempdir()) / "rankserve-codegen.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (_PROTO_DIR / "ranker_pb2_grpc.py").exists():
-            from service.proto import codegen
-
             log.warning("gRPC stubs missing; generating them from %s", _PROTO_DIR / "ranker.proto")
             codegen.generate()
         importlib.invalidate_caches()
-        return (importlib.import_module("service.proto.ranker_pb2"),
-                importlib.import_module("service.proto.ranker_pb2_grpc"))
+        return (importlib.import_module("service.transports.grpc.proto.ranker_pb2"),
+                importlib.import_module("service.transports.grpc.proto.ranker_pb2_grpc"))
 
 
 pb2, pb2_grpc = load_stubs()

@@ -9,6 +9,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from service.retrieval import fallback_counts
+
 # Latency buckets from 0.5 ms to 2.5 s: the budget is tens of milliseconds, the tail matters.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25,
                    0.5, 1.0, 2.5)
@@ -81,8 +83,6 @@ class RetrievalFallbacks(Collector):
     """rankserve_retrieval_fallback_total{strategy, reason}: the process's `service.retrieval.fallback_counts()`."""
 
     def collect(self) -> Iterator[Metric]:
-        from service.retrieval import fallback_counts
-
         family = CounterMetricFamily(
             "rankserve_retrieval_fallback", "Searches an approximate strategy answered with exact instead, by reason "
             "(twin_v2: missing, stale, misaligned clustering; short history)", labels=["strategy", "reason"],

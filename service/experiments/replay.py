@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from service.shadow_sink import read_jsonl, read_stream
+from service.experiments.sinks import read_jsonl, read_stream
 
 log = logging.getLogger("rankserve.replay")
 

@@ -4,7 +4,7 @@ For each query: the Hamming distance of its code to every key code (XOR + popcou
 words per code), a shortlist of the `n_short` closest keys (a histogram over the distances
 0..64W gives the cut; at the cut, lower key indices first), then the exact inner product of the
 query with each shortlisted key and the top-k of those by (score, lower index), sorted; the
-selection helpers are the exact kernel's (`service.kernels.topk_ip`). numba's on-disk cache does
+selection helpers are the exact kernel's (`service.retrieval.kernels.topk_ip`). numba's on-disk cache does
 not notice changes in another module: after editing those helpers, clear `__pycache__` here.
 """
 
@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from numba import prange
 
-from service.kernels.topk_ip import _emit_topk, _encode, _jit
+from service.retrieval.kernels.topk_ip import _emit_topk, _encode, _jit
 
 _TILE = 8  # queries per parallel work item (scratch buffers are allocated once per tile)
 _M1 = np.uint64(0x5555555555555555)

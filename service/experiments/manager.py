@@ -7,10 +7,7 @@ names only tasks the bundle predicts; retrieval strategy exists and k is within 
 limits). Any failure refuses the whole file with one message listing every problem, and the
 previous config keeps serving. It is re-read on an admin call and when the file changes.
 
-Assignment: bucket = blake2b(f"{salt}:{user_id}", 8 bytes) big-endian mod 10,000; arms own
-contiguous bucket ranges in the order they are declared. The hash is fixed (never Python's
-`hash()`, which is salted per process), so a user lands in the same arm in every replica and
-after every restart, and other systems can recompute it (docs/EXPERIMENTS.md).
+The file's shape and the sticky bucket hash are in `spec`.
 
 Without an experiments file there is one implicit arm, "default", serving the registry's
 current (newest) model exactly as before.
@@ -20,11 +17,11 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import contextlib
 import dataclasses
 import hashlib
 import itertools
 import logging
-import math
 import os
 import time
 from collections.abc import Callable
@@ -32,145 +29,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-
-from service.assemble import TopK
+from service.background import run_every
 from service.errors import BundleRejected, ExperimentsRejected, InvalidRequest, ModelUnavailable
-from service.metrics import Metrics
+from service.experiments.shadow import Shadow
+from service.experiments.spec import (
+    BUCKETS,
+    DEFAULT_ARM,
+    ExperimentsSpec,
+    FusionSpec,
+    RetrievalSpec,
+    bucket_of,
+    parse_experiments,
+)
+from service.fusion import Fusion
+from service.observability.metrics import Metrics
 from service.registry import LoadedModel, ModelRegistry
-from service.scoring import Fusion, Scorer, make_scorer
+from service.retrieval import Retriever, available_retrievers, make_retriever, parse_strategy
+from service.scoring import Scorer, make_scorer
 from service.settings import Settings
-from service.shadow import Shadow
 
 log = logging.getLogger("rankserve.experiments")
-
-BUCKETS = 10_000
-DEFAULT_ARM = "default"
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
-BUNDLE_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.-]*/[1-9][0-9]*$"  # name/version; no leading dot: no path tricks
-
-
-def bucket_of(salt: str, user_id: int) -> int:
-    """The user's bucket in [0, 10000): stable across processes, restarts and languages."""
-    digest = hashlib.blake2b(f"{salt}:{user_id}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") % BUCKETS
-
-
-# -- the file's shape ------------------------------------------------------------------------------
-
-
-class FusionSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    weights: dict[str, float] | None = Field(default=None, description="per task; unset: the bundle's")
-    transforms: dict[str, str] | None = Field(default=None, description="identity, log or power:<exponent>")
-
-    @field_validator("weights")
-    @classmethod
-    def _finite(cls, value: dict[str, float] | None) -> dict[str, float] | None:
-        for task, w in (value or {}).items():
-            if not math.isfinite(w):
-                raise ValueError(f"weight of {task!r} must be finite, got {w}")
-        return value
-
-
-class RetrievalSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    strategy: str | None = Field(default=None, description="GSU strategy name; unset: RANKSERVE_RETRIEVAL_STRATEGY")
-    k: int | None = Field(default=None, ge=1, description="behaviours retrieved per candidate; unset: the bundle's")
-
-
-class ShadowSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    name: str | None = Field(default=None, pattern=NAME_PATTERN, description="default: the bundle with '/' as '-'")
-    bundle: str = Field(pattern=BUNDLE_PATTERN, description='"name/version"')
-    sample_rate: float = Field(gt=0, le=1, description="share of the arm's requests scored by this shadow")
-    fusion: FusionSpec | None = Field(default=None, description="default: the arm's")
-    retrieval: RetrievalSpec | None = Field(default=None, description="default: the arm's")
-
-    @property
-    def label(self) -> str:
-        return self.name or self.bundle.replace("/", "-")
-
-
-class ArmSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    name: str = Field(pattern=NAME_PATTERN)
-    share: float = Field(ge=0, le=100, description="percent of users, in steps of 0.01 (one bucket)")
-    bundle: str = Field(pattern=BUNDLE_PATTERN, description='pinned "name/version"')
-    fusion: FusionSpec | None = None
-    retrieval: RetrievalSpec | None = None
-    shadows: list[ShadowSpec] = Field(default_factory=list)
-
-    @field_validator("share")
-    @classmethod
-    def _whole_buckets(cls, value: float) -> float:
-        if abs(value * 100 - round(value * 100)) > 1e-6:
-            raise ValueError(f"share must be a multiple of 0.01% (one of {BUCKETS} buckets), got {value}")
-        return value
-
-    @model_validator(mode="after")
-    def _unique_shadows(self) -> ArmSpec:
-        labels = [s.label for s in self.shadows]
-        dupes = sorted({x for x in labels if labels.count(x) > 1})
-        if dupes:
-            raise ValueError(f"shadow names must be unique within an arm, repeated: {dupes}")
-        return self
-
-    @property
-    def buckets(self) -> int:
-        return round(self.share * 100)
-
-
-class ExperimentsSpec(BaseModel):
-    """The whole file."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    salt: str = Field(min_length=1, max_length=128, description="changing it reshuffles every user")
-    arms: list[ArmSpec] = Field(min_length=1)
-
-    @model_validator(mode="after")
-    def _arms(self) -> ExperimentsSpec:
-        names = [a.name for a in self.arms]
-        dupes = sorted({x for x in names if names.count(x) > 1})
-        if dupes:
-            raise ValueError(f"arm names must be unique, repeated: {dupes}")
-        total = sum(a.buckets for a in self.arms)
-        if total != BUCKETS:
-            shares = ", ".join(f"{a.name} {a.share:g}%" for a in self.arms)
-            raise ValueError(
-                f"arm shares sum to {total / 100:g}% ({shares}); they must sum to exactly 100% ({BUCKETS} buckets)"
-            )
-        return self
-
-
-def _describe_validation(exc: ValidationError) -> str:
-    parts = []
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in err.get("loc", ()))
-        msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
-        parts.append(f"{loc}: {msg}" if loc else msg)
-    return "; ".join(parts)
-
-
-def parse_experiments(text: str, source: str = "experiments file") -> ExperimentsSpec:
-    """YAML text -> validated spec; ExperimentsRejected naming every problem otherwise."""
-    try:
-        doc = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ExperimentsRejected(f"{source} refused: not valid YAML: {exc}") from exc
-    if not isinstance(doc, dict):
-        raise ExperimentsRejected(f"{source} refused: expected a mapping with 'salt' and 'arms'")
-    try:
-        return ExperimentsSpec.model_validate(doc)
-    except ValidationError as exc:
-        raise ExperimentsRejected(f"{source} refused: {_describe_validation(exc)}") from exc
-
 
 # -- compiled, immutable ---------------------------------------------------------------------------
 
@@ -207,6 +85,7 @@ class Experiments:
     source: Path
     digest: str
     loaded_at: float
+    bundles: tuple[LoadedModel, ...] = ()  # the registry's instances the arms and shadows are views of
     ends: tuple[int, ...] = field(init=False)  # cumulative bucket bounds, for bisect
 
     def __post_init__(self) -> None:
@@ -250,21 +129,19 @@ def _file_state(path: Path) -> tuple[int, int, int] | None:
 THREADED_STRATEGIES = frozenset({"exact", "faiss_knn", "eta", "sim_hard", "twin_v2"})
 
 
-def build_retriever(settings: Settings, strategy: str, *, shadow: bool = False) -> TopK:
+def build_retriever(settings: Settings, strategy: str, *, shadow: bool = False) -> Retriever:
     """A retriever instance of `strategy`, which may carry options ("eta:bits=128,shortlist=512").
 
     exact takes the device setting and a shadow's threaded strategy `shadow_threads` threads,
     unless the strategy's own options set them.
     """
-    from service.retrieval import make_retriever, parse_strategy  # may pull in faiss or compile the kernel
-
     name, given = parse_strategy(strategy)
     options: dict[str, Any] = {}
     if name == "exact":
         options["device"] = settings.retrieval_device
     if shadow and name in THREADED_STRATEGIES:
         options["num_threads"] = settings.shadow_threads
-    retriever: TopK = make_retriever(name, **(options | given))
+    retriever: Retriever = make_retriever(name, **(options | given))
     return retriever
 
 
@@ -355,6 +232,7 @@ class ExperimentManager:
                 except (OSError, ValueError) as exc:
                     return self._reject(f"experiments file {path} refused: shadow sink unavailable: {exc}")
             self._current = exps
+            self.registry.pin(exps.bundles)  # versions no arm or shadow uses any more are unloaded
             self._last_error = None
             self.metrics.experiments_reloads.labels("loaded").inc()
             self.metrics.arm_share.clear()
@@ -377,23 +255,15 @@ class ExperimentManager:
 
     async def poll(self, stop: asyncio.Event) -> None:
         """Reload when the file's mtime, size or inode changes, every `experiments_poll_interval_s`."""
-        interval = self.settings.experiments_poll_interval_s
-        if self.path is None or interval <= 0:
+        if self.path is None:
             return
-        while not stop.is_set():
-            try:
-                await asyncio.wait_for(stop.wait(), timeout=interval)
-                return
-            except TimeoutError:
-                pass
-            if _file_state(self.path) == self._seen_state:
-                continue
-            try:
-                await self.reload()
-            except ExperimentsRejected:
-                pass  # logged with its reason; retried on the next change
-            except Exception:  # a bug here must not stop the poller for good
-                log.exception("experiments reload failed")
+        await run_every("experiments-poller", self.settings.experiments_poll_interval_s, self._poll_once, stop)
+
+    async def _poll_once(self) -> None:
+        if self.path is None or _file_state(self.path) == self._seen_state:
+            return
+        with contextlib.suppress(ExperimentsRejected):  # logged with its reason; retried on the next change
+            await self.reload()
 
     def _compile(self, spec: ExperimentsSpec, source: Path, digest: str) -> Experiments:
         """Load every pinned bundle and build the arms' and shadows' model views (in a worker thread)."""
@@ -433,7 +303,7 @@ class ExperimentManager:
         if problems:
             raise ExperimentsRejected(f"experiments file {source} refused: {'; '.join(problems)}")
         self._shadow_scorers = scorers  # sessions of shadows no longer configured are released
-        return Experiments(spec.salt, tuple(arms), source, digest, time.time())
+        return Experiments(spec.salt, tuple(arms), source, digest, time.time(), tuple(models.values()))
 
     def _shadow_scorer(self, model: LoadedModel) -> Scorer:
         """A separate session per shadow bundle, with few threads, so its work stays on the lane thread."""
@@ -470,8 +340,6 @@ class ExperimentManager:
             limit = int(model.bundle.retrieval.get("max_sequence_length", model.bundle.schema.spec.max_sequence_length))
             if not 1 <= k <= limit:
                 raise ValueError(f"retrieval k={k} is outside bundle {model.key}'s limits 1..{limit}")
-        from service.retrieval import available_retrievers, parse_strategy
-
         if parse_strategy(strategy)[0] not in available_retrievers():  # the name; options are checked when built
             raise ValueError(f"unknown retrieval strategy {strategy!r}; available: {', '.join(available_retrievers())}")
         if shadow_scorer is None and new_fusion is model.fusion and k == settings_r.k and (

@@ -14,7 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from service import types as core
-from service.core import INT64_MAX
+from service.types import INT64_MAX
 
 RANK_EXAMPLE: dict[str, Any] = {"user_id": 1000, "candidates": [11, 12, 13], "top_n": 2}
 

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from numba import prange
 
-from service.kernels.topk_ip import _emit_topk, _encode, _jit, _segment_scores
+from service.retrieval.kernels.topk_ip import _emit_topk, _encode, _jit, _segment_scores
 
 _TILE = 16  # queries per parallel work item
 

@@ -1,0 +1,1 @@
+"""gRPC transport: the Ranker service, health and reflection; stubs generated from `proto/`."""

@@ -1,0 +1,1 @@
+"""REST transport: the FastAPI app, its middleware, schemas and error handlers."""
