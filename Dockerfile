@@ -28,7 +28,7 @@ WORKDIR /src
 # grpcio-tools only generates the stubs: it goes into the build stage's system Python, not the venv
 RUN python -m venv /opt/venv \
     && python -m pip install --no-cache-dir "grpcio-tools==1.85.1"
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE ./
 COPY service ./service
 COPY export ./export
 COPY feature_store ./feature_store

@@ -28,7 +28,8 @@ redis-server:
 
 test: setup redis-server
 	$(PY) -m ruff check .
-	$(PY) -m mypy service export feature_store models
+	$(VENV)/bin/lint-imports
+	$(PY) -m mypy service export feature_store models ingest
 	$(PY) -m pytest -q -p no:cacheprovider -m "not fault" tests
 	$(MAKE) --no-print-directory test-fault
 
@@ -42,9 +43,10 @@ test-fast: setup
 lint: setup
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+	$(VENV)/bin/lint-imports
 
 typecheck: setup
-	$(PY) -m mypy service export feature_store models
+	$(PY) -m mypy service export feature_store models ingest
 
 demo: setup
 	$(PY) -m service.demo --data $(DATA)

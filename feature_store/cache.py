@@ -3,9 +3,9 @@
 Every ranking request reads a few hundred item-feature values that change only with a new
 feature-set version, so the store keeps them here (keyed by version and item) and sends only the
 misses to Redis. The values are fixed-size records (`codecs.ITEM_RECORD`), so the cache holds
-them in preallocated arrays rather than as Python objects: 200,000 entries (262,144 slots, 25
-bytes each, zero pages until written) take at most 6.6 MB instead of the ~40 MB an LRU of dict
-entries takes, in every worker process (issue 6's memory goal for a second worker).
+them in preallocated arrays rather than as Python objects: 25 bytes a slot, zero pages until
+written, a fraction of what an LRU of dict entries takes in every worker process
+(docs/PERFORMANCE.md).
 
 It is 2-way set-associative: an id hashes (multiplicatively) to a set of two slots; a put takes
 the id's own slot, else a free or expired one, else the one written longer ago. On a Zipf stream

@@ -31,8 +31,8 @@ except ImportError:  # hiredis is in the serving install; without it redis-py's 
 class _HiredisPackMixin:
     """Pack commands with hiredis' C packer, as redis-py's *sync* client already does.
 
-    redis-py's asyncio connections pack in Python, re-joining a growing buffer per argument:
-    about 280 us for an MGET of 500 keys, a third of a whole fetch. The bytes are the same
+    redis-py's asyncio connections pack in Python, re-joining a growing buffer per argument, a
+    large share of a fetch of 500 items (docs/PERFORMANCE.md). The bytes are the same
     (tests/integration/test_feature_store_config.py checks it); anything hiredis refuses falls
     back to redis-py's packer, which raises redis-py's own errors.
     """
@@ -71,9 +71,8 @@ _FAST_CONNECTIONS: dict[type[AbstractConnection], type[AbstractConnection]] = {
 # command. The store's commands (GET, GETRANGE, MGET, SET, SCAN, EVALSHA, ...) reply the same in
 # RESP2. It matters after a slow spell: each call cut off by its deadline discards its
 # connection, so the next calls connect anew, and with a long handshake they miss the budget
-# again even once the store is fast: measured through a proxy adding 30 ms per reply, after a
-# 400 ms spell 0 of 40 fetches met a 100 ms deadline with redis-py's handshake, 40 of 40 with
-# this one (tests/fault/test_redis_faults.py). A password still costs its AUTH round trip.
+# again even once the store is fast (tests/fault/test_redis_faults.py; numbers in
+# docs/PERFORMANCE.md). A password still costs its AUTH round trip.
 _HANDSHAKE: dict[str, Any] = {"protocol": 2, "lib_name": None, "lib_version": None}
 
 
@@ -103,7 +102,7 @@ def single_client(config: FeatureStoreConfig, url: str | None) -> Redis:
         raise FeatureStoreConfigError("single-node mode needs a url")
     # A plain (non-blocking) pool: when all `pool_size` connections are busy, the call fails
     # with MaxConnectionsError, a connection error that `_run` retries with backoff within the
-    # deadline. The blocking pool's condition variable and timer cost ~30 us on every call.
+    # deadline. The blocking pool's condition variable and timer would cost on every call.
     pool = ConnectionPool.from_url(
         url,
         max_connections=config.pool_size,

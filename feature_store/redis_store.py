@@ -13,6 +13,9 @@ for it.
 Failures: redis-py's own retries are switched off; `_run` retries connection and timeout errors
 only, with exponential backoff and full jitter, bounded by `retry_attempts` and by the
 `request_timeout_s` deadline of the whole call, and raises typed `FeatureStoreError`s.
+
+This module is one class, the store's read, write and version paths, kept together because they
+share its retry, deadline and cluster-routing state; the clients it builds are in `connections`.
 """
 
 from __future__ import annotations
@@ -370,7 +373,8 @@ class RedisOnlineStore(OnlineStore):
 
     async def _cluster_execute(self, client: RedisCluster, commands: list[tuple[Any, ...]]) -> list[Any]:
         # redis-py's cluster pipeline routes each command through its policy resolver, slot and
-        # node lookups (~20 us a command: 13 ms for 500 item GETs). Single-key commands only
+        # node lookups for every command, which for 500 item GETs costs more than the round trip
+        # (docs/PERFORMANCE.md). Single-key commands only
         # need the slot map: group by node, send each node a plain pipeline. A redirection
         # (resharding, failover) falls back to the cluster pipeline, which follows MOVED/ASK.
         await client.initialize()  # no-op once the slot map is loaded

@@ -21,9 +21,8 @@ def tune_malloc(threshold_bytes: int = MAX_MMAP_THRESHOLD, trim_bytes: int = 1 <
     """Keep large tensors on the heap instead of fresh mmaps.
 
     A training step allocates and frees tensors of tens of MB. Above glibc's mmap threshold
-    each one is a new mapping whose pages fault in again on every step; measured on Tmall
-    batches (512 x ~470 behaviours) a step took 1.8 s with the default and 70 ms with the
-    thresholds raised. A no-op (returns False) where glibc is not the allocator.
+    each one is a new mapping whose pages fault in again on every step, which made Tmall steps an
+    order of magnitude slower (docs/PERFORMANCE.md). A no-op (returns False) where glibc is not the allocator.
     """
     name = ctypes.util.find_library("c")
     if not name:

@@ -23,7 +23,7 @@ from feature_store.codecs import SequenceClusters
 F32 = npt.NDArray[np.float32]
 I64 = npt.NDArray[np.int64]
 
-# below this many keys the duplicate scan is not worth its fixed cost (~20 ns a key)
+# below this many keys the duplicate scan costs more than it saves
 DEDUP_MIN_KEYS = 1024
 
 

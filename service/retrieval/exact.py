@@ -117,9 +117,9 @@ class ExactRetriever(BaseRetriever):
 def warm_up() -> float:
     """Load the exact kernel from numba's on-disk cache, compiling it if absent; return seconds taken.
 
-    Call before serving (readiness waits on it): a cold compile takes ~20 s on 2 cores, a cache
-    hit well under one. The cache lives in `service/retrieval/kernels/__pycache__`, or in NUMBA_CACHE_DIR when set
-    (needed on a read-only root filesystem).
+    Call before serving (readiness waits on it): a cold compile takes seconds, a cache hit far
+    less (docs/PERFORMANCE.md). The cache lives in `service/retrieval/kernels/__pycache__`, or in
+    NUMBA_CACHE_DIR when set (needed on a read-only root filesystem).
     """
     t0 = time.perf_counter()
     rng = np.random.default_rng(0)

@@ -1,5 +1,5 @@
 """Model lifecycle under load: hot swap with zero failed requests, a tampered bundle refused while
-the old model keeps serving, and a graceful SIGTERM drain."""
+the old model keeps serving, memory that stays flat over many swaps, and a graceful SIGTERM drain."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import pytest
 
 from export.exporter import write_bundle
 from service.transports.grpc.server import pb2, pb2_grpc
-from tests.e2e.conftest import BUNDLE_NAME, Server, World, export_bundle
+from tests.e2e.conftest import ADMIN_TOKEN, BUNDLE_NAME, Server, World, export_bundle
 from tests.helpers import tiny_model
 
 pytestmark = pytest.mark.timeout(240)
@@ -159,6 +159,52 @@ async def test_hot_swap_and_tampered_bundle_under_load(make_server: Any, world: 
     assert "rankserve_bundles_refused_total 1.0" in metrics and "rankserve_model_swaps_total 2.0" in metrics
     assert server.stop() == 0
     assert "unhandled error" not in server.logs()
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident set size of a process, from /proc."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+SWAPS = 50
+
+
+async def test_many_hot_swaps_under_load_keep_memory_flat(make_server: Any, world: World, tmp_path: Path) -> None:
+    """Each swap unloads the previous version (neither current nor pinned): RSS after the last of 50
+    swaps stays within 5% of RSS after the second, while clients keep ranking throughout."""
+    model_dir = tmp_path / "models"
+    export_bundle(world, model_dir)
+    server: Server = make_server(model_dir, RANKSERVE_POLL_INTERVAL_S="0", RANKSERVE_ADMIN_TOKEN=ADMIN_TOKEN)
+    await asyncio.to_thread(server.wait_ready)
+    assert server.proc is not None
+    load = Load(server, world)
+    tasks = load.start()
+    rss: list[int] = []
+    headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    async with httpx.AsyncClient(base_url=server.base_url, timeout=60.0, headers=headers) as admin:
+        try:
+            for version in range(2, SWAPS + 2):
+                await asyncio.to_thread(export_bundle, world, model_dir, version)
+                resp = await admin.post("/v1/admin/reload", json={"version": version})
+                assert resp.status_code == 200, resp.text
+                rss.append(rss_bytes(server.proc.pid))
+        finally:
+            load.stop.set()
+            await asyncio.gather(*tasks)
+        state = (await admin.get("/v1/models")).json()
+
+    assert load.failures() == [], load.failures()[:5]
+    assert state["current"]["key"] == f"tiny/{SWAPS + 1}"
+    assert [m["key"] for m in state["loaded"]] == [f"tiny/{SWAPS + 1}"]
+    after_second, after_last = rss[1], rss[-1]
+    print(f"\nRSS over {SWAPS} swaps: after the 2nd {after_second / 2**20:.1f} MiB, after the last "
+          f"{after_last / 2**20:.1f} MiB ({after_last / after_second:.3f}x), peak {max(rss) / 2**20:.1f} MiB, "
+          f"{len(load.outcomes)} requests, 0 failed")
+    assert after_last <= 1.05 * after_second, [round(r / 2**20, 1) for r in rss]
+    assert server.stop() == 0
 
 
 async def _has_model(load: Load, key: str) -> bool:

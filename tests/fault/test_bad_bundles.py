@@ -5,7 +5,8 @@ The tampered-file case (a sha256 mismatch) is `tests/e2e/test_hot_swap.py`; here
 exported for another feature schema (its schema hash does not match the store's active
 version), a bundle whose files match their hashes but whose scorer is not a valid ONNX model
 (re-hashed after truncation, as a broken exporter would write it), and one whose manifest is
-not JSON.
+not JSON; and a bundle whose fusion names a task it does not predict, followed by a good one
+(the poller survives the failure and serves the good one).
 """
 
 from __future__ import annotations
@@ -116,3 +117,48 @@ async def test_schema_mismatch_and_corrupt_bundles_refused_under_load(
           + "; ".join(f"v{v}: {r.split(': ', 1)[-1][:70]}" for v, r in sorted(reasons.items())))
     assert server.stop() == 0
     assert "unhandled error" not in server.logs()
+
+
+def fuse_unknown_task(bundle: Path) -> None:
+    """A manifest whose fusion weighs a task the model does not predict (the manifest is not hashed)."""
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["fusion"]["weights"]["no_such_task"] = 1.0
+    manifest["version"] = int(bundle.name.split("-")[-1])
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+
+
+async def test_bundle_with_unknown_fusion_task_is_refused_and_the_poller_serves_the_next(
+    make_server: Any, world: World, tmp_path: Path
+) -> None:
+    model_dir = tmp_path / "models"
+    first = export_bundle(world, model_dir)
+    server: Server = make_server(model_dir, RANKSERVE_POLL_INTERVAL_S="0.3")
+    await asyncio.to_thread(server.wait_ready)
+    load = LoadGen(server, world, rest_clients=2, grpc_clients=1, pause_s=0.03).start()
+    async with httpx.AsyncClient(base_url=server.base_url, timeout=10.0) as client:
+
+        async def refused(version: int) -> bool:
+            state = (await client.get("/v1/models")).json()
+            return any(r["path"].endswith(f"{BUNDLE_NAME}/{version}") for r in state["refused"])
+
+        async def serving(key: str) -> bool:
+            return bool((await client.get("/v1/models")).json()["current"]["key"] == key)
+
+        try:
+            await asyncio.sleep(1.0)
+            place(first, model_dir, 2, fuse_unknown_task)
+            await wait_until(lambda: refused(2), 30, "the bundle with an unknown fusion task was never refused")
+            export_bundle(world, model_dir, 3)  # a good one after it: the poller must still be running
+            await wait_until(lambda: serving("tiny/3"), 30, "the poller stopped: tiny/3 was never served")
+            await asyncio.sleep(1.0)
+        finally:
+            await load.finish()
+        state = (await client.get("/v1/models")).json()
+
+    assert load.wrong() == [], load.wrong()[:5]
+    assert {o.model for o in load.outcomes} == {"tiny/1", "tiny/3"}
+    (reason,) = [r["reason"] for r in state["refused"] if r["path"].endswith(f"{BUNDLE_NAME}/2")]
+    assert "no_such_task" in reason and "does not predict" in reason, reason
+    assert [m["key"] for m in state["loaded"]] == ["tiny/3"]  # tiny/1 unloaded: neither current nor pinned
+    assert server.stop() == 0
+    assert "unhandled error" not in server.logs() and "background task failed" not in server.logs()

@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from feature_store import ingest
 from feature_store.embedded import EmbeddedValkey
 from feature_store.redis_store import create_store
 from feature_store.schema import FeatureSchema
 from feature_store.store import EmbeddedConfig, FeatureStoreConfig, OnlineStore
+from ingest import bulk as ingest
 from ingest.bulk import ingest_log, schema_from_log
 from models.data.events import EventLog
 from tests.integration.conftest import Backend, assert_same_sequence, expected_sequence

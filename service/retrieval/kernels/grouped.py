@@ -96,7 +96,7 @@ def group_members(group: Any, n_groups: int, offsets: Any, members: Any) -> None
         fill[g] += 1
 
 
-@_jit()  # serial: ~0.3 us a query, less than waking a second thread for a parallel region
+@_jit()  # serial: a query's expansion is cheaper than waking a second thread for a parallel region
 def expand_topk(u_scores: Any, u_idx: Any, offsets: Any, members: Any, k: int, out_s: Any, out_i: Any) -> None:
     """Top-k behaviours from the top-k' distinct keys of each query (`ExactRetriever` with dedup).
 
