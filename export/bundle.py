@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from feature_store.errors import UserError
 from feature_store.schema import FeatureSchema, SchemaError
 
 # /2: action and time gap folded into the behaviour rows (scorer inputs without ret_action & co.)
@@ -51,7 +52,7 @@ TABLE_NAMES: tuple[str, ...] = (
 )
 
 
-class BundleError(Exception):
+class BundleError(UserError):
     """A bundle that cannot be used: missing or tampered files, bad manifest, wrong schema."""
 
 

@@ -9,6 +9,13 @@ wrapped here, with the original as `__cause__`.
 from __future__ import annotations
 
 
+class UserError(Exception):
+    """Something the user gave is wrong (a file, a flag, a bundle, a run directory).
+
+    The command line prints its message, which says what to fix, as one line instead of a traceback.
+    """
+
+
 class FeatureStoreError(Exception):
     """Base class of all feature-store errors."""
 

@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
+from feature_store.errors import UserError
+
 # Canonical behaviour actions. The code of an action is its position in this tuple.
 ACTIONS: tuple[str, ...] = ("click", "cart", "fav", "buy")
 ACTION_CODE: dict[str, int] = {name: code for code, name in enumerate(ACTIONS)}
@@ -49,7 +51,7 @@ VOCAB_FILES = {"user": "vocab_user.npy", "item": "vocab_item.npy", "category": "
 IntArray = npt.NDArray[np.int64]
 
 
-class SchemaError(ValueError):
+class SchemaError(UserError, ValueError):
     """A schema or vocabulary file is missing, malformed, or does not match its hash."""
 
 

@@ -77,11 +77,11 @@ def bench_histories() -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, A
 
 def trained_histories(run: Path) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any]]:
     from models.checkpoint import load_run
-    from models.data.readers import load_dataset
+    from models.data.readers import dataset_of_run
 
     model, schema, config = load_run(run)
     tables = {k: v.detach().numpy() for k, v in model.precomputed_tables().items()}
-    ev = load_dataset(config["data"], None, max_users=config["train"]["max_users"])
+    ev = dataset_of_run(config)
     _, offsets = ev.user_offsets()
     rng = np.random.default_rng(1)
     n_items = tables["item_key"].shape[0]

@@ -53,7 +53,7 @@ def evaluate_strategies(run_dir: Path, strategies: list[str], max_queries: int |
     from feature_store.schema import SCORER_INPUTS
     from models.batching import Collator
     from models.checkpoint import load_run
-    from models.data.readers import load_dataset
+    from models.data.readers import dataset_of_run
     from models.evaluate import test_queries
     from models.metrics import auc
     from models.train import predict, samples_for_run
@@ -62,7 +62,7 @@ def evaluate_strategies(run_dir: Path, strategies: list[str], max_queries: int |
 
     t0 = time.perf_counter()
     model, schema, config = load_run(run_dir)
-    events = load_dataset(config["data"], data_root, max_users=config["train"]["max_users"])
+    events = dataset_of_run(config, data_root)
     samples = samples_for_run(config, events)
     spec = schema.spec
     idx = test_queries(samples, max_queries, seed)

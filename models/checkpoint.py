@@ -8,8 +8,13 @@ from typing import Any
 
 import torch
 
+from feature_store.errors import UserError
 from feature_store.schema import FeatureSchema
 from models.model import ModelConfig, RankingModel
+
+
+class RunError(UserError):
+    """A run directory that is missing or incomplete."""
 
 
 def save_run(
@@ -25,6 +30,10 @@ def save_run(
 def load_run(run_dir: str | Path) -> tuple[RankingModel, FeatureSchema, dict[str, Any]]:
     """Rebuild a trained model from its run directory (`weights_only`: nothing is unpickled)."""
     run = Path(run_dir)
+    missing = [f for f in ("config.json", "checkpoint.pt", "schema") if not (run / f).exists()]
+    if missing:
+        raise RunError(f"{run} is not a complete run directory (missing {', '.join(missing)}): "
+                       "train one with `rankserve train --out DIR`")
     config = json.loads((run / "config.json").read_text())
     schema = FeatureSchema.load(run / "schema", mmap=False)
     model_cfg = ModelConfig(**config["model"])

@@ -23,7 +23,7 @@ import numpy.typing as npt
 
 from models.batching import Collator
 from models.checkpoint import load_run
-from models.data.readers import load_dataset
+from models.data.readers import dataset_of_run
 from models.data.samples import SampleSet
 from models.metrics import auc, gauc, logloss, weighted_recall_at_k
 from models.model import RankingModel
@@ -194,7 +194,7 @@ def evaluate_run(
     t0 = time.perf_counter()
     tune_malloc()
     model, schema, config = load_run(run_dir)
-    events = load_dataset(config["data"], data_root, max_users=config["train"]["max_users"])
+    events = dataset_of_run(config, data_root)
     # pointwise metrics on the test split drawn as in training (same negative ratio, so logloss
     # measures calibration on the distribution the models learned); WR@K on ranking queries with
     # `eval_negatives` popularity negatives per positive

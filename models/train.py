@@ -181,27 +181,32 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, required=True, help="run directory to write")
     p.add_argument("--heads", choices=["mmoe", "ple", "resflow"], default="resflow", help="multi-task head")
     p.add_argument("--no-esmm", action="store_true", help="independent task probabilities instead of ESMM chaining")
-    p.add_argument("--epochs", type=int, default=TrainConfig.epochs)
-    p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
-    p.add_argument("--lr", type=float, default=TrainConfig.lr)
-    p.add_argument("--patience", type=int, default=TrainConfig.patience)
-    p.add_argument("--seed", type=int, default=TrainConfig.seed)
+    p.add_argument("--epochs", type=int, default=TrainConfig.epochs, help="passes over the training samples at most")
+    p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size, help="samples per optimizer step")
+    p.add_argument("--lr", type=float, default=TrainConfig.lr, help="learning rate (Adam)")
+    p.add_argument("--patience", type=int, default=TrainConfig.patience,
+                   help="epochs without validation improvement before stopping early (0: never stop early)")
+    p.add_argument("--seed", type=int, default=TrainConfig.seed, help="seed of sampling, initialization and shuffling")
     p.add_argument("--negatives", type=int, default=TrainConfig.negatives_per_positive, help="negatives per positive")
     p.add_argument("--max-users", type=int, default=None, help="train on a deterministic subset of users")
     p.add_argument("--max-train-samples", type=int, default=None, help="seeded subset of the training samples")
     p.add_argument("--max-valid-samples", type=int, default=TrainConfig.max_valid_samples,
                    help="seeded subset of the validation samples (validation searches whole histories)")
-    p.add_argument("--retrieval-k", type=int, default=ModelConfig.retrieval_k)
+    p.add_argument("--retrieval-k", type=int, default=ModelConfig.retrieval_k,
+                   help="behaviours retrieved per candidate from the lifelong sequence (GSU top-k)")
     p.add_argument(
         "--train-history", type=int, default=ModelConfig.train_history, help="behaviours searched in training"
     )
     p.add_argument("--threads", type=int, default=TrainConfig.threads, help="torch intra-op threads")
-    p.add_argument("--short-length", type=int, default=ModelConfig.short_length)
-    p.add_argument("--attn-dim", type=int, default=ModelConfig.attn_dim)
-    p.add_argument("--repr-dim", type=int, default=ModelConfig.repr_dim)
+    p.add_argument("--short-length", type=int, default=ModelConfig.short_length,
+                   help="most recent behaviours attended to directly (the short sequence)")
+    p.add_argument("--attn-dim", type=int, default=ModelConfig.attn_dim,
+                   help="dimension of the attention (retrieval) embeddings")
+    p.add_argument("--repr-dim", type=int, default=ModelConfig.repr_dim,
+                   help="dimension of the representation embeddings")
     p.add_argument("--sparse", action="store_true", help="sparse embedding gradients (large catalogues)")
     p.add_argument("--no-baselines", action="store_true", help="skip training the DIN-short baseline")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (e.g. in CI logs)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -253,6 +258,7 @@ def run(args: argparse.Namespace) -> int:
         model, metrics = fit(samples, cfg, train_cfg, progress=not args.no_progress)
         config = {
             "data": args.data,
+            "action_map": args.action_map,  # evaluate, export and ingest read the data as training did
             "split": {"valid_start": split.valid_start, "test_start": split.test_start},
             "schema_spec": spec.to_dict(),
             "model": cfg.to_dict(),

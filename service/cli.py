@@ -12,7 +12,9 @@ import importlib
 import logging
 import sys
 from collections.abc import Sequence
+from importlib import metadata
 
+from feature_store.errors import FeatureStoreError, UserError
 from service.observability.logging_setup import configure_logging
 
 # name -> (module, one-line help)
@@ -31,12 +33,39 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def _build_parser(command: str | None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rankserve", description="Online ranking microservice.")
-    parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+class _HelpFormatter(argparse.HelpFormatter):
+    """Every option's help ends with its default, unless the help already states it or there is none."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        if (
+            action.option_strings
+            and "default" not in text
+            and default not in (None, False, argparse.SUPPRESS)
+            and not isinstance(action, argparse._VersionAction)
+        ):
+            text += " (default: %(default)s)"
+        return text
+
+
+def version() -> str:
+    """The installed package's version."""
+    try:
+        return metadata.version("rankserve")
+    except metadata.PackageNotFoundError:  # a source tree run without installing it
+        return "unknown (not installed)"
+
+
+def build_parser(command: str | None) -> argparse.ArgumentParser:
+    """The parser of `rankserve`, with the arguments of `command`'s module when one is named."""
+    parser = argparse.ArgumentParser(prog="rankserve", description="Online ranking microservice.",
+                                     formatter_class=_HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"rankserve {version()}")
+    parser.add_argument("--log-level", default="INFO", help="logging level: DEBUG, INFO, WARNING or ERROR")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=_HelpFormatter)
         if name == command:
             importlib.import_module(module_name).add_arguments(p)
     return parser
@@ -45,7 +74,7 @@ def _build_parser(command: str | None) -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in args_list if a in COMMANDS), None)
-    parser = _build_parser(command)
+    parser = build_parser(command)
     args = parser.parse_args(args_list)
     if args.command is None:
         parser.print_help()
@@ -54,6 +83,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     module = importlib.import_module(COMMANDS[args.command][0])
     try:
         return int(module.run(args) or 0)
+    except UserError as exc:  # what the user gave is wrong: say what, in one line, no traceback
+        sys.stderr.write(f"rankserve {args.command}: error: {exc}\n")
+        return 2
+    except FeatureStoreError as exc:
+        sys.stderr.write(f"rankserve {args.command}: feature store error: {exc}\n")
+        return 1
     except KeyboardInterrupt:
         logging.getLogger("rankserve").warning("interrupted")
         return 130

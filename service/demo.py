@@ -1,10 +1,13 @@
-"""`make demo`: train, export, ingest, serve and query a Tmall model on a fresh clone.
+"""`make demo`: train, export, ingest, serve and query a model on a fresh clone.
 
     python -m service.demo --data ../shared/data [--keep-running]
 
+It uses Tmall 2014 from the data root when the files are there; elsewhere it generates a small
+synthetic data set (`rankserve synth`) and says so in one line, so the demo runs anywhere.
+
 Each step is the real command line (`rankserve train`, `export`, `ingest`, `serve`) run as a
 subprocess, so the demo exercises exactly what an operator types. It then ranks a mix of recent
-and popular items for the Tmall user with the longest history, over REST (httpx) and gRPC,
+and popular items for the user with the longest history, over REST (httpx) and gRPC,
 prints both answers and the equivalent curl / grpcurl commands, and stops the server (unless
 `--keep-running`). A second run reuses the trained run and its bundle (`--retrain` to redo them).
 """
@@ -26,10 +29,13 @@ from typing import Any
 import httpx
 import numpy as np
 
+from models.data.readers import DATASET_FILES, load_dataset, resolve_data_root
+
 log = logging.getLogger("rankserve.demo")
 
-BUNDLE_NAME = "tmall"
 RECENT_ITEMS = 10
+# the fallback data set: small enough to generate and train on in a minute, long histories still
+SYNTHETIC_SIZE = ("--users", "2000", "--items", "20000", "--categories", "200", "--events-per-user", "50:1000")
 POPULAR_ITEMS = 20
 
 
@@ -56,10 +62,25 @@ def cli(*args: str, capture: bool = False) -> str:
     return proc.stdout or ""
 
 
-def train_and_export(args: argparse.Namespace, data_args: list[str]) -> Path:
-    run_dir = args.workdir / "runs" / "demo"
+def choose_data(data_root: Path | None, workdir: Path) -> tuple[str, list[str]]:
+    """The demo's data set: Tmall 2014 when its files are under the data root, else a synthetic one.
+
+    Returns the data set's name (also the bundle's) and the `--data` arguments of every command.
+    """
+    root = resolve_data_root(data_root)
+    if (root / DATASET_FILES["tmall"]).is_file():
+        return "tmall", ["--data", "tmall", "--data-root", str(root.resolve())]
+    synth_dir = (workdir / "data-cache" / "demo-synthetic").resolve()
+    log.warning("Tmall 2014 not found under %s: the demo uses a small generated synthetic data set instead", root)
+    if not (synth_dir / "meta.json").is_file():  # written last: a complete set
+        cli("synth", "--out", str(synth_dir), *SYNTHETIC_SIZE, "--no-progress")
+    return "synthetic", ["--data", f"synthetic:{synth_dir}"]
+
+
+def train_and_export(args: argparse.Namespace, name: str, data_args: list[str]) -> Path:
+    run_dir = args.workdir / "runs" / f"demo-{name}"
     bundles = args.workdir / "bundles"
-    existing: list[Path] = sorted((bundles / BUNDLE_NAME).glob("[0-9]*"), key=lambda p: int(p.name))
+    existing: list[Path] = sorted((bundles / name).glob("[0-9]*"), key=lambda p: int(p.name))
     if args.retrain or not (run_dir / "checkpoint.pt").exists():
         # one negative per positive and larger batches: ~5x less work than the defaults, for a quick demo
         cli("train", *data_args, "--out", str(run_dir), "--epochs", str(args.epochs), "--negatives", "1",
@@ -67,15 +88,14 @@ def train_and_export(args: argparse.Namespace, data_args: list[str]) -> Path:
     elif existing:
         log.info("reusing the trained run %s and bundle %s (--retrain to redo)", run_dir, existing[-1])
         return existing[-1]
-    out = cli("export", "--run", str(run_dir), "--out", str(bundles), "--name", BUNDLE_NAME, capture=True)
+    out = cli("export", "--run", str(run_dir), "--out", str(bundles), "--name", name, capture=True)
     return Path(out.strip().splitlines()[-1])
 
 
-def pick_request(data_root: Path | None) -> dict[str, Any]:
-    """The Tmall user with the longest history; candidates: their recent items plus popular ones."""
-    from models.data.readers import load_dataset
-
-    events = load_dataset("tmall", data_root)
+def pick_request(data_args: list[str]) -> dict[str, Any]:
+    """The user with the longest history; candidates: their recent items plus popular ones."""
+    spec, root = data_args[1], (Path(data_args[3]) if len(data_args) > 3 else None)
+    events = load_dataset(spec, root)
     users, offsets = events.user_offsets()
     k = int(np.argmax(np.diff(offsets)))
     lo, hi = int(offsets[k]), int(offsets[k + 1])
@@ -87,7 +107,7 @@ def pick_request(data_root: Path | None) -> dict[str, Any]:
             break
     items, counts = np.unique(events.item_id, return_counts=True)
     popular = [int(i) for i in items[np.argsort(-counts, kind="stable")] if int(i) not in recent][:POPULAR_ITEMS]
-    # rank "the day after the data ends": histories are from 2014, so "now" would age every behaviour
+    # rank "the day after the data ends": histories are old (Tmall: 2014), so "now" would age every behaviour
     request_time = int(events.timestamp.max()) + 86_400
     log.info("chose user %d (%d events)", int(users[k]), hi - lo)
     return {"user_id": int(users[k]), "candidates": recent + popular, "top_n": 10, "request_time": request_time}
@@ -95,7 +115,7 @@ def pick_request(data_root: Path | None) -> dict[str, Any]:
 
 def start_server(args: argparse.Namespace, bundle: Path, log_path: Path) -> subprocess.Popen[bytes]:
     cmd = [sys.executable, "-m", "service.cli", "serve", "--model-dir", str(bundle.parent.parent),
-           "--model-name", BUNDLE_NAME, "--http-port", str(args.http_port), "--grpc-port", str(args.grpc_port)]
+           "--model-name", bundle.parent.name, "--http-port", str(args.http_port), "--grpc-port", str(args.grpc_port)]
     log.info("$ rankserve serve %s  (logs: %s)", " ".join(cmd[4:]), log_path)
     with log_path.open("ab") as out:
         # own session: with --keep-running the server outlives the demo and the terminal's Ctrl-C
@@ -168,13 +188,13 @@ def main(argv: list[str] | None = None) -> int:
     args.workdir.mkdir(parents=True, exist_ok=True)
     os.chdir(args.workdir)  # runs/, bundles/ and the embedded store's data-cache/ live here
     args.workdir = Path(".")
-    data_args = ["--data", "tmall"] + (["--data-root", str(data_root)] if data_root else [])
 
     started = time.monotonic()
-    bundle = train_and_export(args, data_args)
+    name, data_args = choose_data(data_root, args.workdir)
+    bundle = train_and_export(args, name, data_args)
     cli("ingest", *data_args, "--schema", str(bundle), "--activate", "--no-progress")
-    body = pick_request(data_root)
-    log_path = Path("runs") / "demo" / "serve.log"
+    body = pick_request(data_args)
+    log_path = Path("runs") / f"demo-{name}" / "serve.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     proc = start_server(args, bundle, log_path)
     try:

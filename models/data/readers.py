@@ -28,6 +28,7 @@ import numpy as np
 import numpy.typing as npt
 import pandas as pd
 
+from feature_store.errors import UserError
 from feature_store.schema import ACTION_CODE, ACTIONS
 from models.data.events import EventLog
 from models.data.synth import load_synthetic
@@ -62,7 +63,7 @@ DATASET_FILES: dict[str, str] = {
 IntArray = npt.NDArray[np.int64]
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """An input file or dataset spec that cannot be read; the message says what to fix."""
 
 
@@ -431,6 +432,11 @@ def add_dataset_arguments(parser: argparse.ArgumentParser, default: str = "tmall
         metavar="MAP",
         help="for events:PATH, canonical=file value pairs, e.g. click=pv,cart=cart,fav=fav,buy=buy",
     )
+
+
+def dataset_of_run(config: Mapping[str, Any], data_root: Path | None = None) -> EventLog:
+    """The EventLog a run was trained on, as its config recorded it (data set, action map, user subset)."""
+    return load_dataset(config["data"], data_root, config.get("action_map"), max_users=config["train"]["max_users"])
 
 
 def dataset_from_args(args: argparse.Namespace, max_users: int | None = None) -> EventLog:

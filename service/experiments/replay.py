@@ -138,7 +138,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--sink", type=Path, help="a shadow sink directory (or one of its .jsonl files)")
     src.add_argument("--requests", type=Path, help="a JSONL file of RankRequest objects")
     src.add_argument("--stream-url", help="a Redis Stream sink: redis:// URL (key: --stream-key)")
-    p.add_argument("--stream-key", default="rankserve:shadow")
+    p.add_argument("--stream-key", default="rankserve:shadow", help="key of the Redis Stream sink")
     p.add_argument("--url", default="http://127.0.0.1:8000", help="the service's REST base URL")
     p.add_argument("--rate", type=float, default=20.0, help="requests per second (default 20)")
     p.add_argument("--max-requests", type=int, default=1000, help="stop after this many (default 1000)")
