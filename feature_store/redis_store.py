@@ -21,6 +21,7 @@ share its retry, deadline and cluster-routing state; the clients it builds are i
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -65,6 +66,7 @@ from feature_store.store import (
     STATUS_COMPLETE,
     STATUS_DROPPING,
     FeatureStoreConfig,
+    FetchCounts,
     FetchResult,
     OnlineStore,
     RetryPolicy,
@@ -118,6 +120,7 @@ class RedisOnlineStore(OnlineStore):
         self._retry = RetryPolicy.from_config(config)
         self._append_script = client.register_script(APPEND_SCRIPT)
         self._item_caches: dict[str, ItemCache] = {}
+        self._counts = FetchCounts()
         self._cluster_errors = RateLimitedLog(log, 10.0)  # one line every 10 s, not one per fetch
         self._node_clients: dict[str, Redis] = {}  # cluster mode: plain clients per node, for reads
         self._valid_versions: set[str] = set()
@@ -446,6 +449,8 @@ class RedisOnlineStore(OnlineStore):
         cache = self._item_cache(ver)
         if cache.enabled and ids:
             values, missing = cache.get_many(ids)
+            self._counts.item_cache_hits += len(ids) - len(missing)
+            self._counts.item_cache_misses += len(missing)
             miss_keys = keys.item_keys(ver, [ids[p] for p in missing] if len(missing) < len(ids) else ids)
         else:
             values, missing = [], list(range(len(ids)))
@@ -498,6 +503,9 @@ class RedisOnlineStore(OnlineStore):
             item_index, category_index, found = decode_item_values(values)
         except CodecError as exc:
             raise FeatureStoreDataError(f"fetch of user {user_id} in version {ver!r}: {exc}") from exc
+        if user_index is None:
+            self._counts.unknown_users += 1
+        self._counts.unknown_items += len(ids) - int(np.count_nonzero(found))
         return FetchResult(ver, user_index, sequence, item_index, category_index, found)
 
     def _with_clusters(self, sequence: Sequence, raw: bytes, stored_bytes: int, user_id: int, ver: str) -> Sequence:
@@ -513,6 +521,9 @@ class RedisOnlineStore(OnlineStore):
             self._cluster_errors.warning("behaviour clusters unreadable; searching without them",
                                          user_id=user_id, version=ver, error=str(exc))
             return sequence
+
+    def fetch_counts(self) -> FetchCounts:
+        return dataclasses.replace(self._counts)
 
     async def ping(self) -> float:
         start = time.perf_counter()
@@ -543,6 +554,7 @@ class RedisOnlineStore(OnlineStore):
             version,
             meta.schema_hash,
             None if ok else f"version {version!r} is {meta.status!r}",
+            meta.updated,
         )
 
     # -- writes ----------------------------------------------------------------------------------------

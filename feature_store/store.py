@@ -187,6 +187,17 @@ class FetchResult:
 
 
 @dataclass
+class FetchCounts:
+    """Running totals of what the fetches of one store found, in plain ints (the service turns
+    them into metrics; this package stays free of any metrics library)."""
+
+    unknown_users: int = 0  # fetches of a user without a profile
+    unknown_items: int = 0  # candidates without item features
+    item_cache_hits: int = 0
+    item_cache_misses: int = 0  # lookups the item cache sent on to Redis (0 both while it is off)
+
+
+@dataclass
 class VersionMeta:
     """What the meta key of a feature-set version holds (JSON)."""
 
@@ -220,6 +231,7 @@ class StoreHealth:
     active_version: str | None
     schema_hash: str | None
     error: str | None = None
+    version_updated: float | None = None  # unix time of the active version's last meta write (ingest end)
 
 
 class OnlineStore(abc.ABC):
@@ -243,6 +255,10 @@ class OnlineStore(abc.ABC):
         One pipelined round trip per node. Reads the active version (cached, refreshed every
         `active_refresh_interval_s`) unless `version` or `config.version` pins one.
         """
+
+    def fetch_counts(self) -> FetchCounts:
+        """Totals since the store was created (a copy; zeros where an implementation does not count)."""
+        return FetchCounts()
 
     @abc.abstractmethod
     async def ping(self) -> float:

@@ -106,6 +106,11 @@ class RankingService:
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=False)
 
+    @property
+    def cpu_queue_depth(self) -> int:
+        """Requests waiting for the CPU executor or running on it (what the overload bound counts)."""
+        return self._waiting
+
     def validate(self, req: RankRequest) -> int:
         """Check limits; returns the effective top_n. Raises InvalidRequest saying what to fix."""
         s = self.settings

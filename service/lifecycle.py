@@ -15,14 +15,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from datetime import datetime
 
+from export.bundle import Bundle
 from feature_store.errors import FeatureStoreError
 from feature_store.redis_store import create_store
-from feature_store.store import OnlineStore, StoreHealth
+from feature_store.store import FetchCounts, OnlineStore, StoreHealth
 from service.background import run_every
+from service.control import CONTROL_INTERVAL_S, KINDS, ControlDir, ReloadKind
 from service.core import RankingService
 from service.errors import BundleRejected, ExperimentsRejected, ModelUnavailable
 from service.experiments.manager import ExperimentManager, Experiments, ReloadResult, build_retriever
@@ -106,7 +110,7 @@ class ServingCore:
 
     def __init__(
         self, settings: Settings, store: OnlineStore, registry: ModelRegistry, schema_hash: StoreSchemaHash,
-        metrics: Metrics, tracing: Tracing | None = None,
+        metrics: Metrics, tracing: Tracing | None = None, control: ControlDir | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -125,11 +129,19 @@ class ServingCore:
         self._draining = False
         self._synced_swaps = 0
         self._synced_refused = 0
+        self._synced_counts = FetchCounts()
+        self._feature_set_updated: float | None = None  # the active version's ingest end, from the health check
+        self.control = control  # workers of one pod: admin reloads reach all of them through it
+        self._seen_reloads: dict[ReloadKind, str] = {}
         self._closed = False
 
     @classmethod
-    async def create(cls, settings: Settings, metrics: Metrics | None = None) -> ServingCore:
+    async def create(
+        cls, settings: Settings, metrics: Metrics | None = None, control: ControlDir | None = None
+    ) -> ServingCore:
         """Connect the store (starting the embedded Valkey if configured) and build the registry.
+
+        `control`: the directory the workers of one pod share admin reloads through (service/control.py).
 
         Raises ValueError for an unknown retrieval strategy and TracingUnavailable for tracing
         configured without its packages (before anything is started).
@@ -149,7 +161,7 @@ class ServingCore:
             "serving core built",
             extra={"model_dir": str(settings.model_dir), "store_mode": settings.feature_store.resolved_mode()},
         )
-        return cls(settings, store, registry, schema_hash, metrics or Metrics(), tracing)
+        return cls(settings, store, registry, schema_hash, metrics or Metrics(), tracing, control)
 
     # -- lifecycle -----------------------------------------------------------------------------------
 
@@ -171,6 +183,9 @@ class ServingCore:
             with contextlib.suppress(ExperimentsRejected):  # logged; not ready until a valid file is in place
                 await self.experiments.reload()
             self._tasks.append(asyncio.create_task(self.experiments.poll(self._stop), name="experiments-poller"))
+        if self.control is not None:
+            follower = run_every("reload-follower", CONTROL_INTERVAL_S, self.follow_reloads, self._stop)
+            self._tasks.append(asyncio.create_task(follower, name="reload-follower"))
         await self.check_readiness()
         await self.registry.poll(self._stop)
 
@@ -233,6 +248,8 @@ class ServingCore:
     async def check_readiness(self) -> Readiness:
         """Evaluate readiness, keep metrics in sync, and notify listeners on a change."""
         state = await self.readiness()
+        if state.store is not None and state.store.version_updated is not None:
+            self._feature_set_updated = state.store.version_updated
         self.sync_metrics()
         if state.ready != self._last_ready:
             if self._last_ready is not None or not state.ready:
@@ -244,22 +261,67 @@ class ServingCore:
 
     # -- models ---------------------------------------------------------------------------------------
 
-    async def reload(self, version: int | None = None) -> tuple[LoadedModel, LoadedModel | None]:
-        """Load `version` (default: the newest loadable) now; returns (serving, previous)."""
+    async def reload(
+        self, version: int | None = None, *, tell_peers: bool = True
+    ) -> tuple[LoadedModel, LoadedModel | None]:
+        """Load `version` (default: the newest loadable) now; returns (serving, previous).
+
+        Once loaded here, the other workers of the pod are told to do the same (`tell_peers`).
+        """
         await self.schema_hash.refresh()
         previous = self.registry.current
         async with self._load_lock:
             model = await asyncio.to_thread(self.registry.load_version, version)
+        if tell_peers:
+            self._tell_peers("model", version)
         await self.check_readiness()
         return model, previous
 
-    async def reload_experiments(self) -> ReloadResult:
-        """Re-read the experiments file now (admin); raises ExperimentsRejected, the old config serving."""
+    async def reload_experiments(self, *, tell_peers: bool = True) -> ReloadResult:
+        """Re-read the experiments file now (admin); raises ExperimentsRejected, the old config serving.
+
+        Once read here, the other workers of the pod are told to do the same (`tell_peers`).
+        """
         await self.schema_hash.refresh()
         try:
-            return await self.experiments.reload()
+            result = await self.experiments.reload()
+            if tell_peers:
+                self._tell_peers("experiments")
+            return result
         finally:
             await self.check_readiness()
+
+    def _tell_peers(self, kind: ReloadKind, version: int | None = None) -> None:
+        if self.control is None:
+            return
+        try:
+            self._seen_reloads[kind] = self.control.publish(kind, version).id
+        except OSError as exc:  # this worker did reload; say loudly that the others may not have
+            log.error("cannot tell the other workers to reload", extra={"kind": kind, "error": str(exc)})
+
+    async def follow_reloads(self) -> None:
+        """Repeat the admin reloads another worker of the pod recorded since the last call."""
+        if self.control is None:
+            return
+        for kind in KINDS:
+            request = self.control.read(kind)
+            if request is None or self._seen_reloads.get(kind) == request.id:
+                continue
+            self._seen_reloads[kind] = request.id
+            current = self.registry.current
+            if request.origin_pid == os.getpid() or (
+                kind == "model" and current is not None and request.version == current.bundle.version
+            ):
+                continue  # its own request, or the version asked for already serves here (no second load)
+            log.info("following another worker's reload", extra={"kind": kind, "version": request.version,
+                                                                  "origin_pid": request.origin_pid})
+            try:
+                if kind == "model":
+                    await self.reload(request.version, tell_peers=False)
+                else:
+                    await self.reload_experiments(tell_peers=False)
+            except (BundleRejected, ModelUnavailable, ExperimentsRejected) as exc:  # the old state keeps serving
+                log.error("reload another worker did failed here", extra={"kind": kind, "reason": exc.message})
 
     def sync_metrics(self) -> None:
         """Mirror the registry's state into the metrics (the registry itself stays metrics-free)."""
@@ -272,6 +334,30 @@ class ServingCore:
             m.bundles_refused.inc(refused - self._synced_refused)
         self._synced_refused = refused
         current = reg.current
-        m.model_info.clear()
-        if current is not None:
-            m.model_info.labels(current.bundle.name, str(current.bundle.version)).set(1)
+        m.set_series(m.model_info, {(current.bundle.name, str(current.bundle.version)): 1} if current else {})
+        m.model_loaded.set(1 if current is not None else 0)
+        now = time.time()
+        created = _bundle_created(current.bundle) if current is not None else None
+        m.bundle_age.set(now - created if created is not None else 0)
+        if self._feature_set_updated is not None:
+            m.feature_set_age.set(now - self._feature_set_updated)
+        m.cpu_queue.set(self.service.cpu_queue_depth)
+        counts = self.store.fetch_counts()
+        last, self._synced_counts = self._synced_counts, counts
+        delta = {f.name: getattr(counts, f.name) - getattr(last, f.name) for f in fields(FetchCounts)}
+        m.item_cache.labels("hit").inc(max(0, delta["item_cache_hits"]))
+        m.item_cache.labels("miss").inc(max(0, delta["item_cache_misses"]))
+        m.unknown_users.inc(max(0, delta["unknown_users"]))
+        m.unknown_items.inc(max(0, delta["unknown_items"]))
+        m.sync_retrieval_fallbacks()
+
+
+def _bundle_created(bundle: Bundle) -> float | None:
+    """Unix time of the bundle's manifest `created` (ISO 8601), None when absent or unreadable."""
+    created = bundle.manifest.get("created")
+    if not isinstance(created, str):
+        return None
+    try:
+        return datetime.fromisoformat(created).timestamp()
+    except ValueError:
+        return None

@@ -16,6 +16,11 @@ gRPC therefore scales with the workers rather than being pinned to one process (
 holds no model: it would cost a core's memory and CPU and serve only one transport). Bundle
 tables are memory-mapped, so the workers share one copy in the page cache. If a worker dies,
 the supervisor stops the others and exits 1, leaving restarts to the orchestrator.
+
+The supervisor also creates, per start, an empty directory with two parts the workers share:
+`metrics/` (PROMETHEUS_MULTIPROC_DIR: each worker writes its metrics there and /metrics merges
+them, so every worker answers with the pod's totals) and `control/` (an admin reload one worker
+takes is repeated by the others, service/control.py). It is removed when the supervisor exits.
 """
 
 from __future__ import annotations
@@ -25,9 +30,12 @@ import asyncio
 import contextlib
 import logging
 import multiprocessing
+import os
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 import time
 from collections.abc import Generator
 from pathlib import Path
@@ -102,11 +110,18 @@ def _uvicorn_config(settings: Settings, app: Any) -> uvicorn.Config:
     )
 
 
-async def serve(settings: Settings, http_socket: socket.socket | None = None, reuse_port: bool = False) -> int:
-    """Run REST and gRPC on this event loop until SIGTERM/SIGINT; returns the exit code."""
+async def serve(
+    settings: Settings, http_socket: socket.socket | None = None, reuse_port: bool = False,
+    control_dir: Path | None = None,
+) -> int:
+    """Run REST and gRPC on this event loop until SIGTERM/SIGINT; returns the exit code.
+
+    `control_dir`: shared with the other workers of the pod, for admin reloads (service/control.py).
+    """
     # imported here: the supervisor of several workers never runs `serve`, and must not carry the
     # serving stack's memory (ONNX Runtime, numba, faiss) for nothing
     from feature_store.errors import FeatureStoreError
+    from service.control import ControlDir
     from service.lifecycle import ServingCore
     from service.transports.grpc.server import GrpcServer, start_grpc_server
     from service.transports.rest.app import create_app
@@ -117,7 +132,7 @@ async def serve(settings: Settings, http_socket: socket.socket | None = None, re
         loop.add_signal_handler(sig, stop.set)
 
     try:
-        core = await ServingCore.create(settings)
+        core = await ServingCore.create(settings, control=ControlDir(control_dir) if control_dir is not None else None)
     except (FeatureStoreError, ValueError) as exc:  # bad store URL or retrieval strategy: say so, exit 1
         log.error("cannot start: %s", exc, extra={"store_mode": settings.feature_store.resolved_mode()})
         return 1
@@ -172,9 +187,18 @@ def _nodelay(sock: socket.socket) -> socket.socket:
 # -- several worker processes ----------------------------------------------------------------------
 
 
-def _worker_main(settings: Settings, http_socket: socket.socket, log_level: str) -> None:
+def _worker_main(settings: Settings, http_socket: socket.socket, log_level: str, control_dir: Path) -> None:
     configure_logging(log_level, settings.json_logs)
-    sys.exit(asyncio.run(serve(settings, http_socket, reuse_port=True)))
+    sys.exit(asyncio.run(serve(settings, http_socket, reuse_port=True, control_dir=control_dir)))
+
+
+def _shared_dir() -> tuple[Path, Path, Path]:
+    """(root, metrics, control): a fresh, empty directory per start (under TMPDIR, /tmp by default)."""
+    root = Path(tempfile.mkdtemp(prefix="rankserve-workers-"))
+    metrics, control = root / "metrics", root / "control"
+    metrics.mkdir()
+    control.mkdir()
+    return root, metrics, control
 
 
 def supervise(settings: Settings) -> int:
@@ -184,10 +208,16 @@ def supervise(settings: Settings) -> int:
     except SystemExit:
         log.error("cannot listen on %s:%s", settings.host, settings.http_port)
         return 1
+    from prometheus_client.multiprocess import mark_process_dead
+
+    root, metrics_dir, control_dir = _shared_dir()
+    # read by prometheus_client when a worker imports it (spawned workers inherit the environment);
+    # files of an earlier run would add its counts to this one's, hence a new directory every start
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
     ctx = multiprocessing.get_context("spawn")
     level = logging.getLevelName(logging.getLogger().level)
     workers = [
-        ctx.Process(target=_worker_main, args=(settings, sock, level), name=f"rankserve-worker-{i}")
+        ctx.Process(target=_worker_main, args=(settings, sock, level, control_dir), name=f"rankserve-worker-{i}")
         for i in range(settings.workers)
     ]
     stopping: list[int] = []
@@ -195,7 +225,7 @@ def supervise(settings: Settings) -> int:
     for proc in workers:
         proc.start()
     log.info("workers started", extra={"pids": [p.pid for p in workers], "http_port": settings.http_port,
-                                       "grpc_port": settings.grpc_port})
+                                       "grpc_port": settings.grpc_port, "shared_dir": str(root)})
     code = 0
     try:
         while not stopping:
@@ -203,6 +233,9 @@ def supervise(settings: Settings) -> int:
             if dead:
                 log.error("worker exited; stopping the others",
                           extra={"pid": dead[0].pid, "exitcode": dead[0].exitcode})
+                # its live gauges (queue depth, model loaded) leave the merge; its counters stay
+                for proc in dead:
+                    mark_process_dead(proc.pid, str(metrics_dir))  # type: ignore[no-untyped-call]  # untyped upstream
                 code = 1
                 break
             time.sleep(0.2)
@@ -223,4 +256,5 @@ def supervise(settings: Settings) -> int:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         sock.close()
+        shutil.rmtree(root, ignore_errors=True)
     return code

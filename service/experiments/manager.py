@@ -235,9 +235,8 @@ class ExperimentManager:
             self.registry.pin(exps.bundles)  # versions no arm or shadow uses any more are unloaded
             self._last_error = None
             self.metrics.experiments_reloads.labels("loaded").inc()
-            self.metrics.arm_share.clear()
-            for arm in exps.arms:
-                self.metrics.arm_share.labels(arm.name, arm.model.key).set(arm.buckets / 100)
+            self.metrics.set_series(self.metrics.arm_share,
+                                    {(arm.name, arm.model.key): arm.buckets / 100 for arm in exps.arms})
             log.info("experiments loaded", extra={
                 "source": str(path), "digest": digest[:12],
                 "arms": {a.name: {"share": a.buckets / 100, "bundle": a.model.key,

@@ -33,7 +33,6 @@ testing aid that makes shadows slow or failing; it never applies to primaries.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import random
@@ -227,8 +226,7 @@ class _Lane:
                     m.shadow_inflight.labels(self.arm, self.name).dec()
         finally:  # retired: this lane's gauges go away with it
             for gauge in (m.shadow_queue, m.shadow_inflight):
-                with contextlib.suppress(KeyError):
-                    gauge.remove(self.arm, self.name)
+                m.drop_series(gauge, (self.arm, self.name))
 
     async def _run(self, job: ShadowJob) -> None:
         m = self.runner.metrics

@@ -1,15 +1,42 @@
 """Prometheus metrics: one histogram per pipeline stage, request outcomes, degraded answers,
-per-arm requests and scores, and shadow agreement."""
+per-arm requests and scores, shadow agreement, and the state operators alert on (model loaded,
+feature-set and bundle age, item-cache hits, CPU queue).
+
+One process (`rankserve serve`): the metrics live on this object's registry, with the standard
+process and Python collectors. Several workers (`--workers N`): the supervisor sets
+PROMETHEUS_MULTIPROC_DIR before it starts them, prometheus_client then keeps every value in
+memory-mapped files there, and `exposition()` merges all workers' files, so any worker answers
+/metrics with the pod's totals. Gauges say how they merge (`multiprocess_mode`); a label set that
+goes away is set to 0 there, as prometheus_client cannot delete a series from the files.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import contextlib
+import os
+from collections.abc import Mapping
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily, Metric
-from prometheus_client.registry import Collector
+from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from service.retrieval import fallback_counts
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def multiprocess_dir() -> str | None:
+    """The directory of multiprocess mode, None in a single process (prometheus_client's own test)."""
+    return os.environ.get(MULTIPROC_ENV) or None
+
 
 # Latency buckets from 0.5 ms to 2.5 s: the budget is tens of milliseconds, the tail matters.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25,
@@ -23,8 +50,16 @@ class Metrics:
     """The service's metrics, on their own registry (so tests and several apps do not collide)."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.multiprocess_dir = multiprocess_dir()
         self.registry = registry or CollectorRegistry()
         r = self.registry
+        if registry is None and self.multiprocess_dir is None:
+            # what the default registry would carry; in multiprocess mode they would describe only
+            # the worker that answers, so they are left out there
+            for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+                r.register(collector)
+        self._series: dict[int, set[tuple[str, ...]]] = {}  # id(gauge): label sets set
+        self._fallbacks_synced: dict[tuple[str, str], int] = {}
         self.stage_seconds = Histogram(
             "rankserve_stage_seconds", "Time per ranking stage", ["stage"], buckets=LATENCY_BUCKETS, registry=r
         )
@@ -40,7 +75,26 @@ class Metrics:
                                     buckets=(1, 10, 50, 100, 200, 500, 1000, 2000), registry=r)
         self.history_length = Histogram("rankserve_history_length", "Behaviours searched per request",
                                         buckets=(0, 10, 100, 1000, 5000, 10000, 50000), registry=r)
-        self.model_info = Gauge("rankserve_model_info", "Serving model (value 1)", ["name", "version"], registry=r)
+        # a version any live worker serves is 1 (a rollout in progress shows two)
+        self.model_info = Gauge("rankserve_model_info", "Serving model (value 1)", ["name", "version"], registry=r,
+                                multiprocess_mode="livemax")
+        # 0 as soon as one live worker has no model
+        self.model_loaded = Gauge("rankserve_model_loaded", "1 when a model is serving (0 if any worker has none)",
+                                  registry=r, multiprocess_mode="livemin")
+        self.bundle_age = Gauge("rankserve_bundle_age_seconds", "Seconds since the serving bundle was exported "
+                                "(its manifest's created; the oldest across workers)", registry=r,
+                                multiprocess_mode="livemax")
+        self.feature_set_age = Gauge("rankserve_feature_set_age_seconds", "Seconds since the active feature-set "
+                                     "version's ingest finished (its meta's updated)", registry=r,
+                                     multiprocess_mode="livemax")
+        self.cpu_queue = Gauge("rankserve_cpu_queue_depth", "Requests waiting for or on the CPU executor", registry=r,
+                               multiprocess_mode="livesum")
+        self.item_cache = Counter("rankserve_item_cache_lookups_total", "Item-feature cache lookups by result "
+                                  "(hit, miss)", ["result"], registry=r)
+        self.unknown_users = Counter("rankserve_unknown_users_total", "Fetches of a user without a profile in the "
+                                     "feature store", registry=r)
+        self.unknown_items = Counter("rankserve_unknown_items_total", "Candidates without item features in the "
+                                     "feature store", registry=r)
         self.model_swaps = Counter("rankserve_model_swaps_total", "Model versions swapped in", registry=r)
         self.bundles_refused = Counter("rankserve_bundles_refused_total", "Bundles refused at load", registry=r)
         self.fused_score = Histogram("rankserve_fused_score", "Top fused score per request", ["arm"],
@@ -50,7 +104,7 @@ class Metrics:
         self.arm_requests = Counter("rankserve_arm_requests_total", "Rank requests per experiment arm and outcome "
                                     "(ok, degraded, or the error code)", ["arm", "outcome"], registry=r)
         self.arm_share = Gauge("rankserve_arm_share_percent", "Traffic share of each arm (pinned bundle)",
-                               ["arm", "bundle"], registry=r)
+                               ["arm", "bundle"], registry=r, multiprocess_mode="livemax")
         self.experiments_reloads = Counter("rankserve_experiments_reloads_total",
                                            "Experiment config reloads by outcome (loaded, unchanged, rejected)",
                                            ["outcome"], registry=r)
@@ -59,8 +113,10 @@ class Metrics:
             "rankserve_shadow_jobs_total", "Shadow jobs by outcome (ok, error, timeout, starved, dropped)",
             ["arm", "shadow", "outcome"], registry=r,
         )
-        self.shadow_queue = Gauge("rankserve_shadow_queue_depth", "Shadow jobs waiting", ["arm", "shadow"], registry=r)
-        self.shadow_inflight = Gauge("rankserve_shadow_inflight", "Shadow jobs running", ["arm", "shadow"], registry=r)
+        self.shadow_queue = Gauge("rankserve_shadow_queue_depth", "Shadow jobs waiting", ["arm", "shadow"], registry=r,
+                                  multiprocess_mode="livesum")
+        self.shadow_inflight = Gauge("rankserve_shadow_inflight", "Shadow jobs running", ["arm", "shadow"], registry=r,
+                                     multiprocess_mode="livesum")
         self.shadow_seconds = Histogram("rankserve_shadow_seconds", "Shadow scoring time (same features)",
                                         ["arm", "shadow"], buckets=LATENCY_BUCKETS, registry=r)
         self.shadow_agreement = Histogram(
@@ -75,18 +131,43 @@ class Metrics:
         self.shadow_sink_errors = Counter(
             "rankserve_shadow_sink_errors_total", "Shadow records the sink failed to write", registry=r
         )
-        # retrieval strategies that fell back to exact (twin_v2 without a valid clustering), by reason
-        r.register(RetrievalFallbacks())
-
-
-class RetrievalFallbacks(Collector):
-    """rankserve_retrieval_fallback_total{strategy, reason}: the process's `service.retrieval.fallback_counts()`."""
-
-    def collect(self) -> Iterator[Metric]:
-        family = CounterMetricFamily(
+        # retrieval strategies that fell back to exact (twin_v2 without a valid clustering), by reason;
+        # the retrieval package counts in plain ints, mirrored here by `sync_retrieval_fallbacks`
+        self.retrieval_fallbacks = Counter(
             "rankserve_retrieval_fallback", "Searches an approximate strategy answered with exact instead, by reason "
-            "(twin_v2: missing, stale, misaligned clustering; short history)", labels=["strategy", "reason"],
+            "(twin_v2: missing, stale, misaligned clustering; short history)", ["strategy", "reason"], registry=r,
         )
-        for (strategy, reason), count in sorted(fallback_counts().items()):
-            family.add_metric([strategy, reason], count)
-        yield family
+
+    def sync_retrieval_fallbacks(self) -> None:
+        """Add the fallbacks counted since the last call to the counter."""
+        for key, count in fallback_counts().items():
+            delta = count - self._fallbacks_synced.get(key, 0)
+            if delta > 0:
+                self.retrieval_fallbacks.labels(*key).inc(delta)
+                self._fallbacks_synced[key] = count
+
+    def set_series(self, gauge: Gauge, values: Mapping[tuple[str, ...], float]) -> None:
+        """Make the labelled `gauge` hold exactly `values`; label sets not in it go away (`drop_series`)."""
+        previous = self._series.get(id(gauge), set())
+        for labels in previous - set(values):
+            self.drop_series(gauge, labels)
+        for labels, value in values.items():
+            gauge.labels(*labels).set(value)
+        self._series[id(gauge)] = set(values)
+
+    def drop_series(self, gauge: Gauge, labels: tuple[str, ...]) -> None:
+        """Remove one series; in multiprocess mode set it to 0 (the workers' files cannot forget it)."""
+        if self.multiprocess_dir is not None:
+            gauge.labels(*labels).set(0)
+        else:
+            with contextlib.suppress(KeyError):
+                gauge.remove(*labels)
+
+    def exposition(self) -> bytes:
+        """The text format for /metrics: this registry, or every worker's files merged."""
+        self.sync_retrieval_fallbacks()
+        if self.multiprocess_dir is None:
+            return generate_latest(self.registry)
+        merged = CollectorRegistry()
+        MultiProcessCollector(merged, self.multiprocess_dir)  # type: ignore[no-untyped-call]  # untyped upstream
+        return generate_latest(merged)

@@ -98,6 +98,13 @@ async def test_item_cache_serves_repeats_and_keeps_misses_explicit(store: Online
     for r in (first, second):
         np.testing.assert_array_equal(r.found, [True, False, True])
         np.testing.assert_array_equal(r.item_index, schema.items.lookup(request) * np.array([1, 0, 1]))
+    # the plain counts the service turns into metrics: 3 misses, then 3 hits ("known absent" included)
+    counts = store.fetch_counts()
+    assert (counts.item_cache_misses, counts.item_cache_hits) == (3, 3)
+    assert (counts.unknown_items, counts.unknown_users) == (2, 0)
+    await store.fetch(123_456_789, request[:1])
+    after = store.fetch_counts()
+    assert (after.unknown_users, after.unknown_items, after.item_cache_hits) == (1, 2, 4)
 
 
 async def test_sequence_caps(store: OnlineStore) -> None:

@@ -394,12 +394,10 @@ def test_fallbacks_are_exact_and_counted(reason: str, context: Any, n_keys: int)
 
 
 def test_fallback_metric_is_exported() -> None:
-    from prometheus_client import generate_latest
-
     from service.observability.metrics import Metrics
 
     retrieval.count_fallback("twin_v2", "stale")
-    text = generate_latest(Metrics().registry).decode()
+    text = Metrics().exposition().decode()
     assert 'rankserve_retrieval_fallback_total{reason="stale",strategy="twin_v2"}' in text
 
 

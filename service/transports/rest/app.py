@@ -17,7 +17,7 @@ from fastapi import APIRouter, Body, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.errors import NotFound, RankServeError, Unauthorized
@@ -179,7 +179,7 @@ async def readyz(core: CoreDep) -> Response:
 @router.get("/metrics", tags=["health"], summary="Prometheus metrics", response_class=Response)
 async def metrics(core: CoreDep) -> Response:
     core.sync_metrics()
-    return Response(generate_latest(core.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    return Response(core.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
 
 @router.get("/v1/models", response_model=ModelsResponse, tags=["models"], summary="Loaded and refused bundles")

@@ -9,6 +9,7 @@ a dict for orjson: validating a model per response would cost several times more
 
 from __future__ import annotations
 
+import os
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -181,6 +182,7 @@ class ModelsResponse(BaseModel):
     loaded: list[ModelInfo]
     refused: list[RefusedBundle]
     model_dir: str
+    pid: int = Field(default_factory=os.getpid, description="the worker process that answered (`--workers N`)")
 
 
 class ReloadRequest(BaseModel):
