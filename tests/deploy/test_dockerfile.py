@@ -15,7 +15,8 @@ from tests.deploy import dockerfile as df
 
 pytestmark = pytest.mark.timeout(120)
 
-RUNTIME = "runtime"
+RUNTIME = "runtime-base"  # what both final targets share: user, environment, entrypoint, health check
+VARIANTS = ("cpu", "gpu")
 
 
 def _stage(name: str) -> df.Stage:
@@ -67,7 +68,8 @@ def test_context_is_only_what_the_image_needs() -> None:
     rules = df.ignore_rules()
     for generated in ("service/transports/grpc/proto/ranker_pb2.py", "service/transports/grpc/proto/ranker_pb2_grpc.py",
                       "service/retrieval/kernels/__pycache__/topk_ip.topk_ip-304.py311.nbi", ".venv/bin/python",
-                      "bundles/tiny/1/manifest.json", "data-cache/valkey/dump.rdb", "tests/helpers.py"):
+                      "bundles/tiny/1/manifest.json", "data-cache/valkey/dump.rdb", "tests/helpers.py",
+                      "constraints/freeze.py", "build/image/rankserve-base-bookworm.tar"):
         assert df.is_ignored(generated, rules), generated
     # the package sources the install needs are all there (pyproject's packages.find)
     for module in ("service/server.py", "service/transports/grpc/proto/ranker.proto",
@@ -78,22 +80,43 @@ def test_context_is_only_what_the_image_needs() -> None:
 
 def test_stages_and_variants() -> None:
     names = [s.name for s in df.stages()]
-    assert names == ["builder-base", "deps-cpu", "deps-gpu", "builder", RUNTIME]  # runtime last: the default target
-    text = df.DOCKERFILE.read_text()
-    assert "ARG VARIANT=cpu" in text and "FROM deps-${VARIANT} AS builder" in text
+    assert names == ["builder-base", "deps-cpu", "deps-gpu", "builder-cpu", "builder-gpu", RUNTIME,
+                     "runtime-gpu", "runtime-cpu"]  # runtime-cpu last: the default target
+    # every FROM names the base image or a stage above it: no stage is chosen through a build
+    # argument (BuildKit resolves `FROM deps-${VARIANT}`, buildah does not)
+    python_image = df.stages()[0].base
+    assert python_image == "${PYTHON_IMAGE}"
+    for k, stage in enumerate(df.stages()):
+        assert stage.base == python_image or stage.base in names[:k], (stage.name, stage.base)
+    assert "VARIANT" not in df.DOCKERFILE.read_text()
+    for variant in VARIANTS:
+        assert _stage(f"deps-{variant}").base == "builder-base"
+        assert _stage(f"builder-{variant}").base == f"deps-{variant}"
+        assert _stage(f"runtime-{variant}").base == RUNTIME
     gpu = " ".join(i.args for i in _stage("deps-gpu").all("RUN"))
     assert "onnxruntime-gpu" in gpu and "faiss-gpu-cu12" in gpu and "pip uninstall -y onnxruntime faiss-cpu" in gpu
-    # the serving install takes only the otel extra: it never pulls torch, and the build proves it
+    # the serving install takes only the otel extra, at the locked versions: it never pulls torch
+    # (or pandas), and the build proves it
     installs = [i.args for s in ("deps-cpu", "deps-gpu") for i in _stage(s).all("RUN") if "pip install" in i.args]
-    assert all('pip install --no-cache-dir "./[otel]"' in args for args in installs) and len(installs) == 2
+    assert len(installs) == 2
+    assert all('pip install --no-cache-dir -c constraints/serving.txt "./[otel]"' in args for args in installs)
+    assert gpu.count("-c constraints/serving.txt") == 2, "the GPU wheels' own dependencies are locked too"
     for stage in df.stages():
         for ins in stage.all("RUN"):
             assert "[train" not in ins.args and "torch" not in ins.args.replace("find_spec('torch')", "")
-    builder_runs = " ".join(i.args for i in _stage("builder").all("RUN"))
-    assert "find_spec('torch') is not None" in builder_runs
-    assert "from service.retrieval import warm_up; warm_up()" in builder_runs
+    # both builders run the same steps: trim, no torch, kernels compiled, serving imports
+    (cpu_run,) = _stage("builder-cpu").all("RUN")
+    (gpu_run,) = _stage("builder-gpu").all("RUN")
+    assert cpu_run.args == gpu_run.args
+    assert _stage("builder-cpu").env() == _stage("builder-gpu").env()
+    assert "find_spec('torch') is not None" in cpu_run.args
+    assert "from service.retrieval import warm_up; warm_up()" in cpu_run.args
+    assert "pip uninstall --yes --quiet pip setuptools" in cpu_run.args
     builder_base_runs = " ".join(i.args for i in _stage("builder-base").all("RUN"))
     assert "python -m service.transports.grpc.proto.codegen" in builder_base_runs
+    # grpcio-tools is a build-time tool: its own venv, outside /opt (which the runtime stages copy from)
+    # (`python -m pip` there would run the serving venv's pip: /opt/venv/bin is first on PATH)
+    assert "/usr/local/codegen/bin/pip install" in builder_base_runs and "python -m pip" not in builder_base_runs
 
 
 def test_runtime_stage_is_slim_non_root_with_healthcheck() -> None:
@@ -110,8 +133,12 @@ def test_runtime_stage_is_slim_non_root_with_healthcheck() -> None:
     assert env["NUMBA_CPU_NAME"] == "${NUMBA_CPU_NAME}" and env["NUMBA_CPU_FEATURES"] == ""
     # the tuned serving environment (docs/PERFORMANCE.md): no spinning pools, scoring on the request's thread
     assert env["OMP_WAIT_POLICY"] == "PASSIVE" and env["RANKSERVE_SCORER_THREADS"] == "1"
-    sources = {c.sources[0]: c for c in df.copies(runtime)}
-    assert sources["/opt/venv"].from_stage == "builder" and sources["/opt/numba-cache"].from_stage == "builder"
+    for variant in VARIANTS:
+        final = _stage(f"runtime-{variant}")
+        sources = {c.sources[0]: c for c in df.copies(final)}
+        assert set(sources) == {"/opt/venv", "/opt/numba-cache"}, sources
+        assert {c.from_stage for c in sources.values()} == {f"builder-{variant}"}
+        assert not final.all("RUN") and not final.all("USER") and not final.all("ENV"), "all of that is runtime-base's"
     assert not [i for i in runtime.all("RUN") if "pip install" in i.args], "nothing is installed in the runtime stage"
     (entry,) = runtime.all("ENTRYPOINT")
     assert "rankserve-entrypoint" in entry.args

@@ -1,11 +1,12 @@
 """The Dockerfile's install steps, replayed without Docker in a fresh virtual environment.
 
 The build context is assembled from .dockerignore exactly as `docker build` would send it; the
-gRPC stubs are generated in it (the `builder-base` stage); the project is installed without
-extras (`deps-cpu`); torch must not be importable and the serving modules must import
-(`builder`); the retrieval kernels are compiled into a numba cache for the image's baseline
-CPU, and a second process started through docker/entrypoint.sh with only that cache as its seed
-(the `runtime` stage) must load them without compiling.
+gRPC stubs are generated in it (the `builder-base` stage); the project is installed with only the
+otel extra at the versions of constraints/serving.txt (`deps-cpu`); torch and pandas must not be
+importable and the serving modules must import (`builder-cpu`); the retrieval kernels are
+compiled into a numba cache for the image's baseline CPU, and a second process started through
+docker/entrypoint.sh with only that cache as its seed (the `runtime-cpu` stage) must load them
+without compiling. tests/deploy/test_image.py builds and runs the image itself.
 """
 
 from __future__ import annotations
@@ -25,9 +26,11 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 IMPORT_CHECK = """
 import importlib.util, sys
-import service.transports.rest.app, service.transports.grpc.server, service.server, ingest.bulk
+import service.transports.rest.app, service.transports.grpc.server, service.server
 assert importlib.util.find_spec("torch") is None, "torch is installed"
 assert "torch" not in sys.modules
+# the data-set readers (rankserve ingest, train) are the `data` extra: serving never needs pandas
+assert importlib.util.find_spec("pandas") is None and importlib.util.find_spec("pyarrow") is None
 assert importlib.util.find_spec("grpc_tools") is None, "grpcio-tools is a build-time tool, not a serving dependency"
 import service.transports.grpc.proto.ranker_pb2 as pb2
 from service.settings import Settings
@@ -58,18 +61,19 @@ def test_serving_install_without_torch(tmp_path: Path) -> None:
     subprocess.run(codegen, cwd=context, check=True, timeout=120)
     assert (context / "service" / "transports" / "grpc" / "proto" / "ranker_pb2_grpc.py").exists()
 
-    # deps-cpu: `pip install "./[otel]"` into a fresh venv
+    # deps-cpu: `pip install -c constraints/serving.txt "./[otel]"` into a fresh venv
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
     python = venv / "bin" / "python"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV", "NUMBA_"))}
     pip = subprocess.run(
-        [str(python), "-m", "pip", "install", "--disable-pip-version-check", "-q", f"{context}/[otel]"],
+        [str(python), "-m", "pip", "install", "--disable-pip-version-check", "-q",
+         "-c", str(context / "constraints" / "serving.txt"), f"{context}/[otel]"],
         env=env, capture_output=True, text=True, timeout=600,
     )
     assert pip.returncode == 0, pip.stdout[-3000:] + pip.stderr[-3000:]
 
-    # builder: out of the context (cwd would shadow the installed package), as the Dockerfile does
+    # builder-cpu: out of the context (cwd would shadow the installed package), as the Dockerfile does
     work = tmp_path / "work"
     work.mkdir()
     checked = subprocess.run([str(python), "-c", IMPORT_CHECK], cwd=work, env=env, capture_output=True, text=True,
@@ -87,7 +91,7 @@ def test_serving_install_without_torch(tmp_path: Path) -> None:
     assert compiled.returncode == 0, compiled.stderr[-3000:]
     assert list(build_cache.rglob("*.nbi")), "no kernels were cached"
 
-    # runtime: the entrypoint seeds an empty NUMBA_CACHE_DIR; the kernels load from it unchanged
+    # runtime-cpu: the entrypoint seeds an empty NUMBA_CACHE_DIR; the kernels load from it unchanged
     runtime_cache = tmp_path / "var-cache-numba"
     runtime_env = {**numba_env, "NUMBA_CACHE_DIR": str(runtime_cache), "NUMBA_CACHE_SEED": str(build_cache),
                    "RANKSERVE_VENV": str(venv)}
