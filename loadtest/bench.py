@@ -1,4 +1,4 @@
-"""`rankserve bench`: the standard workload of DESIGN.md, measured side by side in one run.
+"""`rankserve bench`: the standard workload, measured side by side in one run.
 
 Standard workload: 1M-item catalogue, users with 10,000-event histories, 500 candidates per
 request, k = 64 retrieved behaviours, 3 tasks, top-100 returned. The bench builds a bundle of

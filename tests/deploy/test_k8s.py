@@ -1,6 +1,6 @@
 """Kubernetes manifests: every overlay renders with `kubectl kustomize`, every object validates
 against the pinned Kubernetes version's schema (strict: unknown fields are errors), and the
-Deployment is what DESIGN/issue 7 ask for (security context, probes on the real endpoints,
+Deployment is what production needs (security context, probes on the real endpoints,
 draining, writable paths, secrets only by reference), consistent with the app and the docs."""
 
 from __future__ import annotations
