@@ -109,6 +109,16 @@ return len
 _MAX_ITEM_CACHES = 4
 
 
+def never_sent(exc: BaseException) -> bool:
+    """Whether a redis-py error says the connection could not be made, so no command was sent.
+
+    redis-py raises its ConnectionError / TimeoutError for a failed connect as for a failed read;
+    only the message tells them apart ("Error 111 connecting to ...", "Timeout connecting to
+    server"). On a loaded machine a connect can miss its timeout; an append must not fail for it.
+    """
+    return isinstance(exc, rex.ConnectionError | rex.TimeoutError) and "connecting to" in str(exc)
+
+
 class RedisOnlineStore(OnlineStore):
     """`OnlineStore` on redis-py asyncio (hiredis parser), single node or Cluster."""
 
@@ -189,7 +199,10 @@ class RedisOnlineStore(OnlineStore):
                 ):
                     await self._refresh_cluster_topology()
                 pause = policy.backoff(attempt)
-                if not retry or attempt >= policy.attempts or elapsed + pause >= policy.deadline_s:
+                # a command that is not safe to repeat is still retried when its connection was
+                # never established: nothing reached the server
+                retriable = retry or never_sent(exc)
+                if not retriable or attempt >= policy.attempts or elapsed + pause >= policy.deadline_s:
                     raise FeatureStoreUnavailable(
                         f"{what}: {type(exc).__name__}: {exc} (attempt {attempt}, {elapsed:.3f}s)"
                     ) from exc

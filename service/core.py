@@ -3,8 +3,8 @@
 `RankingService.rank(RankRequest) -> RankResponse`. REST and gRPC only decode, call and encode.
 The feature fetch is I/O on the event loop; retrieval and scoring are CPU work, run on a small
 dedicated thread pool so the loop keeps accepting and fetching meanwhile. A bounded number of
-requests may wait for that pool; beyond it the service answers "overloaded" at once rather than
-letting queueing delay blow up the tail.
+requests (`max_waiting_requests`, counted from arrival) may be in progress; beyond it the service
+answers "overloaded" at once, before any fetch, rather than letting queueing delay blow up the tail.
 """
 
 from __future__ import annotations
@@ -100,16 +100,16 @@ class RankingService:
         self.experiments = experiments or ExperimentManager(settings, registry, metrics)
         self.shadows = shadows
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rank-cpu")
-        self._waiting = 0
-        self.max_waiting = 64
+        self._in_progress = 0
+        self.max_in_progress = settings.max_waiting_requests
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=False)
 
     @property
     def cpu_queue_depth(self) -> int:
-        """Requests waiting for the CPU executor or running on it (what the overload bound counts)."""
-        return self._waiting
+        """Requests admitted and not yet answered: fetching, queued for CPU or on it (the overload bound)."""
+        return self._in_progress
 
     def validate(self, req: RankRequest) -> int:
         """Check limits; returns the effective top_n. Raises InvalidRequest saying what to fix."""
@@ -224,12 +224,15 @@ class RankingService:
         if not req.candidates:
             return RankResponse([], model.key, arm, False, req.request_id)
 
-        feats = await self.fetch(req)
-        clock.lap("fetch")
-        if self._waiting >= self.max_waiting:
-            raise Overloaded(f"{self._waiting} requests are waiting for CPU; retry with backoff")
-        self._waiting += 1
+        # admitted from arrival: a request that cannot be served soon is refused before it costs a
+        # store round trip, and the bound counts requests in the fetch as well as those queued for CPU
+        if self._in_progress >= self.max_in_progress:
+            raise Overloaded(f"{self._in_progress} requests are in progress (limit {self.max_in_progress}); "
+                             "retry after a short backoff")
+        self._in_progress += 1
         try:
+            feats = await self.fetch(req)
+            clock.lap("fetch")
             loop = asyncio.get_running_loop()
             remaining = self.settings.request_timeout_s - (time.perf_counter() - started)
             order, fused, probs = await asyncio.wait_for(
@@ -238,7 +241,7 @@ class RankingService:
         except TimeoutError as exc:
             raise DeadlineExceeded(f"ranking took longer than {self.settings.request_timeout_s}s") from exc
         finally:
-            self._waiting -= 1
+            self._in_progress -= 1
 
         tasks = model.bundle.tasks
         cands = req.candidates

@@ -9,6 +9,7 @@ YAML file (environment wins over YAML).
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,6 +18,42 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from feature_store.store import FeatureStoreConfig
 from service.experiments.faults import parse_fault
+
+# OTEL_TRACES_SAMPLER values and the share of root traces they keep (None: read OTEL_TRACES_SAMPLER_ARG)
+_OTEL_SAMPLERS: dict[str, float | None] = {
+    "always_on": 1.0, "always_off": 0.0, "traceidratio": None,
+    "parentbased_always_on": 1.0, "parentbased_always_off": 0.0, "parentbased_traceidratio": None,
+}
+
+
+def otel_standard_env(environ: Mapping[str, str], already_set: set[str]) -> dict[str, Any]:
+    """Tracing settings from the standard OTEL_* variables, for those not in `already_set`.
+
+    OTEL_EXPORTER_OTLP_TRACES_ENDPOINT is used as given; OTEL_EXPORTER_OTLP_ENDPOINT is a base URL,
+    to which http/protobuf appends /v1/traces. Unknown samplers or protocols are left to fail
+    validation with the setting's own message.
+    """
+    out: dict[str, Any] = {}
+    protocol = environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or environ.get("OTEL_EXPORTER_OTLP_PROTOCOL")
+    if protocol and "otel_protocol" not in already_set:
+        out["otel_protocol"] = protocol
+    effective_protocol = out.get("otel_protocol", "grpc")
+    if "otel_endpoint" not in already_set:
+        if environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
+            out["otel_endpoint"] = environ["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"]
+        elif environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
+            base = environ["OTEL_EXPORTER_OTLP_ENDPOINT"]
+            out["otel_endpoint"] = base.rstrip("/") + "/v1/traces" if effective_protocol == "http/protobuf" else base
+    if environ.get("OTEL_SERVICE_NAME") and "otel_service_name" not in already_set:
+        out["otel_service_name"] = environ["OTEL_SERVICE_NAME"]
+    sampler = environ.get("OTEL_TRACES_SAMPLER")
+    if sampler and "otel_sample_ratio" not in already_set:
+        name = sampler.strip().lower()
+        if name not in _OTEL_SAMPLERS:
+            raise ValueError(f"OTEL_TRACES_SAMPLER={sampler!r} is not supported; use one of {sorted(_OTEL_SAMPLERS)}")
+        ratio = _OTEL_SAMPLERS[name]
+        out["otel_sample_ratio"] = environ.get("OTEL_TRACES_SAMPLER_ARG", "1.0") if ratio is None else ratio
+    return out
 
 
 def available_cpus() -> int:
@@ -68,6 +105,11 @@ class Settings(BaseSettings):
     max_candidates: int = Field(default=1000, ge=1)
     max_body_bytes: int = Field(default=1 << 20, ge=1024, description="largest accepted request body")
     request_timeout_s: float = Field(default=1.0, gt=0, description="deadline of one rank call")
+    max_waiting_requests: int = Field(
+        default=64, ge=1,
+        description="requests in progress (from arrival) beyond which new ones are refused at once with 503 / "
+        "RESOURCE_EXHAUSTED and Retry-After, before any feature fetch",
+    )
     fetch_budget_s: float = Field(default=0.1, gt=0, description="beyond this, rank without store features")
 
     # feature store
@@ -162,6 +204,14 @@ class Settings(BaseSettings):
                 store["cluster_nodes"] = os.environ["REDIS_CLUSTER_NODES"]
             data = {**data, "feature_store": store}
         return data
+
+    @model_validator(mode="before")
+    @classmethod
+    def _otel_env(cls, data: Any) -> Any:
+        """The standard OpenTelemetry variables fill the tracing settings that RANKSERVE_OTEL_* leave unset."""
+        if not isinstance(data, dict):
+            return data
+        return {**otel_standard_env(os.environ, set(data)), **data}
 
     @model_validator(mode="after")
     def _store_deadline_within_budget(self) -> Settings:

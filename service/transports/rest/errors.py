@@ -16,12 +16,13 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Message, Scope, Send
 
-from service.errors import RankServeError, Unauthorized
+from service.errors import Overloaded, RankServeError, Unauthorized
 from service.transports.request_ids import REQUEST_ID_HEADER
 
 log = logging.getLogger("rankserve.rest")
 
 RANK_PATH = "/v1/rank"
+RETRY_AFTER_S = "1"  # seconds a client should back off after a 503 for overload
 
 
 class OrjsonResponse(JSONResponse):
@@ -87,7 +88,11 @@ def _describe_validation(request: Request, exc: RequestValidationError) -> str:
 async def rankserve_error(request: Request, error: Exception) -> Response:
     exc = cast(RankServeError, error)
     _count_rank_error(request, exc.code)
-    headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, Unauthorized) else None
+    headers = None
+    if isinstance(exc, Unauthorized):
+        headers = {"WWW-Authenticate": "Bearer"}
+    elif isinstance(exc, Overloaded):
+        headers = {"Retry-After": RETRY_AFTER_S}  # the load is shed in about a request's time
     return OrjsonResponse(error_body(exc.code, exc.message, _request_id(request)), exc.http_status, headers=headers)
 
 
