@@ -35,7 +35,7 @@ log = logging.getLogger("rankserve.demo")
 
 RECENT_ITEMS = 10
 # the fallback data set: small enough to generate and train on in a minute, long histories still
-SYNTHETIC_SIZE = ("--users", "2000", "--items", "20000", "--categories", "200", "--events-per-user", "50:1000")
+SYNTHETIC_SIZE = ("--users", "500", "--items", "5000", "--categories", "100", "--events-per-user", "20:400")
 POPULAR_ITEMS = 20
 
 
