@@ -329,7 +329,11 @@ def test_bias_aware_clusters_reach_high_recall(shift_days: int) -> None:
         np.testing.assert_allclose(s, np.take_along_axis(q @ keys_aug.T, i, 1), rtol=1e-5, atol=1e-6)
         got[name] = recall_at_k(q, keys_aug, 64, i)
     assert got["bias_p32"] >= 0.95, f"seed {SEED}: {got}"
-    assert got["keys_p8"] < min(0.7, got["bias_p8"]), f"seed {SEED}: {got}"  # the failure mode of key-only clusters
+    # the failure mode of key-only clusters: below the bias-aware ones at the same probes, and far
+    # below a full search. (An absolute bound of 0.7 failed on some draws: over 120 draws key-only
+    # reached up to 0.74 while staying >= 0.04 below bias_p8 and >= 0.26 below bias_p32.)
+    assert got["keys_p8"] < got["bias_p8"], f"seed {SEED}: {got}"
+    assert got["keys_p8"] < got["bias_p32"] - 0.2, f"seed {SEED}: {got}"
     # (split vs no split at n_probe 8 is not compared: which one wins depends on the draw, e.g. seed
     # 3938135616 at 1 day: 0.89 split vs 0.94 not; the bench measures both on the standard workload)
 
