@@ -64,6 +64,12 @@ def truncate_scorer_and_rehash(bundle: Path) -> None:
     (bundle / "manifest.json").write_text(json.dumps(manifest))
 
 
+async def refused(client: httpx.AsyncClient, version: int) -> bool:
+    """Whether the server lists `version` among its refused bundles."""
+    state = (await client.get("/v1/models")).json()
+    return any(r["path"].endswith(f"{BUNDLE_NAME}/{version}") for r in state["refused"])
+
+
 def garble_manifest(bundle: Path) -> None:
     (bundle / "manifest.json").write_text('{"format": "rankserve.bundle/1", "name": ')
 
@@ -85,18 +91,14 @@ async def test_schema_mismatch_and_corrupt_bundles_refused_under_load(
     load = LoadGen(server, world, rest_clients=3, grpc_clients=1, pause_s=0.03).start()
     async with httpx.AsyncClient(base_url=server.base_url, timeout=10.0) as client:
 
-        async def refused(version: int) -> bool:
-            state = (await client.get("/v1/models")).json()
-            return any(r["path"].endswith(f"{BUNDLE_NAME}/{version}") for r in state["refused"])
-
         try:
             await asyncio.sleep(1.0)
             shutil.move(mismatched, model_dir / BUNDLE_NAME / "2")  # one rename: appears complete
-            await wait_until(lambda: refused(2), 30, "the schema-mismatched bundle was never refused")
+            await wait_until(lambda: refused(client, 2), 30, "the schema-mismatched bundle was never refused")
             place(first, model_dir, 3, truncate_scorer_and_rehash)
-            await wait_until(lambda: refused(3), 30, "the bundle with a broken scorer was never refused")
+            await wait_until(lambda: refused(client, 3), 30, "the bundle with a broken scorer was never refused")
             place(first, model_dir, 4, garble_manifest)
-            await wait_until(lambda: refused(4), 30, "the bundle with a broken manifest was never refused")
+            await wait_until(lambda: refused(client, 4), 30, "the bundle with a broken manifest was never refused")
             await asyncio.sleep(1.0)
         finally:
             await load.finish()
@@ -137,17 +139,13 @@ async def test_bundle_with_unknown_fusion_task_is_refused_and_the_poller_serves_
     load = LoadGen(server, world, rest_clients=2, grpc_clients=1, pause_s=0.03).start()
     async with httpx.AsyncClient(base_url=server.base_url, timeout=10.0) as client:
 
-        async def refused(version: int) -> bool:
-            state = (await client.get("/v1/models")).json()
-            return any(r["path"].endswith(f"{BUNDLE_NAME}/{version}") for r in state["refused"])
-
         async def serving(key: str) -> bool:
             return bool((await client.get("/v1/models")).json()["current"]["key"] == key)
 
         try:
             await asyncio.sleep(1.0)
             place(first, model_dir, 2, fuse_unknown_task)
-            await wait_until(lambda: refused(2), 30, "the bundle with an unknown fusion task was never refused")
+            await wait_until(lambda: refused(client, 2), 30, "the bundle with an unknown fusion task was never refused")
             export_bundle(world, model_dir, 3)  # a good one after it: the poller must still be running
             await wait_until(lambda: serving("tiny/3"), 30, "the poller stopped: tiny/3 was never served")
             await asyncio.sleep(1.0)
