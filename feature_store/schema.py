@@ -14,21 +14,25 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
 from feature_store.errors import UserError
+from feature_store.spec import MAX_ACTIONS, FeatureSpec, IdType, SideFeatures
 
-# Canonical behaviour actions. The code of an action is its position in this tuple.
+# The default behaviour actions (the Tmall and Taobao presets). A schema's own actions come from its
+# feature spec; the code of an action is its position in `SchemaSpec.actions`.
 ACTIONS: tuple[str, ...] = ("click", "cart", "fav", "buy")
 ACTION_CODE: dict[str, int] = {name: code for code, name in enumerate(ACTIONS)}
 
 # The train/serve contract of the scorer: its inputs, in order (the exporter's graph signature and
-# what the service assembles per request), and its output.
+# what the service assembles per request), and its output. `SchemaSpec.scorer_inputs` adds the
+# side-feature inputs of a schema that declares side features.
 SCORER_INPUTS: tuple[str, ...] = (
     "cand_query",  # [B, A]    float32  candidate's attention query (item + category rows)
     "cand_repr",  # [B, R]     float32  candidate's representation (item + category rows)
@@ -43,7 +47,12 @@ SCORER_INPUTS: tuple[str, ...] = (
     "user_dense",  # [B, D]    float32  schema.history_features
     "weekday",  # [B]          int64    weekday of the request time
 )
+SIDE_INPUTS: tuple[str, ...] = (
+    "side_ids",  # [B, n_ids]    int64    categorical side features (user, item, context), offset into one table
+    "side_values",  # [B, n_values] float32 numeric side features (user, item, context), normalized
+)
 SCORER_OUTPUT = "probs"  # [B, T] float32 task probabilities, in schema task order
+SCHEMA_FORMAT = 2  # 2: actions, task parents and side features come from a feature spec
 
 SCHEMA_FILE = "schema.json"
 VOCAB_FILES = {"user": "vocab_user.npy", "item": "vocab_item.npy", "category": "vocab_category.npy"}
@@ -57,22 +66,33 @@ class SchemaError(UserError, ValueError):
 
 @dataclass(frozen=True)
 class TaskSpec:
-    """A prediction task: positive when any of `actions` happened for the (user, item) target."""
+    """A prediction task: positive when any of `actions` happened for the (user, item) target.
+
+    With a `parent`, the model predicts p(task) = p(parent) x p(task | parent) (ESMM); `weight`
+    and `transform` are the task's default fusion settings.
+    """
 
     name: str
     actions: tuple[str, ...]
+    parent: str | None = None
+    weight: float = 1.0
+    transform: str = "identity"
 
 
 DEFAULT_TASKS: tuple[TaskSpec, ...] = (
-    TaskSpec("click", ("click", "cart", "fav", "buy")),
-    TaskSpec("cart", ("cart", "fav")),
-    TaskSpec("buy", ("buy",)),
+    TaskSpec("click", ("click", "cart", "fav", "buy"), weight=1.0),
+    TaskSpec("cart", ("cart", "fav"), parent="click", weight=3.0),
+    TaskSpec("buy", ("buy",), parent="click", weight=10.0),
 )
 
 
 @dataclass(frozen=True)
 class SchemaSpec:
-    """The non-vocabulary part of the schema (small, JSON)."""
+    """The non-vocabulary part of the schema (small, JSON): what a bundle and a store agree on.
+
+    Built from a `FeatureSpec` by `from_feature_spec`; the defaults are the built-in
+    click/cart/fav/buy schema of the Tmall and Taobao presets.
+    """
 
     name: str = "default"
     actions: tuple[str, ...] = ACTIONS
@@ -81,62 +101,163 @@ class SchemaSpec:
     short_sequence_length: int = 20  # most recent behaviours attended directly
     time_gap_buckets: int = 16  # bucket b covers gaps of [2^b - 1, 2^(b+1) - 1) hours
     weekday_buckets: int = 7
+    id_types: tuple[IdType, IdType] = ("int", "int")  # (user, item): how request ids become int64
+    side: SideFeatures = field(default_factory=SideFeatures)
 
     def __post_init__(self) -> None:
-        if tuple(self.actions) != ACTIONS:
-            raise SchemaError(f"actions must be {ACTIONS}, got {self.actions}")
+        if not self.actions or len(set(self.actions)) != len(self.actions):
+            raise SchemaError(f"actions must be unique and non-empty, got {self.actions}")
+        if len(self.actions) > MAX_ACTIONS:
+            raise SchemaError(f"at most {MAX_ACTIONS} actions, got {len(self.actions)}")
         if not self.tasks:
             raise SchemaError("a schema needs at least one task")
         names = [t.name for t in self.tasks]
         if len(set(names)) != len(names):
             raise SchemaError(f"task names must be unique, got {names}")
         for task in self.tasks:
-            unknown = set(task.actions) - set(ACTIONS)
+            unknown = set(task.actions) - set(self.actions)
             if unknown or not task.actions:
                 raise SchemaError(f"task {task.name!r} names unknown actions {sorted(unknown)}")
+            if task.parent is not None and task.parent not in names:
+                raise SchemaError(f"task {task.name!r} has unknown parent {task.parent!r}")
+        self.task_order()  # refuses parent cycles
         if self.max_sequence_length < 1 or self.short_sequence_length < 1:
             raise SchemaError("sequence lengths must be positive")
+
+    @classmethod
+    def from_feature_spec(
+        cls, spec: FeatureSpec, side: SideFeatures | None = None, id_types: tuple[IdType, IdType] = ("int", "int")
+    ) -> SchemaSpec:
+        """The schema of a declared spec; `side` and `id_types` are what training fitted and found."""
+        return cls(
+            name=spec.name,
+            actions=spec.behaviour_actions,
+            tasks=tuple(TaskSpec(t.name, tuple(t.positive), t.parent, t.weight, t.transform) for t in spec.tasks),
+            max_sequence_length=spec.sequence.max_length,
+            short_sequence_length=spec.sequence.short_length,
+            id_types=id_types,
+            side=side if side is not None else SideFeatures(),
+        )
 
     @property
     def task_names(self) -> tuple[str, ...]:
         return tuple(t.name for t in self.tasks)
 
     @property
+    def n_actions(self) -> int:
+        return len(self.actions)
+
+    @property
     def n_history_features(self) -> int:
         """Width of `history_features`: log1p count per action plus log1p length."""
         return len(self.actions) + 1
+
+    @property
+    def n_cross_features(self) -> int:
+        """Width of `cross_features`: log1p count per action, any, log1p hours since the latest."""
+        return len(self.actions) + 2
+
+    @property
+    def scorer_inputs(self) -> tuple[str, ...]:
+        """The scorer's inputs for this schema: the base ones, then side ids and values if any."""
+        extra = (("side_ids",) if self.side.n_ids else ()) + (("side_values",) if self.side.n_values else ())
+        return SCORER_INPUTS + extra
+
+    def task_parents(self) -> tuple[int, ...]:
+        """Index of each task's parent, -1 for none."""
+        names = self.task_names
+        return tuple(names.index(t.parent) if t.parent is not None else -1 for t in self.tasks)
+
+    def task_order(self) -> tuple[int, ...]:
+        """Task indices with every parent before its children (declared order otherwise)."""
+        parents = self.task_parents()
+        order: list[int] = []
+        state = [0] * len(parents)  # 0 new, 1 visiting, 2 done
+
+        def visit(t: int, path: list[int]) -> None:
+            if state[t] == 2:
+                return
+            if state[t] == 1:
+                cycle = " -> ".join(self.tasks[k].name for k in [*path, t])
+                raise SchemaError(f"task parents form a cycle: {cycle}")
+            state[t] = 1
+            if parents[t] >= 0:
+                visit(parents[t], [*path, t])
+            state[t] = 2
+            order.append(t)
+
+        for t in range(len(parents)):
+            visit(t, [])
+        return tuple(order)
 
     def task_action_matrix(self) -> npt.NDArray[np.bool_]:
         """[n_actions, n_tasks] bool: action a makes task t positive."""
         m = np.zeros((len(self.actions), len(self.tasks)), dtype=bool)
         for t, task in enumerate(self.tasks):
             for a in task.actions:
-                m[ACTION_CODE[a], t] = True
+                m[self.actions.index(a), t] = True
         return m
 
-    def to_dict(self) -> dict[str, object]:
-        d = asdict(self)
-        d["actions"] = list(self.actions)
-        d["tasks"] = [{"name": t.name, "actions": list(t.actions)} for t in self.tasks]
-        return d
+    def default_fusion(self) -> dict[str, dict[str, Any]]:
+        """The tasks' declared fusion weights and transforms (a bundle's default fusion)."""
+        return {
+            "weights": {t.name: t.weight for t in self.tasks},
+            "transforms": {t.name: t.transform for t in self.tasks},
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": SCHEMA_FORMAT,
+            "name": self.name,
+            "actions": list(self.actions),
+            "tasks": [
+                {"name": t.name, "actions": list(t.actions), "parent": t.parent, "weight": t.weight,
+                 "transform": t.transform}
+                for t in self.tasks
+            ],
+            "max_sequence_length": self.max_sequence_length,
+            "short_sequence_length": self.short_sequence_length,
+            "time_gap_buckets": self.time_gap_buckets,
+            "weekday_buckets": self.weekday_buckets,
+            "id_types": list(self.id_types),
+            "side": self.side.to_dict(),
+        }
 
     @classmethod
-    def from_dict(cls, d: dict[str, object]) -> SchemaSpec:
-        data = dict(d)
-        tasks = data.pop("tasks", None)
-        actions = data.pop("actions", ACTIONS)
-        kwargs: dict[str, object] = dict(data)
-        if tasks is not None:
-            if not isinstance(tasks, list):
-                raise SchemaError("schema 'tasks' must be a list")
-            kwargs["tasks"] = tuple(TaskSpec(str(t["name"]), tuple(t["actions"])) for t in tasks)
-        if not isinstance(actions, list | tuple):
-            raise SchemaError("schema 'actions' must be a list")
-        kwargs["actions"] = tuple(actions)
+    def from_dict(cls, d: Mapping[str, Any]) -> SchemaSpec:
+        if d.get("format") != SCHEMA_FORMAT:
+            raise SchemaError(
+                f"schema format {d.get('format', 1)} is not {SCHEMA_FORMAT}: retrain or re-export with this version"
+            )
         try:
-            return cls(**kwargs)  # type: ignore[arg-type]
-        except TypeError as exc:
-            raise SchemaError(f"bad schema fields: {exc}") from exc
+            tasks = tuple(
+                TaskSpec(str(t["name"]), tuple(t["actions"]), t.get("parent"), float(t.get("weight", 1.0)),
+                         str(t.get("transform", "identity")))
+                for t in d["tasks"]
+            )
+            user_type, item_type = d.get("id_types", ("int", "int"))
+            return cls(
+                name=str(d["name"]),
+                actions=tuple(d["actions"]),
+                tasks=tasks,
+                max_sequence_length=int(d["max_sequence_length"]),
+                short_sequence_length=int(d["short_sequence_length"]),
+                time_gap_buckets=int(d["time_gap_buckets"]),
+                weekday_buckets=int(d["weekday_buckets"]),
+                id_types=(user_type, item_type),
+                side=SideFeatures.from_dict(d.get("side", {})),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            if isinstance(exc, SchemaError):
+                raise
+            raise SchemaError(f"bad schema fields: {exc!r}") from exc
+
+    def differences(self, other: SchemaSpec) -> list[str]:
+        """Top-level fields (and side-feature groups) where two schemas differ, for error messages."""
+        a, b = self.to_dict(), other.to_dict()
+        out = [k for k in a if k != "side" and a[k] != b.get(k)]
+        out += [f"side.{g}" for g in a["side"] if a["side"][g] != b["side"].get(g)]
+        return out
 
 
 @dataclass(frozen=True, eq=False)
@@ -266,9 +387,6 @@ def history_features_batch(
     out[:, :n_actions] = np.log1p(counts)
     out[:, n_actions] = np.log1p(lengths_arr)
     return out
-
-
-N_CROSS_FEATURES = len(ACTIONS) + 2
 
 
 def cross_features(
