@@ -275,10 +275,10 @@ class FeatureSpec(_Strict):
             decl = self.feature_group(group)
             if decl is None:
                 continue
-            for f in [*decl.categorical, *decl.numeric]:
-                if f.name in names:
-                    raise ValueError(f"{group}_features: {f.name!r} is already a {names[f.name]} feature")
-                names[f.name] = group
+            for name in [d.name for d in decl.categorical] + [d.name for d in decl.numeric]:
+                if name in names:
+                    raise ValueError(f"{group}_features: {name!r} is already a {names[name]} feature")
+                names[name] = group
         return self
 
     @property
