@@ -1,16 +1,33 @@
-"""Training samples from an event log: positives, sampled negatives, a time split, no leakage.
+"""Training samples from a data set: positives, negatives, labels, side features, a time split, no leakage.
 
-- Positive: one per (user, item, calendar day UTC) group of events, at the group's first
-  timestamp; task t's label is 1 if any event of the group has an action in t's action set.
-- History of a sample: the user's events with timestamp strictly before the sample's, as the
-  row range [hist_start, hist_end) of the (sorted) event log. Day-resolution sources (Tmall) thus
-  never see the sample's own day.
-- Negatives: `negatives_per_positive` per positive, drawn from item popularity^0.75 (counted
-  before the validation start), never an item the user interacted with at or before the
-  sample's day; they share the positive's timestamp and history.
-- Labels over all samples: `buy` is CTCVR (ESMM's pCTCVR target); CVR is `buy` restricted to
-  samples with click = 1 (`cvr_mask`).
-- Vocabularies come from events before the validation start only, so later unseen ids are OOV 0.
+- Positive: one per (user, item, calendar day UTC) group of behaviour events, at the group's
+  first timestamp; task t's label is 1 if any event of the group has an action in t's positive
+  actions (`SchemaSpec.task_action_matrix`; actions and tasks are the feature spec's).
+- History of a sample: the user's behaviour events with timestamp strictly before the sample's,
+  as the row range [hist_start, hist_end) of the (sorted) event log. Day-resolution sources
+  (Tmall) thus never see the sample's own day.
+- Negatives come from one of two sources:
+  * Impressions, when the data set has them (the spec's impression action): one negative per
+    (user, item, day) impression group, at its first timestamp, with the user's behaviours
+    strictly before it as history and all labels 0; an impression whose (user, item, day) also
+    has a behaviour event is dropped (that group is a positive). No popularity negatives are
+    drawn then. The negatives are what was really shown, so the model's probabilities are
+    calibrated to the shown traffic: p(click) estimates the click rate of an impression.
+  * Popularity negatives, without impressions: `negatives_per_positive` per positive, drawn from
+    item popularity^0.75 (counted before the validation start), never an item the user
+    interacted with at or before the sample's day; they share the positive's timestamp, history
+    and context. Their labels are 0 by construction, not by observation, so the absolute level
+    of a score depends on the sampling rate (more negatives per positive, lower scores); the
+    order of the scores is what they are for: fine for ranking, not calibrated click rates.
+- Labels over all samples: with ESMM parents a child task's label is over all samples (buy is
+  CTCVR); its conditional rate is defined on the samples whose parent is positive (`cvr_mask`).
+- Side features (`side_ids`, `side_values`, the scorer inputs of the same names): user and item
+  features from the data set's tables (a user or item the table lacks gets the features'
+  defaults), context features from the sample's event row: a positive's first event, a
+  popularity negative's positive's, an impression negative's own impression row. Encoders are
+  fitted on the whole user and item tables and on the training period's event rows (context).
+- Vocabularies come from the training period's event rows only (behaviours, and impressions
+  when present), so later unseen ids are OOV 0.
 
 Everything is vectorized numpy (sorts, searchsorted, reduceat): tens of millions of events.
 """
@@ -19,14 +36,25 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from typing import ClassVar
+from pathlib import Path
+from typing import Any, ClassVar
 
 import numpy as np
 import numpy.typing as npt
+import pandas as pd
 
-from feature_store.schema import ACTIONS, FeatureSchema, SchemaSpec, Vocabulary
-from models.data.events import EventLog
+from feature_store.schema import FeatureSchema, SchemaSpec, Vocabulary
+from feature_store.spec import (
+    CategoricalEncoder,
+    ContextFeatures,
+    FeatureGroup,
+    NumericEncoder,
+    SideFeatures,
+)
+from models.data.events import Dataset, EventLog, SideTable, merge_catalogues, select_users
+from models.data.readers import DataError, default_spec
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +133,10 @@ class SampleSet:
 
     Events are the log's rows in its order (sorted by user, time). Sample i's history is event
     rows [hist_start[i], hist_end[i]): the user's events with ts < ts[i]. Dense ids use the
-    schema's vocabularies (0 = OOV); `catalogue` is (raw item ids, raw category ids).
+    schema's vocabularies (0 = OOV); `catalogue` is (raw item ids, raw category ids) of every item
+    of the events, the impressions and the item table. `side_ids` [N, n_ids] are the side
+    features' codes with `schema.spec.side.id_offsets` applied, `side_values` [N, n_values] their
+    normalized numeric values (order: user, item, context; zero columns without side features).
     """
 
     schema: FeatureSchema
@@ -124,6 +155,8 @@ class SampleSet:
     raw_user: IntArray
     raw_item: IntArray
     catalogue: tuple[IntArray, IntArray]
+    side_ids: IntArray  # [N, n_ids]
+    side_values: FloatArray  # [N, n_values]
     time_split: TimeSplit | None = None
 
     # Per-sample fields: subset() slices these and shares everything else.
@@ -138,6 +171,8 @@ class SampleSet:
         "split",
         "raw_user",
         "raw_item",
+        "side_ids",
+        "side_values",
     )
 
     def __len__(self) -> int:
@@ -177,27 +212,52 @@ class SampleSet:
         return out
 
 
-def cvr_mask(samples: SampleSet) -> npt.NDArray[np.bool_]:
-    """Samples on which CVR is defined: click == 1 (buy over all samples is CTCVR)."""
-    if "click" not in samples.task_names:
-        raise ValueError(f"CVR needs a 'click' task; this schema has {samples.task_names}")
-    return np.asarray(samples.labels[:, samples.task_names.index("click")] == 1, dtype=np.bool_)
 
 
-def select_users(log_: EventLog, max_users: int, seed: int = 0) -> EventLog:
-    """A deterministic random subset of `max_users` users (all their events, order kept)."""
-    users, offsets = log_.user_offsets()
-    if max_users >= users.shape[0]:
-        return log_
-    if max_users < 1:
-        raise ValueError(f"max_users must be positive, got {max_users}")
-    chosen = np.sort(np.random.default_rng(seed).choice(users.shape[0], size=max_users, replace=False))
-    lengths = offsets[chosen + 1] - offsets[chosen]
-    # Row indices of the chosen users' slices, without a per-user loop.
-    rows = np.repeat(offsets[chosen] - np.r_[0, np.cumsum(lengths)[:-1]], lengths) + np.arange(lengths.sum())
-    return EventLog(
-        log_.user_id[rows], log_.item_id[rows], log_.category_id[rows], log_.action[rows], log_.timestamp[rows]
-    )
+__all__ = [
+    "SAMPLE_FIELDS",
+    "SECONDS_PER_DAY",
+    "SPLIT_NAMES",
+    "SampleSet",
+    "TimeSplit",
+    "build_samples",
+    "cvr_mask",
+    "default_split",
+    "encode_group",
+    "fit_side_features",
+    "parent_mask",
+    "select_users",
+]
+
+SAMPLE_FIELDS = SampleSet.SAMPLE_FIELDS
+
+
+def parent_mask(samples: SampleSet, task: str) -> npt.NDArray[np.bool_]:
+    """Samples on which `task`'s conditional rate is defined: its ESMM parent's label is 1."""
+    tasks = samples.schema.spec.tasks
+    names = [t.name for t in tasks]
+    if task not in names:
+        raise ValueError(f"unknown task {task!r}; this schema has {names}")
+    parent = tasks[names.index(task)].parent
+    if parent is None:
+        raise ValueError(f"task {task!r} has no parent: its rate is over all samples")
+    return np.asarray(samples.labels[:, names.index(parent)] == 1, dtype=np.bool_)
+
+
+def cvr_mask(samples: SampleSet, task: str | None = None) -> npt.NDArray[np.bool_]:
+    """Samples on which a conditional rate (CVR) is defined: the parent of `task` is positive.
+
+    Default task: the first task with a parent (the default tasks' cart and buy: click == 1;
+    buy over all samples is CTCVR). A schema without parents falls back to a `click` task.
+    """
+    if task is None:
+        task = next((t.name for t in samples.schema.spec.tasks if t.parent is not None), None)
+        if task is None:
+            if "click" not in samples.task_names:
+                raise ValueError(f"CVR needs a task with a parent or a 'click' task; this schema has "
+                                 f"{samples.task_names}")
+            return np.asarray(samples.labels[:, samples.task_names.index("click")] == 1, dtype=np.bool_)
+    return parent_mask(samples, task)
 
 
 def _catalogue_codes(log_: EventLog) -> tuple[IntArray, IntArray, IntArray]:
@@ -243,50 +303,258 @@ def _group_first_rows(
     return order.astype(np.int64), np.flatnonzero(new)
 
 
+def _triple_key(
+    user: IntArray, day: IntArray, item: IntArray, n_users: int, d0: int, n_days: int, n_items: int
+) -> IntArray | None:
+    """(user, day, item) packed into one int64 (day relative to d0), or None if it would overflow."""
+    if n_users * n_days * n_items >= 2**62:
+        return None
+    return (user * n_days + (day - d0)) * n_items + item
+
+
+def _in_groups(
+    q: tuple[IntArray, IntArray, IntArray], ref: tuple[IntArray, IntArray, IntArray], n_users: int, n_items: int
+) -> npt.NDArray[np.bool_]:
+    """Which (user, day, item) triples of `q` occur in `ref`."""
+    days = np.concatenate([q[1], ref[1]])
+    d0 = int(days.min()) if days.shape[0] else 0
+    n_days = int(days.max()) - d0 + 1 if days.shape[0] else 1
+    kq = _triple_key(*q[:1], q[1], q[2], n_users, d0, n_days, n_items)
+    kr = _triple_key(ref[0], ref[1], ref[2], n_users, d0, n_days, n_items)
+    if kq is not None and kr is not None:
+        return np.asarray(np.isin(kq, kr), dtype=np.bool_)
+    idx = pd.MultiIndex.from_arrays(list(q))
+    return np.asarray(idx.isin(pd.MultiIndex.from_arrays(list(ref))), dtype=np.bool_)
+
+
+def _history_end(
+    ev_user: IntArray, ev_ts: IntArray, q_user: IntArray, q_ts: IntArray, n_users: int
+) -> IntArray:
+    """Per query: the first event row of its user at or after its timestamp (events sorted by user, ts)."""
+    if q_user.shape[0] == 0:
+        return np.zeros(0, dtype=np.int64)
+    t0 = min(int(ev_ts.min()) if ev_ts.shape[0] else 0, int(q_ts.min()))
+    span = max(int(ev_ts.max()) if ev_ts.shape[0] else 0, int(q_ts.max())) - t0 + 1
+    if n_users * span < 2**62:
+        return np.searchsorted(ev_user * span + (ev_ts - t0), q_user * span + (q_ts - t0), side="left").astype(np.int64)
+    start = np.searchsorted(ev_user, q_user, side="left")  # rare: a very long time span
+    end = np.searchsorted(ev_user, q_user, side="right")
+    out = [s + np.searchsorted(ev_ts[s:e], t, side="left") for s, e, t in zip(start, end, q_ts, strict=True)]
+    return np.asarray(out, dtype=np.int64)
+
+
+# ---------------------------------------------------------------------------------------------
+# Side features
+
+
+def _distinct(col: npt.ArrayLike) -> tuple[IntArray, npt.NDArray[Any]]:
+    """(codes, distinct values): code -1 is a missing value (None or NaN)."""
+    codes, uniques = pd.factorize(np.asarray(col), use_na_sentinel=True)
+    return np.asarray(codes, dtype=np.int64), np.asarray(uniques, dtype=object)
+
+
+def _fit_group(decl: ContextFeatures | None, columns: Mapping[str, npt.NDArray[Any]]) -> FeatureGroup:
+    """`SideFeatures.fit` for one group, the same encoders, fitted per distinct value (large columns)."""
+    if decl is None:
+        return FeatureGroup()
+    cats = []
+    for d in decl.categorical:
+        col = columns.get(d.name)
+        if col is None or col.shape[0] == 0:
+            cats.append(CategoricalEncoder.fit(d, ()))
+            continue
+        codes, uniques = _distinct(col)
+        counts = np.bincount(codes[codes >= 0], minlength=uniques.shape[0])
+        cats.append(CategoricalEncoder.fit_counts(d, uniques.tolist(), counts.tolist()))
+    nums = [
+        NumericEncoder.fit(d, np.asarray(columns[d.name], dtype=np.float64) if d.name in columns else ())
+        for d in decl.numeric
+    ]
+    return FeatureGroup(tuple(cats), tuple(nums))
+
+
+def encode_group(group: FeatureGroup, columns: Mapping[str, npt.ArrayLike], n: int) -> tuple[IntArray, FloatArray]:
+    """`group.encode_rows(columns, n)`, with each categorical value encoded once (`pd.factorize`)."""
+    ids = np.zeros((n, len(group.categorical)), dtype=np.int64)
+    values = np.zeros((n, len(group.numeric)), dtype=np.float32)
+    for j, cat in enumerate(group.categorical):
+        col = columns.get(cat.name)
+        if col is None:
+            ids[:, j] = cat.encode_one(None)
+            continue
+        codes, uniques = _distinct(col)
+        table = np.r_[cat.encode(uniques.tolist()), cat.encode_one(None)].astype(np.int64)
+        ids[:, j] = table[codes]  # code -1 reads the trailing missing-value code
+    for j, num in enumerate(group.numeric):
+        col = columns.get(num.name)
+        values[:, j] = num.encode(np.asarray(col, dtype=np.float64) if col is not None else [None] * n)
+    return ids, values
+
+
+def fit_side_features(
+    dataset: Dataset, context_columns: Mapping[str, npt.NDArray[Any]] | None = None
+) -> SideFeatures:
+    """Side-feature encoders of a data set: user and item features on their whole tables, context
+    features on `context_columns` (`build_samples` passes the training period's event rows;
+    default: every behaviour and impression row)."""
+    spec = dataset.spec
+    if context_columns is None:
+        imps = dataset.impressions
+        context_columns = {
+            name: np.concatenate([col, imps.context[name]]) if imps is not None and name in imps.context else col
+            for name, col in dataset.events.context.items()
+        }
+    return SideFeatures(
+        user=_fit_group(spec.user_features, dataset.users.columns if dataset.users is not None else {}),
+        item=_fit_group(spec.item_features, dataset.items.columns if dataset.items is not None else {}),
+        context=_fit_group(spec.context_features, context_columns),
+    )
+
+
+def _table_codes(
+    group: FeatureGroup, table: SideTable | None, raw_ids: IntArray
+) -> tuple[IntArray, FloatArray]:
+    """Codes and values of each raw id's table row (its group's defaults when the table lacks it),
+    indexed like `raw_ids`; the table is encoded once."""
+    n_ids = raw_ids.shape[0]
+    if not group.names:
+        return np.zeros((n_ids, 0), dtype=np.int64), np.zeros((n_ids, 0), dtype=np.float32)
+    n = len(table) if table is not None else 0
+    codes, values = encode_group(group, table.columns if table is not None else {}, n)
+    d_codes, d_values = group.encode_rows({}, 1)
+    codes, values = np.vstack([codes, d_codes]), np.vstack([values, d_values])
+    rows = table.rows_of(raw_ids) if table is not None else np.zeros(n_ids, dtype=np.int64)
+    return codes[rows], values[rows]
+
+
+def _gather_context(
+    names: tuple[str, ...], events: EventLog, impressions: EventLog | None, ev_rows: IntArray, imp_rows: IntArray
+) -> dict[str, npt.NDArray[Any]]:
+    """Context values of event rows `ev_rows`, then of impression rows `imp_rows`, by feature name."""
+    out: dict[str, npt.NDArray[Any]] = {}
+    for name in names:
+        if name not in events.context:
+            raise DataError(f"context feature {name!r}: the events have no column {name!r}")
+        parts = [events.context[name][ev_rows]]
+        if imp_rows.shape[0]:
+            assert impressions is not None
+            if name not in impressions.context:
+                raise DataError(f"context feature {name!r}: the impressions have no column {name!r}")
+            parts.append(impressions.context[name][imp_rows])
+        out[name] = np.concatenate(parts) if len(parts) > 1 else parts[0]
+    return out
+
+
+def _side_rows(
+    side: SideFeatures,
+    tables: tuple[tuple[IntArray, FloatArray], tuple[IntArray, FloatArray], tuple[IntArray, FloatArray]],
+    index: tuple[IntArray, IntArray, IntArray],
+) -> tuple[IntArray, FloatArray]:
+    """`side_ids` (offsets applied) and `side_values` of the samples: row index[g][k] of group g's
+    encoded table (users, items, context sources) for sample k, written into one array each."""
+    n = index[0].shape[0]
+    side_ids = np.empty((n, side.n_ids), dtype=np.int64)
+    side_values = np.empty((n, side.n_values), dtype=np.float32)
+    offsets = side.id_offsets
+    at_id = at_value = 0
+    for (ids, values), rows in zip(tables, index, strict=True):
+        c, v = ids.shape[1], values.shape[1]
+        if c:
+            side_ids[:, at_id : at_id + c] = (ids + offsets[at_id : at_id + c])[rows]
+        if v:
+            side_values[:, at_value : at_value + v] = values[rows]
+        at_id, at_value = at_id + c, at_value + v
+    return side_ids, side_values
+
+
+# ---------------------------------------------------------------------------------------------
+# Samples
+
+
 def build_samples(
-    log_: EventLog,
-    spec: SchemaSpec,
+    dataset: Dataset | EventLog,
     split: TimeSplit | None = None,
     negatives_per_positive: int = 4,
     seed: int = 0,
     max_users: int | None = None,
 ) -> SampleSet:
-    """Positives, popularity negatives, labels, split and vocabularies (see the module doc)."""
+    """Positives, negatives (impressions, else popularity), labels, side features, split and
+    vocabularies (see the module doc). An `EventLog` is read as a data set of the built-in
+    click/cart/fav/buy spec (`readers.default_spec`). `negatives_per_positive` applies to
+    popularity negatives only. `max_users` keeps a seeded subset of users (`select_users`)."""
     started = time.perf_counter()
+    if isinstance(split, SchemaSpec):
+        raise TypeError("build_samples(dataset, split=...): the schema comes from the data set's feature spec now")
+    if isinstance(dataset, EventLog):
+        dataset = Dataset(default_spec(), Path("."), dataset)
     if negatives_per_positive < 0:
         raise ValueError("negatives_per_positive must be >= 0")
+    log_, imps = dataset.events, dataset.impressions
     if max_users is not None:
         log_ = select_users(log_, max_users, seed)
+        if imps is not None and len(log_) != len(dataset.events):
+            imps = imps.select(np.isin(imps.user_id, log_.user_offsets()[0]))
     if len(log_) == 0:
         raise ValueError("cannot build samples from an empty event log")
+    if imps is not None and len(imps) == 0:
+        log.warning("the spec has an impression action but the data has no impressions: popularity negatives")
+        imps = None
     split = split if split is not None else default_split(log_)
+    spec = dataset.spec
+    base_schema = SchemaSpec.from_feature_spec(spec, None, dataset.id_types)
     ts = np.asarray(log_.timestamp, dtype=np.int64)
     action = np.asarray(log_.action, dtype=np.int64)
+    if action.shape[0] and int(action.max()) >= base_schema.n_actions:
+        raise ValueError(f"action code {int(action.max())} is not one of the spec's {base_schema.n_actions} actions")
 
-    users, offsets = log_.user_offsets()
+    # Users: those with behaviours, plus those with impressions only (empty histories).
+    ev_users, offsets = log_.user_offsets()
+    if imps is None:
+        users = ev_users
+        ev_user = np.repeat(np.arange(users.shape[0], dtype=np.int64), np.diff(offsets))
+        user_start = offsets[:-1]
+    else:
+        users = np.union1d(ev_users, imps.user_id)
+        ev_user = np.searchsorted(users, log_.user_id).astype(np.int64)
+        user_start = np.searchsorted(log_.user_id, users, side="left").astype(np.int64)
     n_users = int(users.shape[0])
-    ev_user = np.repeat(np.arange(n_users, dtype=np.int64), np.diff(offsets))
+
+    # Items: the events' catalogue, then the impressions' and the item table's other items.
     cat_items, cat_cats, ev_item_code = _catalogue_codes(log_)
+    extra: list[tuple[IntArray, IntArray]] = []
+    if imps is not None:
+        extra.append(imps.item_catalogue())
+    if dataset.items is not None:
+        table = dataset.items
+        table_cats = table.category_id if table.category_id is not None else np.zeros(len(table), dtype=np.int64)
+        extra.append((table.ids, table_cats))
+    if extra:
+        ev_items = cat_items
+        cat_items, cat_cats = merge_catalogues([(cat_items, cat_cats), *extra])
+        ev_item_code = np.searchsorted(cat_items, ev_items)[ev_item_code]
     n_items = int(cat_items.shape[0])
 
     # Vocabularies from the training period only: later, unseen ids map to OOV 0.
     train_rows = ts < split.valid_start
     user_seen = np.bincount(ev_user[train_rows], minlength=n_users) > 0
     item_count = np.bincount(ev_item_code[train_rows], minlength=n_items)
-    schema = FeatureSchema(
-        spec,
-        Vocabulary(users[user_seen]),
-        Vocabulary(cat_items[item_count > 0]),
-        Vocabulary(np.unique(log_.category_id[train_rows])),
-    )
+    item_seen = item_count > 0
+    train_cats = log_.category_id[train_rows]
+    if imps is not None:
+        imp_user = np.searchsorted(users, imps.user_id).astype(np.int64)
+        imp_item = np.searchsorted(cat_items, imps.item_id).astype(np.int64)
+        imp_train = imps.timestamp < split.valid_start
+        user_seen |= np.bincount(imp_user[imp_train], minlength=n_users) > 0
+        item_seen |= np.bincount(imp_item[imp_train], minlength=n_items) > 0
+        train_cats = np.concatenate([train_cats, imps.category_id[imp_train]])
 
     # Positives: one per (user, item, day), at the group's first event.
     day = ts // SECONDS_PER_DAY
     order, starts = _group_first_rows(ev_user, day, ev_item_code, n_users, n_items)
     first_row = np.minimum.reduceat(order, starts) if starts.shape[0] else np.zeros(0, dtype=np.int64)
-    bits = np.bitwise_or.reduceat(np.left_shift(1, action)[order], starts) if starts.shape[0] else first_row
+    pos_labels = _group_labels(base_schema.task_action_matrix(), action[order], starts)
     chrono = np.argsort(first_row)  # rows are (user, time) sorted, so this orders positives the same way
-    first_row, bits = first_row[chrono], bits[chrono]
+    first_row, pos_labels = first_row[chrono], pos_labels[chrono]
     n_pos = int(first_row.shape[0])
     pos_user, pos_item, pos_ts = ev_user[first_row], ev_item_code[first_row], ts[first_row]
 
@@ -294,34 +562,104 @@ def build_samples(
     new_run = np.r_[True, (ev_user[1:] != ev_user[:-1]) | (ts[1:] != ts[:-1])]
     run_first = np.maximum.accumulate(np.where(new_run, np.arange(len(log_), dtype=np.int64), 0))
     pos_hist_end = run_first[first_row]
+    n_tasks = len(base_schema.tasks)
 
-    has_action = (bits[:, None] >> np.arange(len(ACTIONS))) & 1
-    pos_labels = (has_action @ spec.task_action_matrix().astype(np.int64)) > 0
+    if imps is None:
+        # First interaction time of every (user, item) pair, from the positives (they cover every event).
+        if n_users * n_items >= 2**63:
+            raise ValueError(f"{n_users} users x {n_items} items overflow the int64 pair key")
+        pair_key = pos_user * n_items + pos_item
+        pair_order = np.argsort(pair_key, kind="stable")  # stable: the first of a pair is its earliest
+        pk = pair_key[pair_order]
+        pair_new = np.r_[True, pk[1:] != pk[:-1]] if n_pos else np.zeros(0, dtype=bool)
+        pair_keys, pair_first_ts = pk[pair_new], pos_ts[pair_order][pair_new]
 
-    # First interaction time of every (user, item) pair, from the positives (they cover every event).
-    if n_users * n_items >= 2**63:
-        raise ValueError(f"{n_users} users x {n_items} items overflow the int64 pair key")
-    pair_key = pos_user * n_items + pos_item
-    pair_order = np.argsort(pair_key, kind="stable")  # stable: the first of a pair is its earliest
-    pk = pair_key[pair_order]
-    pair_new = np.r_[True, pk[1:] != pk[:-1]] if n_pos else np.zeros(0, dtype=bool)
-    pair_keys, pair_first_ts = pk[pair_new], pos_ts[pair_order][pair_new]
+        neg_owner, neg_item = _sample_negatives(
+            pos_user, pos_ts, item_count, pair_keys, pair_first_ts, negatives_per_positive, seed
+        )
+        n_neg = int(neg_owner.shape[0])
+        # Samples: each positive followed by its kept negatives (neg_owner is sorted).
+        kept = np.bincount(neg_owner, minlength=n_pos)
+        per = 1 + kept  # samples per positive; per-positive values are np.repeat-ed by it
+        pos_at = np.cumsum(per) - per  # where each positive lands
+        neg_at = pos_at[neg_owner] + 1 + np.arange(n_neg, dtype=np.int64) - (np.cumsum(kept) - kept)[neg_owner]
+        n_samples = n_pos + n_neg
+        item_code = np.empty(n_samples, dtype=np.int64)
+        item_code[pos_at], item_code[neg_at] = pos_item, neg_item
+        labels = np.zeros((n_samples, n_tasks), dtype=np.float32)
+        labels[pos_at] = pos_labels
+        s_user = np.repeat(pos_user, per)
+        s_ts = np.repeat(pos_ts, per)
+        s_hist_end = np.repeat(pos_hist_end, per)
+        # context sources: the positives' first rows; every sample reads its positive's
+        src_ev, src_imp = first_row, np.zeros(0, dtype=np.int64)
+        sample_src = np.repeat(np.arange(n_pos, dtype=np.int64), per)
+    else:
+        # Impression negatives: one per (user, item, day) impression group, at its first row,
+        # unless that (user, item, day) is a positive.
+        imp_ts = np.asarray(imps.timestamp, dtype=np.int64)
+        imp_day = imp_ts // SECONDS_PER_DAY
+        i_order, i_starts = _group_first_rows(imp_user, imp_day, imp_item, n_users, n_items)
+        imp_first = np.sort(np.minimum.reduceat(i_order, i_starts)) if i_starts.shape[0] else i_starts
+        engaged = _in_groups(
+            (imp_user[imp_first], imp_day[imp_first], imp_item[imp_first]),
+            (pos_user, pos_ts // SECONDS_PER_DAY, pos_item),
+            n_users,
+            n_items,
+        )
+        dropped = int(engaged.sum())
+        imp_first = imp_first[~engaged]
+        n_neg = int(imp_first.shape[0])
+        log.info("impression negatives: %d, %d dropped (their user, item and day have a behaviour)", n_neg, dropped)
+        neg_user, neg_ts = imp_user[imp_first], imp_ts[imp_first]
+        neg_hist_end = _history_end(ev_user, ts, neg_user, neg_ts, n_users)
+        # Positives and impression negatives in (user, time) order; a positive first at a tie.
+        all_user = np.r_[pos_user, neg_user]
+        all_ts = np.r_[pos_ts, neg_ts]
+        is_neg = np.r_[np.zeros(n_pos, dtype=np.int8), np.ones(n_neg, dtype=np.int8)]
+        merged = np.lexsort((np.arange(n_pos + n_neg), is_neg, all_ts, all_user))
+        n_samples = n_pos + n_neg
+        item_code = np.r_[pos_item, imp_item[imp_first]][merged]
+        labels = np.zeros((n_samples, n_tasks), dtype=np.float32)
+        labels[:n_pos] = pos_labels
+        labels = labels[merged]
+        s_user, s_ts = all_user[merged], all_ts[merged]
+        s_hist_end = np.r_[pos_hist_end, neg_hist_end][merged]
+        # context sources: the positives' first rows, then the negatives' own impression rows
+        src_ev, src_imp = first_row, imp_first
+        sample_src = merged.astype(np.int64)
 
-    neg_owner, neg_item = _sample_negatives(
-        pos_user, pos_ts, item_count, pair_keys, pair_first_ts, negatives_per_positive, seed
+    # Side features: fitted on the tables and on the training period's context, then encoded.
+    ctx_decl = spec.context_features or ContextFeatures()
+    ctx_names = tuple([d.name for d in ctx_decl.categorical] + [d.name for d in ctx_decl.numeric])
+    train_ctx: dict[str, npt.NDArray[Any]] = {}
+    for name in ctx_names:
+        if name not in log_.context:
+            raise DataError(f"context feature {name!r}: the events have no column {name!r}")
+        parts = [log_.context[name][train_rows]]
+        if imps is not None and name in imps.context:
+            parts.append(imps.context[name][imp_train])
+        train_ctx[name] = np.concatenate(parts)
+    side = fit_side_features(dataset, train_ctx)
+    # Each table is encoded once (users, catalogue items, context sources), then indexed per sample.
+    n_src = src_ev.shape[0] + src_imp.shape[0]
+    src_ctx = _gather_context(ctx_names, log_, imps, src_ev, src_imp) if ctx_names else {}
+    side_ids, side_values = _side_rows(
+        side,
+        (
+            _table_codes(side.user, dataset.users, users),
+            _table_codes(side.item, dataset.items, cat_items),
+            encode_group(side.context, src_ctx, n_src),
+        ),
+        (s_user, item_code, sample_src),
     )
 
-    # Samples: each positive followed by its kept negatives (neg_owner is sorted).
-    kept = np.bincount(neg_owner, minlength=n_pos)
-    per = 1 + kept  # samples per positive; per-positive values are np.repeat-ed by it
-    pos_at = np.cumsum(per) - per  # where each positive lands
-    neg_at = pos_at[neg_owner] + 1 + np.arange(neg_owner.shape[0], dtype=np.int64) - (np.cumsum(kept) - kept)[neg_owner]
-    n_samples = n_pos + int(neg_owner.shape[0])
-    item_code = np.empty(n_samples, dtype=np.int64)
-    item_code[pos_at], item_code[neg_at] = pos_item, neg_item
-    labels = np.zeros((n_samples, len(spec.tasks)), dtype=np.float32)
-    labels[pos_at] = pos_labels
-
+    schema = FeatureSchema(
+        SchemaSpec.from_feature_spec(spec, side, dataset.id_types),
+        Vocabulary(users[user_seen]),
+        Vocabulary(cat_items[item_seen]),
+        Vocabulary(np.unique(train_cats)),
+    )
     # Dense ids through small per-user / per-catalogue-item tables: one lookup per distinct id.
     user_dense = schema.users.lookup(users)
     item_dense = schema.items.lookup(cat_items)
@@ -332,30 +670,45 @@ def build_samples(
         ev_category=schema.categories.lookup(log_.category_id),
         ev_action=action,
         ev_ts=ts,
-        hist_start=np.repeat(offsets[pos_user], per).astype(np.int64),
-        hist_end=np.repeat(pos_hist_end, per),
-        user=np.repeat(user_dense[pos_user], per),
+        hist_start=user_start[s_user].astype(np.int64),
+        hist_end=s_hist_end.astype(np.int64),
+        user=user_dense[s_user],
         item=item_dense[item_code],
         category=item_cat_dense[item_code],
-        ts=np.repeat(pos_ts, per),
+        ts=s_ts,
         labels=labels,
-        split=np.repeat(split.assign(pos_ts), per),
-        raw_user=np.repeat(users[pos_user], per),
+        split=split.assign(s_ts),
+        raw_user=users[s_user],
         raw_item=cat_items[item_code],
         catalogue=(cat_items, cat_cats),
+        side_ids=side_ids,
+        side_values=side_values,
         time_split=split,
     )
     log.info(
-        "built %d samples (%d positives, %d negatives) from %d events of %d users in %.1f s",
+        "built %d samples (%d positives, %d %s negatives) from %d events of %d users in %.1f s",
         len(samples),
         n_pos,
-        neg_owner.shape[0],
+        n_neg,
+        "impression" if imps is not None else "popularity",
         len(log_),
         n_users,
         time.perf_counter() - started,
         extra={"split": samples.summary()} if log.isEnabledFor(logging.INFO) else {},
     )
     return samples
+
+
+def _group_labels(matrix: npt.NDArray[np.bool_], action: IntArray, starts: IntArray) -> npt.NDArray[np.bool_]:
+    """[groups, tasks]: a group is positive for a task if any of its rows' actions is (rows in group order)."""
+    n_tasks = matrix.shape[1]
+    if starts.shape[0] == 0:
+        return np.zeros((0, n_tasks), dtype=bool)
+    if n_tasks <= 62:  # one int64 of task bits per row, OR-ed per group
+        task_bits = (matrix.astype(np.int64) << np.arange(n_tasks, dtype=np.int64)).sum(axis=1)
+        bits = np.bitwise_or.reduceat(task_bits[action], starts)
+        return np.asarray((bits[:, None] >> np.arange(n_tasks)) & 1, dtype=bool)
+    return np.asarray(np.maximum.reduceat(matrix[action].astype(np.uint8), starts, axis=0) > 0, dtype=bool)
 
 
 def _sample_negatives(

@@ -17,9 +17,34 @@ The generative model (docs/DATA.md has the full story):
 The planted signal: a user's next events concentrate on the categories and items of that
 user's long-term history, which a sequence model can find and item popularity cannot.
 
-Output: one `.npy` per EventLog column (narrow dtypes), `user_offsets.npy`, the catalogue
-(`catalogue_item.npy`, `catalogue_category.npy`) and `meta.json`, written chunk by chunk into
-preallocated memory-mapped files. Events are sorted by user, then strictly increasing time.
+Side features (drawn from their own random streams after the behaviour, which they leave
+unchanged):
+
+- Items: a brand (50; an item carries its category's house brand 60% of the time) and a
+  log-normal price (category mean plus item noise), for every catalogue item plus 1% more items
+  that never occur in an event.
+- Users: a segment (8) and an age (correlated with the segment). A seeded segment x brand
+  affinity gives each brand one segment that loves it; a user's segment is mostly the one that
+  loves the house brand of the user's strongest interest, where users buy most, so a segment's
+  users buy its loved brands more often than others.
+- Context of each event: the device (ios, android, web; one per session) and the hour of day
+  (UTC, from the timestamp).
+- The planted context signal: (behaviour, device) is distributed as if each session's device
+  were drawn first and each event were a buy with the behaviour's buy probability times a
+  device x price factor: ios converts on expensive items, web on cheap ones, android least. The
+  factors average 1 over the devices at every price, so the price alone says nothing about a
+  buy; the device says some, and much more together with the item's price. The device varies
+  per session, so ids cannot learn it. The device is drawn from its posterior given the drawn
+  behaviour (`_context_chunk`), which is what keeps the behaviour columns bit-identical to a set
+  written without side features.
+
+Output: one `.npy` per EventLog column (narrow dtypes) and per context column (`device.npy`,
+`hour.npy`, uint8), `user_offsets.npy`, the catalogue (`catalogue_item.npy`,
+`catalogue_category.npy`), `items.csv` (item_id, brand, price, category_id), `users.csv`
+(user_id, segment, age), the feature specs `spec.yaml` (with the side features) and
+`spec_noside.yaml` (without), and `meta.json` (last: it marks a complete set), written chunk by
+chunk into preallocated memory-mapped files. Events are sorted by user, then strictly
+increasing time.
 """
 
 from __future__ import annotations
@@ -30,22 +55,29 @@ import logging
 import math
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+import yaml
 from tqdm import tqdm
 
 from feature_store.schema import ACTION_CODE, ACTIONS
+from feature_store.spec import FeatureSpec
 from models.data.events import EventLog
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: items.csv, users.csv, the context columns and the spec files
+READABLE_VERSIONS = (1, 2)  # a version-1 set has the same behaviour columns and no side features
 META_FILE = "meta.json"
 COLUMNS = ("user_id", "item_id", "category_id", "action", "timestamp")
+CONTEXT_COLUMNS = ("device", "hour")  # per event, uint8 .npy files beside COLUMNS
+ITEMS_FILE, USERS_FILE = "items.csv", "users.csv"
+SPEC_FILE, SPEC_NOSIDE_FILE = "spec.yaml", "spec_noside.yaml"
 CHUNK_EVENTS = 1 << 22  # events generated per vectorized step (~0.5 GB of temporaries)
 
 # The generative model's constants (documented in docs/DATA.md).
@@ -62,6 +94,27 @@ P_EXPLORE = 0.10  # a category drawn by global popularity
 P_REVISIT = 0.20  # an item from the user's own past
 # Probabilities of cart / fav / buy: base, + in the strongest interest, + on a re-visit.
 ACTION_RATES = {"cart": (0.004, 0.010, 0.020), "fav": (0.004, 0.006, 0.010), "buy": (0.006, 0.012, 0.030)}
+
+# Side features (separate random streams: the behaviour above does not depend on them).
+SIDE_STREAM = 3  # Generator seeds [seed, 3, ...]; the behaviour uses [seed, 0], [seed, 1], [seed, 2, chunk]
+EXTRA_ITEMS_SHARE = 0.01  # catalogue items beyond the event catalogue: features, never an event
+N_BRANDS = 50
+P_HOUSE_BRAND = 0.6  # an item carries its category's house brand, else a uniformly drawn one
+PRICE_LOG_MEAN, PRICE_CATEGORY_SD, PRICE_ITEM_SD = 3.0, 0.8, 0.5  # log price = category mean + item noise
+PRICE_TERCILES = (-0.4307, 0.4307)  # standard normal terciles of the standardized log price
+N_SEGMENTS = 8
+AFFINITY_NOISE_SD = 0.3  # log-normal noise of every segment x brand multiplier
+AFFINITY_LOVED = 6.0  # each brand has one segment whose multiplier is 6x the others' (before normalizing)
+SEGMENT_LOYALTY = 3.0  # a user's segment is drawn ∝ affinity[segment, house brand of the strongest interest]^3
+AGE_BASE, AGE_PER_SEGMENT, AGE_SD = 24.0, 4.0, 7.0
+DEVICES = ("ios", "android", "web")  # device.npy holds the index; load_synthetic gives the text
+DEVICE_PRIOR = (0.35, 0.45, 0.20)
+# Buy multiplier of device d for standardized log price z: exp(DEVICE_EFFECT[d] + DEVICE_PRICE_SIGN[d] x
+# DEVICE_PRICE_SLOPE x z), scaled to average 1 over DEVICE_PRIOR at every price: ios buys expensive
+# items, web cheap ones, android converts least.
+DEVICE_EFFECT = (0.0, -1.5, 0.5)
+DEVICE_PRICE_SIGN = (1.0, 0.0, -1.0)
+DEVICE_PRICE_SLOPE = 3.0
 
 
 @dataclass(frozen=True)
@@ -164,8 +217,12 @@ def _sample_in_category(
 
 def _generate_chunk(
     p: SynthParams, cat: _Catalogue, users: _Users, u0: int, u1: int, chunk: int
-) -> dict[str, npt.NDArray[Any]]:
-    """Events of users [u0, u1): sorted by user, strictly increasing time per user."""
+) -> tuple[dict[str, npt.NDArray[Any]], npt.NDArray[np.float64], npt.NDArray[np.float64], npt.NDArray[np.bool_]]:
+    """Events of users [u0, u1): sorted by user, strictly increasing time per user.
+
+    Also returns what the side features are drawn from: each event's buy probability, its
+    cart + fav probability (what the action draw used) and whether it starts a session.
+    """
     rng = np.random.default_rng([p.seed, 2, chunk])
     counts = users.n_events[u0:u1]
     n = int(counts.sum())
@@ -214,9 +271,11 @@ def _generate_chunk(
     r = rng.random(n)
     action = np.full(n, ACTION_CODE["click"], dtype=np.uint8)
     upper = np.zeros(n)
+    rates: dict[str, npt.NDArray[np.float64]] = {}
     for name in ("buy", "cart", "fav"):
         base, top_bonus, revisit_bonus = ACTION_RATES[name]
-        lower, upper = upper, upper + base + top_bonus * is_top + revisit_bonus * rev
+        rates[name] = base + top_bonus * is_top + revisit_bonus * rev
+        lower, upper = upper, upper + rates[name]
         action[(r >= lower) & (r < upper)] = ACTION_CODE[name]
 
     # Time: in-session gaps of ~45 s; session gaps scaled so each timeline spans the user's span.
@@ -233,13 +292,175 @@ def _generate_chunk(
     x0 = int(x.min())
     packed = np.maximum.accumulate((lu << 40) | (x - x0))
     ts = (packed & ((1 << 40) - 1)) + x0 + pos
-    return {
+    cols = {
         "user_id": gu + 1,
         "item_id": cat.raw_item[item],
         "category_id": category + 1,
         "action": action,
         "timestamp": ts,
     }
+    return cols, rates["buy"], rates["cart"] + rates["fav"], new_sess
+
+
+# ---------------------------------------------------------------------------------------------
+# Side features: item attributes, user profiles, per-event context, and the planted signal
+
+
+@dataclass(frozen=True, eq=False)
+class _Items:
+    """Attributes of every catalogue item, indexed by raw item id (index 0 unused)."""
+
+    n_extra: int  # items after the event catalogue (ids items+1 ..): in items.csv, never in an event
+    category: npt.NDArray[np.int64]  # raw category id
+    house: npt.NDArray[np.int64]  # house brand of each raw category id
+    brand: npt.NDArray[np.int64]  # brand index 0..N_BRANDS-1
+    price: npt.NDArray[np.float64]  # rounded to cents, as written to items.csv
+    z: npt.NDArray[np.float64]  # standardized log price (over the whole catalogue)
+    device_factor: npt.NDArray[np.float64]  # [n + 1, 3] device_multiplier(z)
+    price_bucket: npt.NDArray[np.int64]  # 0 cheap, 1 mid, 2 expensive
+
+
+@dataclass(frozen=True, eq=False)
+class _Affinity:
+    """The user segment x brand affinity, [N_SEGMENTS, N_BRANDS], mean 1 per brand."""
+
+    matrix: npt.NDArray[np.float64]
+    loved: npt.NDArray[np.int64]  # each brand's loved segment
+
+
+def _items(p: SynthParams, cat: _Catalogue) -> _Items:
+    rng = np.random.default_rng([p.seed, SIDE_STREAM, 0])
+    n_extra = max(1, round(p.items * EXTRA_ITEMS_SHARE))
+    total = p.items + n_extra
+    category = np.zeros(total + 1, dtype=np.int64)
+    category[cat.raw_item] = cat.cat + 1
+    extra = np.searchsorted(cat.cat_pop_cdf, rng.random(n_extra), side="right")
+    category[p.items + 1 :] = np.minimum(extra, p.categories - 1) + 1
+    house = rng.integers(0, N_BRANDS, p.categories + 1)  # each category's house brand
+    own = rng.random(total + 1) < P_HOUSE_BRAND
+    brand = np.where(own, house[category], rng.integers(0, N_BRANDS, total + 1)).astype(np.int64)
+    category_mu = rng.normal(PRICE_LOG_MEAN, PRICE_CATEGORY_SD, p.categories + 1)
+    log_price = category_mu[category] + rng.normal(0.0, PRICE_ITEM_SD, total + 1)
+    price = np.maximum(np.round(np.exp(log_price), 2), 0.01)
+    lp = np.log(price)
+    z = (lp - lp[1:].mean()) / lp[1:].std()
+    return _Items(n_extra, category, house, brand, price, z, device_multiplier(z), _price_bucket(z))
+
+
+def _affinity(p: SynthParams) -> _Affinity:
+    rng = np.random.default_rng([p.seed, SIDE_STREAM, 1])
+    raw = np.exp(rng.normal(0.0, AFFINITY_NOISE_SD, (N_SEGMENTS, N_BRANDS)))
+    loved = rng.integers(0, N_SEGMENTS, N_BRANDS).astype(np.int64)
+    raw[loved, np.arange(N_BRANDS)] *= AFFINITY_LOVED
+    return _Affinity(raw / raw.mean(axis=0, keepdims=True), loved)  # segments are equally likely a priori
+
+
+def device_multiplier(z: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    """[n, 3] factor on the buy probability of an item with standardized log price `z` per device.
+
+    ios favours expensive items, web cheap ones, android converts least; the factors average 1
+    over the device prior at every price, so the overall buy rate at each price is unchanged.
+    """
+    slope = DEVICE_PRICE_SLOPE * np.asarray(DEVICE_PRICE_SIGN)
+    w = np.exp(np.asarray(DEVICE_EFFECT)[None, :] + np.asarray(z, dtype=np.float64)[:, None] * slope[None, :])
+    return np.asarray(w / (w @ np.asarray(DEVICE_PRIOR))[:, None], dtype=np.float64)
+
+
+def _profiles(p: SynthParams, users: _Users, items: _Items, affinity: _Affinity) -> tuple[
+    npt.NDArray[np.int64], npt.NDArray[np.int64]
+]:
+    """Segment and age of every user.
+
+    A user's segment is drawn ∝ affinity[segment, b]^SEGMENT_LOYALTY for b the house brand of the
+    user's strongest interest: mostly the segment that loves that brand. Users buy most in their
+    strongest interest, so a segment's users buy the brands it loves more often than other brands.
+    """
+    rng = np.random.default_rng([p.seed, SIDE_STREAM, 2])
+    logits = SEGMENT_LOYALTY * np.log(affinity.matrix[:, items.house[users.top + 1]].T)
+    segment = np.argmax(logits + rng.gumbel(size=logits.shape), axis=1).astype(np.int64)
+    age = np.clip(np.round(rng.normal(AGE_BASE + AGE_PER_SEGMENT * segment, AGE_SD)), 16, 80).astype(np.int64)
+    return segment, age
+
+
+def _context_chunk(
+    p: SynthParams,
+    items: _Items,
+    cols: dict[str, npt.NDArray[Any]],
+    p_buy: npt.NDArray[np.float64],
+    p_rest: npt.NDArray[np.float64],
+    new_sess: npt.NDArray[np.bool_],
+    chunk: int,
+) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.uint8]]:
+    """The device (one per session) and the hour of day (UTC) of each event of a chunk.
+
+    The behaviour is already drawn. A session's device is drawn from its posterior given the
+    session's actions under the model "device ~ DEVICE_PRIOR, then each event is a buy with
+    probability p_buy x device_multiplier(price)[device], a cart or fav with p_rest, else a
+    click". The multipliers average 1 over the prior, so that model gives every event the
+    behaviour's own action probabilities: (behaviour, device) is distributed as if drawn from it,
+    and the behaviour columns stay exactly as they were. Its own generator per chunk.
+    """
+    rng = np.random.default_rng([p.seed, SIDE_STREAM, 3, chunk])
+    n = new_sess.shape[0]
+    action = cols["action"][:, None]
+    m = items.device_factor[cols["item_id"]]
+    # log p(the event's action | device), up to a per-event constant: a buy's is log m, a cart's
+    # or a fav's does not depend on the device, a click's is log(1 - p_rest - p_buy m).
+    click = np.log(np.maximum(1.0 - p_rest[:, None] - p_buy[:, None] * m, 1e-9))
+    ll = np.where(action == ACTION_CODE["buy"], np.log(m), np.where(action == ACTION_CODE["click"], click, 0.0))
+    starts = np.flatnonzero(new_sess)
+    session_ll = np.add.reduceat(ll, starts, axis=0) + np.log(np.asarray(DEVICE_PRIOR))
+    session_device = np.argmax(session_ll + rng.gumbel(size=session_ll.shape), axis=1)
+    device = np.repeat(session_device, np.diff(np.r_[starts, n])).astype(np.uint8)
+    hour = ((cols["timestamp"] % 86_400) // 3_600).astype(np.uint8)
+    return device, hour
+
+
+def _price_bucket(z: npt.NDArray[np.float64]) -> npt.NDArray[np.int64]:
+    """0 cheap, 1 mid, 2 expensive: terciles of the standardized log price (about ±0.43)."""
+    return np.searchsorted(np.asarray(PRICE_TERCILES), z).astype(np.int64)
+
+
+def _write_table(path: Path, header: tuple[str, ...], columns: list[list[Any]]) -> None:
+    with path.open("w") as f:
+        f.write(",".join(header) + "\n")
+        f.writelines(",".join(map(str, row)) + "\n" for row in zip(*columns, strict=True))
+
+
+def spec_document(side: bool = True) -> dict[str, Any]:
+    """The feature spec of a synthetic set (written as spec.yaml and, without side features, spec_noside.yaml)."""
+    doc: dict[str, Any] = {
+        "name": "synthetic" if side else "synthetic-noside",
+        "events": {"path": ".", "format": "synthetic", "user": "user_id", "item": "item_id", "action": "action",
+                   "timestamp": "timestamp", "category": "category_id"},
+        "actions": {a: [code] for code, a in enumerate(ACTIONS)},
+        "tasks": [
+            {"name": "click", "positive": ["click", "cart", "fav", "buy"], "weight": 1.0},
+            {"name": "cart", "positive": ["cart", "fav"], "parent": "click", "weight": 3.0},
+            {"name": "buy", "positive": ["buy"], "parent": "click", "weight": 10.0},
+        ],
+    }
+    if side:
+        doc["item_features"] = {"path": ITEMS_FILE, "key": "item_id", "categorical": ["brand"],
+                                "numeric": [{"name": "price", "log1p": True}]}
+        doc["user_features"] = {"path": USERS_FILE, "key": "user_id", "categorical": ["segment"],
+                                "numeric": ["age"]}
+        doc["context_features"] = {"categorical": ["device"], "numeric": ["hour"]}
+    return doc
+
+
+def write_specs(directory: str | Path) -> tuple[Path, Path]:
+    """Write spec.yaml (with the side features) and spec_noside.yaml into a synthetic set's directory."""
+    d = Path(directory)
+    written = []
+    for name, side in ((SPEC_FILE, True), (SPEC_NOSIDE_FILE, False)):
+        doc = spec_document(side)
+        FeatureSpec.parse(doc, name)  # refuse to write a spec the loader would refuse
+        what = "with" if side else "without"
+        head = f"# Feature spec of this synthetic set, {what} its side features (written by `rankserve synth`).\n"
+        (d / name).write_text(head + yaml.safe_dump(doc, sort_keys=False))
+        written.append(d / name)
+    return written[0], written[1]
 
 
 def _narrow(max_value: int) -> np.dtype[Any]:
@@ -258,6 +479,8 @@ def generate(params: SynthParams, out: str | Path, progress: bool = True) -> dic
     (d / META_FILE).unlink(missing_ok=True)  # meta.json is written last: it marks a complete set
     cat = _catalogue(params)
     users = _users(params, cat)
+    items = _items(params, cat)
+    affinity = _affinity(params)
     total = int(users.n_events.sum())
     offsets = np.r_[0, np.cumsum(users.n_events)].astype(np.int64)
     dtypes = {
@@ -266,22 +489,37 @@ def generate(params: SynthParams, out: str | Path, progress: bool = True) -> dic
         "category_id": _narrow(params.categories),
         "action": np.dtype(np.uint8),
         "timestamp": _narrow(END_TS),
+        "device": np.dtype(np.uint8),
+        "hour": np.dtype(np.uint8),
     }
-    files = {c: np.lib.format.open_memmap(d / f"{c}.npy", mode="w+", dtype=dtypes[c], shape=(total,)) for c in COLUMNS}
+    files = {
+        c: np.lib.format.open_memmap(d / f"{c}.npy", mode="w+", dtype=dtypes[c], shape=(total,))
+        for c in (*COLUMNS, *CONTEXT_COLUMNS)
+    }
     action_counts = np.zeros(len(ACTIONS), dtype=np.int64)
     item_counts = np.zeros(params.items + 1, dtype=np.int64)
+    segment, age = _profiles(params, users, items, affinity)
+    # Planted-signal tallies: (device, price tercile) and (loved pair or not) -> [events, buys].
+    by_device_price = np.zeros((len(DEVICES), 3, 2), dtype=np.int64)
+    by_affinity = np.zeros((2, 2), dtype=np.int64)
 
     u0, chunk = 0, 0
     with tqdm(total=total, unit="ev", unit_scale=True, file=sys.stderr, disable=not progress, desc="synth") as bar:
         while u0 < params.users:
             # Whole users per chunk, as many as fit in CHUNK_EVENTS (at least one).
             u1 = max(int(np.searchsorted(offsets, offsets[u0] + CHUNK_EVENTS, side="right")) - 1, u0 + 1)
-            cols = _generate_chunk(params, cat, users, u0, u1, chunk)
+            cols, p_buy, p_rest, new_sess = _generate_chunk(params, cat, users, u0, u1, chunk)
+            cols["device"], cols["hour"] = _context_chunk(params, items, cols, p_buy, p_rest, new_sess, chunk)
             lo, hi = int(offsets[u0]), int(offsets[u1])
-            for c in COLUMNS:
-                files[c][lo:hi] = cols[c]
+            for c, f in files.items():
+                f[lo:hi] = cols[c]
             action_counts += np.bincount(cols["action"], minlength=len(ACTIONS))
             item_counts += np.bincount(cols["item_id"], minlength=params.items + 1)
+            is_buy = (cols["action"] == ACTION_CODE["buy"]).astype(np.int64)
+            cell = cols["device"].astype(np.int64) * 6 + items.price_bucket[cols["item_id"]] * 2 + is_buy
+            by_device_price += np.bincount(cell, minlength=by_device_price.size).reshape(by_device_price.shape)
+            loved = affinity.loved[items.brand[cols["item_id"]]] == segment[cols["user_id"] - 1]
+            by_affinity += np.bincount(loved * 2 + is_buy, minlength=4).reshape(2, 2)
             bar.update(hi - lo)
             u0, chunk = u1, chunk + 1
     for f in files.values():
@@ -292,7 +530,24 @@ def generate(params: SynthParams, out: str | Path, progress: bool = True) -> dic
     np.save(d / "catalogue_item.npy", cat.raw_item[order].astype(dtypes["item_id"]))
     np.save(d / "catalogue_category.npy", (cat.cat[order] + 1).astype(dtypes["category_id"]))
     np.save(d / "user_offsets.npy", offsets)
+    ids = np.arange(1, params.items + items.n_extra + 1)
+    _write_table(
+        d / ITEMS_FILE,
+        ("item_id", "brand", "price", "category_id"),
+        [ids.tolist(), [f"brand{b:02d}" for b in items.brand[1:].tolist()],
+         [f"{x:.2f}" for x in items.price[1:].tolist()], items.category[1:].tolist()],
+    )
+    _write_table(
+        d / USERS_FILE,
+        ("user_id", "segment", "age"),
+        [list(range(1, params.users + 1)), [f"seg{s}" for s in segment.tolist()], age.tolist()],
+    )
+    write_specs(d)
     top1 = np.sort(item_counts)[::-1][: max(params.items // 100, 1)].sum() / max(total, 1)
+
+    def rate(tally: npt.NDArray[np.int64]) -> float:
+        return round(float(tally[1] / max(tally.sum(), 1)), 5)
+
     meta: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
         "generator": "rankserve synth",
@@ -306,6 +561,19 @@ def generate(params: SynthParams, out: str | Path, progress: bool = True) -> dic
             "items_with_events": int((item_counts > 0).sum()),
             "actions": {a: int(c) for a, c in zip(ACTIONS, action_counts, strict=True)},
             "top1pct_item_share": round(float(top1), 4),
+            "catalogue_items": params.items + items.n_extra,
+            "extra_items": items.n_extra,
+        },
+        "side": {
+            "brands": N_BRANDS,
+            "segments": N_SEGMENTS,
+            "devices": list(DEVICES),
+            "buy_rate_by_device_price": {
+                dev: dict(zip(("cheap", "mid", "expensive"), (rate(t) for t in by_device_price[k]), strict=True))
+                for k, dev in enumerate(DEVICES)
+            },
+            "buy_rate_loved_brand": rate(by_affinity[1]),
+            "buy_rate_other_brand": rate(by_affinity[0]),
         },
         "dtypes": {c: dt.str for c, dt in dtypes.items()},
         "chunks": chunk,
@@ -325,9 +593,18 @@ def generate(params: SynthParams, out: str | Path, progress: bool = True) -> dic
     return meta
 
 
-def load_synthetic(directory: str | Path, max_users: int | None = None, seed: int = 0) -> EventLog:
+def load_synthetic(
+    directory: str | Path,
+    max_users: int | None = None,
+    seed: int = 0,
+    context: Iterable[str] | None = None,
+) -> EventLog:
     """The set as an EventLog (already sorted and unique). With `max_users`, a deterministic
-    random subset of users whose rows alone are read from the memory-mapped columns."""
+    random subset of users whose rows alone are read from the memory-mapped columns.
+
+    `context`: the context columns to load (`device` as text, `hour` as float64), default all
+    the set has; pass `()` to skip them. A set written before side features has none.
+    """
     d = Path(directory)
     try:
         meta = json.loads((d / META_FILE).read_text())
@@ -337,8 +614,17 @@ def load_synthetic(directory: str | Path, max_users: int | None = None, seed: in
         raise ValueError(
             f"{d} is not a complete synthetic set (missing {exc.filename}); run `rankserve synth`"
         ) from exc
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{d}: synthetic format version {meta.get('format_version')} != {FORMAT_VERSION}")
+    version = meta.get("format_version")
+    if version not in READABLE_VERSIONS:
+        raise ValueError(f"{d}: synthetic format version {version} is not one of {list(READABLE_VERSIONS)}")
+    available = CONTEXT_COLUMNS if version >= 2 else ()
+    wanted = tuple(available if context is None else context)
+    missing = [c for c in wanted if c not in available]
+    if missing:
+        raise ValueError(
+            f"{d}: no context column(s) {missing} in this synthetic set (it has {list(available)}); "
+            "regenerate it with `rankserve synth` for device and hour"
+        )
     n_users = offsets.shape[0] - 1
     if max_users is None or max_users >= n_users:
         rows: slice | npt.NDArray[np.int64] = slice(None)
@@ -346,12 +632,20 @@ def load_synthetic(directory: str | Path, max_users: int | None = None, seed: in
         chosen = np.sort(np.random.default_rng(seed).choice(n_users, size=max_users, replace=False))
         lengths = offsets[chosen + 1] - offsets[chosen]
         rows = np.repeat(offsets[chosen] - np.r_[0, np.cumsum(lengths)[:-1]], lengths) + np.arange(lengths.sum())
+    ctx: dict[str, npt.NDArray[Any]] = {}
+    for name in wanted:
+        raw = np.load(d / f"{name}.npy", mmap_mode="r")[rows]
+        if name == "device":
+            ctx[name] = np.asarray(DEVICES, dtype=object)[raw]
+        else:
+            ctx[name] = np.asarray(raw, dtype=np.float64)
     return EventLog(
         np.asarray(cols["user_id"][rows], dtype=np.int64),
         np.asarray(cols["item_id"][rows], dtype=np.int64),
         np.asarray(cols["category_id"][rows], dtype=np.int64),
         np.asarray(cols["action"][rows], dtype=np.uint8),
         np.asarray(cols["timestamp"][rows], dtype=np.int64),
+        context=ctx,
     )
 
 

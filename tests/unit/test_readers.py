@@ -92,7 +92,10 @@ def test_tmall_small_file(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("row", "message"),
-    [("7,100,0,2-30", "cannot parse visit_datetime '2-30' in data row 2"), ("7,100,9,4-15", "unknown Tmall type")],
+    [
+        ("7,100,0,2-30", "cannot parse visit_datetime '2-30' in data row 2"),
+        ("7,100,9,4-15", r"unknown type value\(s\) \['9'\] \(first in data row 2\)"),
+    ],
 )
 def test_tmall_bad_values(tmp_path: Path, row: str, message: str) -> None:
     p = tmp_path / "t.csv"
@@ -332,3 +335,271 @@ def test_dataset_arguments(tmp_path: Path) -> None:
 def test_readers_do_not_import_torch() -> None:
     code = "import sys, models.data.readers, models.data.samples, models.data.synth; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], cwd=repo_root(), check=False).returncode == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Feature specs: generic files with custom actions, impressions, string ids, side tables, context
+
+from feature_store.schema import ACTIONS, DEFAULT_TASKS  # noqa: E402
+from feature_store.spec import FeatureSpec, SpecError  # noqa: E402
+from feature_store.spec import stable_id_hash as spec_hash  # noqa: E402
+from models.data.events import Dataset  # noqa: E402
+from models.data.readers import (  # noqa: E402
+    dataset_of_run,
+    load_spec_dataset,
+    preset_spec,
+    read_side_table,
+    spec_from_args,
+)
+from tests.shop_data import write_shop  # noqa: E402
+
+CUSTOM = """\
+name: custom
+events: {path: events.csv, user: uid, item: sku, action: kind, timestamp: when, category: cat}
+actions: {impression: [shown], view: [v], buy: [order, purchase]}
+tasks:
+  - {name: view, positive: [view, buy]}
+  - {name: buy, positive: [buy], parent: view, weight: 5}
+context_features: {categorical: [device], numeric: [hour]}
+"""
+
+
+def write_custom(d: Path, rows: str, spec: str = CUSTOM) -> FeatureSpec:
+    (d / "events.csv").write_text("uid,sku,kind,when,cat,device,hour\n" + rows)
+    (d / "spec.yaml").write_text(spec)
+    return FeatureSpec.load(d / "spec.yaml")
+
+
+def h(text: str) -> int:
+    return int(spec_hash([text])[0])
+
+
+def test_spec_custom_actions_impressions_string_ids_and_context(tmp_path: Path) -> None:
+    spec = write_custom(
+        tmp_path,
+        "alice,sku-1,shown,100,shoes,ios,3\n"
+        "alice,sku-1,v,110,shoes,ios,3\n"
+        "alice,sku-2,purchase,120,bags,,\n"
+        "bob,sku-2,order,90,bags,web,1.5\n"
+        "bob,sku-3,shown,95,bags,web,1.5\n"
+        "bob,sku-3,shown,95,bags,web,1.5\n",  # an exact duplicate
+    )
+    ds = load_spec_dataset(spec, tmp_path)
+    assert isinstance(ds, Dataset) and ds.spec is spec and ds.base == tmp_path
+    assert ds.id_types == ("string", "string")
+    assert spec.behaviour_actions == ("view", "buy")
+    ev, imp = ds.events, ds.impressions
+    assert imp is not None and len(ev) == 3 and len(imp) == 2
+    assert ev.user_id.tolist() == sorted([h("alice"), h("alice"), h("bob")])
+    rows = {(int(u), int(i)): (int(a), int(t)) for u, i, a, t in zip(ev.user_id, ev.item_id, ev.action, ev.timestamp,
+                                                                     strict=True)}
+    assert rows[(h("alice"), h("sku-1"))] == (0, 110)  # view: code 0 among the behaviour actions
+    assert rows[(h("alice"), h("sku-2"))] == (1, 120)  # purchase and order both mean buy (code 1)
+    assert rows[(h("bob"), h("sku-2"))] == (1, 90)
+    assert set(ev.category_id.tolist()) == {h("shoes"), h("bags")}
+    # context columns ride along with their rows: text (None when empty) and float64 (NaN when empty)
+    k = int(np.flatnonzero(ev.item_id == h("sku-2"))[ev.user_id[ev.item_id == h("sku-2")] == h("alice")][0])
+    assert ev.context["device"].dtype == object and ev.context["device"][k] is None
+    assert ev.context["hour"].dtype == np.float64 and np.isnan(ev.context["hour"][k])
+    assert imp.context["device"].tolist() == ["ios", "web"] or imp.context["device"].tolist() == ["web", "ios"]
+    assert (imp.action == 0).all()
+    assert ds.users is None and ds.items is None
+
+
+def test_spec_id_types(tmp_path: Path) -> None:
+    rows = "007,12,v,100,1,ios,1\n8,13,v,101,1,ios,1\n"
+    string_ids = CUSTOM + "ids: {user: string, item: auto}\n"
+    ds = load_spec_dataset(write_custom(tmp_path, rows, string_ids), tmp_path)
+    assert ds.id_types == ("string", "int")  # an explicit string hashes integer-looking ids, as text
+    assert sorted(ds.events.user_id.tolist()) == sorted([h("007"), h("8")])
+    assert sorted(ds.events.item_id.tolist()) == [12, 13]
+    auto = load_spec_dataset(write_custom(tmp_path, rows), tmp_path)
+    assert auto.id_types == ("int", "int") and sorted(auto.events.user_id.tolist()) == [7, 8]
+    with pytest.raises(DataError, match=r"column 'uid' has non-integer id 'x1' in data row 3"):
+        load_spec_dataset(write_custom(tmp_path, rows + "x1,13,v,102,1,ios,1\n", CUSTOM + "ids: {user: int}\n"),
+                          tmp_path)
+
+
+def test_spec_missing_context_column_and_unknown_action(tmp_path: Path) -> None:
+    (tmp_path / "events.csv").write_text("uid,sku,kind,when,cat,device\n1,2,v,10,3,ios\n")
+    (tmp_path / "spec.yaml").write_text(CUSTOM)
+    with pytest.raises(DataError) as err:
+        load_spec_dataset(FeatureSpec.load(tmp_path / "spec.yaml"), tmp_path)
+    msg = str(err.value)
+    assert "\n" not in msg and "events.csv is missing column(s) ['hour']" in msg
+    spec = write_custom(tmp_path, "1,2,v,10,3,ios,1\n1,2,like,11,3,ios,1\n")
+    with pytest.raises(DataError, match=r"unknown kind value\(s\) \['like'\] \(first in data row 2\); "
+                       r"allowed: \['order', 'purchase', 'shown', 'v'\]"):
+        load_spec_dataset(spec, tmp_path)
+
+
+def test_spec_event_id_dedup(tmp_path: Path) -> None:
+    spec_text = CUSTOM.replace("category: cat}", "category: cat, event_id: eid}")
+    (tmp_path / "events.csv").write_text(
+        "eid,uid,sku,kind,when,cat,device,hour\n"
+        "a,1,2,v,10,3,ios,1\nb,1,2,v,10,3,ios,1\na,1,2,v,99,3,ios,1\n"
+    )
+    (tmp_path / "spec.yaml").write_text(spec_text)
+    ev = load_spec_dataset(FeatureSpec.load(tmp_path / "spec.yaml"), tmp_path).events
+    # a repeated event id is dropped (first kept); distinct ids with equal rows are two events
+    assert ev.timestamp.tolist() == [10, 10]
+
+
+def test_spec_parquet_events(tmp_path: Path) -> None:
+    df = pd.DataFrame({"uid": ["a", "b"], "sku": [5, 6], "kind": ["v", "shown"], "when": [10, 20],
+                       "cat": [1, 1], "device": ["ios", None], "hour": [1.0, np.nan]})
+    df.to_parquet(tmp_path / "events.parquet")
+    (tmp_path / "spec.yaml").write_text(CUSTOM.replace("events.csv", "events.parquet"))
+    ds = load_spec_dataset(FeatureSpec.load(tmp_path / "spec.yaml"), tmp_path)
+    assert ds.id_types == ("string", "int") and len(ds.events) == 1
+    assert ds.impressions is not None and ds.impressions.context["device"].tolist() == [None]
+
+
+def test_shop_tables(tmp_path: Path) -> None:
+    spec_path = write_shop(tmp_path, users=30, items=50, untouched_items=7)
+    spec = FeatureSpec.load(spec_path)
+    ds = load_spec_dataset(spec, spec_path.parent)
+    assert ds.users is not None and ds.items is not None and ds.impressions is not None
+    assert ds.id_types == ("string", "string")
+    # tables keyed exactly like the events; the catalogue has items nobody touched, with their category
+    assert len(ds.items) == 57 and set(ds.events.item_id.tolist()) <= set(ds.items.ids.tolist())
+    untouched = sorted(spec_hash([f"sku-{i:05d}" for i in range(50, 57)]).tolist())
+    items, cats = ds.item_catalogue()
+    assert set(untouched) <= set(items.tolist())
+    raw = pd.read_csv(spec_path.parent / "items.csv")
+    table_cat = dict(zip(spec_hash(raw["item_id"].tolist()).tolist(), raw["cat"].tolist(), strict=True))
+    for item, cat in zip(items.tolist(), cats.tolist(), strict=True):
+        if item in untouched:
+            assert cat == table_cat[item]
+    assert ds.items.category_id is not None
+    assert ds.items.columns["brand"].dtype == object and ds.items.columns["price"].dtype == np.float64
+    assert len(ds.users) == 25 and ds.users.columns["city"][0] == "paris"
+    assert set(ds.events.context) == {"device", "hour"}
+
+
+def test_side_table_errors(tmp_path: Path) -> None:
+    spec_path = write_shop(tmp_path, users=10, items=20, untouched_items=0)
+    spec = FeatureSpec.load(spec_path)
+    users = tmp_path / "users.csv"
+    users.write_text("user_id,city\nu-0000,paris\n")
+    with pytest.raises(DataError) as err:
+        load_spec_dataset(spec, tmp_path)
+    assert str(err.value) == f"{users} is missing column(s) ['age']; found ['user_id', 'city']"
+    users.write_text("user_id,city,age\nu-0000,paris,31\nu-0000,lyon,20\n")
+    with pytest.raises(DataError, match=r"column 'user_id' has 1 repeated id\(s\), first 'u-0000' in data row 2"):
+        load_spec_dataset(spec, tmp_path)
+    users.write_text("user_id,city,age\nu-0000,paris,old\n")
+    with pytest.raises(DataError, match=r"column 'age' has non-numeric value 'old' in data row 1"):
+        load_spec_dataset(spec, tmp_path)
+    users.write_text("user_id,city,age\nu-0000,paris,\n")  # an empty value is missing: the default
+    table = load_spec_dataset(spec, tmp_path).users
+    assert table is not None and np.isnan(table.columns["age"][0])
+    assert table.ids.tolist() == [h("u-0000")]
+    # int ids in the events: a text key in the table is refused, naming the column
+    assert spec.user_features is not None
+    with pytest.raises(DataError, match=r"column 'user_id' has non-integer id 'u-0000' in data row 1"):
+        read_side_table(users, spec.user_features, "user_id", "int")
+    with pytest.raises(DataError, match="unknown table file type"):
+        read_side_table(tmp_path / "users.json", spec.user_features, "user_id", "string")
+
+
+def test_presets_match_the_defaults(tmp_path: Path) -> None:
+    default_tasks = [(t.name, list(t.actions), t.parent, t.weight) for t in DEFAULT_TASKS]
+    specs = [preset_spec(f"events:{tmp_path / 'e.csv'}")[0]]
+    if TMALL.exists():
+        specs.append(preset_spec("tmall")[0])
+        assert specs[-1].actions == {"click": ["0"], "cart": ["3"], "fav": ["2"], "buy": ["1"]}
+    if TAOBAO.exists():
+        specs.append(preset_spec("taobao")[0])
+    for spec in specs:
+        assert spec.behaviour_actions == ACTIONS and spec.impression_action is None
+        assert [(t.name, t.positive, t.parent, t.weight) for t in spec.tasks] == default_tasks
+    mapped = preset_spec("events:x.csv", tmp_path, {"view": "click", "basket": "cart", "order": "buy"})[0]
+    assert mapped.actions == {"click": ["view"], "cart": ["basket"], "fav": ["fav"], "buy": ["order"]}
+
+
+@needs_tmall
+def test_tmall_preset_equals_the_reader() -> None:
+    spec, base = preset_spec("tmall")
+    ds = load_spec_dataset(spec, base)
+    assert ds.impressions is None and ds.id_types == ("int", "int")
+    assert_canonical(ds.events)
+    legacy = read_tmall(TMALL)
+    for name in ("user_id", "item_id", "category_id", "action", "timestamp"):
+        np.testing.assert_array_equal(getattr(ds.events, name), getattr(legacy, name))
+    sub = load_spec_dataset(spec, base, max_users=50).events
+    assert np.unique(sub.user_id).shape[0] == 50
+
+
+def test_synthetic_presets_with_and_without_side_features(tmp_path: Path) -> None:
+    from models.data.synth import SynthParams, generate
+
+    generate(SynthParams(users=6, items=80, categories=5, events_min=20, events_max=30), tmp_path, progress=False)
+    side, base = preset_spec(f"synthetic:{tmp_path}")
+    noside, _ = preset_spec(f"synthetic-noside:{tmp_path}")
+    assert side.item_features is not None and side.user_features is not None and side.context_features is not None
+    assert noside.item_features is None and noside.context_features is None
+    a, b = load_spec_dataset(side, base), load_spec_dataset(noside, base)
+    np.testing.assert_array_equal(a.events.item_id, b.events.item_id)
+    np.testing.assert_array_equal(a.events.action, b.events.action)
+    assert set(a.events.context) == {"device", "hour"} and b.events.context == {}
+    assert a.events.context["device"].dtype == object and a.users is not None and len(a.users) == 6
+    assert a.items is not None and len(a.items) > 80  # the catalogue's extra items, without events
+    assert b.catalogue is not None and b.catalogue[0].shape[0] == 80
+    sub = load_spec_dataset(side, base, max_users=3)
+    assert np.unique(sub.events.user_id).shape[0] == 3 and len(sub.events.context["hour"]) == len(sub.events)
+
+
+def test_spec_arguments_and_run_configs(tmp_path: Path) -> None:
+    spec_path = write_shop(tmp_path, users=10, items=20, untouched_items=2)
+    parser = argparse.ArgumentParser()
+    add_dataset_arguments(parser)
+    args = parser.parse_args(["--spec", str(spec_path)])
+    spec, base = spec_from_args(args)
+    assert spec == FeatureSpec.load(spec_path) and base == spec_path.parent.resolve()
+    assert len(dataset_from_args(args)) == len(load_spec_dataset(spec, base).events)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--spec", str(spec_path), "--data", "taobao"])
+    with pytest.raises(DataError, match="--action-map applies to --data events:PATH"):
+        spec_from_args(parser.parse_args(["--spec", str(spec_path), "--action-map", "click=x"]))
+    with pytest.raises(SpecError, match="feature spec not found"):
+        spec_from_args(parser.parse_args(["--spec", str(tmp_path / "nope.yaml")]))
+    default = parser.parse_args([])
+    assert default.data == "tmall" and default.spec is None
+
+    config = {"feature_spec": spec.model_dump(mode="json"), "spec_base": str(base), "train": {"max_users": 4}}
+    ds = dataset_of_run(config)
+    assert ds.spec == spec and np.unique(ds.events.user_id).shape[0] == 4
+    full = load_spec_dataset(spec, base, max_users=4)
+    np.testing.assert_array_equal(ds.events.item_id, full.events.item_id)
+    assert ds.impressions is not None and full.impressions is not None
+    np.testing.assert_array_equal(ds.impressions.item_id, full.impressions.item_id)
+    assert set(ds.impressions.user_id.tolist()) <= set(ds.events.user_id.tolist())
+    EVENTS.to_csv(tmp_path / "e.csv", index=False)  # a config from before feature specs: data and action map
+    old = dataset_of_run({"data": "events:e.csv", "action_map": AMAP, "train": {"max_users": None}}, tmp_path)
+    assert len(old.events) == 4
+
+
+def test_event_log_context_through_sort_dedup_and_select() -> None:
+    ctx = {"device": np.asarray(["ios", "web", "ios", None, None], dtype=object),
+           "hour": np.asarray([1.0, 2.0, 1.0, np.nan, np.nan])}
+    log = EventLog.from_unsorted([2, 1, 2, 1, 1], [5, 5, 5, 6, 6], [0] * 5, [0] * 5, [9, 8, 9, 7, 7], context=ctx)
+    # rows 0 and 2 repeat each other, context included; so do rows 3 and 4 (missing values are equal)
+    assert log.user_id.tolist() == [1, 1, 2] and log.timestamp.tolist() == [7, 8, 9]
+    assert log.context["device"].tolist() == [None, "web", "ios"]
+    # equal rows with another context are two events
+    two = EventLog.from_unsorted([1, 1], [5, 5], [0, 0], [0, 0], [9, 9],
+                                 context={"device": np.asarray(["ios", "web"], dtype=object)})
+    assert len(two) == 2
+    sel = log.select(np.asarray([False, True, True]))
+    assert sel.context["hour"].tolist() == [2.0, 1.0]
+    with pytest.raises(ValueError, match="context column 'hour' has shape"):
+        EventLog(log.user_id, log.item_id, log.category_id, log.action, log.timestamp, {"hour": np.zeros(2)})
+    big = EventLog.from_unsorted([1], [1], [0], [200], [1])  # any code below 255: the spec says which are valid
+    assert big.action.tolist() == [200]
+    with pytest.raises(ValueError, match="action codes must be < 255"):
+        EventLog.from_unsorted([1], [1], [0], [255], [1])
+
+
+def test_stable_id_hash_has_one_home() -> None:
+    assert stable_id_hash is spec_hash

@@ -34,7 +34,7 @@ def tmall_log() -> EventLog:
 
 @pytest.fixture(scope="module")
 def tmall(tmall_log: EventLog) -> SampleSet:
-    return build_samples(tmall_log, SPEC, seed=0)
+    return build_samples(tmall_log, seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,7 @@ def synth_log(tmp_path_factory: pytest.TempPathFactory) -> EventLog:
 
 @pytest.fixture(scope="module")
 def synth(synth_log: EventLog) -> SampleSet:
-    return build_samples(synth_log, SPEC, seed=0)
+    return build_samples(synth_log, seed=0)
 
 
 def tiny_log() -> EventLog:
@@ -135,7 +135,7 @@ def check_positives(samples: SampleSet, log: EventLog) -> None:
 
 def test_tiny_log_exact() -> None:
     log = tiny_log()
-    s = build_samples(log, SPEC, split=TimeSplit(DAY, 2 * DAY), negatives_per_positive=0)
+    s = build_samples(log, split=TimeSplit(DAY, 2 * DAY), negatives_per_positive=0)
     pos = [(int(u), int(i), int(t)) for u, i, t in zip(s.raw_user, s.raw_item, s.ts, strict=True)]
     user1 = [(1, 10, 100), (1, 12, 150), (1, 11, DAY + 50), (1, 10, 2 * DAY + 10)]
     user2 = [(2, 12, 60), (2, 13, DAY + 70), (2, 14, 2 * DAY + 5), (2, 10, 3 * DAY)]
@@ -155,7 +155,7 @@ def test_tiny_log_exact() -> None:
 
 def test_tiny_log_negatives_exclude_items_seen_that_day() -> None:
     log = tiny_log()
-    s = build_samples(log, SPEC, split=TimeSplit(10 * DAY, 20 * DAY), negatives_per_positive=20, seed=3)
+    s = build_samples(log, split=TimeSplit(10 * DAY, 20 * DAY), negatives_per_positive=20, seed=3)
     check_negatives(s, log)
     neg = s.labels.max(axis=1) == 0
     # User 1's first sample (day 0): items 10 and 12 were touched that day; only 11, 13, 14 are allowed.
@@ -220,11 +220,11 @@ def test_tmall_split_and_vocab(tmall: SampleSet, tmall_log: EventLog) -> None:
 
 @needs_tmall
 def test_determinism_by_seed(tmall_log: EventLog, tmall: SampleSet) -> None:
-    again = build_samples(tmall_log, SPEC, seed=0)
+    again = build_samples(tmall_log, seed=0)
     for name in SampleSet.SAMPLE_FIELDS:
         np.testing.assert_array_equal(getattr(again, name), getattr(tmall, name))
     assert again.schema.hash == tmall.schema.hash
-    other = build_samples(tmall_log, SPEC, seed=1)
+    other = build_samples(tmall_log, seed=1)
     pos_a, pos_b = tmall.labels.max(axis=1) > 0, other.labels.max(axis=1) > 0
     np.testing.assert_array_equal(tmall.raw_item[pos_a], other.raw_item[pos_b])  # same positives
     assert not np.array_equal(tmall.raw_item[~pos_a][:1000], other.raw_item[~pos_b][:1000])
@@ -259,8 +259,8 @@ def test_subset_and_part(synth: SampleSet) -> None:
 
 
 def test_max_users(synth_log: EventLog) -> None:
-    a = build_samples(synth_log, SPEC, max_users=10, seed=4)
-    b = build_samples(synth_log, SPEC, max_users=10, seed=4)
+    a = build_samples(synth_log, max_users=10, seed=4)
+    b = build_samples(synth_log, max_users=10, seed=4)
     assert np.unique(a.raw_user).shape[0] == 10
     np.testing.assert_array_equal(a.raw_item, b.raw_item)
     sub = select_users(synth_log, 10, seed=4)
@@ -298,3 +298,177 @@ def test_taobao_slice_split_is_balanced() -> None:
     share_valid = np.mean(log.timestamp >= split.valid_start) - share_test
     assert split.valid_start % 60 == 0 and split.test_start % 60 == 0
     assert abs(share_valid - 0.1) < 0.05 and abs(share_test - 0.1) < 0.05
+
+
+# ---------------------------------------------------------------------------------------------
+# Feature specs: impressions as negatives, side features, custom tasks
+
+from pathlib import Path  # noqa: E402
+
+from feature_store.spec import FeatureSpec, SideFeatures  # noqa: E402
+from feature_store.spec import stable_id_hash as id_hash  # noqa: E402
+from models.data.events import Dataset  # noqa: E402
+from models.data.readers import DataError, load_spec_dataset, preset_spec  # noqa: E402
+from models.data.samples import SAMPLE_FIELDS, fit_side_features, parent_mask  # noqa: E402
+from tests.shop_data import context_of, user_name, write_shop  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def shop(tmp_path_factory: pytest.TempPathFactory) -> Dataset:
+    spec_path = write_shop(tmp_path_factory.mktemp("shop"))
+    return load_spec_dataset(FeatureSpec.load(spec_path), spec_path.parent)
+
+
+@pytest.fixture(scope="module")
+def shop_samples(shop: Dataset) -> SampleSet:
+    return build_samples(shop, seed=0)
+
+
+def test_shop_schema_and_labels(shop: Dataset, shop_samples: SampleSet) -> None:
+    s = shop_samples
+    spec = s.schema.spec
+    assert spec.name == "shop" and spec.actions == ("view", "like", "buy") and spec.n_actions == 3
+    assert spec.task_names == ("engage", "buy") and spec.task_parents() == (-1, 0)
+    assert spec.id_types == ("string", "string")
+    assert spec.scorer_inputs[-2:] == ("side_ids", "side_values")
+    assert s.side_ids.shape == (len(s), spec.side.n_ids) == (len(s), 4)
+    assert s.side_values.shape == (len(s), spec.side.n_values) == (len(s), 3)
+    assert s.side_ids.dtype == np.int64 and s.side_values.dtype == np.float32
+    assert {"side_ids", "side_values"} <= set(SAMPLE_FIELDS)
+    check_histories_of(s, shop.events)
+    # positives: (user, item, day) groups of the behaviours, labels from the spec's tasks
+    ev = shop.events
+    names = spec.actions
+    frame = pd.DataFrame({"u": ev.user_id, "i": ev.item_id, "d": ev.timestamp // DAY, "t": ev.timestamp,
+                          "a": [names[a] for a in ev.action]})
+    groups = frame.groupby(["u", "i", "d"]).agg(t=("t", "min"), acts=("a", set)).reset_index()
+    pos = s.labels.max(axis=1) > 0
+    assert pos.sum() == len(groups)
+    got = {(int(u), int(i), int(t)): tuple(lab) for u, i, t, lab in
+           zip(s.raw_user[pos], s.raw_item[pos], s.ts[pos], s.labels[pos].tolist(), strict=True)}
+    for row in groups.itertuples():
+        assert got[(row.u, row.i, row.t)] == (1.0, float("buy" in row.acts))
+    np.testing.assert_array_equal(parent_mask(s, "buy"), s.labels[:, 0] == 1)
+    np.testing.assert_array_equal(cvr_mask(s), s.labels[:, 0] == 1)
+    with pytest.raises(ValueError, match="has no parent"):
+        parent_mask(s, "engage")
+
+
+def check_histories_of(samples: SampleSet, log: EventLog) -> None:
+    """Each sample's history is exactly its user's behaviours strictly before it (empty for none)."""
+    for k in range(0, len(samples), 5):
+        rows = np.flatnonzero((log.user_id == samples.raw_user[k]) & (log.timestamp < samples.ts[k]))
+        assert samples.hist_end[k] - samples.hist_start[k] == rows.shape[0]
+        if rows.shape[0]:
+            np.testing.assert_array_equal(rows, np.arange(samples.hist_start[k], samples.hist_end[k]))
+
+
+def test_impressions_are_the_negatives(shop: Dataset, shop_samples: SampleSet) -> None:
+    s = shop_samples
+    imp = shop.impressions
+    assert imp is not None and len(imp) > 0
+    groups = (
+        pd.DataFrame({"u": imp.user_id, "i": imp.item_id, "d": imp.timestamp // DAY, "t": imp.timestamp})
+        .groupby(["u", "i", "d"])["t"].min().reset_index()
+    )
+    engaged = set(zip(shop.events.user_id.tolist(), shop.events.item_id.tolist(),
+                      (shop.events.timestamp // DAY).tolist(), strict=True))
+    expected = {(r.u, r.i, r.t) for r in groups.itertuples() if (r.u, r.i, r.d) not in engaged}
+    assert len(expected) < len(groups)  # some impressions were engaged that day: dropped
+    neg = s.labels.max(axis=1) == 0
+    got = set(zip(s.raw_user[neg].tolist(), s.raw_item[neg].tolist(), s.ts[neg].tolist(), strict=True))
+    assert got == expected and int(neg.sum()) == len(expected)  # no popularity negatives at all
+    # (user, time) order, as the event log
+    key = np.lexsort((s.ts, s.raw_user))
+    np.testing.assert_array_equal(key, np.arange(len(s)))
+    assert s.time_split is not None
+    np.testing.assert_array_equal(s.split, s.time_split.assign(s.ts))
+    # the catalogue holds the items nobody touched; items only shown in training are in the vocabulary
+    assert shop.items is not None
+    items, _ = s.catalogue
+    assert set(shop.items.ids.tolist()) <= set(items.tolist())
+    shown = set(imp.item_id[imp.timestamp < s.time_split.valid_start].tolist())
+    behaved = set(shop.events.item_id.tolist())
+    assert shown - behaved and (shown - behaved) <= set(s.schema.items.ids.tolist())
+
+
+def test_side_features_equal_encode_rows(shop: Dataset, shop_samples: SampleSet) -> None:
+    s = shop_samples
+    side = s.schema.spec.side
+    assert shop.users is not None and shop.items is not None
+    n = len(s)
+    urow = {int(u): k for k, u in enumerate(shop.users.ids)}
+    irow = {int(i): k for k, i in enumerate(shop.items.ids)}
+
+    def gather(table_cols: dict[str, np.ndarray], rows: list[int | None]) -> dict[str, list[object]]:
+        return {name: [col[r] if r is not None else None for r in rows] for name, col in table_cols.items()}
+
+    u_ids, u_vals = side.user.encode_rows(gather(shop.users.columns, [urow.get(int(u)) for u in s.raw_user]), n)
+    i_ids, i_vals = side.item.encode_rows(gather(shop.items.columns, [irow.get(int(i)) for i in s.raw_item]), n)
+    names = {int(id_hash([user_name(u)])[0]): user_name(u) for u in range(200)}
+    ctx = [context_of(names[int(u)], int(t)) for u, t in zip(s.raw_user, s.ts, strict=True)]
+    c_ids, c_vals = side.context.encode_rows({k: [c[k] for c in ctx] for k in ("device", "hour")}, n)
+    np.testing.assert_array_equal(s.side_ids, np.hstack([u_ids, i_ids, c_ids]) + side.id_offsets)
+    np.testing.assert_array_equal(s.side_values, np.hstack([u_vals, i_vals, c_vals]))
+    # users without a row (5 of them) carry the defaults, not zeros
+    missing = np.asarray([urow.get(int(u)) is None for u in s.raw_user])
+    assert missing.any()
+    d_ids, d_vals = side.user.encode_rows({}, 1)
+    assert (s.side_ids[missing, :1] == d_ids + side.id_offsets[:1]).all()
+    assert (s.side_values[missing, :1] == d_vals).all() and (d_vals != 0).all()
+
+
+def test_side_fit_equals_side_features_fit(shop: Dataset, shop_samples: SampleSet) -> None:
+    split = shop_samples.time_split
+    assert split is not None and shop.users is not None and shop.items is not None and shop.impressions is not None
+    ev, imp = shop.events, shop.impressions
+    train_ev, train_imp = ev.timestamp < split.valid_start, imp.timestamp < split.valid_start
+    ctx = {k: np.concatenate([ev.context[k][train_ev], imp.context[k][train_imp]]) for k in ("device", "hour")}
+    expected = SideFeatures.fit(shop.spec, {"user": shop.users.columns, "item": shop.items.columns, "context": ctx})
+    assert shop_samples.schema.spec.side.to_dict() == expected.to_dict()
+    assert fit_side_features(shop, ctx).to_dict() == expected.to_dict()
+
+
+def test_popularity_negatives_share_their_positive_context(tmp_path: Path) -> None:
+    spec_path = write_shop(tmp_path, users=20, items=60)
+    text = spec_path.read_text().replace(", impression: [impression]", ", shown: [impression]")
+    text = text.replace("positive: [view, like, buy]", "positive: [view, like, buy, shown]")
+    spec_path.write_text(text)  # "shown" is a behaviour now: no impression action, popularity negatives
+    ds = load_spec_dataset(FeatureSpec.load(spec_path), tmp_path)
+    assert ds.impressions is None
+    s = build_samples(ds, negatives_per_positive=3, seed=1)
+    pos = s.labels.max(axis=1) > 0
+    assert (~pos).sum() > 2.5 * pos.sum()
+    owner = np.maximum.accumulate(np.where(pos, np.arange(len(s)), 0))
+    ctx_cols = slice(s.side_ids.shape[1] - 1, None)  # device, the last categorical
+    np.testing.assert_array_equal(s.side_ids[:, ctx_cols], s.side_ids[owner, ctx_cols])
+    np.testing.assert_array_equal(s.side_values[:, -1], s.side_values[owner, -1])  # hour
+    check_negatives(s, ds.events)
+
+
+def test_max_users_keeps_their_impressions(shop: Dataset) -> None:
+    s = build_samples(shop, max_users=10, seed=2)
+    users = np.unique(s.raw_user)
+    assert users.shape[0] == 10
+    assert shop.impressions is not None
+    assert ((s.labels.max(axis=1) == 0) <= np.isin(s.raw_user, users)).all()
+
+
+@needs_tmall
+def test_tmall_preset_equals_the_event_log_path(tmall: SampleSet) -> None:
+    ds = load_spec_dataset(*preset_spec("tmall"))
+    s = build_samples(ds, seed=0)
+    for name in SAMPLE_FIELDS:
+        np.testing.assert_array_equal(getattr(s, name), getattr(tmall, name))
+    assert s.side_ids.shape == (len(s), 0) and s.schema.spec.scorer_inputs[-1] == "weekday"
+    assert s.schema.spec.name == "tmall" and tmall.schema.spec.name == "default"
+    assert s.schema.spec.to_dict() | {"name": "x"} == SchemaSpec().to_dict() | {"name": "x"}
+
+
+def test_bad_inputs(shop: Dataset) -> None:
+    with pytest.raises(TypeError, match="comes from the data set's feature spec"):
+        build_samples(shop.events, SchemaSpec())  # type: ignore[arg-type]
+    no_ctx = Dataset(shop.spec, shop.base, EventLog(shop.events.user_id, shop.events.item_id, shop.events.category_id,
+                                                    shop.events.action, shop.events.timestamp))
+    with pytest.raises(DataError, match="context feature 'device': the events have no column 'device'"):
+        build_samples(no_ctx)
