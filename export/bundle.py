@@ -9,7 +9,9 @@ A bundle is one immutable directory, `<root>/<name>/<version>/`:
     scorer.torchscript.pt  the same scorer (TorchScript)
     tables/*.npy           item/category keys and queries (TWIN-precomputed), representation
                            tables, GSU bias tables; memory-mapped so worker processes share pages
-    schema/                the FeatureSchema (schema.json + vocabulary .npy files)
+    schema/                the FeatureSchema (schema.json + vocabulary .npy files; schema.json holds
+                           the fitted side features, so the schema hash covers them)
+    spec.yaml              the feature spec the run was trained from (when the run recorded one)
 
 Opening a bundle verifies every file's sha256 *before* any of it is used, and the manifest is
 plain JSON: nothing in a bundle is ever unpickled.
@@ -37,6 +39,7 @@ TORCHSCRIPT_FILE = "scorer.torchscript.pt"
 SCORER_RUNTIMES = ("onnx", "torchscript")
 TABLES_DIR = "tables"
 SCHEMA_DIR = "schema"
+SPEC_FILE = "spec.yaml"
 TABLE_NAMES: tuple[str, ...] = (
     "item_key",
     "category_key",
@@ -92,6 +95,17 @@ class Bundle:
     @property
     def fusion(self) -> dict[str, Any]:
         return dict(self.manifest["fusion"])
+
+    @property
+    def scorer_inputs(self) -> tuple[str, ...]:
+        """The scorer's inputs, in order: the schema's base inputs, then its side inputs if any."""
+        return self.schema.spec.scorer_inputs
+
+    @property
+    def spec_path(self) -> Path | None:
+        """The feature spec the bundle was trained from (`spec.yaml`), if the bundle has one."""
+        rel = self.manifest.get("feature_spec")
+        return self.path / str(rel) if rel else None
 
     @property
     def scorer_runtime(self) -> str:

@@ -12,6 +12,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -29,19 +30,18 @@ from export.bundle import (
     ONNX_FILE,
     SCHEMA_DIR,
     SCORER_RUNTIMES,
+    SPEC_FILE,
     TABLES_DIR,
     TORCHSCRIPT_FILE,
     list_versions,
     sha256_file,
 )
 from export.parity import PARITY_TOLERANCE, parity_batch, scorer_parity
-from feature_store.schema import SCORER_INPUTS, SCORER_OUTPUT, FeatureSchema
-from models.checkpoint import load_run
-from models.model import RankingModel
+from feature_store.schema import SCORER_OUTPUT, FeatureSchema, SchemaSpec
+from models.checkpoint import RUN_SPEC_FILE, load_run
+from models.model import RankingModel, Scorer
 
 log = logging.getLogger("rankserve.export")
-
-DEFAULT_FUSION_WEIGHTS = {"click": 1.0, "cart": 3.0, "fav": 3.0, "buy": 10.0}
 
 DYNAMIC_AXES: dict[str, dict[int, str]] = {
     "cand_query": {0: "batch"},
@@ -56,21 +56,25 @@ DYNAMIC_AXES: dict[str, dict[int, str]] = {
     "user_repr": {0: "batch"},
     "user_dense": {0: "batch"},
     "weekday": {0: "batch"},
+    "side_ids": {0: "batch"},
+    "side_values": {0: "batch"},
     SCORER_OUTPUT: {0: "batch"},
 }
 
 
-def default_fusion(tasks: list[str]) -> dict[str, Any]:
-    """Additive fusion s = Σ w_t·p_t; weights favour the rarer, more valuable events."""
-    return {
-        "weights": {t: DEFAULT_FUSION_WEIGHTS.get(t, 1.0) for t in tasks},
-        "transforms": {t: "identity" for t in tasks},
-    }
+def default_fusion(spec: SchemaSpec) -> dict[str, Any]:
+    """Additive fusion s = Σ w_t·f_t(p_t) with the tasks' declared weights and transforms.
+
+    The default tasks (click 1, cart 3, buy 10) keep the Tmall weights: rarer, more valuable
+    events weigh more.
+    """
+    return spec.default_fusion()
 
 
-def export_onnx(scorer: torch.nn.Module, example: dict[str, torch.Tensor], path: Path) -> None:
+def export_onnx(scorer: Scorer, example: dict[str, torch.Tensor], path: Path) -> None:
     """Trace under no_grad: the small tables export as Gathers (their training path is OneHot -> MatMul)."""
-    args = tuple(example[name] for name in SCORER_INPUTS)
+    names = list(scorer.input_names)  # the schema's scorer_inputs
+    args = tuple(example[name] for name in names)
     with torch.no_grad():
         torch.onnx.export(
             scorer,
@@ -78,22 +82,22 @@ def export_onnx(scorer: torch.nn.Module, example: dict[str, torch.Tensor], path:
             str(path),
             dynamo=False,  # the TorchScript-based exporter: fast and exact for these ops
             opset_version=17,
-            input_names=list(SCORER_INPUTS),
+            input_names=names,
             output_names=[SCORER_OUTPUT],
-            dynamic_axes=DYNAMIC_AXES,
+            dynamic_axes={n: DYNAMIC_AXES[n] for n in [*names, SCORER_OUTPUT]},
             do_constant_folding=True,
         )
 
 
-def export_torchscript(scorer: torch.nn.Module, example: dict[str, torch.Tensor], path: Path) -> None:
+def export_torchscript(scorer: Scorer, example: dict[str, torch.Tensor], path: Path) -> None:
     """Trace under no_grad, like `export_onnx`: the traced graph keeps the Gathers."""
-    example_args = tuple(example[name] for name in SCORER_INPUTS)
+    example_args = tuple(example[name] for name in scorer.input_names)
     with torch.no_grad():
         traced = torch.jit.trace(scorer, example_args, check_trace=False)  # type: ignore[no-untyped-call]
     traced.save(str(path))
 
 
-def _io_spec(example: dict[str, torch.Tensor], probs: torch.Tensor) -> dict[str, Any]:
+def _io_spec(names: tuple[str, ...], example: dict[str, torch.Tensor], probs: torch.Tensor) -> dict[str, Any]:
     def spec(name: str, t: torch.Tensor) -> dict[str, Any]:
         axes = DYNAMIC_AXES[name]
         return {
@@ -103,7 +107,7 @@ def _io_spec(example: dict[str, torch.Tensor], probs: torch.Tensor) -> dict[str,
         }
 
     return {
-        "inputs": [spec(n, example[n]) for n in SCORER_INPUTS],
+        "inputs": [spec(n, example[n]) for n in names],
         "outputs": [spec(SCORER_OUTPUT, probs)],
     }
 
@@ -118,16 +122,24 @@ def write_bundle(
     fusion: dict[str, Any] | None = None,
     metrics: dict[str, Any] | None = None,
     scorer_runtime: str = "onnx",
+    spec_file: Path | None = None,
 ) -> Path:
     """Write `out_root/name/version/` and return its path. Refuses to overwrite a version.
 
     `scorer_runtime` ("onnx" or "torchscript") is the runtime the service uses for this bundle
-    unless its settings override it; both scorers are always written.
+    unless its settings override it; both scorers are always written. `spec_file`, the run's
+    feature spec (RUN/spec.yaml), is copied into the bundle as `spec.yaml`. The default fusion is
+    the schema's declared task weights and transforms.
     """
     if scorer_runtime not in SCORER_RUNTIMES:
         raise ValueError(f"scorer_runtime must be one of {SCORER_RUNTIMES}, got {scorer_runtime!r}")
     model.eval()
     schema = FeatureSchema.load(schema_dir, mmap=False)
+    names = schema.spec.scorer_inputs
+    if tuple(model.scorer.input_names) != names:
+        raise ValueError(
+            f"the model's scorer takes {list(model.scorer.input_names)}, its schema's scorer inputs are {list(names)}"
+        )
     if version is None:
         existing = list_versions(out_root, name)
         version = (existing[-1] + 1) if existing else 1
@@ -139,7 +151,7 @@ def write_bundle(
     try:
         example = parity_batch(model, schema.spec, seed=0)
         with torch.no_grad():
-            probs = model.scorer(*(example[n] for n in SCORER_INPUTS))
+            probs = model.scorer(*(example[n] for n in names))
         export_onnx(model.scorer, example, staging / ONNX_FILE)
         export_torchscript(model.scorer, example, staging / TORCHSCRIPT_FILE)
         parity = scorer_parity(model, staging / ONNX_FILE, staging / TORCHSCRIPT_FILE, schema.spec)
@@ -154,6 +166,8 @@ def write_bundle(
             np.save(staging / rel, arr)
             tables_meta[table_name] = {"file": rel, "shape": list(arr.shape), "dtype": "float32"}
         schema.save(staging / SCHEMA_DIR)
+        if spec_file is not None:
+            shutil.copyfile(spec_file, staging / SPEC_FILE)
 
         tasks = list(schema.spec.task_names)
         cfg = model.cfg
@@ -164,7 +178,8 @@ def write_bundle(
             "created": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "schema": schema.manifest_entry(),
             "tasks": tasks,
-            "fusion": fusion or default_fusion(tasks),
+            "fusion": fusion or default_fusion(schema.spec),
+            "feature_spec": SPEC_FILE if spec_file is not None else None,
             "retrieval": {
                 "strategy": "twin_exact",
                 "metric": "inner_product",
@@ -179,7 +194,7 @@ def write_bundle(
                 "runtime": scorer_runtime,
                 "onnx": ONNX_FILE,
                 "torchscript": TORCHSCRIPT_FILE,
-                **_io_spec(example, probs),
+                **_io_spec(names, example, probs),
             },
             "tables": tables_meta,
             "parity": parity,
@@ -205,7 +220,8 @@ def export_run(
     model, _schema, config = load_run(run_dir)
     metrics_file = run_dir / "metrics.json"
     metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
-    bundle_name = name or str(config.get("data", "model")).replace(":", "-").replace("/", "-")
+    spec_file = run_dir / RUN_SPEC_FILE
+    bundle_name = name or bundle_name_of(config)
     return write_bundle(
         model,
         run_dir / "schema",
@@ -215,13 +231,21 @@ def export_run(
         version=version,
         metrics={"best_valid_mean_auc": metrics.get("best_valid_mean_auc")},
         scorer_runtime=scorer_runtime,
+        spec_file=spec_file if spec_file.is_file() else None,
     )
+
+
+def bundle_name_of(config: dict[str, Any]) -> str:
+    """A bundle name from what the run recorded: its feature spec's name (older runs: the data set)."""
+    raw = str((config.get("feature_spec") or {}).get("name") or config.get("data") or "model")
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", raw).strip("-.")
+    return name or "model"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run", type=Path, required=True, help="run directory written by `rankserve train`")
     p.add_argument("--out", type=Path, required=True, help="model root; the bundle goes to OUT/NAME/VERSION")
-    p.add_argument("--name", help="bundle name (default: derived from the dataset)")
+    p.add_argument("--name", help="bundle name (default: the feature spec's name)")
     p.add_argument("--version", type=int, help="bundle version (default: next integer)")
     p.add_argument(
         "--scorer-runtime", choices=SCORER_RUNTIMES, default="onnx",

@@ -81,7 +81,7 @@ def trained_histories(run: Path) -> tuple[dict[str, Any], list[dict[str, Any]], 
 
     model, schema, config = load_run(run)
     tables = {k: v.detach().numpy() for k, v in model.precomputed_tables().items()}
-    ev = dataset_of_run(config)
+    ev = dataset_of_run(config).events
     _, offsets = ev.user_offsets()
     rng = np.random.default_rng(1)
     n_items = tables["item_key"].shape[0]

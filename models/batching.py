@@ -2,7 +2,8 @@
 
 The features are computed with the same functions the service uses (`feature_store.schema`), on
 the same definition of history (the user's events strictly before the sample time, newest
-`max_sequence_length` kept), so offline and online inputs agree.
+`max_sequence_length` kept), so offline and online inputs agree. Side features (`side_ids`,
+`side_values`) are per sample in the `SampleSet`, encoded and offset as the service sends them.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from feature_store.schema import ACTIONS, SchemaSpec, cross_features_batch, time_gap_bucket, weekday
+from feature_store.schema import SchemaSpec, cross_features_batch, time_gap_bucket, weekday
 from models.data.samples import SampleSet
 from models.model import Batch
 
@@ -25,10 +26,25 @@ class Collator:
         self.s = samples
         self.spec = spec
         self.max_history = max_history
+        self.n_actions = spec.n_actions
+        self.side_ids = self._side_field(samples, "side_ids", spec.side.n_ids)
+        self.side_values = self._side_field(samples, "side_values", spec.side.n_values)
         # Prefix counts of each action over the event rows: history counters become two lookups.
-        one_hot = np.zeros((samples.ev_action.shape[0] + 1, len(ACTIONS)), dtype=np.int32)
+        one_hot = np.zeros((samples.ev_action.shape[0] + 1, self.n_actions), dtype=np.int32)
         np.add.at(one_hot, (np.arange(1, one_hot.shape[0]), samples.ev_action), 1)
         self._action_prefix = np.cumsum(one_hot, axis=0, dtype=np.int32)
+
+    @staticmethod
+    def _side_field(samples: SampleSet, name: str, width: int) -> npt.NDArray[np.generic] | None:
+        """The samples' `name` rows [N, width], or None when the schema has no such features."""
+        if not width:
+            return None
+        rows = getattr(samples, name, None)
+        n = samples.labels.shape[0]
+        if rows is None or rows.shape != (n, width):
+            found = "none" if rows is None else f"shape {tuple(rows.shape)}"
+            raise ValueError(f"the schema needs {name} of shape ({n}, {width}) in the samples, found {found}")
+        return np.asarray(rows)
 
     def history_window(self, idx: npt.NDArray[np.int64]) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
         """(start, end) rows of each sample's served history: newest `max_sequence_length` before ts."""
@@ -43,9 +59,10 @@ class Collator:
         start, end = self.history_window(idx)
         # history counters over the whole served history
         counts = self._action_prefix[end] - self._action_prefix[start]
-        user_dense = np.empty((idx.shape[0], len(ACTIONS) + 1), dtype=np.float32)
-        user_dense[:, : len(ACTIONS)] = np.log1p(counts)
-        user_dense[:, len(ACTIONS)] = np.log1p(end - start)
+        n_actions = self.n_actions
+        user_dense = np.empty((idx.shape[0], n_actions + 1), dtype=np.float32)
+        user_dense[:, :n_actions] = np.log1p(counts)
+        user_dense[:, n_actions] = np.log1p(end - start)
 
         # the searched window (training may search fewer behaviours than serving)
         lengths = np.minimum(end - start, self.max_history)
@@ -56,7 +73,7 @@ class Collator:
         gap = time_gap_bucket(ts[:, None] - s.ev_ts[rows], self.spec.time_gap_buckets)
         hist_item = np.where(valid, s.ev_item[rows], 0)
         hist_action = np.where(valid, s.ev_action[rows], 0)
-        cross = cross_features_batch(hist_item, hist_action, s.ev_ts[rows], valid, s.item[idx], ts)
+        cross = cross_features_batch(hist_item, hist_action, s.ev_ts[rows], valid, s.item[idx], ts, n_actions)
 
         def t(a: npt.NDArray[np.generic]) -> torch.Tensor:
             return torch.from_numpy(np.ascontiguousarray(a))
@@ -73,6 +90,8 @@ class Collator:
             hist_mask=t(valid.astype(np.float32)),
             user_dense=t(user_dense),
             weekday=t(weekday(ts)),
+            side_ids=t(self.side_ids[idx].astype(np.int64)) if self.side_ids is not None else None,
+            side_values=t(self.side_values[idx].astype(np.float32)) if self.side_values is not None else None,
         )
 
     def batches(

@@ -10,7 +10,10 @@ import torch
 
 from feature_store.errors import UserError
 from feature_store.schema import FeatureSchema
+from feature_store.spec import FeatureSpec
 from models.model import ModelConfig, RankingModel
+
+RUN_SPEC_FILE = "spec.yaml"  # the feature spec the run was trained from (export copies it into the bundle)
 
 
 class RunError(UserError):
@@ -18,12 +21,21 @@ class RunError(UserError):
 
 
 def save_run(
-    run_dir: Path, model: RankingModel, schema: FeatureSchema, config: dict[str, Any], metrics: dict[str, Any]
+    run_dir: Path,
+    model: RankingModel,
+    schema: FeatureSchema,
+    config: dict[str, Any],
+    metrics: dict[str, Any],
+    spec: FeatureSpec | None = None,
 ) -> None:
+    """Write a run directory; with `spec`, also RUN/spec.yaml (the feature spec, as YAML)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     schema.save(run_dir / "schema")
+    if spec is not None:
+        (run_dir / RUN_SPEC_FILE).write_text(spec.to_yaml())
     torch.save(model.state_dict(), run_dir / "checkpoint.pt")
-    (run_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    # keys in their given order: a feature spec's actions are ordered (an action's code is its position)
+    (run_dir / "config.json").write_text(json.dumps(config, indent=2))
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
 
 

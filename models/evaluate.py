@@ -1,12 +1,16 @@
 """`rankserve evaluate`: offline metrics of a run and its baselines on the run's own test split.
 
-Per task: AUC, GAUC (per-user AUC weighted by the user's sample count), logloss; CVR AUC (buy
-among clicked samples); Weighted Recall@K over ranking queries (one query = one user at one
-request time: that moment's positives and their sampled negatives), with each R_e@K; and the
-information abundance of every embedding table. Baselines, on the same samples: popularity
+Per declared task (the run's schema): AUC, GAUC (per-user AUC weighted by the user's sample
+count), logloss; for a task with an ESMM parent, its conditional AUC (the task among the parent's
+positives, e.g. buy among clicked samples: the CVR AUC); Weighted Recall@K over ranking queries
+(one query = one user at one request time: that moment's positives and their negatives), ranked
+by the bundle's default fusion (the tasks' declared weights and transforms), with each R_e@K; and
+the information abundance of every embedding table. Baselines, on the same samples: popularity
 (train-period event counts per task, calibrated to probabilities by a 1-D logistic fit on the
 training samples) and DIN-short (the same model on the last 50 behaviours, no retrieval), when
-the run trained one. Writes eval.json, eval.md and spectra.png into the run directory.
+the run trained one. Everything about the data comes from the run (its recorded feature spec);
+`--data-root` only relocates the files. Writes eval.json, eval.md and spectra.png into the run
+directory.
 """
 
 from __future__ import annotations
@@ -21,20 +25,35 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from feature_store.schema import SchemaSpec
 from models.batching import Collator
-from models.checkpoint import load_run
+from models.checkpoint import RunError, load_run
 from models.data.readers import dataset_of_run
 from models.data.samples import SampleSet
 from models.metrics import auc, gauc, logloss, weighted_recall_at_k
 from models.model import RankingModel
 from models.runtime import tune_malloc
 from models.train import SPLIT_TEST, SPLIT_TRAIN, predict, samples_for_run
+from feature_store.fusion import Fusion
 
 log = logging.getLogger("rankserve.evaluate")
 
-# Offline fusion weights and the event weights λ_e of WR@K (ResFlow). Documented in BENCHMARKS.md.
-FUSION_WEIGHTS = {"click": 1.0, "cart": 3.0, "fav": 3.0, "buy": 10.0}
+# The event weights λ_e of WR@K (ResFlow) for the default click/cart/buy tasks, documented in
+# BENCHMARKS.md; other task sets weigh their tasks equally (`wr_weights`).
 WR_WEIGHTS = {"click": 0.2, "cart": 0.3, "buy": 0.5}
+
+
+def wr_weights(tasks: list[str]) -> dict[str, float]:
+    """λ_e per task: the documented click/cart/buy weights when every task has one, else 1/T each."""
+    if tasks and all(t in WR_WEIGHTS for t in tasks):
+        return {t: WR_WEIGHTS[t] for t in tasks}
+    return {t: 1.0 / len(tasks) for t in tasks}
+
+
+def fused_scores(spec: SchemaSpec, probs: npt.NDArray[Any]) -> npt.NDArray[np.float64]:
+    """The default fusion of a bundle of this schema, s = Σ_t w_t·f_t(p_t), as the service ranks."""
+    fusion = spec.default_fusion()
+    return Fusion.from_declared(list(spec.task_names), fusion)(np.asarray(probs, np.float32))
 
 
 def popularity_scores(samples: SampleSet) -> npt.NDArray[np.float64]:
@@ -80,8 +99,13 @@ def popularity_probs(samples: SampleSet) -> npt.NDArray[np.float64]:
 
 
 def pointwise_metrics(samples: SampleSet, idx: npt.NDArray[np.int64], probs: npt.NDArray[Any]) -> dict[str, Any]:
-    """Per-task AUC, GAUC, logloss (and CVR AUC) on samples drawn as the model was trained."""
-    tasks = list(samples.schema.spec.task_names)
+    """Per-task AUC, GAUC, logloss (and conditional AUC) on samples drawn as the model was trained.
+
+    A task with a parent also gets `conditional`: its AUC among the parent's positives (the CVR
+    AUC of buy under click), scored by the task's probability.
+    """
+    spec = samples.schema.spec
+    tasks = list(spec.task_names)
     labels = samples.labels[idx]
     users = samples.raw_user[idx]  # OOV users all share dense index 0: group by raw id
     out: dict[str, Any] = {}
@@ -92,20 +116,29 @@ def pointwise_metrics(samples: SampleSet, idx: npt.NDArray[np.int64], probs: npt
             "logloss": logloss(labels[:, t], probs[:, t]),
             "positives": int(labels[:, t].sum()),
         }
-    if "click" in tasks and "buy" in tasks:
-        clicked = labels[:, tasks.index("click")] > 0.5
-        out["cvr"] = {"auc": auc(labels[clicked, tasks.index("buy")], probs[clicked, tasks.index("buy")])}
+    conditional: dict[str, Any] = {}
+    for t, parent in enumerate(spec.task_parents()):
+        if parent >= 0:
+            under = labels[:, parent] > 0.5
+            conditional[tasks[t]] = {
+                "parent": tasks[parent],
+                "auc": auc(labels[under, t], probs[under, t]),
+                "samples": int(under.sum()),
+            }
+    if conditional:
+        out["conditional"] = conditional
     return out
 
 
 def ranking_metrics(samples: SampleSet, idx: npt.NDArray[np.int64], probs: npt.NDArray[Any], k: int) -> dict[str, Any]:
     """WR@K and each R_e@K over ranking queries (a user on a day: positives + many negatives)."""
-    tasks = list(samples.schema.spec.task_names)
+    spec = samples.schema.spec
+    tasks = list(spec.task_names)
     labels = samples.labels[idx]
-    fused = sum(FUSION_WEIGHTS.get(name, 1.0) * probs[:, t] for t, name in enumerate(tasks))
+    fused = fused_scores(spec, probs)
     queries = query_ids(samples, idx)
-    wr_labels = {e: labels[:, tasks.index(e)] for e in WR_WEIGHTS if e in tasks}
-    weights = {e: w for e, w in WR_WEIGHTS.items() if e in tasks}
+    weights = wr_weights(tasks)
+    wr_labels = {e: labels[:, tasks.index(e)] for e in weights}
     out: dict[str, Any] = weighted_recall_at_k(wr_labels, fused, queries, k, weights)
     out["queries"] = int(np.unique(queries).shape[0])
     return out
@@ -152,18 +185,23 @@ def plot_spectra(spectra: dict[str, dict[str, npt.NDArray[np.float64]]], path: P
     plt.close(fig)
 
 
-def markdown_table(results: dict[str, Any], tasks: list[str], k: int) -> str:
+def markdown_table(results: dict[str, Any], spec: SchemaSpec, k: int) -> str:
+    tasks = list(spec.task_names)
+    parents = spec.task_parents()
+    conditional = [(tasks[t], tasks[p]) for t, p in enumerate(parents) if p >= 0]
+    weights = wr_weights(tasks)
     head = ["model"]
     for t in tasks:
         head += [f"{t} AUC", f"{t} GAUC", f"{t} logloss"]
-    head += ["CVR AUC", *[f"R_{e}@{k}" for e in WR_WEIGHTS if e in tasks], f"WR@{k}"]
+    head += [f"{t}\\|{p} AUC" for t, p in conditional]  # the bar escaped: a markdown table cell
+    head += [*[f"R_{e}@{k}" for e in weights], f"WR@{k}"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for model_name, r in results.items():
         row = [model_name]
         for t in tasks:
             row += [f"{r[t]['auc']:.4f}", f"{r[t]['gauc']:.4f}", f"{r[t]['logloss']:.4f}"]
-        row.append(f"{r['cvr']['auc']:.4f}" if "cvr" in r else "-")
-        row += [f"{r['ranking'][f'R_{e}@{k}']:.4f}" for e in WR_WEIGHTS if e in tasks]
+        row += [f"{r['conditional'][t]['auc']:.4f}" for t, _ in conditional]
+        row += [f"{r['ranking'][f'R_{e}@{k}']:.4f}" for e in weights]
         row.append(f"{r['ranking'][f'WR@{k}']:.4f}")
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
@@ -194,14 +232,20 @@ def evaluate_run(
     t0 = time.perf_counter()
     tune_malloc()
     model, schema, config = load_run(run_dir)
-    events = dataset_of_run(config, data_root)
+    dataset = dataset_of_run(config, data_root)
     # pointwise metrics on the test split drawn as in training (same negative ratio, so logloss
     # measures calibration on the distribution the models learned); WR@K on ranking queries with
-    # `eval_negatives` popularity negatives per positive
-    pointwise = samples_for_run(config, events)
-    ranking = samples_for_run(config, events, negatives_per_positive=eval_negatives)
+    # `eval_negatives` popularity negatives per positive (a spec with impressions: its impressions)
+    impressions = dataset.spec.impression_action is not None
+    pointwise = samples_for_run(config, dataset)
+    # impressions are the negatives of both sets: the negative count does not apply
+    ranking = pointwise if impressions else samples_for_run(config, dataset, negatives_per_positive=eval_negatives)
     if pointwise.schema.hash != schema.hash or ranking.schema.hash != schema.hash:
-        raise RuntimeError("rebuilt samples have a different schema than the run: data or code changed")
+        diff = schema.spec.differences(pointwise.schema.spec) or ["vocabularies"]
+        raise RunError(
+            f"{run_dir}: the samples rebuilt from the run's data have another schema ({', '.join(diff)}): "
+            "the data files changed since training"
+        )
     spec = schema.spec
     tasks = list(spec.task_names)
     point_idx = test_queries(pointwise, max_queries)
@@ -224,14 +268,15 @@ def evaluate_run(
     results["popularity"]["ranking"] = ranking_metrics(ranking, rank_idx, popularity_probs(ranking)[rank_idx], k)
     report = {
         "run": str(run_dir),
-        "data": config["data"],
+        "data": config.get("data"),
+        "feature_spec": dataset.spec.name,
         "test_samples": {"pointwise": int(point_idx.shape[0]), "ranking": int(rank_idx.shape[0])},
         "negatives_per_positive": config["train"]["negatives_per_positive"],
         "max_queries": max_queries,
         "eval_negatives_per_positive": eval_negatives,
         "k": k,
-        "fusion_weights": {t: FUSION_WEIGHTS.get(t, 1.0) for t in tasks},
-        "wr_weights": WR_WEIGHTS,
+        "fusion": spec.default_fusion(),
+        "wr_weights": wr_weights(tasks),
         "results": results,
         "seconds": round(time.perf_counter() - t0, 1),
     }
@@ -241,12 +286,16 @@ def evaluate_run(
     for name, s in spectra.items():
         ia = information_abundances(s)
         ia_lines.append(f"| {name} | " + " | ".join(f"{v['ia']:.2f} / {v['dim']}" for v in ia.values()) + " |")
+    if impressions:
+        point_negatives = rank_negatives = "impression negatives"
+    else:
+        point_negatives = f"{config['train']['negatives_per_positive']} popularity negatives per positive"
+        rank_negatives = f"{eval_negatives} popularity negatives per positive"
     md = (
-        f"Test split of `{config['data']}`. AUC, GAUC, logloss: {point_idx.shape[0]} samples drawn as in "
-        f"training ({config['train']['negatives_per_positive']} popularity negatives per positive). "
-        f"WR@{k}: {rank_idx.shape[0]} samples in ranking queries (a user on a day: the day's positives "
-        f"and {eval_negatives} popularity negatives per positive).\n\n"
-        + markdown_table(results, tasks, k)
+        f"Test split of `{config.get('data', dataset.spec.name)}`. AUC, GAUC, logloss: {point_idx.shape[0]} "
+        f"samples drawn as in training ({point_negatives}). WR@{k}: {rank_idx.shape[0]} samples in ranking "
+        f"queries (a user on a day: the day's positives and {rank_negatives}).\n\n"
+        + markdown_table(results, spec, k)
         + "\n\nInformation abundance (Σσ/σ_max / width) of the embedding tables:\n\n"
         + "\n".join(ia_lines)
         + "\n"
@@ -258,8 +307,10 @@ def evaluate_run(
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run", type=Path, required=True, help="run directory written by `rankserve train`")
-    p.add_argument("--data-root", type=Path, default=None, help="root of the real data (default ../shared/data)")
-    p.add_argument("--eval-negatives", type=int, default=19, help="popularity negatives per test positive")
+    p.add_argument("--data-root", type=Path, default=None,
+                   help="where the run's data files are now, if they moved (default: where training read them)")
+    p.add_argument("--eval-negatives", type=int, default=19,
+                   help="popularity negatives per test positive (specs without an impression action)")
     p.add_argument("--k", type=int, default=10, help="K of Weighted Recall@K")
     p.add_argument("--max-queries", type=int, default=None, help="evaluate a seeded subset of test queries")
 

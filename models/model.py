@@ -10,7 +10,10 @@ The model is split along the line the service draws:
   summed over heads: s_j = Σ_h k_jh·q_h/√d_h + Σ_h (b_act[a_j,h] + b_gap[g_j,h]); it keeps the
   top-k with `topk` + `gather` (no Python loops), so the graph exports too.
 * `Scorer` is everything after retrieval (exact search unit, feature interaction, task heads)
-  on gathered dense inputs. It is what goes to ONNX and TorchScript.
+  on gathered dense inputs. It is what goes to ONNX and TorchScript. Its inputs are the
+  schema's `scorer_inputs`: the base ones, then `side_ids` (categorical side features, one
+  embedding table) and `side_values` (normalized numeric side features) when the schema has them.
+* ESMM follows the schema's task parents: p(task) = σ(z_task) · p(parent), parents first.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import Tensor, nn
 
-from feature_store.schema import ACTIONS, N_CROSS_FEATURES, SCORER_INPUTS, SchemaSpec
+from feature_store.schema import SchemaSpec
 
 
 @dataclass
@@ -38,11 +41,12 @@ class ModelConfig:
     use_retrieval: bool = True  # False: DIN-short baseline (recent behaviours only)
     train_history: int = 1000  # training-time cap on behaviours searched (serving searches the whole sequence)
     heads: str = "resflow"  # mmoe | ple | resflow
-    esmm: bool = True  # later tasks are conditional on click: p_t = p_click * p(t | click)
+    esmm: bool = True  # a task with a parent is conditional on it: p_t = p_parent * p(t | parent)
     n_experts: int = 4
     expert_dim: int = 64
     tower_dims: list[int] = field(default_factory=lambda: [64, 32])
     weekday_dim: int = 4
+    side_dim: int = 8  # embedding width of each categorical side feature (user, item, context)
     sparse_embeddings: bool = False  # SparseAdam on the big tables (million-item catalogues)
 
     def __post_init__(self) -> None:
@@ -240,21 +244,58 @@ class ResFlow(nn.Module):
 HEADS: dict[str, type[nn.Module]] = {"mmoe": MMoE, "ple": PLE, "resflow": ResFlow}
 
 
+def esmm_probs(logits: Tensor, parents: tuple[int, ...], order: tuple[int, ...]) -> Tensor:
+    """ESMM over a task tree: p_t = σ(z_t) · p_parent(t) for tasks with a parent, σ(z_t) otherwise.
+
+    `parents` holds each task's parent index (-1: none) and `order` visits parents before their
+    children (`SchemaSpec.task_parents` / `task_order`); columns stay in declared task order. The
+    product runs over the whole chain, so a child's probability never exceeds its parent's and the
+    conditional towers are trained over all impressions (CTCVR-style), not only the parent's positives.
+    """
+    p = torch.sigmoid(logits)
+    if all(q < 0 for q in parents):
+        return p
+    cols: list[Tensor | None] = [None] * len(parents)
+    for t in order:
+        col = p[:, t : t + 1]
+        parent_col = cols[parents[t]] if parents[t] >= 0 else None
+        cols[t] = col if parent_col is None else parent_col * col
+    return torch.cat([c for c in cols if c is not None], dim=-1)
+
+
 class Scorer(nn.Module):
     """Exact search unit + feature interaction + task heads, on gathered dense inputs.
 
-    This is the exported part: its inputs are `SCORER_INPUTS`, its output the task probabilities.
+    This is the exported part: its inputs are the schema's `scorer_inputs` (`input_names`), its
+    output the task probabilities in declared task order. The side inputs, when the schema has
+    them, follow the base inputs positionally: `side_ids` [B, n_ids] int64 (codes already offset
+    into one table), then `side_values` [B, n_values] float32 (already normalized).
     """
 
     def __init__(self, cfg: ModelConfig, spec: SchemaSpec) -> None:
         super().__init__()
         self.cfg = cfg
         self.n_tasks = len(spec.tasks)
-        self.attention = TargetAttention(cfg.attn_dim, cfg.repr_dim, cfg.n_heads, len(ACTIONS), spec.time_gap_buckets)
+        self.input_names: tuple[str, ...] = spec.scorer_inputs
+        self.task_parents: tuple[int, ...] = spec.task_parents()
+        self.task_order: tuple[int, ...] = spec.task_order()
+        self.n_side_ids = spec.side.n_ids
+        self.n_side_values = spec.side.n_values
+        self.attention = TargetAttention(
+            cfg.attn_dim, cfg.repr_dim, cfg.n_heads, spec.n_actions, spec.time_gap_buckets
+        )
         self.weekday_emb = SmallEmbedding(spec.weekday_buckets, cfg.weekday_dim)
         n_dense = spec.n_history_features
         self.dense_norm = nn.BatchNorm1d(n_dense)
-        in_dim = cfg.repr_dim * 5 + cfg.user_dim + n_dense + cfg.weekday_dim + N_CROSS_FEATURES
+        # one table for every categorical side feature: each feature's codes sit at its own offset
+        self.side_emb: nn.Embedding | None = None
+        if self.n_side_ids:
+            self.side_emb = nn.Embedding(spec.side.table_rows, cfg.side_dim)
+            nn.init.normal_(self.side_emb.weight, std=0.05)
+        in_dim = (
+            cfg.repr_dim * 5 + cfg.user_dim + n_dense + cfg.weekday_dim + spec.n_cross_features
+            + self.n_side_ids * cfg.side_dim + self.n_side_values
+        )
         self.heads = HEADS[cfg.heads](in_dim, self.n_tasks, cfg)
 
     def forward(
@@ -271,30 +312,33 @@ class Scorer(nn.Module):
         user_repr: Tensor,
         user_dense: Tensor,
         weekday: Tensor,
+        *side: Tensor,
     ) -> Tensor:
+        expected = int(self.n_side_ids > 0) + int(self.n_side_values > 0)
+        if len(side) != expected:
+            raise TypeError(f"the scorer takes {list(self.input_names)}: {len(side)} side inputs given, not {expected}")
         long_interest = self.attention(ret_key, ret_repr, ret_mask, cand_query)
         short_interest = self.attention(short_key, short_repr, short_mask, cand_query)
-        x = torch.cat(
-            [
-                cand_repr,
-                long_interest,
-                short_interest,
-                cand_repr * long_interest,
-                cand_repr * short_interest,
-                cand_cross,
-                user_repr,
-                self.dense_norm(user_dense),
-                self.weekday_emb(weekday),
-            ],
-            dim=-1,
-        )
-        logits = self.heads(x)
+        parts = [
+            cand_repr,
+            long_interest,
+            short_interest,
+            cand_repr * long_interest,
+            cand_repr * short_interest,
+            cand_cross,
+            user_repr,
+            self.dense_norm(user_dense),
+            self.weekday_emb(weekday),
+        ]
+        if self.side_emb is not None:
+            side_ids = side[0]
+            parts.append(self.side_emb(side_ids).reshape(side_ids.shape[0], self.n_side_ids * self.cfg.side_dim))
+        if self.n_side_values:
+            parts.append(side[-1])
+        logits = self.heads(torch.cat(parts, dim=-1))
         if not self.cfg.esmm:
             return torch.sigmoid(logits)
-        # ESMM: the first task is click; every later task is click AND that task (CTCVR-style), so
-        # the conditional towers are trained over all impressions, not only clicked ones.
-        p = torch.sigmoid(logits)
-        return torch.cat([p[:, :1], p[:, :1] * p[:, 1:]], dim=-1)
+        return esmm_probs(logits, self.task_parents, self.task_order)
 
 
 @dataclass
@@ -312,6 +356,8 @@ class Batch:
     hist_mask: Tensor  # [B, L] float
     user_dense: Tensor  # [B, D]
     weekday: Tensor  # [B]
+    side_ids: Tensor | None = None  # [B, n_ids] int64, offsets applied; when the schema has categorical side features
+    side_values: Tensor | None = None  # [B, n_values] float32, normalized; when it has numeric ones
 
 
 class RankingModel(nn.Module):
@@ -408,15 +454,21 @@ class RankingModel(nn.Module):
             out |= {"ret_key": folded_key.new_zeros(b, 1, folded_key.shape[-1]),
                     "ret_repr": folded_repr.new_zeros(b, 1, cfg.repr_dim), "ret_mask": mask.new_zeros(b, 1)}
         out |= {"short_key": folded_key[:, k:], "short_repr": folded_repr[:, k:], "short_mask": mask[:, k:]}
-        return out | {
+        out |= {
             "user_repr": self.repr_user(batch.user),
             "user_dense": batch.user_dense,
             "weekday": batch.weekday,
         }
+        for name, value in (("side_ids", batch.side_ids), ("side_values", batch.side_values)):
+            if name in self.scorer.input_names:
+                if value is None:
+                    raise ValueError(f"the schema has side features but the batch has no {name}")
+                out[name] = value
+        return out
 
     def forward(self, batch: Batch) -> Tensor:
         inputs = self.scorer_inputs(batch)
-        return self.scorer(*(inputs[name] for name in SCORER_INPUTS))  # type: ignore[no-any-return]
+        return self.scorer(*(inputs[name] for name in self.scorer.input_names))  # type: ignore[no-any-return]
 
     @torch.no_grad()
     def precomputed_tables(self) -> dict[str, Tensor]:

@@ -1,9 +1,14 @@
 """`rankserve train`: seeded, reproducible training with early stopping on validation.
 
-A run directory holds everything later steps need:
+The data comes from a feature spec: `--spec SPEC.yaml` (a team's own events, actions, tasks and
+side features; docs/SCHEMA.md), or `--data`/`--action-map` for the built-in presets, which are
+specs too. A run directory holds everything later steps need, so `evaluate` and `export` take
+no data flags:
 
-    RUN/config.json        data spec, split, sampling and model config, seed
-    RUN/schema/            the FeatureSchema (spec + vocabularies) the model was trained on
+    RUN/config.json        feature spec (and the directory its paths resolve from), split,
+                           sampling and model config, seed, the fitted schema spec
+    RUN/spec.yaml          the feature spec, as YAML (export copies it into the bundle)
+    RUN/schema/            the FeatureSchema (spec + side features + vocabularies) the model was trained on
     RUN/checkpoint.pt      best state_dict (by validation mean AUC)
     RUN/metrics.json       per-epoch losses and validation metrics, timings
     RUN/din_short/         the DIN-short baseline (same data and split), unless --no-baselines
@@ -25,11 +30,11 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from feature_store.schema import SchemaSpec
+from feature_store.spec import FeatureSpec
 from models.batching import Collator
 from models.checkpoint import save_run
-from models.data.readers import add_dataset_arguments, dataset_from_args
-from models.data.samples import SampleSet, TimeSplit, build_samples, default_split
+from models.data.readers import add_dataset_arguments, load_spec_dataset, spec_from_args
+from models.data.samples import SampleSet, TimeSplit, build_samples
 from models.metrics import auc
 from models.model import ModelConfig, RankingModel
 from models.runtime import tune_malloc
@@ -161,23 +166,28 @@ def fit(
     return model, {"epochs": history, "best_valid_mean_auc": best_score, "seconds": time.perf_counter() - started}
 
 
-def samples_for_run(config: dict[str, Any], log_events: Any, negatives_per_positive: int | None = None) -> SampleSet:
+def samples_for_run(config: dict[str, Any], dataset: Any, negatives_per_positive: int | None = None) -> SampleSet:
     """Rebuild the run's samples (deterministic), optionally with another negative count.
 
-    `log_events` must be loaded as the run loaded it (`max_users` applied at load time).
+    `dataset` is the run's data as `models.data.readers.dataset_of_run(config)` loads it: the
+    recorded feature spec, `max_users` applied at load time. The side features are fitted again
+    on the same rows, so the schema (and its hash) is the run's.
     """
-    split = TimeSplit(**config["split"])
     return build_samples(
-        log_events,
-        SchemaSpec.from_dict(config["schema_spec"]),
-        split=split,
+        dataset,
+        split=TimeSplit(**config["split"]),
         negatives_per_positive=negatives_per_positive or config["train"]["negatives_per_positive"],
         seed=config["train"]["seed"],
     )
 
 
+def without_side_features(spec: FeatureSpec) -> FeatureSpec:
+    """The same spec with no user, item or context features: the model to compare against."""
+    return spec.model_copy(update={"user_features": None, "item_features": None, "context_features": None})
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_dataset_arguments(p)
+    add_dataset_arguments(p)  # --spec, or --data / --action-map, and --data-root
     p.add_argument("--out", type=Path, required=True, help="run directory to write")
     p.add_argument("--heads", choices=["mmoe", "ple", "resflow"], default="resflow", help="multi-task head")
     p.add_argument("--no-esmm", action="store_true", help="independent task probabilities instead of ESMM chaining")
@@ -204,6 +214,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="dimension of the attention (retrieval) embeddings")
     p.add_argument("--repr-dim", type=int, default=ModelConfig.repr_dim,
                    help="dimension of the representation embeddings")
+    p.add_argument("--side-dim", type=int, default=ModelConfig.side_dim,
+                   help="embedding width of each categorical side feature")
+    p.add_argument("--no-side-features", action="store_true",
+                   help="train without the spec's user, item and context features (to measure what they add)")
     p.add_argument("--sparse", action="store_true", help="sparse embedding gradients (large catalogues)")
     p.add_argument("--no-baselines", action="store_true", help="skip training the DIN-short baseline")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (e.g. in CI logs)")
@@ -211,9 +225,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
+    spec, base = spec_from_args(args)
+    if args.no_side_features:
+        spec = without_side_features(spec)
     # subset users while loading, so a 100M-event synthetic set is never read whole
-    events = dataset_from_args(args, max_users=args.max_users)
-    spec = SchemaSpec(name=str(args.data))
+    dataset = load_spec_dataset(spec, base, max_users=args.max_users)
     train_cfg = TrainConfig(
         epochs=args.epochs,
         batch_size=args.batch_size,
@@ -226,16 +242,20 @@ def run(args: argparse.Namespace) -> int:
         max_valid_samples=args.max_valid_samples,
         threads=args.threads,
     )
-    split = default_split(events)
-    samples = build_samples(
-        events, spec, split=split, negatives_per_positive=args.negatives, seed=args.seed
-    )
+    samples = build_samples(dataset, negatives_per_positive=args.negatives, seed=args.seed)
+    split = samples.time_split
+    if split is None:
+        raise RuntimeError("build_samples returned samples without their time split")
+    schema_spec = samples.schema.spec
     log.info(
         "samples built",
         extra={
-            "events": len(events),
+            "spec": spec.name,
+            "events": len(dataset.events),
             "samples": int(samples.labels.shape[0]),
             "per_split": np.bincount(samples.split, minlength=3).tolist(),
+            "side_ids": schema_spec.side.n_ids,
+            "side_values": schema_spec.side.n_values,
             "seconds": round(time.perf_counter() - t0, 1),
         },
     )
@@ -247,25 +267,30 @@ def run(args: argparse.Namespace) -> int:
         short_length=args.short_length,
         attn_dim=args.attn_dim,
         repr_dim=args.repr_dim,
+        side_dim=args.side_dim,
         sparse_embeddings=args.sparse,
     )
     variants = [("", model_cfg)]
     if not args.no_baselines:
         din = dataclasses.replace(model_cfg, use_retrieval=False, short_length=50)
         variants.append(("din_short", din))
+    data_label = spec.name if getattr(args, "spec", None) else str(getattr(args, "data", None) or spec.name)
     for sub, cfg in variants:
         run_dir = args.out / sub if sub else args.out
         model, metrics = fit(samples, cfg, train_cfg, progress=not args.no_progress)
         config = {
-            "data": args.data,
-            "action_map": args.action_map,  # evaluate, export and ingest read the data as training did
+            "data": data_label,
+            # evaluate, export and ingest read the data as training did, from the recorded spec
+            "feature_spec": spec.model_dump(mode="json"),
+            "spec_base": str(base),
+            "side_features": not args.no_side_features,
             "split": {"valid_start": split.valid_start, "test_start": split.test_start},
-            "schema_spec": spec.to_dict(),
+            "schema_spec": schema_spec.to_dict(),
             "model": cfg.to_dict(),
             "train": train_cfg.__dict__,
             "variant": sub or "twin",
         }
-        save_run(run_dir, model, samples.schema, config, metrics)
+        save_run(run_dir, model, samples.schema, config, metrics, spec)
         log.info("run saved", extra={"run": str(run_dir), "best_valid_mean_auc": metrics["best_valid_mean_auc"]})
     log.info("training finished", extra={"seconds": round(time.perf_counter() - t0, 1)})
     return 0

@@ -19,11 +19,10 @@ import pytest
 from export.exporter import write_bundle
 from feature_store.embedded import EmbeddedValkey
 from feature_store.redis_store import create_store
-from feature_store.schema import SchemaSpec
 from feature_store.store import EmbeddedConfig, FeatureStoreConfig
 from ingest.bulk import ingest_log
 from models.batching import Collator
-from models.data.readers import DataError, load_dataset
+from models.data.readers import DataError, load_spec_dataset, preset_spec
 from models.data.samples import build_samples, default_split
 from models.model import ModelConfig
 from models.train import SPLIT_TEST, TrainConfig, fit, predict
@@ -36,11 +35,12 @@ TOLERANCE = 1e-5
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
     try:
-        events = load_dataset("tmall", max_users=120)
+        dataset = load_spec_dataset(*preset_spec("tmall"), max_users=120)
     except (DataError, FileNotFoundError) as exc:
         pytest.skip(f"Tmall 2014 not available: {exc}")
-    spec = SchemaSpec(name="tmall")
-    samples = build_samples(events, spec, split=default_split(events), negatives_per_positive=4, seed=0)
+    events = dataset.events
+    samples = build_samples(dataset, split=default_split(events), negatives_per_positive=4, seed=0)
+    spec = samples.schema.spec
     cfg = ModelConfig(expert_dim=32, tower_dims=[32, 16])
     model, _ = fit(samples, cfg, TrainConfig(epochs=1, batch_size=1024, threads=1), progress=False)
     root = tmp_path_factory.mktemp("parity")

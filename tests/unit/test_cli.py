@@ -107,9 +107,9 @@ def test_evaluate_reads_the_action_map_from_the_run(tmp_path: Path, capsys: pyte
     code = cli_main(["train", "--data", f"events:{events}", "--action-map", "click=view,buy=like,cart=basket",
                      "--out", str(run), "--epochs", "1", "--no-baselines", "--no-progress", "--batch-size", "256"])
     assert code == 0
-    # kept as file value -> action, the form the readers take
-    expected = {"view": "click", "like": "buy", "basket": "cart"}
-    assert json.loads((run / "config.json").read_text())["action_map"] == expected
+    # recorded as the run's feature spec: action -> the file values that mean it
+    actions = json.loads((run / "config.json").read_text())["feature_spec"]["actions"]
+    assert {a: actions[a] for a in ("click", "cart", "buy")} == {"click": ["view"], "cart": ["basket"], "buy": ["like"]}
     capsys.readouterr()
     assert cli_main(["evaluate", "--run", str(run), "--max-queries", "50"]) == 0  # no --action-map needed
     assert "AUC" in capsys.readouterr().out

@@ -14,7 +14,9 @@ import pytest
 import torch
 
 from export.bundle import MANIFEST, BundleError, open_bundle
-from export.exporter import write_bundle
+from export.exporter import bundle_name_of, write_bundle
+from export.parity import PARITY_TOLERANCE, parity_batch
+from export.verify import verify
 from feature_store.codecs import Sequence
 from feature_store.schema import (
     SCORER_INPUTS,
@@ -26,7 +28,7 @@ from feature_store.schema import (
 )
 from models.model import Batch, RankingModel
 from service.assemble import RetrievalSettings, Tables, scorer_inputs
-from tests.helpers import tiny_model, tiny_schema
+from tests.helpers import side_feature_spec, side_schema, tiny_model, tiny_schema
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -56,6 +58,11 @@ def test_bundle_round_trip(exported: tuple[RankingModel, FeatureSchema, Path]) -
         assert isinstance(arr, np.memmap), f"{name} should be memory-mapped"
         np.testing.assert_array_equal(arr, tables[name].numpy())
     assert [i["name"] for i in bundle.manifest["scorer"]["inputs"]] == list(SCORER_INPUTS)
+    # the Tmall numbers are the default tasks' declared weights
+    assert bundle.fusion == {"weights": {"click": 1.0, "cart": 3.0, "buy": 10.0},
+                             "transforms": {"click": "identity", "cart": "identity", "buy": "identity"}}
+    assert bundle.spec_path is None and "spec.yaml" not in bundle.manifest["files"]
+    assert verify(path)["scorer_inputs"] == list(SCORER_INPUTS)
 
 
 def test_next_version_and_immutability(exported: tuple[RankingModel, FeatureSchema, Path], tmp_path: Path) -> None:
@@ -250,3 +257,108 @@ def test_scorer_runtime_is_chosen_per_bundle(
     assert make_scorer(ts_bundle, "onnx", 1, "cpu").runtime == "onnx"  # the setting overrides the bundle
     with pytest.raises(ValueError, match="scorer_runtime must be one of"):
         write_bundle(model, path / "schema", {}, tmp_path, "tiny", scorer_runtime="tensorrt")
+
+
+@pytest.mark.parametrize(
+    ("groups", "kinds"),
+    [
+        (("user", "item", "context"), ("categorical", "numeric")),
+        (("user",), ("numeric",)),
+        (("item",), ("categorical",)),
+    ],
+)
+def test_side_feature_bundle(groups: tuple[str, ...], kinds: tuple[str, ...], tmp_path: Path) -> None:
+    """Side inputs in both graphs, ONNX == TorchScript == eager to 1e-5, spec.yaml in the bundle, verify-bundle ok."""
+    import onnx
+
+    schema = side_schema(groups, kinds)
+    spec = schema.spec
+    names = list(spec.scorer_inputs)
+    model = tiny_model(schema)
+    schema.save(tmp_path / "s")
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(side_feature_spec(groups, kinds).to_yaml())
+    path = write_bundle(model, tmp_path / "s", {"variant": "twin"}, tmp_path / "m", "side", spec_file=spec_file)
+    bundle = open_bundle(path)
+    manifest = bundle.manifest
+    assert manifest["parity"]["max_abs_diff"] <= PARITY_TOLERANCE, manifest["parity"]
+    assert [i["name"] for i in manifest["scorer"]["inputs"]] == names == list(bundle.scorer_inputs)
+    assert bundle.schema.spec.side.to_dict() == spec.side.to_dict()  # fitted side features, under the hash
+    assert manifest["files"]["spec.yaml"] and bundle.spec_path is not None
+    assert bundle.spec_path.read_text() == spec_file.read_text()
+    assert bundle.fusion == spec.default_fusion()
+    assert bundle.fusion["weights"] == {"buy": 10.0, "like": 2.0, "view": 1.0, "cart": 3.0}
+    assert bundle.fusion["transforms"]["like"] == "power:0.5"
+    summary = verify(path)
+    assert summary["ok"] and summary["scorer_inputs"] == names and summary["feature_spec"] == "tiny-side"
+
+    graph = onnx.load(str(path / "scorer.onnx")).graph
+    assert [i.name for i in graph.input] == names
+    side_inputs = {i.name: i for i in graph.input if i.name.startswith("side_")}
+    for inp in side_inputs.values():
+        assert inp.type.tensor_type.shape.dim[0].dim_param == "batch"  # dynamic batch axis
+    scripted = torch.jit.load(str(path / "scorer.torchscript.pt"))  # type: ignore[no-untyped-call]
+    sess = ort.InferenceSession(str(path / "scorer.onnx"), providers=["CPUExecutionProvider"])
+    for seed, size in ((11, 33), (12, 4)):
+        inputs = parity_batch(model, spec, seed=seed, batch_size=size)
+        if "side_ids" in inputs:
+            ids = inputs["side_ids"]
+            assert int(ids.min()) >= 0 and int(ids.max()) < spec.side.table_rows
+        args = [inputs[n] for n in names]
+        with torch.no_grad():
+            eager = model.scorer(*args).numpy()
+            ts = scripted(*args).numpy()
+        ox = sess.run(None, {n: inputs[n].numpy() for n in names})[0]
+        assert eager.shape == (size, 4)
+        np.testing.assert_allclose(ox, eager, atol=PARITY_TOLERANCE, rtol=0)
+        np.testing.assert_allclose(ts, eager, atol=PARITY_TOLERANCE, rtol=0)
+    with pytest.raises(Exception, match="side_"):  # ONNX Runtime raises its own error type for a missing input
+        sess.run(None, {n: inputs[n].numpy() for n in SCORER_INPUTS})
+
+
+def test_side_table_is_the_only_new_lookup(tmp_path: Path) -> None:
+    import onnx
+
+    schema = side_schema()
+    schema.save(tmp_path / "s")
+    path = write_bundle(tiny_model(schema), tmp_path / "s", {}, tmp_path / "m", "side")
+    graph = onnx.load(str(path / "scorer.onnx")).graph
+    tables = {init.name for init in graph.initializer}
+    looked_up = {node.input[0] for node in graph.node if node.op_type == "Gather" and node.input[0] in tables}
+    assert looked_up == {"weekday_emb.weight", "side_emb.weight"}
+
+
+def test_bundle_refuses_a_model_of_another_schema(tmp_path: Path) -> None:
+    schema = side_schema()
+    schema.save(tmp_path / "s")
+    with pytest.raises(ValueError, match="scorer inputs"):
+        write_bundle(tiny_model(tiny_schema()), tmp_path / "s", {}, tmp_path / "m", "side")
+
+
+def test_verify_refuses_scorer_inputs_that_differ_from_the_schema(
+    exported: tuple[RankingModel, FeatureSchema, Path], tmp_path: Path
+) -> None:
+    """A bundle whose schema gained side features but whose scorer did not: refused by verify-bundle."""
+    import shutil
+
+    _model, _schema, path = exported
+    copy = tmp_path / "copy"
+    shutil.copytree(path, copy)
+    for p in copy.rglob("*"):
+        os.chmod(p, 0o755 if p.is_dir() else 0o644)
+    side = side_schema()
+    base = tiny_schema()
+    swapped = FeatureSchema(side.spec, base.users, base.items, base.categories)
+    swapped.save(copy / "schema")
+    manifest = json.loads((copy / MANIFEST).read_text())
+    manifest["schema"] = swapped.manifest_entry()
+    manifest["files"] = {k: v for k, v in manifest["files"].items() if not k.startswith("schema/")}
+    (copy / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="differ from the schema's scorer inputs"):
+        verify(copy)
+
+
+def test_bundle_name_of_a_run() -> None:
+    assert bundle_name_of({"feature_spec": {"name": "shop"}, "data": "events:/x.csv"}) == "shop"
+    assert bundle_name_of({"data": "synthetic:/data/syn"}) == "synthetic-data-syn"
+    assert bundle_name_of({}) == "model"

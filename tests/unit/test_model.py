@@ -1,4 +1,5 @@
-"""TargetAttention: the folded fast forward against the per-behaviour reference, values and gradients."""
+"""TargetAttention: the folded fast forward against the per-behaviour reference, values and gradients.
+The ESMM task tree, the side-feature inputs, and the schema-driven widths of the scorer."""
 
 from __future__ import annotations
 
@@ -8,7 +9,10 @@ import pytest
 import torch
 from torch import Tensor
 
-from models.model import TargetAttention
+from export.parity import parity_batch, random_batch
+from feature_store.schema import SCORER_INPUTS, FeatureSchema
+from models.model import RankingModel, TargetAttention, esmm_probs
+from tests.helpers import side_schema, tiny_model, tiny_schema
 
 
 def reference_forward(
@@ -106,3 +110,120 @@ def test_event_tables_are_the_fold_rows() -> None:
     assert torch.equal(folded_key[0, :, 16:], bias[code]) and torch.equal(folded_key[0, :, :16], key[0])
     assert torch.equal(folded_repr[0], emb[code])
 
+
+
+def probs_and_logits(model: RankingModel, schema: FeatureSchema, seed: int = 3) -> tuple[Tensor, Tensor]:
+    """The scorer's output and the task heads' logits on one parity batch."""
+    captured: list[Tensor] = []
+    hook = model.scorer.heads.register_forward_hook(lambda _m, _i, out: captured.append(out))
+    try:
+        inputs = parity_batch(model, schema.spec, seed=seed, batch_size=40)
+        with torch.no_grad():
+            probs = model.scorer(*(inputs[n] for n in schema.spec.scorer_inputs))
+    finally:
+        hook.remove()
+    return probs, captured[0]
+
+
+@pytest.mark.parametrize("heads", ["resflow", "mmoe"])
+def test_default_schema_esmm_is_the_click_chain(heads: str) -> None:
+    """The default tasks (cart and buy under click) give exactly the former p_click * p_task."""
+    schema = tiny_schema()
+    assert schema.spec.task_parents() == (-1, 0, 0)
+    assert schema.spec.scorer_inputs == SCORER_INPUTS
+    model = tiny_model(schema, heads=heads)
+    probs, logits = probs_and_logits(model, schema)
+    p = torch.sigmoid(logits)
+    assert torch.equal(probs, torch.cat([p[:, :1], p[:, :1] * p[:, 1:]], dim=-1))
+
+
+def test_esmm_parent_chain() -> None:
+    """buy <- cart <- view, like alone, declared child first: p = sigmoid * p(parent), never above it."""
+    schema = side_schema()
+    spec = schema.spec
+    tasks = list(spec.task_names)
+    assert tasks == ["buy", "like", "view", "cart"]
+    assert spec.task_parents() == (3, -1, -1, 2)
+    model = tiny_model(schema)
+    probs, logits = probs_and_logits(model, schema)
+    s = torch.sigmoid(logits)
+    buy, like, view, cart = range(4)
+    assert torch.equal(probs[:, like], s[:, like]) and torch.equal(probs[:, view], s[:, view])
+    assert torch.equal(probs[:, cart], s[:, view] * s[:, cart])
+    assert torch.equal(probs[:, buy], probs[:, cart] * s[:, buy])
+    assert bool((probs[:, cart] <= probs[:, view]).all()) and bool((probs[:, buy] <= probs[:, cart]).all())
+    # without ESMM every task is its own sigmoid
+    model.scorer.cfg.esmm = False
+    probs, logits = probs_and_logits(model, schema)
+    assert torch.equal(probs, torch.sigmoid(logits))
+
+
+def test_esmm_probs_without_parents_is_sigmoid() -> None:
+    logits = torch.randn(7, 3)
+    assert torch.equal(esmm_probs(logits, (-1, -1, -1), (0, 1, 2)), torch.sigmoid(logits))
+    # a deeper chain declared in reverse: 2 <- 1 <- 0
+    p = esmm_probs(logits, (1, 2, -1), (2, 1, 0))
+    s = torch.sigmoid(logits)
+    assert torch.equal(p[:, 2], s[:, 2]) and torch.equal(p[:, 1], s[:, 2] * s[:, 1])
+    assert torch.equal(p[:, 0], (s[:, 2] * s[:, 1]) * s[:, 0])
+
+
+def test_scorer_widths_follow_the_schema() -> None:
+    """Actions, cross and history widths from the schema; side ids embedded, side values concatenated."""
+    schema = side_schema()
+    spec = schema.spec
+    model = tiny_model(schema)
+    scorer = model.scorer
+    assert scorer.input_names == spec.scorer_inputs
+    assert scorer.attention.action_bias.rows == spec.n_actions == 4
+    assert scorer.dense_norm.num_features == spec.n_history_features
+    assert scorer.side_emb is not None and scorer.side_emb.num_embeddings == spec.side.table_rows
+    inputs = parity_batch(model, spec, seed=0, batch_size=6)
+    assert inputs["side_ids"].shape == (6, spec.side.n_ids) and inputs["side_ids"].dtype == torch.int64
+    assert inputs["side_values"].shape == (6, spec.side.n_values) and inputs["side_values"].dtype == torch.float32
+    base = [inputs[n] for n in SCORER_INPUTS]
+    with pytest.raises(TypeError, match="side inputs"):
+        scorer(*base)
+    # the side inputs reach the heads: another user/item/context row changes the scores
+    with torch.no_grad():
+        ref = scorer(*base, inputs["side_ids"], inputs["side_values"])
+        other_ids = scorer(*base, inputs["side_ids"].flip(0), inputs["side_values"])
+        other_values = scorer(*base, inputs["side_ids"], inputs["side_values"] + 1.0)
+    assert not torch.allclose(ref, other_ids) and not torch.allclose(ref, other_values)
+
+
+@pytest.mark.parametrize(
+    ("groups", "kinds"),
+    [
+        (("user", "item", "context"), ("categorical", "numeric")),
+        (("item",), ("numeric",)),
+        (("context",), ("categorical",)),
+    ],
+)
+def test_side_features_train_one_step(groups: tuple[str, ...], kinds: tuple[str, ...]) -> None:
+    """One optimizer step moves the side table (when there is one) and the heads."""
+    schema = side_schema(groups, kinds)
+    model = tiny_model(schema)
+    assert model.scorer.input_names[12:] == tuple(
+        n for n, k in (("side_ids", "categorical"), ("side_values", "numeric")) if k in kinds
+    )
+    batch = random_batch(model, schema.spec, seed=4, batch_size=32)
+    labels = (torch.rand(32, len(schema.spec.tasks), generator=torch.Generator().manual_seed(0)) < 0.3).float()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.train()
+    probs = model(batch)
+    assert probs.shape == (32, 4)
+    loss = torch.nn.functional.binary_cross_entropy(probs.clamp(1e-7, 1 - 1e-7), labels)
+    loss.backward()  # type: ignore[no-untyped-call]
+    if model.scorer.side_emb is not None:
+        grad = model.scorer.side_emb.weight.grad
+        assert grad is not None and bool((grad != 0).any())
+    opt.step()
+    after = model.state_dict()
+    if model.scorer.side_emb is not None:
+        assert not torch.equal(before["scorer.side_emb.weight"], after["scorer.side_emb.weight"])
+    assert not torch.equal(before["scorer.heads.out.0.weight"], after["scorer.heads.out.0.weight"])
+    batch.side_ids, batch.side_values = None, None
+    with pytest.raises(ValueError, match="has no side_"):
+        model(batch)
