@@ -2,10 +2,16 @@
 
 Every ranking request reads a few hundred item-feature values that change only with a new
 feature-set version, so the store keeps them here (keyed by version and item) and sends only the
-misses to Redis. The values are fixed-size records (`codecs.ITEM_RECORD`), so the cache holds
-them in preallocated arrays rather than as Python objects: 25 bytes a slot, zero pages until
-written, a fraction of what an LRU of dict entries takes in every worker process
-(docs/PERFORMANCE.md).
+misses to Redis. The values of one version are fixed-size records (`codecs.ITEM_RECORD`, then
+the item's side tail, equally long for every item of the version), so the cache holds them in
+preallocated arrays rather than as Python objects: 17 bytes a slot plus the value size (25
+without side features), zero pages until written, a fraction of what an LRU of dict entries takes
+in every worker process (docs/PERFORMANCE.md). The value size is given, or taken from the first
+value put (the store's caches: it does not know the schema's side-feature widths).
+
+Staleness: an entry serves for `ttl_seconds` after it was put, so a value rewritten in Redis
+(`rankserve ingest --upsert-items`) reaches a running server within the TTL of the store's
+`item_cache_ttl_s` (default 60 s) plus the fetch that put the old value.
 
 It is 2-way set-associative: an id hashes (multiplicatively) to a set of two slots; a put takes
 the id's own slot, else a free or expired one, else the one written longer ago. On a Zipf stream
@@ -30,24 +36,29 @@ class ItemCache:
 
     `max_entries` slots (rounded up to a power of two), each entry valid for `ttl_seconds` after
     it was put. `max_entries == 0` disables the cache (every lookup misses, puts are
-    dropped). A value of another size is not cached (the decoder reports it).
+    dropped). `value_size` None: the size of the first value put. A value of another size is not
+    cached (the decoder reports it).
     """
 
     __slots__ = ("_absent", "_clock", "_expires", "_keys", "_shift", "_values", "_void", "_ways", "evictions",
                  "hits", "max_entries", "misses", "ttl_seconds", "value_size")
 
     def __init__(
-        self, max_entries: int, ttl_seconds: float, value_size: int, clock: Callable[[], float] = time.monotonic
+        self,
+        max_entries: int,
+        ttl_seconds: float,
+        value_size: int | None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if max_entries < 0:
             raise ValueError("max_entries must be >= 0")
         if ttl_seconds <= 0:
             raise ValueError("ttl_seconds must be > 0")
-        if value_size <= 0:
+        if value_size is not None and value_size <= 0:
             raise ValueError("value_size must be > 0")
         self.max_entries = max_entries
         self.ttl_seconds = ttl_seconds
-        self.value_size = value_size
+        self.value_size = value_size or 0  # 0: not known yet
         self._clock = clock
         bits = (max_entries - 1).bit_length() if max_entries > 1 else int(max_entries)
         capacity = (1 << bits) if max_entries else 0
@@ -58,8 +69,8 @@ class ItemCache:
         self._keys = np.zeros(capacity, dtype=np.int64)
         self._expires = np.zeros(capacity, dtype=np.float64)
         self._absent = np.zeros(capacity, dtype=bool)
-        self._values = np.zeros((capacity, value_size), dtype=np.uint8)
-        self._void = np.dtype((np.void, value_size))
+        self._values = np.zeros((capacity, self.value_size), dtype=np.uint8)
+        self._void = np.dtype((np.void, max(self.value_size, 1)))
         self.hits = 0
         self.misses = 0
         self.evictions = 0
@@ -109,8 +120,9 @@ class ItemCache:
         slots, hit = self._lookup(ids, self._clock())
         present = np.flatnonzero(hit & ~self._absent[slots])
         out = np.full(n, None, dtype=object)
-        # a void view turns each record row into one bytes object in C, no Python loop per entry
-        out[present] = self._values[slots[present]].view(self._void).ravel().tolist()
+        if present.size:
+            # a void view turns each record row into one bytes object in C, no Python loop per entry
+            out[present] = self._values[slots[present]].view(self._void).ravel().tolist()
         values: list[bytes | None] = out.tolist()
         missing = np.flatnonzero(~hit).tolist()
         self.misses += len(missing)
@@ -120,7 +132,11 @@ class ItemCache:
     def put_many(self, items: Iterable[tuple[int, bytes | None]]) -> None:
         if not self.enabled:
             return
-        pairs = [(k, v) for k, v in items if v is None or len(v) == self.value_size]
+        entries = list(items)
+        if not self.value_size:
+            self._size_from(entries)
+        size = self.value_size  # 0 until a non-empty value fixed it: values are not cached then
+        pairs = [(k, v) for k, v in entries if v is None or (size and len(v) == size)]
         if not pairs:
             return
         ids = np.fromiter((k for k, _ in pairs), dtype=np.int64, count=len(pairs))
@@ -139,6 +155,15 @@ class ItemCache:
         if present.size:
             blob = b"".join(v for _, v in pairs if v is not None)
             self._values[slots[present]] = np.frombuffer(blob, dtype=np.uint8).reshape(-1, self.value_size)
+
+    def _size_from(self, items: list[tuple[int, bytes | None]]) -> None:
+        """Fix the value size to that of the first value in `items` (the value array's pages are
+        the kernel's zero pages until written, as at construction)."""
+        size = next((len(v) for _, v in items if v), 0)
+        if size:
+            self.value_size = size
+            self._values = np.zeros((self._keys.shape[0], size), dtype=np.uint8)
+            self._void = np.dtype((np.void, size))
 
     def get(self, key: int) -> tuple[bool, bytes | None]:
         """(found, value)."""

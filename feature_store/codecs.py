@@ -9,8 +9,15 @@ is a plain APPEND and the newest events are the tail:
 
 A 10,000-event sequence is 120,000 bytes and decodes with one zero-copy `np.frombuffer`.
 
-User profile: u32 user index (dense, 0 = unknown). Item features: u32 item index, u32 category
-index. All little-endian, fixed width, so a decode is a `frombuffer` and never a parse.
+User profile: u32 user index (dense, 0 = unknown), then the user's side tail. Item features: u32
+item index, u32 category index, then the item's side tail. All little-endian, fixed width per
+version, so a decode is a `frombuffer` and never a parse.
+
+Side tail (`encode_side` / `decode_side`): the side features of the user group (profile) or the
+item group (item value) of the schema, `C` int32 per-feature codes (categorical features, spec
+order) then `N` float32 normalized values (numeric features, spec order): 4*(C+N) bytes, empty
+when the group has none. The store does not know C and N (it is schema-agnostic); the service
+decodes the tails with the schema's widths. Every item of one version has the same tail length.
 
 Behaviour clusters (`twin_v2`, optional): a 16-byte header, then one u16 cluster id per event of
 the sequence, oldest first, for the oldest N events (events appended later have none):
@@ -25,8 +32,10 @@ the sequence, oldest first, for the oldest N events (events appended later have 
 from __future__ import annotations
 
 import operator
+from collections.abc import Sequence as SequenceABC
 from dataclasses import dataclass
 from itertools import repeat
+from typing import NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -41,6 +50,8 @@ CLUSTER_HEADER_SIZE = 16
 CLUSTER_ENTRY_SIZE = 2
 MAX_CLUSTERS = 0xFFFF
 FINGERPRINT_SIZE = 8
+SIDE_ENTRY_SIZE = 4  # one int32 code or one float32 value of a side tail
+_INT32_MAX = (1 << 31) - 1
 
 
 class CodecError(ValueError):
@@ -147,67 +158,189 @@ def decode_sequence(raw: bytes | bytearray | memoryview | None) -> Sequence:
     )
 
 
-def encode_profile(user_index: int) -> bytes:
-    return np.array([(user_index,)], dtype=PROFILE_RECORD).tobytes()
+def encode_side(ids: npt.ArrayLike, values: npt.ArrayLike) -> list[bytes]:
+    """Side tails of `n` rows: codes [n, C] (int, 0..2^31-1) as int32, then values [n, N] as float32.
+
+    One `bytes` of 4*(C+N) bytes per row (b"" when C + N == 0), little-endian.
+    """
+    ids_a = np.asarray(ids, dtype=np.int64)
+    values_a = np.asarray(values, dtype=np.float64)
+    if ids_a.ndim != 2 or values_a.ndim != 2 or ids_a.shape[0] != values_a.shape[0]:
+        raise CodecError(f"side ids {ids_a.shape} and values {values_a.shape} must be [n, C] and [n, N]")
+    n, c = ids_a.shape
+    width = SIDE_ENTRY_SIZE * (c + values_a.shape[1])
+    if width == 0:
+        return [b""] * n
+    if ids_a.size and (ids_a.min() < 0 or ids_a.max() > _INT32_MAX):
+        raise CodecError(f"side feature code out of range 0..{_INT32_MAX}")
+    rows = np.empty((n, c + values_a.shape[1]), dtype="<i4")
+    rows[:, :c] = ids_a
+    rows[:, c:] = values_a.astype("<f4").view("<i4")
+    raw = rows.tobytes()
+    return [raw[k * width : (k + 1) * width] for k in range(n)]
+
+
+def decode_side(
+    tail: bytes | bytearray | memoryview | npt.NDArray[np.uint8], n_ids: int, n_values: int
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
+    """(codes int64 [n, C], values float32 [n, N]) of side tails: one tail (bytes: n = 1) or rows
+    uint8 [n, W]. Raises CodecError unless W == 4*(n_ids + n_values)."""
+    if isinstance(tail, np.ndarray):
+        rows = tail if tail.ndim == 2 else tail.reshape(1, -1)
+    else:
+        rows = np.frombuffer(tail, dtype=np.uint8).reshape(1, -1)
+    width = SIDE_ENTRY_SIZE * (n_ids + n_values)
+    if rows.shape[1] != width:
+        raise CodecError(
+            f"side tail has {rows.shape[1]} bytes, the schema's {n_ids} codes and {n_values} values need {width}"
+        )
+    if width == 0:
+        return np.zeros((rows.shape[0], 0), dtype=np.int64), np.zeros((rows.shape[0], 0), dtype=np.float32)
+    words = np.ascontiguousarray(rows, dtype=np.uint8).view("<i4")
+    return words[:, :n_ids].astype(np.int64), words[:, n_ids:].view("<f4").astype(np.float32)
+
+
+def _check_tail(tail: bytes, what: str) -> None:
+    if len(tail) % SIDE_ENTRY_SIZE:
+        raise CodecError(f"{what} side tail of {len(tail)} bytes is not whole {SIDE_ENTRY_SIZE}-byte entries")
+
+
+def encode_profile(user_index: int, side: bytes = b"") -> bytes:
+    """The profile value: u32 user index, then the user's side tail (`encode_side`)."""
+    _check_tail(side, "profile")
+    return np.array([(user_index,)], dtype=PROFILE_RECORD).tobytes() + side
+
+
+def decode_profile_value(raw: bytes | None) -> tuple[int | None, bytes]:
+    """(user index, side tail) of a profile value; (None, b"") for a missing profile."""
+    if raw is None:
+        return None, b""
+    size = PROFILE_RECORD.itemsize
+    if len(raw) < size or (len(raw) - size) % SIDE_ENTRY_SIZE:
+        raise CodecError(
+            f"profile value has {len(raw)} bytes, expected {size} plus whole {SIDE_ENTRY_SIZE}-byte side entries"
+        )
+    return int.from_bytes(raw[:size], "little"), bytes(raw[size:])  # u32 LE; a tenth of a frombuffer's cost
 
 
 def decode_profile(raw: bytes | None) -> int | None:
-    """The user index, or None for a missing profile."""
-    if raw is None:
-        return None
-    if len(raw) != PROFILE_RECORD.itemsize:
-        raise CodecError(f"profile value has {len(raw)} bytes, expected {PROFILE_RECORD.itemsize}")
-    return int.from_bytes(raw, "little")  # u32 LE; a tenth of the cost of a frombuffer
+    """The user index, or None for a missing profile (a side tail is ignored)."""
+    return decode_profile_value(raw)[0]
 
 
-def encode_items(item_index: npt.ArrayLike, category_index: npt.ArrayLike) -> list[bytes]:
-    """One value per item."""
+def encode_items(
+    item_index: npt.ArrayLike, category_index: npt.ArrayLike, side: SequenceABC[bytes] | None = None
+) -> list[bytes]:
+    """One value per item: item index, category index, then the item's side tail (all equally long)."""
     rec = np.empty(np.asarray(item_index).shape[0], dtype=ITEM_RECORD)
     rec["item"] = np.asarray(item_index, dtype=np.int64)
     rec["category"] = np.asarray(category_index, dtype=np.int64)
     raw = rec.tobytes()
     size = ITEM_RECORD.itemsize
-    return [raw[k * size : (k + 1) * size] for k in range(rec.shape[0])]
+    heads = [raw[k * size : (k + 1) * size] for k in range(rec.shape[0])]
+    if side is None:
+        return heads
+    if len(side) != len(heads):
+        raise CodecError(f"{len(side)} side tails for {len(heads)} items")
+    widths = set(map(len, side))
+    if len(widths) > 1:
+        raise CodecError(f"item side tails must be equally long, got lengths {sorted(widths)[:5]}")
+    if widths:
+        _check_tail(side[0], "item")
+    return [h + t for h, t in zip(heads, side, strict=True)]
 
 
-def decode_items(
-    values: list[bytes | None],
-) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.bool_]]:
-    """(item index, category index, found) in input order; misses decode to index 0."""
+class ItemValues(NamedTuple):
+    """Decoded item values, in input order; misses are zeros (index 0, an all-zero side row)."""
+
+    item: npt.NDArray[np.int64]
+    category: npt.NDArray[np.int64]
+    found: npt.NDArray[np.bool_]
+    side: npt.NDArray[np.uint8]  # [n, W]: each item's side tail (W = 0: no tails)
+
+
+def _name(k: int, ids: SequenceABC[int] | None) -> str:
+    return f"item {ids[k]}" if ids is not None and k < len(ids) else f"item value {k}"
+
+
+def decode_items(values: SequenceABC[bytes | None], ids: SequenceABC[int] | None = None) -> ItemValues:
+    """Item values (`encode_items`) in input order, checked one by one; errors name the item
+    (`ids[k]` when given). The reference decoder; the serving path uses `decode_item_values`."""
     n = len(values)
-    size = ITEM_RECORD.itemsize
+    head = ITEM_RECORD.itemsize
+    size: int | None = None
+    for k, v in enumerate(values):
+        if v is None:
+            continue
+        if len(v) < head or (len(v) - head) % SIDE_ENTRY_SIZE:
+            raise CodecError(
+                f"{_name(k, ids)}: value has {len(v)} bytes, expected {head} plus whole "
+                f"{SIDE_ENTRY_SIZE}-byte side entries"
+            )
+        if size is None:
+            size = len(v)
+        elif len(v) != size:
+            raise CodecError(
+                f"{_name(k, ids)}: value has {len(v)} bytes, other items of this version have {size} "
+                "(side tails of one version must be equally long)"
+            )
+    size = size or head
     found = np.fromiter((v is not None for v in values), dtype=bool, count=n)
     buf = bytearray(n * size)
     for k, v in enumerate(values):
         if v is not None:
-            if len(v) != size:
-                raise CodecError(f"item value has {len(v)} bytes, expected {size}")
             buf[k * size : (k + 1) * size] = v
-    rec = np.frombuffer(bytes(buf), dtype=ITEM_RECORD)
-    return rec["item"].astype(np.int64), rec["category"].astype(np.int64), found
+    rows = np.frombuffer(bytes(buf), dtype=np.uint8).reshape(n, size)
+    rec = np.ascontiguousarray(rows[:, :head]).view(ITEM_RECORD).reshape(n)
+    return ItemValues(rec["item"].astype(np.int64), rec["category"].astype(np.int64), found, rows[:, head:].copy())
 
 
 _ITEM_MISS = bytes(ITEM_RECORD.itemsize)
 
 
-def decode_item_values(
-    values: list[bytes | None],
-) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.bool_]]:
+def decode_item_values(values: SequenceABC[bytes | None], ids: SequenceABC[int] | None = None) -> ItemValues:
     """Same result as `decode_items`, with one join and one `frombuffer` instead of a per-item copy.
 
     The serving path decodes a few hundred item values per request; this keeps that to a few
-    microseconds. Falls back to `decode_items` (which names the bad value) when a size is wrong.
+    microseconds. Falls back to `decode_items` (which names the bad item) when a size is wrong.
     """
     n = len(values)
+    head = ITEM_RECORD.itemsize
     if n == 0:
-        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), np.zeros(0, dtype=bool)
+        z = np.zeros(0, dtype=np.int64)
+        return ItemValues(z, z, np.zeros(0, dtype=bool), np.zeros((0, 0), dtype=np.uint8))
     found = np.fromiter(map(operator.is_not, values, repeat(None)), dtype=bool, count=n)
-    joined = b"".join([_ITEM_MISS if v is None else v for v in values])
-    # The total catches empty values, the set of lengths catches a short value offset by a long one.
-    if len(joined) != n * ITEM_RECORD.itemsize or not set(map(len, filter(None, values))) <= {ITEM_RECORD.itemsize}:
-        return decode_items(values)
-    rec = np.frombuffer(joined, dtype=ITEM_RECORD)
-    return rec["item"].astype(np.int64), rec["category"].astype(np.int64), found
+    # The set of lengths catches mixed sizes, the total (below) catches empty values.
+    sizes = set(map(len, filter(None, values)))
+    if not sizes or sizes == {head}:  # no side tails: the record alone
+        joined = b"".join([_ITEM_MISS if v is None else v for v in values])
+        if len(joined) != n * head:
+            return decode_items(values, ids)
+        rec = np.frombuffer(joined, dtype=ITEM_RECORD)
+        return ItemValues(
+            rec["item"].astype(np.int64), rec["category"].astype(np.int64), found, np.zeros((n, 0), dtype=np.uint8)
+        )
+    size = next(iter(sizes))
+    if len(sizes) > 1 or size < head or (size - head) % SIDE_ENTRY_SIZE:
+        return decode_items(values, ids)
+    miss = bytes(size)
+    joined = b"".join([miss if v is None else v for v in values])
+    if len(joined) != n * size:
+        return decode_items(values, ids)
+    rec = np.frombuffer(joined, dtype=_item_dtype(size - head))
+    return ItemValues(rec["item"].astype(np.int64), rec["category"].astype(np.int64), found, rec["side"].copy())
+
+
+_ITEM_DTYPES: dict[int, np.dtype[np.void]] = {}
+
+
+def _item_dtype(width: int) -> np.dtype[np.void]:
+    """The record of an item value with a `width`-byte side tail (cached per width)."""
+    dt = _ITEM_DTYPES.get(width)
+    if dt is None:
+        dt = np.dtype([("item", "<u4"), ("category", "<u4"), ("side", "u1", (width,))])
+        _ITEM_DTYPES[width] = dt
+    return dt
 
 
 def encode_clusters(assignment: npt.ArrayLike, n_clusters: int, fingerprint: bytes) -> bytes:

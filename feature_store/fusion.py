@@ -1,4 +1,8 @@
-"""Additive fusion of the task scores into one ranking score: s = Σ_t w_t·f_t(p_t)."""
+"""Additive fusion of the task scores into one ranking score: s = Σ_t w_t·f_t(p_t).
+
+It lives beside the schema because training (evaluation of the fused ranking) and serving must
+fuse identically.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +11,6 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-
-from export.bundle import Bundle
 
 F32 = npt.NDArray[np.float32]
 
@@ -32,11 +34,15 @@ class Fusion:
                 raise ValueError(f"transform of {t!r} must be identity, log or power:<exponent>, got {spec!r}")
 
     @classmethod
-    def from_bundle(
-        cls, bundle: Bundle, weights: Mapping[str, float] | None = None, transforms: Mapping[str, str] | None = None
+    def from_declared(
+        cls,
+        tasks: list[str],
+        declared: Mapping[str, Any],
+        weights: Mapping[str, float] | None = None,
+        transforms: Mapping[str, str] | None = None,
     ) -> Fusion:
-        fusion = bundle.fusion
-        return cls(bundle.tasks, weights or fusion["weights"], transforms or fusion.get("transforms", {}))
+        """The fusion a bundle or spec declares (`{"weights": ..., "transforms": ...}`), with overrides."""
+        return cls(tasks, weights or declared["weights"], transforms or declared.get("transforms", {}))
 
     def describe(self) -> dict[str, Any]:
         return {

@@ -1,10 +1,11 @@
 """Redis key layout: small pure functions, one per key kind (unit-tested against exact bytes).
 
     rs:<ver>:{u<user>}:seq    lifelong behaviour sequence (12-byte records, oldest first)
-    rs:<ver>:{u<user>}:prof   user profile (u32 user index)
+    rs:<ver>:{u<user>}:prof   user profile (u32 user index, then the user's side tail)
     rs:<ver>:{u<user>}:clu    behaviour clusters of the sequence (twin_v2; optional, see codecs)
-    rs:<ver>:i:<item>         item features (u32 item index, u32 category index)
+    rs:<ver>:i:<item>         item features (u32 item index, u32 category index, then the side tail)
     rs:meta:<ver>             JSON meta of one feature-set version (schema hash, counts, status)
+    rs:meta:<ver>:schema      JSON of the schema the version was ingested with (hash and spec)
     rs:versions               SET of all version names that have a meta key
     rs:active                 name of the version the service reads ("active pointer")
 
@@ -84,6 +85,12 @@ def item_keys(version: str, item_ids: Iterable[int]) -> list[bytes]:
 def meta_key(version: str) -> bytes:
     """`rs:meta:<ver>`: outside the version's data prefix, so dropping the data keeps it to the end."""
     return f"{KEY_PREFIX}:meta:{version}".encode()
+
+
+def schema_key(version: str) -> bytes:
+    """`rs:meta:<ver>:schema`: beside the meta key (versions hold no colon, so no other meta key
+    is a prefix of it), outside the version's data prefix like the meta."""
+    return f"{KEY_PREFIX}:meta:{version}:schema".encode()
 
 
 def version_match_pattern(version: str) -> bytes:

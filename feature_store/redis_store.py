@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -40,13 +41,12 @@ from feature_store.cache import ItemCache
 from feature_store.codecs import (
     CLUSTER_ENTRY_SIZE,
     CLUSTER_HEADER_SIZE,
-    ITEM_RECORD,
     SEQ_RECORD_SIZE,
     CodecError,
     Sequence,
     align_clusters,
     decode_item_values,
-    decode_profile,
+    decode_profile_value,
     decode_sequence,
     encode_sequence,
 )
@@ -70,6 +70,7 @@ from feature_store.store import (
     FetchResult,
     OnlineStore,
     RetryPolicy,
+    StoredSchema,
     StoreHealth,
     VersionMeta,
 )
@@ -297,6 +298,22 @@ class RedisOnlineStore(OnlineStore):
 
         await self._run("write version meta", op)
 
+    async def put_schema(self, version: str, schema: StoredSchema) -> None:
+        key = keys.schema_key(self._checked_version(version))
+        payload = json.dumps({"hash": schema.schema_hash, "spec": schema.spec}, sort_keys=True).encode()
+        await self._run("write version schema", lambda: self._client.set(key, payload))
+
+    async def get_schema(self, version: str) -> StoredSchema | None:
+        key = keys.schema_key(self._checked_version(version))
+        raw = await self._run("read version schema", lambda: self._client.get(key))
+        if raw is None:
+            return None
+        try:
+            doc = json.loads(raw)
+            return StoredSchema(str(doc["hash"]), dict(doc["spec"]))
+        except (ValueError, TypeError, KeyError) as exc:
+            raise FeatureStoreDataError(f"recorded schema of version {version!r} is not valid: {exc!r}") from exc
+
     async def list_versions(self) -> list[str]:
         members = await self._run("list versions", lambda: self._client.smembers(keys.VERSIONS_KEY))
         return sorted(m.decode() for m in cast(set[bytes], members))
@@ -333,6 +350,7 @@ class RedisOnlineStore(OnlineStore):
         async def forget() -> None:
             pipe = self._client.pipeline(transaction=False)
             pipe.delete(keys.meta_key(version))
+            pipe.delete(keys.schema_key(version))
             pipe.srem(keys.VERSIONS_KEY, version)
             await pipe.execute()
 
@@ -373,7 +391,8 @@ class RedisOnlineStore(OnlineStore):
         if cache is None:
             if len(self._item_caches) >= _MAX_ITEM_CACHES:
                 self._item_caches.pop(next(iter(self._item_caches)))
-            cache = ItemCache(self.config.item_cache_size, self.config.item_cache_ttl_s, ITEM_RECORD.itemsize)
+            # value size from the first value: item records plus the version's side tails
+            cache = ItemCache(self.config.item_cache_size, self.config.item_cache_ttl_s, None)
             self._item_caches[version] = cache
         return cache
 
@@ -493,7 +512,7 @@ class RedisOnlineStore(OnlineStore):
             self._set_active(replies[0])
             pos = 1
         try:
-            user_index = decode_profile(replies[pos])
+            user_index, user_side = decode_profile_value(replies[pos])
             pos += 1
             sequence = Sequence.empty()
             if n_seq:
@@ -513,13 +532,13 @@ class RedisOnlineStore(OnlineStore):
                         values[p] = value
                 if cache.enabled:
                     cache.put_many(zip((ids[p] for p in missing), fetched, strict=True))
-            item_index, category_index, found = decode_item_values(values)
+            item_index, category_index, found, item_side = decode_item_values(values, ids)
         except CodecError as exc:
             raise FeatureStoreDataError(f"fetch of user {user_id} in version {ver!r}: {exc}") from exc
         if user_index is None:
             self._counts.unknown_users += 1
         self._counts.unknown_items += len(ids) - int(np.count_nonzero(found))
-        return FetchResult(ver, user_index, sequence, item_index, category_index, found)
+        return FetchResult(ver, user_index, sequence, item_index, category_index, found, user_side, item_side)
 
     def _with_clusters(self, sequence: Sequence, raw: bytes, stored_bytes: int, user_id: int, ver: str) -> Sequence:
         """The sequence with its behaviour clusters; without them when the value cannot be read.
@@ -590,7 +609,10 @@ class RedisOnlineStore(OnlineStore):
         commands: list[tuple[Any, ...]] = []
         for i, (uid, prof, seq) in enumerate(zip(user_ids, profiles, sequences, strict=True)):
             commands.append(("SET", keys.profile_key(version, uid), prof, *expiry))
-            commands.append(("SET", keys.sequence_key(version, uid), seq, *expiry))
+            if seq:
+                commands.append(("SET", keys.sequence_key(version, uid), seq, *expiry))
+            else:  # a user without events (a user-table row): no sequence key, and no stale one
+                commands.append(("DEL", keys.sequence_key(version, uid)))
             if clusters is not None:
                 value = clusters[i]
                 if value is None:  # not clustered (short history): no stale value from an earlier ingest
@@ -611,6 +633,37 @@ class RedisOnlineStore(OnlineStore):
         else:
             commands = [("MSET", *(part for pair in zip(key_list, values, strict=True) for part in pair))]
         await self._run(f"write {len(item_ids)} items", partial(self._execute, commands))
+
+    async def write_profiles(
+        self, version: str, user_ids: SequenceABC[int], profiles: SequenceABC[bytes], ttl_seconds: int | None = None
+    ) -> None:
+        version = self._checked_version(version)
+        if len(user_ids) != len(profiles):
+            raise ValueError("user_ids and profiles must have equal length")
+        # KEEPTTL: a profile rewritten in place keeps the expiry its ingest gave the user's keys
+        expiry: tuple[Any, ...] = ("EX", int(ttl_seconds)) if ttl_seconds and ttl_seconds > 0 else ("KEEPTTL",)
+        commands: list[tuple[Any, ...]] = [
+            ("SET", keys.profile_key(version, uid), prof, *expiry) for uid, prof in zip(user_ids, profiles, strict=True)
+        ]
+        await self._run(f"write {len(user_ids)} profiles", partial(self._execute, commands))
+
+    async def read_profiles(self, version: str, user_ids: SequenceABC[int]) -> list[bytes | None]:
+        version = self._checked_version(version)
+        commands: list[tuple[Any, ...]] = [("GET", keys.profile_key(version, uid)) for uid in user_ids]
+        if not commands:
+            return []
+        return list(await self._run(f"read {len(commands)} profiles", partial(self._execute, commands)))
+
+    async def read_items(self, version: str, item_ids: SequenceABC[int]) -> list[bytes | None]:
+        version = self._checked_version(version)
+        key_list = keys.item_keys(version, item_ids)
+        if not key_list:
+            return []
+        if self._cluster:  # an MGET cannot span slots
+            commands: list[tuple[Any, ...]] = [("GET", key) for key in key_list]
+            return list(await self._run(f"read {len(key_list)} items", partial(self._execute, commands)))
+        replies = await self._run(f"read {len(key_list)} items", partial(self._execute, [("MGET", *key_list)]))
+        return list(replies[0])
 
     async def append_events(
         self,

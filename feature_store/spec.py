@@ -23,6 +23,7 @@ No pandas and no torch here: the serving path encodes request context with these
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import re
 from collections import Counter
@@ -366,7 +367,19 @@ class CategoricalEncoder:
     @classmethod
     def fit(cls, decl: CategoricalDecl, values: Iterable[Any]) -> CategoricalEncoder:
         """The `max_vocabulary` most frequent values (ties by value, so fitting is deterministic)."""
-        counts = Counter(v for v in _as_text(values) if v is not None)
+        return cls._ranked(decl, Counter(v for v in _as_text(values) if v is not None))
+
+    @classmethod
+    def fit_counts(cls, decl: CategoricalDecl, values: Iterable[Any], counts: Iterable[int]) -> CategoricalEncoder:
+        """`fit` on a column given as its distinct values and their counts (large columns)."""
+        total: Counter[str] = Counter()
+        for v, c in zip(_as_text(values), counts, strict=True):
+            if v is not None:
+                total[v] += int(c)
+        return cls._ranked(decl, total)
+
+    @classmethod
+    def _ranked(cls, decl: CategoricalDecl, counts: Counter[str]) -> CategoricalEncoder:
         ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[: decl.max_vocabulary]
         return cls(decl.name, tuple(v for v, _ in ranked), decl.hash_buckets, decl.default)
 
@@ -423,6 +436,10 @@ class NumericEncoder:
 
     @staticmethod
     def _raw(values: Iterable[Any], default: float, log1p: bool) -> npt.NDArray[np.float64]:
+        if isinstance(values, np.ndarray) and values.dtype.kind in "fiu":  # a numeric column: vectorized
+            x = np.asarray(values, dtype=np.float64)
+            x = np.where(np.isfinite(x), x, default)
+            return np.log1p(np.maximum(x, 0.0)) if log1p else x
         out: list[float] = []
         for v in values:
             try:
@@ -526,6 +543,14 @@ class SideFeatures:
 
     def to_dict(self) -> dict[str, Any]:
         return {name: g.to_dict() for name, g in zip(FEATURE_GROUPS, self.groups(), strict=True)}
+
+    # Value equality, so schemas compare by content (a schema read back equals the one written);
+    # the encoders themselves stay identity-compared because their vocabularies can be large.
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, SideFeatures) and self.to_dict() == other.to_dict()
+
+    def __hash__(self) -> int:
+        return hash(json.dumps(self.to_dict(), sort_keys=True))
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> SideFeatures:

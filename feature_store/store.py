@@ -28,6 +28,7 @@ import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from feature_store.codecs import Sequence
+from feature_store.schema import SchemaError, SchemaSpec
 
 StoreMode = Literal["auto", "embedded", "single", "cluster"]
 Persistence = Literal["none", "rdb", "aof"]
@@ -166,12 +167,19 @@ class RetryPolicy:
         return (rng or random).uniform(0.0, ceiling)
 
 
+def _no_side() -> npt.NDArray[np.uint8]:
+    return np.zeros((0, 0), dtype=np.uint8)
+
+
 @dataclass(frozen=True, eq=False)
 class FetchResult:
     """One user's features and the candidates' item features, in input order.
 
     `user_index` is None when the user has no profile. `sequence` holds the newest events
     (chronological, empty on a miss). `item_index`/`category_index` are 0 where `found` is False.
+    `user_side` is the profile's side tail (b"" without a profile or without user side features);
+    `item_side` [n, W] uint8 holds each found item's side tail (all-zero rows for misses, W = 0
+    when the version's items have none). Decode both with `codecs.decode_side` and the schema's widths.
     """
 
     version: str
@@ -180,6 +188,15 @@ class FetchResult:
     item_index: npt.NDArray[np.int64]
     category_index: npt.NDArray[np.int64]
     found: npt.NDArray[np.bool_]
+    user_side: bytes = b""
+    item_side: npt.NDArray[np.uint8] = field(default_factory=_no_side)
+
+    def __post_init__(self) -> None:
+        n = self.found.shape[0]
+        if self.item_side.shape[0] != n:
+            if self.item_side.size:
+                raise ValueError(f"item_side has {self.item_side.shape[0]} rows for {n} items")
+            object.__setattr__(self, "item_side", np.zeros((n, 0), dtype=np.uint8))
 
     @property
     def user_found(self) -> bool:
@@ -218,6 +235,27 @@ class VersionMeta:
         doc = json.loads(raw)
         known = {k: doc[k] for k in cls.__dataclass_fields__ if k in doc}
         return cls(**known)
+
+
+@dataclass(frozen=True)
+class StoredSchema:
+    """The schema a version was ingested with, as recorded beside its meta (`put_schema`):
+    its hash and its spec (`SchemaSpec.to_dict()`: actions, tasks, id types, fitted side features),
+    so that a bundle refused for another schema can be told what differs."""
+
+    schema_hash: str
+    spec: dict[str, Any]
+
+    def difference(self, spec: SchemaSpec) -> str:
+        """Where `spec` differs from this recorded spec, as a clause for an error message:
+        " (they differ in: tasks, side.item)"; "" when the recorded spec cannot be read."""
+        try:
+            fields = spec.differences(SchemaSpec.from_dict(self.spec))
+        except SchemaError:
+            return ""
+        if not fields:
+            return " (same spec and side features: the vocabularies differ)"
+        return f" (they differ in: {', '.join(fields)})"
 
 
 @dataclass(frozen=True)
@@ -276,10 +314,24 @@ class OnlineStore(abc.ABC):
     async def active_schema_hash(self) -> str | None:
         """Schema hash of the active version (None when there is none), for bundle compatibility."""
 
+    async def active_schema(self) -> StoredSchema | None:
+        """The schema recorded for the active (or pinned) version; None when none was recorded."""
+        version = self.config.version or await self.active_version()
+        return await self.get_schema(version) if version is not None else None
+
     # -- versions ------------------------------------------------------------------------------
 
     @abc.abstractmethod
     async def get_meta(self, version: str) -> VersionMeta | None: ...
+
+    @abc.abstractmethod
+    async def put_schema(self, version: str, schema: StoredSchema) -> None:
+        """Record the schema a version is ingested with (a key of its own beside the meta key:
+        the fitted side features can be large, and the meta is read on every health check)."""
+
+    @abc.abstractmethod
+    async def get_schema(self, version: str) -> StoredSchema | None:
+        """The recorded schema of a version (None: none recorded, e.g. an ingest before this field)."""
 
     @abc.abstractmethod
     async def put_meta(self, meta: VersionMeta) -> None:
@@ -314,6 +366,21 @@ class OnlineStore(abc.ABC):
     @abc.abstractmethod
     async def write_items(self, version: str, item_ids: SequenceABC[int], values: SequenceABC[bytes]) -> None:
         """SET each item's feature value, pipelined."""
+
+    @abc.abstractmethod
+    async def write_profiles(
+        self, version: str, user_ids: SequenceABC[int], profiles: SequenceABC[bytes], ttl_seconds: int | None = None
+    ) -> None:
+        """SET each user's profile alone (the sequence untouched), keeping a profile's TTL unless
+        `ttl_seconds` sets a new one; pipelined. The upsert path."""
+
+    @abc.abstractmethod
+    async def read_profiles(self, version: str, user_ids: SequenceABC[int]) -> list[bytes | None]:
+        """The stored profile values (None: no profile), in input order; pipelined. Not cached."""
+
+    @abc.abstractmethod
+    async def read_items(self, version: str, item_ids: SequenceABC[int]) -> list[bytes | None]:
+        """The stored item values (None: no such item), in input order; pipelined. Not cached."""
 
     @abc.abstractmethod
     async def append_events(

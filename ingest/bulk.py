@@ -1,13 +1,47 @@
-"""`rankserve ingest`: bulk-load an EventLog into a new feature-set version of the online store.
+"""`rankserve ingest`: bulk-load a feature spec's data into a new feature-set version of the online store.
 
-    rankserve ingest --data tmall --schema bundles/rank/1/schema --version v20240601 --activate
+    rankserve ingest --bundle models/rank/1 --data-root data/ --version v20240601 --activate
+    rankserve ingest --run runs/rank --activate                       # the run's spec and recorded base
+    rankserve ingest --spec my_spec.yaml --schema models/rank/1       # an explicit spec
+    rankserve ingest --data tmall --schema models/rank/1              # a named data set (preset spec)
+
+Where the spec comes from: `--spec FILE` or `--data NAME` when given; else the spec.yaml of the
+`--schema`/`--bundle`/`--run` directory (a bundle or run trained from a spec carries one; a run
+also records the directory its relative paths resolve against); else the `tmall` preset.
+`--data-root DIR` overrides that directory (for a bundle it is the only way to say it; default
+$RANKSERVE_DATA_ROOT, else ../shared/data). The schema (vocabularies and fitted side features)
+comes from that directory; without one, it is built from the data (vocabularies of every id,
+side features fitted on the tables). Ids are read as the schema's id types say (`string`: hashed).
 
 What is written, per user (in batches of `--batch-users`, one pipeline each): the profile (user
-index) and the newest `schema.spec.max_sequence_length` events as one sequence value; per item
-of the catalogue: item index and category index. Every write is a SET of a whole value, so a
-re-run gives the same state, and a crash loses at most the batch in flight: the version's meta
-key holds a checkpoint (`next_user`) written after each batch, and `--resume` continues there.
-`--activate` switches the active pointer once the version is complete.
+index, then the user's side-feature tail) and the newest `schema.spec.max_sequence_length`
+events as one sequence value; every user with events gets one, and so does every user of the
+spec's user table (no events: a profile and no sequence). Per item of the catalogue (every item
+of the events, the impressions, the spec's item table and a synthetic set's catalogue, so items
+without events are servable): item index (0 outside the schema's vocabulary), category index
+(the category of the item's latest event, else the item table's category column, else 0: what
+training uses) and the item's side-feature tail. Tails are `codecs.encode_side` of the schema's
+fitted encoders on the table row (the encoded defaults for an id the table lacks), the same
+encoding training used (`models.data.samples.encode_group`). Every write is a SET of a whole
+value, so a re-run gives the same state, and a crash loses at most the batch in flight: the
+version's meta key holds a checkpoint (`next_user`) written after each batch, and `--resume`
+continues there. `--activate` switches the active pointer once the version is complete. The
+schema's hash and spec are recorded beside the meta (`rs:meta:<ver>:schema`), so a bundle refused
+for another schema is told which fields differ.
+
+Upserts: `--upsert-items FILE` / `--upsert-users FILE` (the columns of the spec's item / user
+table: its key column and every declared feature; a missing column is refused, naming it)
+rewrite the side tails of those rows in place in the ACTIVE version (or `--version`), whose
+schema hash must be the given schema's. The stored item index and category (profile: user
+index) are kept as they are, read back from the store; only the side tail is re-encoded. An id
+the version does not hold yet gets a new value: its index from the schema's vocabulary (0 when
+unknown), for an item the category from the file's category column if it has one, else 0; a new
+user gets a profile and no sequence. Only values that change are written; the command reports
+how many rows were read, written, new and unchanged. Running servers see an upserted user
+profile on their next request (profiles are not cached), an upserted item within the item
+cache's TTL (`item_cache_ttl_s`, default 60 s: `feature_store/cache.py` keeps an entry for its
+TTL after the fetch that put it). The version's meta is not touched (its `updated` time keeps
+meaning "ingest end" for the staleness alert).
 
 With `--cluster-bundle BUNDLE` each user's stored events are also clustered for the `twin_v2`
 retrieval strategy (`feature_store.clusters`: events partitioned by their GSU bias at the user's
@@ -23,9 +57,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
+import json
 import logging
 import sys
 import time
+from collections.abc import Sequence as SequenceABC
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -34,28 +70,49 @@ import numpy as np
 import numpy.typing as npt
 from tqdm import tqdm
 
-from export.bundle import open_bundle
+from export.bundle import SPEC_FILE, open_bundle
 from feature_store import keys
 from feature_store.clusters import ClusterParams, UserClusterer
-from feature_store.codecs import SEQ_RECORD_SIZE, CodecError, encode_items, encode_profile, encode_sequence
-from feature_store.errors import FeatureStoreError, VersionConflict
+from feature_store.codecs import (
+    ITEM_RECORD,
+    PROFILE_RECORD,
+    SEQ_RECORD_SIZE,
+    CodecError,
+    encode_items,
+    encode_profile,
+    encode_sequence,
+    encode_side,
+)
+from feature_store.errors import FeatureStoreError, UserError, VersionConflict, VersionNotFound
 from feature_store.redis_store import create_store
 from feature_store.schema import SCHEMA_FILE, FeatureSchema, SchemaError, SchemaSpec, Vocabulary
+from feature_store.spec import FeatureGroup, FeatureSpec, IdsDecl, SpecError
 from feature_store.store import (
     STATUS_COMPLETE,
     STATUS_INGESTING,
     EmbeddedConfig,
     FeatureStoreConfig,
     OnlineStore,
+    StoredSchema,
     VersionMeta,
 )
-from models.data.events import EventLog
-from models.data.readers import add_dataset_arguments, dataset_from_args
+from models.data.events import Dataset, EventLog, SideTable
+from models.data.readers import (
+    add_dataset_arguments,
+    load_spec_dataset,
+    read_side_table,
+    resolve_data_root,
+    spec_from_args,
+)
+from models.data.samples import encode_group, fit_side_features
 
 log = logging.getLogger(__name__)
 
 DEFAULT_BATCH_USERS = 256
 ITEM_BATCH = 5_000
+UPSERT_BATCH = 2_000
+
+IntArray = npt.NDArray[np.int64]
 
 
 @dataclass
@@ -72,6 +129,23 @@ class IngestStats:
     resumed_from_user: int = 0
     activated: bool = False
     clustered: int = 0
+    table_users: int = 0  # users of the user table without events (a profile, no sequence)
+
+
+@dataclass
+class UpsertStats:
+    """What one upsert did: rows of the file, values written (new + changed), new ids, unchanged rows."""
+
+    version: str
+    kind: str  # "items" or "users"
+    rows: int = 0
+    written: int = 0
+    new: int = 0
+    unchanged: int = 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Values
 
 
 def source_fingerprint(events: EventLog, user_ids: npt.NDArray[np.int64], offsets: npt.NDArray[np.int64]) -> str:
@@ -83,25 +157,86 @@ def source_fingerprint(events: EventLog, user_ids: npt.NDArray[np.int64], offset
     return h.hexdigest()
 
 
+@dataclass(frozen=True, eq=False)
+class SideTails:
+    """Side tails of one feature group for a list of ids (`tails(lo, hi)` encodes a slice).
+
+    The table is encoded once (`encode_group`, training's encoder), with one more row holding the
+    group's encoded defaults, which ids outside the table read."""
+
+    codes: IntArray  # [table rows + 1, C]
+    values: npt.NDArray[np.float32]  # [table rows + 1, N]
+    rows: IntArray  # per id: its table row (the defaults row when the table lacks it)
+
+    @classmethod
+    def build(cls, group: FeatureGroup, table: SideTable | None, raw_ids: npt.ArrayLike) -> SideTails:
+        ids = np.asarray(raw_ids, dtype=np.int64)
+        n = len(table) if table is not None and group.names else 0
+        codes, values = encode_group(group, table.columns if table is not None and n else {}, n)
+        d_codes, d_values = group.encode_rows({}, 1)
+        rows = table.rows_of(ids) if table is not None and n else np.zeros(ids.shape[0], dtype=np.int64)
+        return cls(np.vstack([codes, d_codes]), np.vstack([values, d_values]).astype(np.float32), rows)
+
+    @property
+    def empty(self) -> bool:
+        return bool(self.codes.shape[1] + self.values.shape[1] == 0)
+
+    def tails(self, lo: int = 0, hi: int | None = None) -> list[bytes] | None:
+        """Tails of ids lo..hi-1; None when the group has no features (values without a tail)."""
+        if self.empty:
+            return None
+        rows = self.rows[lo:hi]
+        return encode_side(self.codes[rows], self.values[rows])
+
+
 def item_table(
-    events: EventLog, schema: FeatureSchema, catalogue: tuple[npt.ArrayLike, npt.ArrayLike] | None = None
+    events: EventLog,
+    schema: FeatureSchema,
+    catalogue: tuple[npt.ArrayLike, npt.ArrayLike] | None = None,
+    items: SideTable | None = None,
 ) -> tuple[npt.NDArray[np.int64], list[bytes]]:
     """(raw item ids, encoded values). A catalogue (raw item ids, raw category ids) is
     authoritative: it lists every servable item, those without events too. Without one, the
-    log's items are written, each with the category of its latest event."""
+    log's items are written, each with the category of its latest event. Each value carries the
+    item's side tail (from `items`, the item table; the encoded defaults for items it lacks)."""
     if catalogue is not None:
         item_ids = np.asarray(catalogue[0], dtype=np.int64)
         category_ids = np.asarray(catalogue[1], dtype=np.int64)
     else:
         item_ids, category_ids = events.item_catalogue()
-    values = encode_items(schema.items.lookup(item_ids), schema.categories.lookup(category_ids))
+    tails = SideTails.build(schema.spec.side.item, items, item_ids).tails()
+    values = encode_items(schema.items.lookup(item_ids), schema.categories.lookup(category_ids), tails)
     return item_ids, values
 
 
+def ingest_users(events: EventLog, users: SideTable | None) -> tuple[IntArray, IntArray]:
+    """(user ids, CSR offsets into `events`): the users with events, then the user table's users
+    without events (sorted; empty ranges at the end)."""
+    user_ids, offsets = events.user_offsets()
+    if users is None or len(users) == 0:
+        return user_ids, offsets
+    extra = np.setdiff1d(users.ids, user_ids)  # sorted, unique
+    if extra.shape[0] == 0:
+        return user_ids, offsets
+    return np.r_[user_ids, extra].astype(np.int64), np.r_[offsets, np.full(extra.shape[0], offsets[-1])].astype(
+        np.int64
+    )
+
+
 def encode_user_batch(
-    events: EventLog, schema: FeatureSchema, offsets: npt.NDArray[np.int64], u0: int, u1: int, cap: int
+    events: EventLog,
+    schema: FeatureSchema,
+    user_ids: npt.NDArray[np.int64],
+    offsets: npt.NDArray[np.int64],
+    u0: int,
+    u1: int,
+    cap: int,
+    tails: list[bytes] | None = None,
 ) -> tuple[list[bytes], list[bytes], int]:
-    """Profiles and sequences (newest `cap` events, oldest first) of users u0..u1-1; and the events kept."""
+    """Profiles and sequences (newest `cap` events, oldest first) of users u0..u1-1; and the events kept.
+
+    `tails`: the users' side tails (one per user of the batch), None without user side features.
+    A user without events (a user-table row) gets an empty sequence."""
     lo, hi = int(offsets[u0]), int(offsets[u1])
     starts = np.maximum(offsets[u0:u1], offsets[u0 + 1 : u1 + 1] - cap)
     ends = offsets[u0 + 1 : u1 + 1]
@@ -117,8 +252,11 @@ def encode_user_batch(
         bytes(view[(s - lo) * SEQ_RECORD_SIZE : (e - lo) * SEQ_RECORD_SIZE])
         for s, e in zip(starts.tolist(), ends.tolist(), strict=True)
     ]
-    user_index = schema.users.lookup(events.user_id[offsets[u0:u1]])
-    profiles = [encode_profile(int(u)) for u in user_index.tolist()]
+    user_index = schema.users.lookup(user_ids[u0:u1]).tolist()
+    if tails is None:
+        profiles = [encode_profile(int(u)) for u in user_index]
+    else:
+        profiles = [encode_profile(int(u), t) for u, t in zip(user_index, tails, strict=True)]
     return profiles, sequences, int((ends - starts).sum())
 
 
@@ -144,6 +282,22 @@ def cluster_user_batch(
     return out
 
 
+# ---------------------------------------------------------------------------------------------
+# Bulk ingest
+
+
+async def ingest_dataset(
+    store: OnlineStore, dataset: Dataset, schema: FeatureSchema, version: str, **kwargs: Any
+) -> IngestStats:
+    """`ingest_log` of a spec's data set: its events, its whole item catalogue (items without
+    events included) and its user and item tables (side tails). The spec must be the schema's."""
+    check_spec_matches_schema(dataset.spec, schema.spec)
+    return await ingest_log(
+        store, dataset.events, schema, version, catalogue=dataset.item_catalogue(), users=dataset.users,
+        items=dataset.items, **kwargs,
+    )
+
+
 async def ingest_log(
     store: OnlineStore,
     events: EventLog,
@@ -158,11 +312,15 @@ async def ingest_log(
     source: str = "",
     progress: bool = False,
     clusterer: UserClusterer | None = None,
+    users: SideTable | None = None,
+    items: SideTable | None = None,
 ) -> IngestStats:
     """Write `events` through `schema` into `version` (see the module doc); returns what was written.
 
-    With a `clusterer`, each user's behaviour clusters are written too (histories shorter than
-    its `min_events` get none)."""
+    `users` / `items`: the spec's user table and item catalogue; their rows' side features go
+    into the profiles' and items' side tails (the defaults for ids they lack), and every user of
+    `users` gets a profile. With a `clusterer`, each user's behaviour clusters are written too
+    (histories shorter than its `min_events` get none)."""
     keys.validate_version(version)
     if batch_users < 1:
         raise ValueError("batch_users must be >= 1")
@@ -170,7 +328,7 @@ async def ingest_log(
     cap = schema.spec.max_sequence_length
     if schema.categories.size - 1 > (1 << 24) - 1:
         raise CodecError("more than 2^24 categories cannot be encoded in a sequence record")
-    user_ids, offsets = events.user_offsets()
+    user_ids, offsets = ingest_users(events, users)
     fingerprint = source_fingerprint(events, user_ids, offsets)
     meta = await _open_version(store, version, schema, fingerprint, resume, source, batch_users, ttl_seconds)
     stats = IngestStats(version=version)
@@ -180,7 +338,7 @@ async def ingest_log(
         meta.info["clusters"] = {"fingerprint": clusterer.fingerprint.hex(), **asdict(clusterer.params)}
 
     if not meta.checkpoint.get("items_done"):
-        item_ids, values = item_table(events, schema, catalogue)
+        item_ids, values = item_table(events, schema, catalogue, items)
         for k in range(0, len(values), ITEM_BATCH):
             await store.write_items(version, item_ids[k : k + ITEM_BATCH].tolist(), values[k : k + ITEM_BATCH])
         stats.items = len(values)
@@ -190,6 +348,9 @@ async def ingest_log(
         await store.put_meta(meta)
 
     n_users = len(user_ids)
+    stats.table_users = int(np.count_nonzero(np.diff(offsets) == 0))  # users with events have one at least
+    meta.counts["table_users"] = stats.table_users
+    user_tails = SideTails.build(schema.spec.side.user, users, user_ids)
     with tqdm(
         total=n_users,
         initial=next_user,
@@ -201,7 +362,9 @@ async def ingest_log(
     ) as bar:
         for u0 in range(next_user, n_users, batch_users):
             u1 = min(u0 + batch_users, n_users)
-            profiles, sequences, kept = encode_user_batch(events, schema, offsets, u0, u1, cap)
+            profiles, sequences, kept = encode_user_batch(
+                events, schema, user_ids, offsets, u0, u1, cap, user_tails.tails(u0, u1)
+            )
             clusters = None
             if clusterer is not None:
                 clusters = cluster_user_batch(events, schema, offsets, u0, u1, cap, clusterer)
@@ -244,6 +407,7 @@ async def ingest_log(
             "activated": stats.activated,
             "resumed_from_user": stats.resumed_from_user,
             "clustered_users": stats.clustered,
+            "table_users": stats.table_users,
         },
     )
     return stats
@@ -259,13 +423,19 @@ async def _open_version(
     batch_users: int,
     ttl_seconds: int | None,
 ) -> VersionMeta:
-    """The version's meta to continue from: its checkpoint on `resume`, a fresh one otherwise."""
+    """The version's meta to continue from: its checkpoint on `resume`, a fresh one otherwise.
+    Records the schema (hash and spec) beside the meta."""
     existing = await store.get_meta(version)
     if existing is not None and existing.schema_hash != schema.hash:
+        recorded = await store.get_schema(version)
+        differs = recorded.difference(schema.spec) if recorded is not None else ""
         raise VersionConflict(
-            f"version {version!r} holds schema {existing.schema_hash[:12]}, not {schema.hash[:12]}: use a new --version"
+            f"version {version!r} holds schema {existing.schema_hash[:12]}, not {schema.hash[:12]}{differs}: "
+            "use a new --version"
         )
-    info = {"source": source, "fingerprint": fingerprint, "batch_users": batch_users, "ttl_seconds": ttl_seconds}
+    await store.put_schema(version, StoredSchema(schema.hash, schema.spec.to_dict()))
+    info = {"source": source, "fingerprint": fingerprint, "batch_users": batch_users, "ttl_seconds": ttl_seconds,
+            "schema_name": schema.spec.name}
     if resume and existing is not None:
         if existing.info.get("fingerprint") != fingerprint:
             raise VersionConflict(f"cannot resume {version!r}: it was started from different source data")
@@ -304,12 +474,181 @@ async def latest_incomplete_version(store: OnlineStore, schema_hash: str) -> str
     return best.version if best else None
 
 
+# ---------------------------------------------------------------------------------------------
+# Upserts
+
+
+async def _writable_version(store: OnlineStore, schema: FeatureSchema, version: str | None) -> str:
+    """The version an upsert rewrites: `version`, else the active one; its schema must be `schema`'s."""
+    target = version or await store.active_version(refresh=True)
+    if target is None:
+        raise VersionNotFound("no active feature-set version to upsert into: ingest one, or name it with --version")
+    meta = await store.get_meta(target)
+    if meta is None:
+        raise VersionNotFound(f"version {target!r} has no meta key: nothing was ingested under it")
+    if meta.schema_hash != schema.hash:
+        recorded = await store.get_schema(target)
+        differs = recorded.difference(schema.spec) if recorded is not None else ""
+        raise VersionConflict(
+            f"version {target!r} holds schema {meta.schema_hash[:12]}, not {schema.hash[:12]}{differs}: "
+            "upsert with the schema (bundle) the version was ingested with"
+        )
+    return target
+
+
+async def upsert_items(
+    store: OnlineStore, schema: FeatureSchema, table: SideTable, version: str | None = None
+) -> UpsertStats:
+    """Rewrite the side tails of the items of `table` (an item table as the spec declares it) in
+    `version` (default: the active one); see the module doc for what is kept."""
+    target = await _writable_version(store, schema, version)
+    stats = UpsertStats(target, "items", rows=len(table))
+    head = ITEM_RECORD.itemsize
+    tails = SideTails.build(schema.spec.side.item, table, table.ids)
+    categories = table.category_id if table.category_id is not None else np.zeros(len(table), dtype=np.int64)
+    for k in range(0, len(table), UPSERT_BATCH):
+        ids = table.ids[k : k + UPSERT_BATCH]
+        stored = await store.read_items(target, ids.tolist())
+        fresh = encode_items(
+            schema.items.lookup(ids), schema.categories.lookup(categories[k : k + UPSERT_BATCH]),
+            tails.tails(k, k + len(ids)),
+        )
+        await _write_changed(store, target, stats, ids, stored, fresh, head, items=True)
+    _report(stats)
+    return stats
+
+
+async def upsert_users(
+    store: OnlineStore, schema: FeatureSchema, table: SideTable, version: str | None = None
+) -> UpsertStats:
+    """Rewrite the side tails of the profiles of the users of `table` (a user table as the spec
+    declares it) in `version` (default: the active one); see the module doc for what is kept."""
+    target = await _writable_version(store, schema, version)
+    stats = UpsertStats(target, "users", rows=len(table))
+    head = PROFILE_RECORD.itemsize
+    tails = SideTails.build(schema.spec.side.user, table, table.ids)
+    for k in range(0, len(table), UPSERT_BATCH):
+        ids = table.ids[k : k + UPSERT_BATCH]
+        stored = await store.read_profiles(target, ids.tolist())
+        batch_tails = tails.tails(k, k + len(ids)) or [b""] * len(ids)
+        fresh = [encode_profile(int(u), t) for u, t in zip(schema.users.lookup(ids).tolist(), batch_tails, strict=True)]
+        await _write_changed(store, target, stats, ids, stored, fresh, head, items=False)
+    _report(stats)
+    return stats
+
+
+async def _write_changed(
+    store: OnlineStore,
+    version: str,
+    stats: UpsertStats,
+    ids: IntArray,
+    stored: SequenceABC[bytes | None],
+    fresh: list[bytes],
+    head: int,
+    *,
+    items: bool,
+) -> None:
+    """Write each id's stored head (index, category) with its fresh tail, where that changes the value."""
+    out_ids: list[int] = []
+    out_values: list[bytes] = []
+    for uid, old, new in zip(ids.tolist(), stored, fresh, strict=True):
+        value = new if old is None else bytes(old[:head]) + new[head:]
+        if old is None:
+            stats.new += 1
+        elif value == old:
+            stats.unchanged += 1
+            continue
+        out_ids.append(uid)
+        out_values.append(value)
+    if out_ids:
+        if items:
+            await store.write_items(version, out_ids, out_values)
+        else:
+            await store.write_profiles(version, out_ids, out_values)
+    stats.written += len(out_ids)
+
+
+def _report(stats: UpsertStats) -> None:
+    log.info(
+        "upserted %s into %s: %d rows read, %d written (%d new), %d unchanged",
+        stats.kind, stats.version, stats.rows, stats.written, stats.new, stats.unchanged,
+        extra=asdict(stats),
+    )
+    print(f"{stats.kind}: {stats.written} written ({stats.new} new), {stats.unchanged} unchanged, "
+          f"of {stats.rows} rows, version {stats.version}")
+
+
+def read_upsert_table(path: Path, spec: FeatureSpec, schema: FeatureSchema, kind: str) -> SideTable:
+    """An upsert file read as the spec's user or item table: the key column and every declared
+    feature must be there (a missing one is refused, naming it); ids follow the schema's id types."""
+    group = "user" if kind == "users" else "item"
+    decl = spec.user_features if group == "user" else spec.item_features
+    if decl is None:
+        raise SpecError(f"{path}: the feature spec declares no {group}_features: there is no {group} table to upsert")
+    key = decl.key or (spec.events.user if group == "user" else spec.events.item)
+    id_type = schema.spec.id_types[0 if group == "user" else 1]
+    category = spec.events.category if group == "item" else None
+    return read_side_table(path, decl, key, id_type, category)
+
+
+# ---------------------------------------------------------------------------------------------
+# Schemas and specs
+
+
+def check_spec_matches_schema(spec: FeatureSpec, schema: SchemaSpec) -> None:
+    """Refuse a feature spec whose actions or side features are not the schema's: its events
+    would get other action codes, or its tables would not give the schema's features."""
+    if spec.behaviour_actions != schema.actions:
+        raise SchemaError(
+            f"the feature spec's actions {list(spec.behaviour_actions)} are not the schema's {list(schema.actions)}: "
+            "ingest with the spec the model was trained from"
+        )
+    for group, fitted in (("user", schema.side.user), ("item", schema.side.item)):
+        decl = spec.feature_group(group)
+        declared = {d.name for d in decl.categorical} | {d.name for d in decl.numeric} if decl is not None else set()
+        missing = [n for n in fitted.names if n not in declared]
+        if missing:
+            raise SchemaError(
+                f"{group}_features: the schema has feature {missing[0]!r}, which the feature spec does not declare"
+            )
+
+
 def load_schema(path: str | Path) -> FeatureSchema:
-    """A saved FeatureSchema directory, or a bundle directory holding one under `schema/`."""
+    """A saved FeatureSchema directory, or a bundle or run directory holding one under `schema/`."""
     p = Path(path)
     if not (p / SCHEMA_FILE).exists() and (p / "schema" / SCHEMA_FILE).exists():
         p = p / "schema"
     return FeatureSchema.load(p)
+
+
+def spec_of_directory(path: str | Path, data_root: Path | None = None) -> tuple[FeatureSpec, Path] | None:
+    """(spec, base) a run or bundle directory carries, None when it has none.
+
+    A run records its spec and base in config.json (`feature_spec`, `spec_base`); a bundle (and
+    a run) holds spec.yaml. `data_root` replaces the base; without it, a run's recorded base if it
+    still exists, else the default data root."""
+    p = Path(path)
+    recorded: Path | None = None
+    spec: FeatureSpec | None = None
+    config_file = p / "config.json"
+    if config_file.is_file():
+        try:
+            config = json.loads(config_file.read_text())
+        except (OSError, ValueError) as exc:
+            raise SpecError(f"cannot read {config_file}: {exc}") from None
+        if isinstance(config, dict) and "feature_spec" in config:
+            spec = FeatureSpec.parse(config["feature_spec"], f"{config_file} feature_spec")
+            if config.get("spec_base"):
+                recorded = Path(str(config["spec_base"]))
+    if spec is None and (p / SPEC_FILE).is_file():
+        spec = FeatureSpec.load(p / SPEC_FILE)
+    if spec is None:
+        return None
+    if data_root is not None:
+        return spec, Path(data_root)
+    if recorded is not None and recorded.exists():
+        return spec, recorded
+    return spec, resolve_data_root(None)
 
 
 def schema_from_log(
@@ -326,18 +665,58 @@ def schema_from_log(
     )
 
 
-def _synthetic_catalogue(spec: str, data_root: Path | None) -> tuple[npt.NDArray[Any], npt.NDArray[Any]] | None:
-    """A synthetic set ships its whole catalogue, items without events included."""
-    kind, _, arg = spec.partition(":")
-    if kind != "synthetic" or not arg:
-        return None
-    d = Path(arg)
-    if not d.exists() and data_root is not None:
-        d = data_root / arg
-    try:
-        return np.load(d / "catalogue_item.npy"), np.load(d / "catalogue_category.npy")
-    except OSError:
-        return None
+def schema_from_dataset(dataset: Dataset) -> FeatureSchema:
+    """A schema of a spec's data itself (no trained schema given): vocabularies of every user with
+    events and every catalogue item, side features fitted on the tables (context: on every event)."""
+    catalogue = dataset.item_catalogue()
+    spec = SchemaSpec.from_feature_spec(dataset.spec, fit_side_features(dataset), dataset.id_types)
+    return schema_from_log(dataset.events, spec, catalogue)
+
+
+def ingest_spec(spec: FeatureSpec, schema: FeatureSchema | None) -> FeatureSpec:
+    """The spec as ingest reads it under a trained schema: no context columns (the store keeps
+    none, the schema has their fitted encoders), and ids the schema declares strings hashed as
+    strings (an `int` schema leaves the spec's own setting, as training read it). Without a
+    schema, the spec itself (the schema is fitted on its data, context included)."""
+    if schema is None:
+        return spec
+    user_type, item_type = schema.spec.id_types
+    ids = IdsDecl(
+        user="string" if user_type == "string" else spec.ids.user,
+        item="string" if item_type == "string" else spec.ids.item,
+    )
+    return spec.model_copy(update={"context_features": None, "ids": ids})
+
+
+@dataclass(frozen=True, eq=False)
+class Source:
+    """What an ingest reads: the spec, where its paths resolve, the trained schema (None: build one)."""
+
+    spec: FeatureSpec
+    base: Path
+    schema: FeatureSchema | None
+    label: str
+
+
+def resolve_source(args: argparse.Namespace, upsert: bool = False) -> Source:
+    """The spec, base and schema the arguments name (see the module doc for the order)."""
+    schema = load_schema(args.schema) if args.schema else None
+    explicit = getattr(args, "spec", None) is not None or getattr(args, "data", None) is not None
+    carried = spec_of_directory(args.schema, args.data_root) if args.schema and not explicit else None
+    if carried is not None:
+        spec, base = carried
+        label = f"{args.schema} ({spec.name})"
+    else:
+        if not explicit:
+            if upsert:
+                raise SpecError(
+                    f"{args.schema} carries no feature spec (spec.yaml): name it with --spec FILE, "
+                    "which says the upsert file's columns"
+                )
+            args.data = "tmall"  # the default data set, as before feature specs
+        spec, base = spec_from_args(args)
+        label = str(args.spec) if getattr(args, "spec", None) is not None else str(args.data)
+    return Source(spec, base, schema, label)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -346,11 +725,18 @@ def _synthetic_catalogue(spec: str, data_root: Path | None) -> tuple[npt.NDArray
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_dataset_arguments(parser)
+    parser.set_defaults(data=None)  # none given: the spec of --schema/--bundle/--run, else tmall
     parser.add_argument(
         "--schema",
+        "--bundle",
+        "--run",
+        dest="schema",
         type=Path,
         default=None,
-        help="saved FeatureSchema dir, or a bundle dir (uses its schema/); default: from the data",
+        metavar="DIR",
+        help="the trained schema: a saved FeatureSchema dir, a bundle dir or a run dir (their schema/; a bundle "
+        "or run trained from a feature spec also gives the spec, so no --spec/--data is needed); "
+        "default: built from the data",
     )
     parser.add_argument("--save-schema", type=Path, default=None, help="write the schema used to this dir")
     parser.add_argument(
@@ -363,7 +749,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--persistence", choices=["none", "rdb", "aof"], default=None, help="embedded Valkey persistence (default rdb)"
     )
-    parser.add_argument("--version", default=None, help="feature-set version name (default v<UTC timestamp>)")
+    parser.add_argument(
+        "--version", default=None,
+        help="feature-set version name (default v<UTC timestamp>; for an upsert: the active version)",
+    )
     parser.add_argument("--ttl-seconds", type=int, default=None, help="expire user keys after this (default: never)")
     parser.add_argument("--batch-users", type=int, default=DEFAULT_BATCH_USERS, help="users per pipeline")
     parser.add_argument(
@@ -376,6 +765,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--list-versions", action="store_true", help="list versions and their status, then exit")
     parser.add_argument(
         "--drop-version", default=None, metavar="VERSION", help="delete a non-active version, then exit"
+    )
+    parser.add_argument(
+        "--upsert-items", type=Path, default=None, metavar="FILE",
+        help="rewrite the side features of these items (the spec's item table columns) in the active version "
+        "(or --version) in place, then exit",
+    )
+    parser.add_argument(
+        "--upsert-users", type=Path, default=None, metavar="FILE",
+        help="rewrite the side features of these users' profiles (the spec's user table columns) in place, then exit",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument(
@@ -412,12 +810,18 @@ def store_config_from_args(args: argparse.Namespace) -> FeatureStoreConfig:
 def run(args: argparse.Namespace) -> int:
     try:
         return asyncio.run(_main(args))
-    except (FeatureStoreError, SchemaError, CodecError, ValueError, OSError) as exc:
+    except UserError as exc:  # a flag, file, spec or schema that is wrong: one line, exit 2
+        sys.stderr.write(f"rankserve ingest: error: {exc}\n")
+        return 2
+    except (FeatureStoreError, CodecError, ValueError, OSError) as exc:
         log.error("ingest failed: %s", exc, extra={"error_type": type(exc).__name__})
         return 1
 
 
 async def _main(args: argparse.Namespace) -> int:
+    upsert = args.upsert_items is not None or args.upsert_users is not None
+    if upsert and args.schema is None:
+        raise SchemaError("an upsert needs the schema the version was ingested with: --bundle, --run or --schema")
     config = store_config_from_args(args)
     store = create_store(config)
     async with store:
@@ -441,11 +845,25 @@ async def _main(args: argparse.Namespace) -> int:
             log.info("dropped %s: %d keys", args.drop_version, removed)
             return 0
 
+        source = resolve_source(args, upsert)
+        if upsert:
+            schema = source.schema
+            assert schema is not None
+            check_spec_matches_schema(source.spec, schema.spec)
+            for path, kind in ((args.upsert_items, "items"), (args.upsert_users, "users")):
+                if path is None:
+                    continue
+                table = read_upsert_table(path, source.spec, schema, kind)
+                write = upsert_items if kind == "items" else upsert_users
+                await write(store, schema, table, args.version)
+            return 0
+
         t0 = time.perf_counter()
-        events = dataset_from_args(args)
-        log.info("loaded %s: %d events in %.1f s", args.data, len(events), time.perf_counter() - t0)
-        catalogue = _synthetic_catalogue(args.data, args.data_root)
-        schema = load_schema(args.schema) if args.schema else schema_from_log(events, catalogue=catalogue)
+        if source.schema is not None:
+            check_spec_matches_schema(source.spec, source.schema.spec)
+        dataset = load_spec_dataset(ingest_spec(source.spec, source.schema), source.base)
+        log.info("loaded %s: %d events in %.1f s", source.label, len(dataset.events), time.perf_counter() - t0)
+        schema = source.schema if source.schema is not None else schema_from_dataset(dataset)
         if args.save_schema:
             schema.save(args.save_schema)
         version = args.version
@@ -460,17 +878,16 @@ async def _main(args: argparse.Namespace) -> int:
             clusterer = clusterer_from_bundle(args.cluster_bundle, params)
             log.info("clustering behaviours with %s (key fingerprint %s)", args.cluster_bundle,
                      clusterer.fingerprint.hex())
-        await ingest_log(
+        await ingest_dataset(
             store,
-            events,
+            dataset,
             schema,
             version,
             batch_users=args.batch_users,
             ttl_seconds=args.ttl_seconds,
             resume=args.resume,
             activate=args.activate,
-            catalogue=catalogue,
-            source=args.data,
+            source=source.label,
             progress=not args.no_progress,
             clusterer=clusterer,
         )

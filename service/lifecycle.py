@@ -24,7 +24,7 @@ from datetime import datetime
 from export.bundle import Bundle
 from feature_store.errors import FeatureStoreError
 from feature_store.redis_store import create_store
-from feature_store.store import FetchCounts, OnlineStore, StoreHealth
+from feature_store.store import FetchCounts, OnlineStore, StoredSchema, StoreHealth
 from service.background import run_every
 from service.control import CONTROL_INTERVAL_S, KINDS, ControlDir, ReloadKind
 from service.core import RankingService
@@ -68,6 +68,7 @@ class StoreSchemaHash:
         self._ttl_s = ttl_s
         self._value: str | None = None
         self._read_at = float("-inf")
+        self.schema: StoredSchema | None = None  # the active version's recorded schema: a refusal names what differs
 
     async def refresh(self) -> str | None:
         try:
@@ -75,6 +76,12 @@ class StoreSchemaHash:
             self._read_at = time.monotonic()
         except FeatureStoreError as exc:
             log.warning("cannot read the feature store's schema hash; using the last known one: %s", exc)
+            return self._value
+        if self._value is not None and (self.schema is None or self.schema.schema_hash != self._value):
+            try:  # read once per schema hash (an ingest from before the record has none: read again)
+                self.schema = await self._store.active_schema()
+            except FeatureStoreError as exc:
+                log.debug("cannot read the feature store's recorded schema: %s", exc)
         return self._value
 
     def __call__(self) -> str | None:

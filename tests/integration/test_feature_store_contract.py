@@ -45,7 +45,7 @@ def snapshot(backend: Backend) -> dict[bytes, Any]:
                 kind = client.type(key)
                 if kind == b"set":
                     out[key] = sorted(client.smembers(key))
-                elif key.startswith(b"rs:meta:"):
+                elif key.startswith(b"rs:meta:") and not key.endswith(b":schema"):
                     doc = __import__("json").loads(client.get(key))
                     doc.pop("created"), doc.pop("updated")
                     out[key] = doc
@@ -191,11 +191,12 @@ async def test_drop_version(backend: Backend, store: OnlineStore) -> None:
     assert await store.list_versions() == ["v1", "v2"]
     with pytest.raises(VersionConflict):
         await store.drop_version("v1")  # active
+    assert await store.get_schema("v2") is not None  # recorded by the ingest, beside the meta
     removed = await store.drop_version("v2", batch=7)
     assert removed == 2 * len(np.unique(events.user_id)) + len(np.unique(events.item_id))
     assert await store.list_versions() == ["v1"]
-    assert await store.get_meta("v2") is None
-    leftovers = [k for k in snapshot(backend) if k.startswith(b"rs:v2:") or k == keys.meta_key("v2")]
+    assert await store.get_meta("v2") is None and await store.get_schema("v2") is None
+    leftovers = [k for k in snapshot(backend) if k.startswith((b"rs:v2:", keys.meta_key("v2")))]
     assert leftovers == []
     r = await store.fetch(int(events.user_id[0]), [int(events.item_id[0])], version="v2")
     assert r.user_index is None and not r.found.any()

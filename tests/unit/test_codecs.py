@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from feature_store.codecs import (
     SEQ_RECORD_SIZE,
@@ -12,10 +14,13 @@ from feature_store.codecs import (
     decode_item_values,
     decode_items,
     decode_profile,
+    decode_profile_value,
     decode_sequence,
+    decode_side,
     encode_items,
     encode_profile,
     encode_sequence,
+    encode_side,
 )
 
 
@@ -80,21 +85,128 @@ def test_items_exact_bytes_and_both_decoders_agree() -> None:
     assert values == [bytes.fromhex("01000000 02000000"), bytes.fromhex("0d0c0b0a 03000000")]
     mixed: list[bytes | None] = [values[1], None, values[0], None]
     for decode in (decode_items, decode_item_values):
-        item, cat, found = decode(mixed)
+        item, cat, found, side = decode(mixed)
         np.testing.assert_array_equal(item, [0x0A0B0C0D, 0, 1, 0])
         np.testing.assert_array_equal(cat, [3, 0, 2, 0])
         np.testing.assert_array_equal(found, [True, False, True, False])
         assert item.dtype == np.int64 and found.dtype == np.bool_
+        assert side.shape == (4, 0) and side.dtype == np.uint8  # no tails: an empty side row per item
     for decode in (decode_items, decode_item_values):
         empty = decode([])
-        assert all(a.shape == (0,) for a in empty)
+        assert all(a.shape[0] == 0 for a in empty)
 
 
-@pytest.mark.parametrize("bad", [[b"\x00" * 7, b"\x00" * 9], [b"\x00" * 8, b""], [b"\x00" * 16]])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        [b"\x00" * 7, b"\x00" * 9],  # too short; not whole 4-byte side entries
+        [b"\x00" * 8, b""],  # an empty value
+        [b"\x00" * 10],  # a torn side entry
+        [b"\x00" * 8, b"\x00" * 12],  # a tail on one item only
+        [b"\x00" * 16, None, b"\x00" * 20],  # tails of two lengths in one version
+    ],
+)
 def test_item_decoders_reject_wrong_sizes(bad: list[bytes | None]) -> None:
     for decode in (decode_items, decode_item_values):
         with pytest.raises(CodecError):
             decode(bad)
+
+
+def test_item_tail_mismatch_names_the_item() -> None:
+    tails = encode_side(np.array([[1, 2], [3, 4]]), np.zeros((2, 1)))
+    values: list[bytes | None] = [*encode_items([1, 2], [1, 1], tails), encode_items([3], [1])[0]]
+    for decode in (decode_items, decode_item_values):
+        with pytest.raises(CodecError, match="item 777"):
+            decode(values, [5, 6, 777])
+
+
+def test_side_exact_bytes() -> None:
+    (tail,) = encode_side(np.array([[1, 0x01020304]]), np.array([[1.5]]))
+    assert tail == bytes.fromhex("01000000 04030201") + np.float32(1.5).astype("<f4").tobytes()
+    ids, values = decode_side(tail, 2, 1)
+    assert ids.tolist() == [[1, 0x01020304]] and values.tolist() == [[1.5]]
+    assert ids.dtype == np.int64 and values.dtype == np.float32
+    assert encode_side(np.zeros((3, 0)), np.zeros((3, 0))) == [b"", b"", b""]
+    empty_ids, empty_values = decode_side(b"", 0, 0)
+    assert empty_ids.shape == (1, 0) and empty_values.shape == (1, 0)
+
+
+def test_side_wrong_width_and_range_raise() -> None:
+    (tail,) = encode_side(np.array([[1, 2]]), np.array([[0.5]]))
+    with pytest.raises(CodecError, match="12 bytes"):
+        decode_side(tail, 2, 2)
+    with pytest.raises(CodecError):
+        decode_side(np.zeros((4, 8), dtype=np.uint8), 1, 0)
+    with pytest.raises(CodecError, match="out of range"):
+        encode_side(np.array([[-1]]), np.zeros((1, 0)))
+    with pytest.raises(CodecError, match="out of range"):
+        encode_side(np.array([[2**31]]), np.zeros((1, 0)))
+    with pytest.raises(CodecError):
+        encode_side(np.zeros((2, 1)), np.zeros((3, 1)))
+
+
+def test_profile_with_tail() -> None:
+    (tail,) = encode_side(np.array([[7, 8]]), np.array([[-0.25, 3.0]]))
+    raw = encode_profile(0x01020304, tail)
+    assert raw == bytes.fromhex("04030201") + tail
+    assert decode_profile_value(raw) == (0x01020304, tail)
+    assert decode_profile(raw) == 0x01020304
+    assert decode_profile_value(None) == (None, b"")
+    assert decode_profile_value(encode_profile(5)) == (5, b"")
+    with pytest.raises(CodecError):
+        decode_profile_value(raw + b"\x00")  # a torn side entry
+    with pytest.raises(CodecError):
+        encode_profile(1, b"\x00" * 3)
+
+
+SIDE_CODES = st.integers(min_value=0, max_value=2**31 - 1)
+SIDE_VALUES = st.floats(width=32, allow_nan=False)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    n=st.integers(min_value=0, max_value=6),
+    c=st.integers(min_value=0, max_value=4),
+    m=st.integers(min_value=0, max_value=3),
+    data=st.data(),
+)
+def test_side_roundtrip_property(n: int, c: int, m: int, data: st.DataObject) -> None:
+    ids = np.asarray(data.draw(st.lists(st.lists(SIDE_CODES, min_size=c, max_size=c), min_size=n, max_size=n)),
+                     dtype=np.int64).reshape(n, c)
+    values = np.asarray(data.draw(st.lists(st.lists(SIDE_VALUES, min_size=m, max_size=m), min_size=n, max_size=n)),
+                        dtype=np.float32).reshape(n, m)
+    tails = encode_side(ids, values)
+    assert len(tails) == n and all(len(t) == 4 * (c + m) for t in tails)
+    rows = np.frombuffer(b"".join(tails), dtype=np.uint8).reshape(n, 4 * (c + m))
+    got_ids, got_values = decode_side(rows, c, m)
+    np.testing.assert_array_equal(got_ids, ids)
+    np.testing.assert_array_equal(got_values, values)
+    for k in range(n):  # one tail at a time, as a profile's
+        one_ids, one_values = decode_side(tails[k], c, m)
+        np.testing.assert_array_equal(one_ids[0], ids[k])
+        np.testing.assert_array_equal(one_values[0], values[k])
+    # Item values with and without the tails, found and missing mixed: both decoders agree.
+    item = np.arange(n, dtype=np.int64) * 7 + 1
+    cat = np.arange(n, dtype=np.int64) % 3
+    miss = data.draw(st.lists(st.booleans(), min_size=n, max_size=n))
+    for with_tails in (False, True):
+        encoded = encode_items(item, cat, tails if with_tails else None)
+        stored: list[bytes | None] = [None if gone else v for v, gone in zip(encoded, miss, strict=True)]
+        found = ~np.asarray(miss, dtype=bool).reshape(n)
+        for decode in (decode_items, decode_item_values):
+            got = decode(stored)
+            np.testing.assert_array_equal(got.found, found)
+            np.testing.assert_array_equal(got.item, np.where(found, item, 0))
+            np.testing.assert_array_equal(got.category, np.where(found, cat, 0))
+            if with_tails and c + m and found.any():
+                assert got.side.shape == (n, 4 * (c + m))
+                np.testing.assert_array_equal(got.side[found], rows[found])
+                assert not got.side[~found].any()  # misses: all-zero rows
+                side_ids, side_values = decode_side(got.side[found], c, m)
+                np.testing.assert_array_equal(side_ids, ids[found])
+                np.testing.assert_array_equal(side_values, values[found])
+            else:
+                assert got.side.shape == (n, 0)
 
 
 def test_sequence_empty_and_last() -> None:

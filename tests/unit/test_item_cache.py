@@ -104,3 +104,16 @@ def test_two_ids_of_one_set_both_stay_and_the_older_makes_room() -> None:
     cache.put(c, rec(c))  # the set is full: a, written longer ago, makes room
     assert cache.get(a) == (False, None) and cache.get(b) == (True, rec(b)) and cache.get(c) == (True, rec(c))
     assert cache.evictions == 1
+
+
+def test_value_size_from_the_first_value() -> None:
+    """The store's caches do not know a version's side-tail width: the first value fixes the size."""
+    cache = ItemCache(64, 5.0, None, clock=FakeClock())
+    cache.put_many([(1, None)])  # "known absent" before any value: cached, size still open
+    assert cache.value_size == 0 and cache.get(1) == (True, None)
+    wide = rec(2) + bytes(range(12))  # an item record with a 12-byte side tail
+    cache.put_many([(2, wide), (3, rec(3))])  # the 8-byte value is of another size: not cached
+    assert cache.value_size == 20
+    assert cache.get(2) == (True, wide) and cache.get(3) == (False, None)
+    cache.put(4, b"")  # an empty value never fixes nor enters the cache
+    assert cache.get(4) == (False, None)

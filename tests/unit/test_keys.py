@@ -43,6 +43,10 @@ def test_item_keys_do_not_match_other_versions_patterns() -> None:
     assert not fnmatch.fnmatchcase(keys.item_key("v10", 1).decode(), keys.version_match_pattern("v1").decode())
     assert fnmatch.fnmatchcase(keys.item_key("v1", 1).decode(), keys.version_match_pattern("v1").decode())
     assert not fnmatch.fnmatchcase(keys.meta_key("v1").decode(), keys.version_match_pattern("v1").decode())
+    # The recorded schema sits beside the meta, outside every version's data pattern (drop deletes it by name).
+    assert keys.schema_key("v1") == b"rs:meta:v1:schema"
+    for version in ("v1", "v", "x"):
+        assert not fnmatch.fnmatchcase(keys.schema_key("v1").decode(), keys.version_match_pattern(version).decode())
 
 
 @pytest.mark.parametrize("name", ["v1", "20240601T1200", "a.b-c_d", "9", "x" * 64])
