@@ -6,25 +6,35 @@ The GSU's per-behaviour bias is folded into one extra key column, so retrieval i
 inner-product top-k over [L, A + 1] keys:
 
     s_j = k_j·q/√d_h + b_act[a_j] + b_gap[g_j] = [k_j/√d_h, b_j] · [q, 1]
+
+A schema with side features adds `side_ids` and `side_values` (`SchemaSpec.scorer_inputs`): the
+user's codes and values (the store's profile tail) broadcast, each candidate's (the store's item
+rows), then the request context's broadcast; codes offset into the one side embedding table. A
+user without a tail and items the store does not hold get the encoded defaults of their group.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, lru_cache
 
 import numpy as np
 import numpy.typing as npt
 
 from feature_store.clusters import key_fingerprint
-from feature_store.codecs import Sequence, SequenceClusters
-from feature_store.schema import cross_features, history_features, time_gap_bucket, weekday
+from feature_store.codecs import Sequence, SequenceClusters, decode_side
+from feature_store.schema import SchemaSpec, cross_features, history_features, time_gap_bucket, weekday
+from feature_store.spec import SideFeatures
 from service.retrieval import RetrievalContext, Retriever
 from service.retrieval.base import grouped_kernels
 
 F32 = npt.NDArray[np.float32]
 I64 = npt.NDArray[np.int64]
+U8 = npt.NDArray[np.uint8]
+BOOL = npt.NDArray[np.bool_]
+
+DEFAULT_SPEC = SchemaSpec()  # the built-in click/cart/fav/buy schema: no side features
 
 
 @dataclass(frozen=True)
@@ -135,6 +145,101 @@ def _broadcast(row: npt.NDArray[np.generic], n: int) -> npt.NDArray[np.generic]:
     return np.ascontiguousarray(np.broadcast_to(row, (n, *row.shape)))
 
 
+# -- side features ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SideRows:
+    """One request's side features for one model, as fetched and encoded, before assembly.
+
+    `user_tail`: the store's user side bytes (`FetchResult.user_side`; empty: no profile, the
+    defaults). `item_rows`: the store's item side rows [n, W] (`FetchResult.item_side`; None: all
+    defaults), with `item_found` [n] (False: the item is unknown to the store, its row is not data).
+    `context`: the request context encoded with the model's schema (`encode_context`; None: the
+    defaults).
+    """
+
+    user_tail: bytes = b""
+    item_rows: U8 | None = None
+    item_found: BOOL | None = None
+    context: tuple[I64, F32] | None = None
+
+    def rows(self, lo: int, hi: int) -> SideRows:
+        """The same request restricted to candidates [lo, hi) (shadow steps score slices)."""
+        return SideRows(
+            self.user_tail,
+            self.item_rows[lo:hi] if self.item_rows is not None else None,
+            self.item_found[lo:hi] if self.item_found is not None else None,
+            self.context,
+        )
+
+
+@dataclass(frozen=True, eq=False)
+class SidePlan:
+    """What assembling one schema's side inputs needs, computed once per schema (`side_plan`)."""
+
+    n_ids: int
+    n_values: int
+    offsets: I64  # [n_ids]
+    defaults: tuple[tuple[I64, F32], ...]  # per group (user, item, context): the encoded defaults of one row
+
+
+@lru_cache(maxsize=32)
+def side_plan(side: SideFeatures) -> SidePlan:
+    """The plan of `side` (cached by identity: a loaded bundle's schema object lives as long as it serves)."""
+    defaults: list[tuple[I64, F32]] = []
+    for group in side.groups():
+        ids, values = group.encode_rows({}, 1)
+        defaults.append((ids[0], values[0]))
+    return SidePlan(side.n_ids, side.n_values, side.id_offsets, tuple(defaults))
+
+
+def side_inputs(plan: SidePlan, rows: SideRows | None, n_cand: int) -> dict[str, npt.NDArray[np.generic]]:
+    """`side_ids` [B, n_ids] int64 (offsets applied) and `side_values` [B, n_values] float32, as present.
+
+    Columns in the scorer's order: user, item, context (categorical for ids, numeric for values).
+    Store tails are `feature_store.codecs` side tails (per-feature codes, then normalized values);
+    a tail whose width is not the schema's raises `CodecError` (a store written with another
+    schema, which the registry's schema-hash check keeps from serving). Whole-array numpy only:
+    no per-candidate Python.
+    """
+    rows = rows or SideRows()
+    (u_ids, u_vals), (i_ids, i_vals), (c_ids, c_vals) = plan.defaults
+    n_ui, n_uv = int(u_ids.shape[0]), int(u_vals.shape[0])
+    n_ii, n_iv = int(i_ids.shape[0]), int(i_vals.shape[0])
+    if rows.user_tail and (n_ui or n_uv):  # b"": no profile (or one without a tail): the defaults
+        u_ids, u_vals = decode_side(rows.user_tail, n_ui, n_uv)
+    item_ids: npt.NDArray[np.int64] | None = None
+    item_vals: F32 | None = None
+    # rows of width 0: the store found none of the candidates (or holds no item tails): the defaults
+    if rows.item_rows is not None and rows.item_rows.shape[1] and (n_ii or n_iv):
+        item_ids, item_vals = decode_side(rows.item_rows, n_ii, n_iv)
+        if rows.item_found is not None and not rows.item_found.all():
+            missing = ~rows.item_found
+            item_ids = np.where(missing[:, None], i_ids[None, :], item_ids)
+            item_vals = np.where(missing[:, None], i_vals[None, :], item_vals)
+    if rows.context is not None:
+        c_ids, c_vals = rows.context
+    out: dict[str, npt.NDArray[np.generic]] = {}
+    if plan.n_ids:
+        ids = np.empty((n_cand, plan.n_ids), dtype=np.int64)
+        ids[:, :n_ui] = u_ids
+        ids[:, n_ui : n_ui + n_ii] = i_ids if item_ids is None else item_ids
+        ids[:, n_ui + n_ii :] = c_ids
+        ids += plan.offsets
+        out["side_ids"] = ids
+    if plan.n_values:
+        values = np.empty((n_cand, plan.n_values), dtype=np.float32)
+        values[:, :n_uv] = u_vals
+        values[:, n_uv : n_uv + n_iv] = i_vals if item_vals is None else item_vals
+        values[:, n_uv + n_iv :] = c_vals
+        out["side_values"] = values
+    return out
+
+
+# -- the scorer's inputs --------------------------------------------------------------------------------
+
+
 def scorer_inputs(
     tables: Tables,
     settings: RetrievalSettings,
@@ -144,8 +249,16 @@ def scorer_inputs(
     cand_item: I64,
     cand_category: I64,
     request_ts: int,
+    *,
+    spec: SchemaSpec = DEFAULT_SPEC,
+    side: SideRows | None = None,
 ) -> dict[str, npt.NDArray[np.generic]]:
-    """Inputs for scoring `cand_item` for one user; `history` holds only events before `request_ts`."""
+    """Inputs for scoring `cand_item` for one user; `history` holds only events before `request_ts`.
+
+    `spec` is the bundle's schema (its actions size the derived features; its side features add
+    `side_ids` / `side_values`, from `side` or, without it, the defaults). The result holds exactly
+    `spec.scorer_inputs`.
+    """
     n_cand = int(cand_item.shape[0])
     cand_item, cand_category = tables.clamp_rows(cand_item, cand_category)
     h_item, h_cat = tables.clamp_rows(history.item, history.category)
@@ -197,12 +310,13 @@ def scorer_inputs(
         short_repr = np.zeros((width, r_dim), dtype=np.float32)
 
     user_row = user_index if 0 <= user_index < tables.user_repr.shape[0] else 0
-    return {
+    n_actions = spec.n_actions
+    inputs: dict[str, npt.NDArray[np.generic]] = {
         "cand_query": np.ascontiguousarray(query, dtype=np.float32),
         "cand_repr": np.ascontiguousarray(
             tables.item_repr[cand_item] + tables.category_repr[cand_category], dtype=np.float32
         ),
-        "cand_cross": cross_features(h_item, history.action, history.timestamp, cand_item, request_ts),
+        "cand_cross": cross_features(h_item, history.action, history.timestamp, cand_item, request_ts, n_actions),
         "ret_key": np.ascontiguousarray(ret_key, dtype=np.float32),
         "ret_repr": np.ascontiguousarray(ret_repr, dtype=np.float32),
         "ret_mask": np.ascontiguousarray(mask, dtype=np.float32),
@@ -210,6 +324,10 @@ def scorer_inputs(
         "short_repr": _broadcast(short_repr.astype(np.float32), n_cand),
         "short_mask": _broadcast(short_valid, n_cand),
         "user_repr": _broadcast(np.asarray(tables.user_repr[user_row], dtype=np.float32), n_cand),
-        "user_dense": _broadcast(history_features(history.action), n_cand),
+        "user_dense": _broadcast(history_features(history.action, n_actions), n_cand),
         "weekday": np.full(n_cand, int(weekday(request_ts)), dtype=np.int64),
     }
+    plan = side_plan(spec.side)
+    if plan.n_ids or plan.n_values:
+        inputs.update(side_inputs(plan, side, n_cand))
+    return inputs

@@ -12,8 +12,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -27,9 +29,9 @@ from service.experiments.shadow import ShadowRunner
 from service.observability.logging_setup import arm_var, trace_id_var
 from service.observability.metrics import Metrics
 from service.observability.tracing import Tracing
-from service.registry import LoadedModel, ModelRegistry
+from service.registry import EncodedContext, LoadedModel, ModelRegistry
 from service.settings import Settings
-from service.types import INT64_MAX, Features, RankedItem, RankRequest, RankResponse
+from service.types import Features, RankedItem, RankRequest, RankResponse
 
 log = logging.getLogger("rankserve.core")
 
@@ -112,17 +114,15 @@ class RankingService:
         return self._in_progress
 
     def validate(self, req: RankRequest) -> int:
-        """Check limits; returns the effective top_n. Raises InvalidRequest saying what to fix."""
+        """Check limits; returns the effective top_n. Raises InvalidRequest saying what to fix.
+
+        Ids and context are checked against the serving model's schema once the request is routed.
+        """
         s = self.settings
-        if not 0 <= req.user_id <= INT64_MAX:
-            raise InvalidRequest(f"user_id must be an integer in 0..{INT64_MAX}, got {req.user_id}")
         if len(req.candidates) > s.max_candidates:
             raise InvalidRequest(
                 f"{len(req.candidates)} candidates exceed the limit of {s.max_candidates}; split the request"
             )
-        for item in req.candidates:
-            if not 0 <= item <= INT64_MAX:
-                raise InvalidRequest(f"candidate ids must be integers in 0..{INT64_MAX}, got {item}")
         n = s.default_top_n if req.top_n is None else req.top_n
         if not 1 <= n <= s.max_top_n:
             raise InvalidRequest(f"top_n must be between 1 and {s.max_top_n}, got {n}")
@@ -130,33 +130,42 @@ class RankingService:
             raise InvalidRequest(f"request_time must be unix seconds in 0..{(1 << 32) - 1}, got {req.request_time}")
         return n
 
-    async def fetch(self, req: RankRequest) -> Features:
-        """One store round trip within the fetch budget; on failure, rank with what we have."""
-        n = len(req.candidates)
+    async def fetch(self, user_key: int, item_keys: list[int], context: Mapping[str, Any] | None = None) -> Features:
+        """One store round trip within the fetch budget; on failure, rank with what we have.
+
+        `user_key` / `item_keys` are the resolved int64 store keys; `context` rides along (raw) for shadows.
+        """
+        n = len(item_keys)
         try:
             result: FetchResult = await asyncio.wait_for(
-                self.store.fetch(req.user_id, req.candidates), timeout=self.settings.fetch_budget_s
+                self.store.fetch(user_key, item_keys), timeout=self.settings.fetch_budget_s
             )
         except (FeatureStoreError, TimeoutError) as exc:
             reason = "timeout" if isinstance(exc, TimeoutError) else type(exc).__name__
             self.metrics.degraded.labels(reason).inc()
             log.warning("feature store unavailable, ranking degraded", extra={"reason": reason, "error": str(exc)})
             zeros = np.zeros(n, dtype=np.int64)
-            return Features(0, Sequence.empty(), zeros, zeros, reason)
+            return Features(0, Sequence.empty(), zeros, zeros, reason, context=context)
         return Features(
             user_index=result.user_index or 0,
             history=result.sequence,
             item_index=result.item_index,
             category_index=result.category_index,
             degraded_reason=None,
+            user_side=result.user_side,
+            item_side=result.item_side,
+            item_found=result.found,
+            context=context,
         )
 
     def _compute(
-        self, model: LoadedModel, feats: Features, request_ts: int, n: int, clock: StageClock
+        self, model: LoadedModel, feats: Features, context: EncodedContext | None, request_ts: int, n: int,
+        clock: StageClock,
     ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64], npt.NDArray[np.float32]]:
         history = feats.history.before(request_ts)
         self.metrics.history_length.observe(len(history))
-        inputs = model.inputs(history, feats.user_index, feats.item_index, feats.category_index, request_ts)
+        inputs = model.inputs(history, feats.user_index, feats.item_index, feats.category_index, request_ts,
+                              model.side_rows(feats, context))
         clock.lap("retrieve")
         probs = model.scorer.predict(inputs)
         clock.lap("score")
@@ -221,6 +230,10 @@ class RankingService:
         started = time.perf_counter()
         self.metrics.candidates.observe(len(req.candidates))
         request_ts = int(time.time()) if req.request_time is None else req.request_time
+        # the ids and the context as this arm's model reads them (its schema): bad ones are the caller's error
+        user_key = model.resolve_user(req.user_id)
+        item_keys = model.resolve_items(req.candidates)
+        context = model.encode_context(req.context)
         if not req.candidates:
             return RankResponse([], model.key, arm, False, req.request_id)
 
@@ -231,12 +244,13 @@ class RankingService:
                              "retry after a short backoff")
         self._in_progress += 1
         try:
-            feats = await self.fetch(req)
+            feats = await self.fetch(user_key, item_keys, req.context)
             clock.lap("fetch")
             loop = asyncio.get_running_loop()
             remaining = self.settings.request_timeout_s - (time.perf_counter() - started)
             order, fused, probs = await asyncio.wait_for(
-                loop.run_in_executor(self._pool, self._compute, model, feats, request_ts, n, clock), timeout=remaining
+                loop.run_in_executor(self._pool, self._compute, model, feats, context, request_ts, n, clock),
+                timeout=remaining,
             )
         except TimeoutError as exc:
             raise DeadlineExceeded(f"ranking took longer than {self.settings.request_timeout_s}s") from exc
@@ -247,7 +261,7 @@ class RankingService:
         cands = req.candidates
         items = [
             RankedItem(
-                item_id=int(cands[i]),
+                item_id=cands[i],  # as sent: an int stays an int, a string a string
                 score=float(fused[i]),
                 task_scores={t: float(probs[i, j]) for j, t in enumerate(tasks)},
             )

@@ -3,7 +3,9 @@
     python -m service.demo --data ../shared/data [--keep-running]
 
 It uses Tmall 2014 from the data root when the files are there; elsewhere it generates a small
-synthetic data set (`rankserve synth`) and says so in one line, so the demo runs anywhere.
+synthetic data set (`rankserve synth`) and says so in one line, so the demo runs anywhere. When
+the bundle declares request-context features (the synthetic set's `device` and `hour`), the
+request sends the context of the chosen user's newest event.
 
 Each step is the real command line (`rankserve train`, `export`, `ingest`, `serve`) run as a
 subprocess, so the demo exercises exactly what an operator types. It then ranks a mix of recent
@@ -29,7 +31,7 @@ from typing import Any
 import httpx
 import numpy as np
 
-from models.data.readers import DATASET_FILES, load_dataset, resolve_data_root
+from models.data.readers import DATASET_FILES, load_spec_dataset, preset_spec, resolve_data_root
 
 log = logging.getLogger("rankserve.demo")
 
@@ -92,10 +94,14 @@ def train_and_export(args: argparse.Namespace, name: str, data_args: list[str]) 
     return Path(out.strip().splitlines()[-1])
 
 
-def pick_request(data_args: list[str]) -> dict[str, Any]:
-    """The user with the longest history; candidates: their recent items plus popular ones."""
+def pick_request(data_args: list[str], context_names: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The user with the longest history; candidates: their recent items plus popular ones.
+
+    With `context_names` (the bundle's context features, e.g. device and hour of the synthetic
+    set), the request sends the context of the user's newest event.
+    """
     spec, root = data_args[1], (Path(data_args[3]) if len(data_args) > 3 else None)
-    events = load_dataset(spec, root)
+    events = load_spec_dataset(*preset_spec(spec, root)).events
     users, offsets = events.user_offsets()
     k = int(np.argmax(np.diff(offsets)))
     lo, hi = int(offsets[k]), int(offsets[k + 1])
@@ -110,7 +116,27 @@ def pick_request(data_args: list[str]) -> dict[str, Any]:
     # rank "the day after the data ends": histories are old (Tmall: 2014), so "now" would age every behaviour
     request_time = int(events.timestamp.max()) + 86_400
     log.info("chose user %d (%d events)", int(users[k]), hi - lo)
-    return {"user_id": int(users[k]), "candidates": recent + popular, "top_n": 10, "request_time": request_time}
+    body: dict[str, Any] = {"user_id": int(users[k]), "candidates": recent + popular, "top_n": 10,
+                            "request_time": request_time}
+    context = {name: _json_value(events.context[name][hi - 1]) for name in context_names if name in events.context}
+    if context:
+        body["context"] = context
+    return body
+
+
+def _json_value(value: Any) -> Any:
+    """A raw context value as plain JSON: text stays text, a whole number becomes an integer."""
+    if isinstance(value, str):
+        return value
+    number = float(value)
+    return int(number) if number.is_integer() else number
+
+
+def context_names(bundle: Path) -> tuple[str, ...]:
+    """The bundle's request-context features (none for the Tmall preset)."""
+    from export.bundle import open_bundle
+
+    return open_bundle(bundle, verify=False).schema.spec.side.context.names
 
 
 def start_server(args: argparse.Namespace, bundle: Path, log_path: Path) -> subprocess.Popen[bytes]:
@@ -193,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     name, data_args = choose_data(data_root, args.workdir)
     bundle = train_and_export(args, name, data_args)
     cli("ingest", *data_args, "--schema", str(bundle), "--activate", "--no-progress")
-    body = pick_request(data_args)
+    body = pick_request(data_args, context_names(bundle))
     log_path = Path("runs") / f"demo-{name}" / "serve.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     proc = start_server(args, bundle, log_path)

@@ -16,26 +16,34 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Sequence as SequenceABC
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from export.bundle import Bundle, BundleError, list_versions, open_bundle
 from feature_store.codecs import Sequence
-from service.assemble import RetrievalSettings, Tables, scorer_inputs
+from feature_store.schema import SchemaSpec
+from feature_store.spec import ContextError, encode_context
+from service.assemble import RetrievalSettings, SideRows, Tables, scorer_inputs
 from service.background import run_every
-from service.errors import BundleRejected, ModelUnavailable
-from service.fusion import Fusion
+from service.errors import BundleRejected, InvalidRequest, ModelUnavailable
+from feature_store.fusion import Fusion
+from service.ids import resolve_candidates, resolve_user
 from service.retrieval import Retriever
 from service.scoring import Scorer, make_scorer
 from service.settings import Settings
+from service.types import Features, RawId
 
 log = logging.getLogger("rankserve.registry")
 
 MakeRetriever = Callable[[], Retriever]
+EncodedContext = tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]
 
 
 @dataclass(frozen=True, eq=False)
@@ -54,6 +62,47 @@ class LoadedModel:
     def key(self) -> str:
         return f"{self.bundle.name}/{self.bundle.version}"
 
+    @property
+    def spec(self) -> SchemaSpec:
+        """The bundle's schema: its id types, actions, tasks and side features."""
+        return self.bundle.schema.spec
+
+    @cached_property
+    def has_side(self) -> bool:
+        """The scorer reads side features (`side_ids` / `side_values`)."""
+        side = self.spec.side
+        return bool(side.n_ids or side.n_values)
+
+    # -- per request: ids and context, with this model's schema (InvalidRequest naming the field) --------
+
+    def resolve_user(self, user_id: RawId) -> int:
+        return resolve_user(user_id, self.spec.id_types[0])
+
+    def resolve_items(self, candidates: SequenceABC[RawId]) -> list[int]:
+        return resolve_candidates(candidates, self.spec.id_types[1])
+
+    def encode_context(self, context: Mapping[str, Any] | None) -> EncodedContext | None:
+        """The request's context as codes and values of this schema; None when it has no context features."""
+        group = self.spec.side.context
+        if not context and not group.names:
+            return None
+        try:
+            with np.errstate(over="ignore"):  # an overflow is refused below, by name
+                codes, values = encode_context(group, context)
+        except ContextError as exc:
+            raise InvalidRequest(str(exc)) from None
+        finite = np.isfinite(values)
+        if not finite.all():  # finite in, overflowing float32 once normalized (e.g. 1e300)
+            name = group.numeric[int(np.flatnonzero(~finite)[0])].name
+            raise InvalidRequest(f"context.{name}: {(context or {}).get(name)!r:.40} is out of range")
+        return codes, values
+
+    def side_rows(self, feats: Features, context: EncodedContext | None) -> SideRows | None:
+        """What `inputs` needs of the fetched side bytes and the encoded context (None: no side features)."""
+        if not self.has_side:
+            return None
+        return SideRows(feats.user_side, feats.item_side, feats.item_found, context)
+
     def describe(self) -> dict[str, Any]:
         return {
             **self.bundle.describe(),
@@ -64,17 +113,20 @@ class LoadedModel:
         }
 
     def inputs(
-        self, history: Sequence, user_index: int, item: np.ndarray, category: np.ndarray, request_ts: int
+        self, history: Sequence, user_index: int, item: np.ndarray, category: np.ndarray, request_ts: int,
+        side: SideRows | None = None,
     ) -> dict[str, np.ndarray]:
-        """Gather and retrieve: the scorer inputs for one request."""
+        """Gather and retrieve: the scorer inputs for one request (side features: `side`, else the defaults)."""
         return scorer_inputs(
-            self.tables, self.retrieval, self.retriever, history, user_index, item, category, request_ts
+            self.tables, self.retrieval, self.retriever, history, user_index, item, category, request_ts,
+            spec=self.spec, side=side,
         )
 
     def score(
-        self, history: Sequence, user_index: int, item: np.ndarray, category: np.ndarray, request_ts: int
+        self, history: Sequence, user_index: int, item: np.ndarray, category: np.ndarray, request_ts: int,
+        side: SideRows | None = None,
     ) -> np.ndarray:
-        return self.scorer.predict(self.inputs(history, user_index, item, category, request_ts))
+        return self.scorer.predict(self.inputs(history, user_index, item, category, request_ts, side))
 
     def warm_up(self) -> None:
         """Run synthetic requests through retrieval and scoring (JIT, allocators, page cache)."""
@@ -86,7 +138,7 @@ class LoadedModel:
             hist = Sequence(
                 item=rng.integers(0, n_items, length),
                 category=rng.integers(0, n_cats, length),
-                action=rng.integers(0, 4, length),
+                action=rng.integers(0, self.spec.n_actions, length),
                 timestamp=np.sort(rng.integers(now - 30 * 86_400, now, length)),
             )
             probs = self.score(hist, 0, rng.integers(0, n_items, n_cand), rng.integers(0, n_cats, n_cand), now)
@@ -164,9 +216,14 @@ class ModelRegistry:
             raise BundleRejected(str(exc)) from exc
         store_hash = self._schema_hash()
         if store_hash is not None and store_hash != bundle.schema.hash:
+            # name what differs, from the schema the store recorded at ingest (StoreSchemaHash.schema), when known
+            stored = getattr(self._schema_hash, "schema", None)
+            known = getattr(stored, "schema_hash", None) == store_hash
+            differs = stored.difference(bundle.schema.spec) if stored is not None and known else ""
             raise BundleRejected(
                 f"{path}: schema {bundle.schema.hash[:12]} does not match the feature store's active schema "
-                f"{store_hash[:12]}; ingest with this bundle's schema (`rankserve ingest --schema {path}`) first"
+                f"{store_hash[:12]}{differs}; ingest with this bundle's schema "
+                f"(`rankserve ingest --schema {path}`) first"
             )
         try:
             model = LoadedModel(
@@ -174,7 +231,7 @@ class ModelRegistry:
                 scorer=make_scorer(bundle, s.scorer_runtime, s.threads, s.execution_provider),
                 tables=Tables.from_dict(bundle.tables),
                 retrieval=RetrievalSettings.from_manifest(bundle.retrieval, bundle.schema.spec.time_gap_buckets),
-                fusion=Fusion.from_bundle(bundle, s.fusion_weights, s.fusion_transforms),
+                fusion=Fusion.from_declared(bundle.tasks, bundle.fusion, s.fusion_weights, s.fusion_transforms),
                 retriever=self._retriever_factory(),
                 loaded_at=time.time(),
             )

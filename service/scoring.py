@@ -1,9 +1,13 @@
-"""Scorer runtimes: ONNX Runtime (CUDA when present) and TorchScript, behind one `Scorer` protocol."""
+"""Scorer runtimes: ONNX Runtime (CUDA when present) and TorchScript, behind one `Scorer` protocol.
+
+A scorer's inputs are its bundle schema's `scorer_inputs` (the base ones, then `side_ids` and
+`side_values` when the schema has side features), in that order.
+"""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -33,7 +37,9 @@ class OnnxScorer:
 
     runtime = "onnx"
 
-    def __init__(self, path: Path, threads: int, provider: str = "auto") -> None:
+    def __init__(
+        self, path: Path, threads: int, provider: str = "auto", inputs: Sequence[str] = SCORER_INPUTS
+    ) -> None:
         import onnxruntime as ort
 
         available = ort.get_available_providers()
@@ -52,8 +58,9 @@ class OnnxScorer:
             raise BundleRejected(f"ONNX Runtime cannot load {path.name}: {exc}") from exc
         self.provider = self._session.get_providers()[0]
         self._names = [i.name for i in self._session.get_inputs()]
-        if self._names != list(SCORER_INPUTS):
-            raise BundleRejected(f"{path.name} inputs {self._names} differ from {list(SCORER_INPUTS)}")
+        if self._names != list(inputs):
+            raise BundleRejected(f"{path.name} inputs {self._names} differ from the schema's scorer inputs "
+                                 f"{list(inputs)}")
 
     def predict(self, inputs: Mapping[str, npt.NDArray[Any]]) -> F32:
         out = self._session.run(None, {name: inputs[name] for name in self._names})[0]
@@ -65,7 +72,9 @@ class TorchScriptScorer:
 
     runtime = "torchscript"
 
-    def __init__(self, path: Path, threads: int, provider: str = "auto") -> None:
+    def __init__(
+        self, path: Path, threads: int, provider: str = "auto", inputs: Sequence[str] = SCORER_INPUTS
+    ) -> None:
         try:
             import torch
         except ImportError as exc:
@@ -76,11 +85,12 @@ class TorchScriptScorer:
         self.provider = self._device
         self._module = torch.jit.load(str(path), map_location=self._device)  # type: ignore[no-untyped-call]
         self._module.eval()
+        self._names = tuple(inputs)
 
     def predict(self, inputs: Mapping[str, npt.NDArray[Any]]) -> F32:
         torch = self._torch
         with torch.inference_mode():
-            args = [torch.from_numpy(np.asarray(inputs[n])).to(self._device) for n in SCORER_INPUTS]
+            args = [torch.from_numpy(np.asarray(inputs[n])).to(self._device) for n in self._names]
             return np.asarray(self._module(*args).cpu().numpy(), dtype=np.float32)
 
 
@@ -88,8 +98,9 @@ def make_scorer(bundle: Bundle, runtime: str, threads: int, provider: str) -> Sc
     """The scorer of `bundle` in `runtime`; "bundle" takes the runtime the bundle was exported for."""
     if runtime == "bundle":
         runtime = bundle.scorer_runtime
+    inputs = bundle.schema.spec.scorer_inputs
     if runtime == "onnx":
-        return OnnxScorer(bundle.scorer_path("onnx"), threads, provider)
+        return OnnxScorer(bundle.scorer_path("onnx"), threads, provider, inputs)
     if runtime == "torchscript":
-        return TorchScriptScorer(bundle.scorer_path("torchscript"), threads, provider)
+        return TorchScriptScorer(bundle.scorer_path("torchscript"), threads, provider, inputs)
     raise BundleRejected(f"unknown scorer runtime {runtime!r}")

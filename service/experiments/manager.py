@@ -41,7 +41,7 @@ from service.experiments.spec import (
     bucket_of,
     parse_experiments,
 )
-from service.fusion import Fusion
+from feature_store.fusion import Fusion
 from service.observability.metrics import Metrics
 from service.registry import LoadedModel, ModelRegistry
 from service.retrieval import Retriever, available_retrievers, make_retriever, parse_strategy
@@ -180,7 +180,7 @@ class ExperimentManager:
 
     # -- routing (on the request path: no I/O, no locks) --------------------------------------------
 
-    def route(self, user_id: int, override: str | None = None) -> Route:
+    def route(self, user_id: int | str, override: str | None = None) -> Route:
         exps = self._current
         if exps is None:
             if self.path is not None:

@@ -28,7 +28,7 @@ from service.experiments.sinks import read_jsonl, read_stream
 
 log = logging.getLogger("rankserve.replay")
 
-REQUEST_FIELDS = ("user_id", "candidates", "top_n", "request_time", "debug")
+REQUEST_FIELDS = ("user_id", "candidates", "top_n", "request_time", "debug", "context")
 
 
 def requests_from(records: Iterator[dict[str, Any]]) -> Iterator[tuple[str | None, dict[str, Any]]]:

@@ -53,7 +53,7 @@ from service.experiments.sinks import JsonlSink, NullSink, RedisStreamSink, Sink
 from service.observability.metrics import Metrics
 from service.registry import LoadedModel
 from service.settings import Settings
-from service.types import Features
+from service.types import Features, RawId
 
 log = logging.getLogger("rankserve.shadow")
 
@@ -166,8 +166,8 @@ class ShadowJob:
 
     shadow: Shadow
     request_id: str | None
-    user_id: int
-    candidates: list[int]
+    user_id: RawId  # as sent
+    candidates: list[RawId]
     top_n: int
     request_ts: int
     features: Features
@@ -323,8 +323,8 @@ class ShadowRunner:
         shadows: Iterable[Shadow],
         *,
         request_id: str | None,
-        user_id: int,
-        candidates: list[int],
+        user_id: RawId,
+        candidates: list[RawId],
         top_n: int,
         request_ts: int,
         features: Features,
@@ -376,6 +376,8 @@ class ShadowRunner:
         model = shadow.model
         history = f.history.before(job.request_ts)
         n = int(f.item_index.shape[0])
+        # the shadow reads the request context with its own schema: a name it lacks fails this job only
+        side = model.side_rows(f, model.encode_context(f.context))
         # near-equal slices (never a 1-row remainder: ONNX Runtime's batch-1 path rounds differently)
         parts: list[F32] = []
         for rows in np.array_split(np.arange(n), max(1, -(-n // s.shadow_chunk))):
@@ -392,7 +394,7 @@ class ShadowRunner:
                 t0 = time.perf_counter()
                 lo, hi = int(rows[0]), int(rows[-1]) + 1
                 inputs = model.inputs(history, f.user_index, f.item_index[lo:hi], f.category_index[lo:hi],
-                                      job.request_ts)
+                                      job.request_ts, side.rows(lo, hi) if side is not None else None)
                 spent += time.perf_counter() - t0
                 self._wait_quiet(deadline)
                 t0 = time.perf_counter()
@@ -430,6 +432,8 @@ class ShadowRunner:
             # request_time is the effective one, so a replay ranks against the same history cut
             record["request"] = {"user_id": job.user_id, "candidates": job.candidates, "top_n": job.top_n,
                                  "request_time": job.request_ts}
+            if job.features.context:
+                record["request"]["context"] = dict(job.features.context)
         try:
             self.sink.write(record)
         except Exception as exc:  # a full disk or an unreachable Redis must not count as a shadow failure

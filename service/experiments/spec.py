@@ -22,8 +22,11 @@ NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 BUNDLE_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.-]*/[1-9][0-9]*$"  # name/version; no leading dot: no path tricks
 
 
-def bucket_of(salt: str, user_id: int) -> int:
-    """The user's bucket in [0, 10000): stable across processes, restarts and languages."""
+def bucket_of(salt: str, user_id: int | str) -> int:
+    """The user's bucket in [0, 10000): stable across processes, restarts and languages.
+
+    Of the id as sent (its decimal text for an integer), so 42 and "42" share a bucket.
+    """
     digest = hashlib.blake2b(f"{salt}:{user_id}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") % BUCKETS
 

@@ -1,5 +1,6 @@
 """`make demo` where the Tmall files are absent: it says so in one line, generates a small
-synthetic set, and goes all the way to a ranked response over REST and gRPC."""
+synthetic set, and goes all the way to a ranked response over REST and gRPC (with the synthetic
+spec's request context)."""
 
 from __future__ import annotations
 
@@ -28,3 +29,5 @@ def test_demo_falls_back_to_synthetic_data(tmp_path: Path) -> None:
     assert "synthetic" in notice
     assert "REST and gRPC agree on the ranking: True" in done.stdout
     assert '"model": "synthetic/1"' in done.stdout
+    # the synthetic set's spec declares request context (device, hour): the demo sends it, and prints it
+    assert '"context": {"device": ' in done.stdout, done.stdout[-3000:]

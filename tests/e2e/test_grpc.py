@@ -95,6 +95,40 @@ def test_bad_input_is_invalid_argument(channel: grpc.Channel, fields: dict[str, 
     assert fragment in (err.details() or "")
 
 
+def test_string_keys_are_accepted_and_echoed(channel: grpc.Channel, world: World) -> None:
+    known = world.known_items[:6]
+    ints, _ = call_rank(channel, user_id=world.long_user, candidates=known, top_n=6)
+    keys, _ = call_rank(channel, user_key=str(world.long_user), candidate_keys=[str(x) for x in known], top_n=6)
+    assert [it.item_key for it in keys.items] == [str(it.item_id) for it in ints.items]
+    assert all(it.item_id == 0 for it in keys.items) and all(it.item_key == "" for it in ints.items)
+    assert [it.score for it in keys.items] == pytest.approx([it.score for it in ints.items])
+
+
+@pytest.mark.parametrize(
+    ("fields", "fragment"),
+    [
+        ({"user_id": 1, "user_key": "1", "candidates": [1]}, "user_id or user_key"),
+        ({"user_id": 1, "candidates": [1], "candidate_keys": ["1"]}, "candidates or candidate_keys"),
+        ({"user_key": "u-1", "candidates": [1]}, "user_id 'u-1' is not an integer"),
+        ({"user_id": 1, "candidate_keys": ["1", "sku-2"]}, "candidates[1]"),
+        ({"user_id": 1, "candidates": [1], "context": {"device": "ios"}}, "context.device: unknown"),
+        ({"user_id": 1, "candidates": [1], "context": {"hour": True}}, "context.hour"),
+        ({"user_id": 1, "candidates": [1], "context": {"hour": "13"}}, "context.hour"),
+        ({"user_id": 1, "candidates": [1], "context": {"device": {"os": "ios"}}}, "context.device"),
+        ({"user_id": 1, "candidates": [1], "context": {"device": "x" * 300}}, "context.device"),
+    ],
+)
+def test_bad_ids_and_context_are_invalid_argument(channel: grpc.Channel, fields: dict[str, Any], fragment: str) -> None:
+    err = rpc_error(channel, **fields)
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err
+    assert fragment in (err.details() or ""), err.details()
+
+
+def test_empty_context_is_fine(channel: grpc.Channel, world: World) -> None:
+    resp, _ = call_rank(channel, user_id=world.long_user, candidates=world.known_items[:3], context={})
+    assert len(resp.items) == 3
+
+
 def test_undecodable_message_is_invalid_argument(channel: grpc.Channel) -> None:
     raw = channel.unary_unary("/rankserve.v1.Ranker/Rank")  # bytes in, bytes out
     with pytest.raises(grpc.RpcError) as info:

@@ -118,9 +118,10 @@ def test_top_n_over_the_limit(live_server: Server) -> None:
 @pytest.mark.parametrize(
     ("body", "fragments"),
     [
-        ({"user_id": "abc", "candidates": [1]}, ["body.user_id", "integer", "'abc'"]),
-        ({"user_id": "42", "candidates": [1]}, ["body.user_id"]),  # no silent coercion of numeric strings
-        ({"user_id": 4.0, "candidates": [1]}, ["body.user_id"]),
+        ({"user_id": "abc", "candidates": [1]}, ["user_id", "integer", "'abc'"]),  # this model's ids are integers
+        ({"user_id": 1, "candidates": [1, "sku-2"]}, ["candidates[1]", "'sku-2'"]),
+        ({"user_id": "", "candidates": [1]}, ["body.user_id", "at least 1 character"]),
+        ({"user_id": 4.0, "candidates": [1]}, ["body.user_id", "integers in 0..", "or strings", "(got 4.0)"]),
         ({"user_id": 1, "candidates": [1.5, 2]}, ["body.candidates.0"]),
         ({"user_id": 1, "candidates": [1.0]}, ["body.candidates.0"]),
         ({"user_id": 1, "candidates": "1,2"}, ["body.candidates", "list"]),
@@ -142,6 +143,51 @@ def test_wrong_types_are_422(live_server: Server, body: Any, fragments: list[str
 
 def test_candidate_id_out_of_int64_range(live_server: Server) -> None:
     assert_error(rank(live_server, {"user_id": 1, "candidates": [2**64]}), 422, "invalid_request", "candidate")
+
+
+# -- ids as integers or strings, request context -------------------------------------------------------
+
+
+def test_string_ids_are_read_as_this_models_integer_ids_and_echoed_as_sent(live_server: Server, world: World) -> None:
+    known = world.known_items[:6]
+    as_ints = rank(live_server, {"user_id": world.long_user, "candidates": known, "top_n": 6}).json()
+    mixed = [str(x) for x in known[:3]] + known[3:]
+    resp = rank(live_server, {"user_id": str(world.long_user), "candidates": mixed, "top_n": 6})
+    assert resp.status_code == 200, resp.text
+    items = resp.json()["items"]
+    sent = {str(x): x for x in mixed}
+    for it in items:  # each id comes back with the JSON type it was sent with
+        assert it["item_id"] == sent[str(it["item_id"])] and type(it["item_id"]) is type(sent[str(it["item_id"])])
+    # "42" and 42 are the same id to an integer-id model: the same ranking and scores
+    assert [str(it["item_id"]) for it in items] == [str(it["item_id"]) for it in as_ints["items"]]
+    assert [it["score"] for it in items] == pytest.approx([it["score"] for it in as_ints["items"]])
+
+
+@pytest.mark.parametrize(
+    "context",
+    [
+        {"device": "ios"},  # the tiny model declares no context features: every name is unknown
+        {"hour": True},
+        {"hour": "13"},
+        {"device": {"os": "ios"}},
+        {"device": "x" * 300},
+    ],
+)
+def test_context_the_model_does_not_declare_is_422(live_server: Server, world: World, context: Any) -> None:
+    name = next(iter(context))
+    resp = rank(live_server, {"user_id": world.long_user, "candidates": world.known_items[:3], "context": context})
+    assert_error(resp, 422, "invalid_request", f"context.{name}", "unknown context feature")
+
+
+def test_empty_or_null_context_is_fine(live_server: Server, world: World) -> None:
+    for context in ({}, None):
+        resp = rank(live_server, {"user_id": world.long_user, "candidates": world.known_items[:3], "context": context})
+        assert resp.status_code == 200, resp.text
+
+
+def test_context_must_be_an_object(live_server: Server, world: World) -> None:
+    resp = rank(live_server, {"user_id": world.long_user, "candidates": [1], "context": "ios"})
+    assert_error(resp, 422, "invalid_request", "body.context")
 
 
 @pytest.mark.parametrize("raw", [b'{"user_id": 1,', b"not json", b"", b'{"user_id": 1, "candidates": [1]} trailing'])
@@ -209,8 +255,17 @@ def test_models_lists_current_and_loaded(live_server: Server) -> None:
 def test_openapi_documents_the_schemas(live_server: Server) -> None:
     spec = httpx.get(live_server.base_url + "/openapi.json").json()
     op = spec["paths"]["/v1/rank"]["post"]
-    assert "basic" in op["requestBody"]["content"]["application/json"]["examples"]
-    assert {"RankRequest", "RankResponse", "ErrorResponse"} <= set(spec["components"]["schemas"])
+    examples = op["requestBody"]["content"]["application/json"]["examples"]
+    assert {"basic", "string_ids", "context"} <= set(examples)
+    assert examples["context"]["value"]["context"] == {"device": "ios", "hour": 13}
+    schemas = spec["components"]["schemas"]
+    assert {"RankRequest", "RankResponse", "ErrorResponse"} <= set(schemas)
+    request = schemas["RankRequest"]["properties"]
+    id_types = {"integer", "string"}
+    assert {branch["type"] for branch in request["user_id"]["anyOf"]} == id_types
+    assert {branch["type"] for branch in request["candidates"]["items"]["anyOf"]} == id_types
+    assert {branch["type"] for branch in request["context"]["anyOf"]} == {"object", "null"}
+    assert {branch["type"] for branch in schemas["RankedItem"]["properties"]["item_id"]["anyOf"]} == id_types
 
 
 # -- admin ------------------------------------------------------------------------------------------

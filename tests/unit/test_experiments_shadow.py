@@ -83,17 +83,20 @@ async def setup(model_dir: Path, tmp_path: Path, **overrides: Any) -> tuple[Expe
 
 
 def offer(
-    manager: ExperimentManager, runner: ShadowRunner, user: int, n_cand: int = 40, primary_s: float = 0.01
+    manager: ExperimentManager, runner: ShadowRunner, user: int | str, n_cand: int = 40, primary_s: float = 0.01,
+    context: dict[str, Any] | None = None,
 ) -> None:
     route = manager.route(user)
     model = route.model
-    rng = np.random.default_rng(user)
+    seed = user if isinstance(user, int) else sum(map(ord, user))
+    rng = np.random.default_rng(seed)
     length = 50
     hist = Sequence(
         item=rng.integers(1, 300, length), category=rng.integers(1, 12, length), action=rng.integers(0, 4, length),
         timestamp=np.sort(rng.integers(NOW - 86_400 * 30, NOW - 60, length)),
     )
-    feats = Features(1 + user % 40, hist, rng.integers(1, 300, n_cand), rng.integers(1, 12, n_cand), None)
+    feats = Features(1 + seed % 40, hist, rng.integers(1, 300, n_cand), rng.integers(1, 12, n_cand), None,
+                     context=context)
     probs = model.score(hist, feats.user_index, feats.item_index, feats.category_index, NOW)
     runner.offer(route.shadows, request_id=f"r{user}", user_id=user, candidates=list(range(n_cand)), top_n=10,
                  request_ts=NOW, features=feats, primary=model, fused=model.fusion(probs), probs=probs,
@@ -150,6 +153,24 @@ async def test_failing_shadow_is_counted_and_contained(model_dir: Path, tmp_path
     finally:
         await runner.aclose()
     assert {r["shadow"] for r in read_jsonl(tmp_path / "sink")} == {"self"}
+
+
+async def test_a_shadow_that_cannot_read_the_context_fails_alone(model_dir: Path, tmp_path: Path) -> None:
+    """Each shadow encodes the request context with its own schema: these declare no `device`, so
+    their jobs fail (counted) while offering never raises; without a context they succeed, and the
+    records carry the request as sent (string ids included) for replay."""
+    manager, runner, metrics = await setup(model_dir, tmp_path, shadow_sink_requests=True)
+    try:
+        for user in range(3):
+            offer(manager, runner, user, context={"device": "ios"})
+        await wait_for(lambda: count(metrics, "self", "error") == 3 and count(metrics, "other", "error") == 3)
+        offer(manager, runner, "u-7", context={})
+        await wait_for(lambda: count(metrics, "self", "ok") == 1 and count(metrics, "other", "ok") == 1)
+    finally:
+        await runner.aclose()
+    records = list(read_jsonl(tmp_path / "sink"))
+    assert len(records) == 2 and {r["request"]["user_id"] for r in records} == {"u-7"}
+    assert all("context" not in r["request"] for r in records)  # an empty context is not recorded
 
 
 async def test_slow_shadow_times_out_and_a_full_queue_drops(model_dir: Path, tmp_path: Path) -> None:
@@ -220,6 +241,8 @@ def test_replay_reads_sink_records_once_per_request_and_plain_requests(tmp_path:
     assert [(rid, body["user_id"]) for rid, body in requests_from(iter(sink))] == [("r1", 1), ("r2", 2)]
     plain = [{"user_id": 5, "candidates": [1], "debug": False}, {"user_id": 6}]  # the second lacks candidates
     assert list(requests_from(iter(plain))) == [(None, {"user_id": 5, "candidates": [1], "debug": False})]
+    with_context = [{"user_id": "u-1", "candidates": ["a", 2], "context": {"device": "ios"}}]
+    assert list(requests_from(iter(with_context))) == [(None, with_context[0])]  # ids as sent, context kept
 
 
 def test_step_budget_paces_steps_and_starves_past_the_deadline() -> None:

@@ -28,7 +28,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from service import types as core_types
-from service.errors import RankServeError
+from service.errors import InvalidRequest, RankServeError
 from service.lifecycle import ServingCore
 from service.observability.logging_setup import request_id_var
 from service.observability.metrics import Metrics
@@ -81,19 +81,26 @@ class RankerServicer:
             auth = metadata.get(AUTHORIZATION)
             token = bearer_token(auth if isinstance(auth, str) else None)
             arm = authorize_arm_override(self.core.settings, arm, token)
+        user_id, candidates, keyed = request_ids(request)
         req = core_types.RankRequest(
-            user_id=request.user_id,
-            candidates=list(request.candidates),
+            user_id=user_id,
+            candidates=candidates,
             top_n=request.top_n if request.HasField("top_n") else None,
             request_time=request.request_time if request.HasField("request_time") else None,
             debug=request.debug,
             request_id=request_id_var.get(),
             arm=arm if isinstance(arm, str) else None,
             trace_headers=trace_carrier(metadata.get),
+            context=request_context(request),
         )
         resp = await self.core.service.rank(req)
+        items = (
+            [pb2.RankedItem(item_key=it.item_id, score=it.score, scores=it.task_scores) for it in resp.items]
+            if keyed
+            else [pb2.RankedItem(item_id=it.item_id, score=it.score, scores=it.task_scores) for it in resp.items]
+        )
         out = pb2.RankResponse(
-            items=[pb2.RankedItem(item_id=it.item_id, score=it.score, scores=it.task_scores) for it in resp.items],
+            items=items,
             model=resp.model,
             arm=resp.arm,
             degraded=resp.degraded,
@@ -104,6 +111,47 @@ class RankerServicer:
             # through JSON: Struct takes only plain dict/list/str/number/bool/None
             out.debug.update(orjson.loads(orjson.dumps(resp.debug, default=str, option=orjson.OPT_SERIALIZE_NUMPY)))
         return out
+
+
+def request_ids(request: Any) -> tuple[core_types.RawId, list[core_types.RawId], bool]:
+    """(user id, candidates, whether the candidates came as string keys) of a `RankRequest`.
+
+    Integer fields and string keys are alternatives: sending both for the user, or both kinds of
+    candidates, is INVALID_ARGUMENT (proto3 cannot tell an unset int64 from 0, so 0 counts as unset).
+    """
+    user: core_types.RawId = request.user_id
+    if request.user_key:
+        if request.user_id:
+            raise InvalidRequest("send user_id or user_key, not both")
+        user = request.user_key
+    if request.candidate_keys:
+        if request.candidates:
+            raise InvalidRequest("send candidates or candidate_keys, not both")
+        return user, list(request.candidate_keys), True
+    return user, list(request.candidates), False
+
+
+def request_context(request: Any) -> dict[str, Any] | None:
+    """The `context` Struct as a plain dict (numbers are doubles; nested values stay messages, and are refused)."""
+    if not request.HasField("context"):
+        return None
+    return {name: _struct_value(value) for name, value in request.context.fields.items()}
+
+
+def _struct_value(value: Any) -> Any:
+    kind = value.WhichOneof("kind")
+    if kind == "string_value":
+        return value.string_value
+    if kind == "number_value":
+        number = value.number_value
+        return int(number) if number.is_integer() and abs(number) < 2**53 else number
+    if kind == "bool_value":
+        return value.bool_value
+    if kind == "struct_value":
+        return {}  # an object: encode_context refuses it by type (it names the field)
+    if kind == "list_value":
+        return []
+    return None  # null: the spec's default
 
 
 Behavior = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]

@@ -37,6 +37,8 @@ from service.transports.rest.errors import (
 from service.transports.rest.middleware import BodySizeLimitMiddleware, RequestIdMiddleware
 from service.transports.rest.schemas import (
     RANK_EXAMPLE,
+    RANK_EXAMPLE_CONTEXT,
+    RANK_EXAMPLE_STRINGS,
     ErrorResponse,
     ExperimentsReloadResponse,
     ExperimentsResponse,
@@ -107,7 +109,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse, "description": text}
     for code, text in {
         413: "request body larger than max_body_bytes",
-        422: "invalid request: wrong types, missing fields, limits exceeded",
+        422: "invalid request: wrong types, missing fields, limits exceeded, ids or context the model cannot read",
         503: "no model loaded yet, or overloaded",
         504: "ranking deadline exceeded",
     }.items()
@@ -132,6 +134,17 @@ async def rank(
         Body(
             openapi_examples={
                 "basic": {"summary": "three candidates, top 2", "value": RANK_EXAMPLE},
+                "string_ids": {
+                    "summary": "string ids (echoed as strings)",
+                    "description": "Ids may be integers or strings; a model with integer ids reads integer text.",
+                    "value": RANK_EXAMPLE_STRINGS,
+                },
+                "context": {
+                    "summary": "with request context",
+                    "description": "Context features are those of the model's feature spec (here: device, hour); "
+                    "a model without them refuses any context name.",
+                    "value": RANK_EXAMPLE_CONTEXT,
+                },
                 "debug": {
                     "summary": "with per-stage timings",
                     "value": {"user_id": 1000, "candidates": [11, 12, 13], "debug": True},

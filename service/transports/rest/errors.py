@@ -7,6 +7,7 @@ message that says what to fix; anything unexpected is a logged 500 naming the re
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any, cast
 
 import orjson
@@ -56,9 +57,36 @@ def _count_rank_error(request: Request, code: str) -> None:
         request.app.state.core.metrics.requests.labels("rest", code).inc()
 
 
+# the branches of an id's union (schemas.RestId, schemas.CandidateId) in an error's location
+UNION_BRANCHES = {"constrained-int": int, "constrained-str": str, "int": int, "str": str}
+
+
+def _fold_id_unions(errors: Sequence[Any]) -> list[Any]:
+    """One error per id that is neither a valid integer nor a valid string, not one per union branch.
+
+    An integer keeps its integer branch's error (e.g. out of range), a string its string branch's
+    (e.g. too long); anything else (a float, a boolean, null) says what an id may be.
+    """
+    out: list[Any] = []
+    for err in errors:
+        loc = tuple(err.get("loc", ()))
+        branch = UNION_BRANCHES.get(str(loc[-1])) if loc else None
+        if branch is None:
+            out.append(err)
+            continue
+        value = err.get("input")
+        kind = int if type(value) is int else str if type(value) is str else None
+        if kind is branch:
+            out.append({**err, "loc": loc[:-1]})
+        elif kind is None and branch is int:  # once, for the int branch
+            out.append({**err, "loc": loc[:-1], "type": "id_type",
+                        "msg": f"ids are integers in 0..{(1 << 63) - 1} or strings"})
+    return out
+
+
 def _describe_validation(request: Request, exc: RequestValidationError) -> str:
     parts: list[str] = []
-    for err in exc.errors():
+    for err in _fold_id_unions(exc.errors()):
         loc = [str(p) for p in err.get("loc", ())]
         kind = err.get("type", "")
         if kind == "json_invalid":

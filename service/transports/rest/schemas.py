@@ -1,23 +1,55 @@
 """REST request and response schemas (pydantic), with OpenAPI examples.
 
-Requests are strict: `"42"` or `42.0` for an integer field is an error that names the field,
+Requests are strict: `"5"` or `5.0` for an integer field is an error that names the field,
 never a silent coercion, and unknown fields are rejected (a typo like `topN` would otherwise be
-ignored). The rank response is documented here but encoded by `rank_response_body` straight to
-a dict for orjson: validating a model per response would cost several times more on the hot path
+ignored). Ids are the exception by design: `user_id` and each candidate may be a JSON integer or
+a string, and the serving model's schema says how it becomes the store's int64 key
+(`feature_store.spec.resolve_id`: integer text for `int` ids, hashed for `string` ids); the
+response echoes each id as sent. `context` holds the request's context features, checked against
+the model's schema by the core (unknown names, wrong types: 422 naming `context.<name>`).
+
+The rank response is documented here but encoded by `rank_response_body` straight to a dict for
+orjson: validating a model per response would cost several times more on the hot path
 (docs/PERFORMANCE.md).
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 
+from feature_store.spec import MAX_CONTEXT_STRING
 from service import types as core
 from service.types import INT64_MAX
 
+# An id: an integer in int64's non-negative range, or a non-empty string. The user id is checked
+# here; candidates are only typed here (a plain int | str union: per-element constraints would
+# double pydantic's cost for 1,000 ids) and range-checked by the core, which resolves them anyway
+# (`service.ids`), with the same documented schema. `_fold_id_unions` (errors.py) folds a union's
+# two branch errors into one.
+ID_SCHEMA: dict[str, Any] = {"anyOf": [
+    {"type": "integer", "minimum": 0, "maximum": INT64_MAX},
+    {"type": "string", "minLength": 1, "maxLength": MAX_CONTEXT_STRING},
+]}
+RestId = (
+    Annotated[int, Field(ge=0, le=INT64_MAX)] | Annotated[str, Field(min_length=1, max_length=MAX_CONTEXT_STRING)]
+)
+CandidateId = Annotated[int | str, WithJsonSchema(ID_SCHEMA)]
+CONTEXT_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": {
+        "anyOf": [{"type": "string", "maxLength": MAX_CONTEXT_STRING}, {"type": "number"}, {"type": "null"}],
+    },
+}
+
+# The examples follow the demo's feature spec: context features `device` (categorical) and `hour` (numeric).
 RANK_EXAMPLE: dict[str, Any] = {"user_id": 1000, "candidates": [11, 12, 13], "top_n": 2}
+RANK_EXAMPLE_STRINGS: dict[str, Any] = {"user_id": "u-1000", "candidates": ["sku-11", "sku-12", "sku-13"], "top_n": 2}
+RANK_EXAMPLE_CONTEXT: dict[str, Any] = {
+    "user_id": 1000, "candidates": [11, 12, 13], "top_n": 2, "context": {"device": "ios", "hour": 13},
+}
 
 
 class RankRequest(BaseModel):
@@ -26,12 +58,15 @@ class RankRequest(BaseModel):
     model_config = ConfigDict(
         strict=True,
         extra="forbid",
-        json_schema_extra={"examples": [RANK_EXAMPLE]},
+        json_schema_extra={"examples": [RANK_EXAMPLE, RANK_EXAMPLE_STRINGS, RANK_EXAMPLE_CONTEXT]},
     )
 
-    user_id: int = Field(ge=0, le=INT64_MAX, description="raw user id; unknown users are ranked cold-start")
-    candidates: list[int] = Field(
-        description="raw item ids to rank (at most the server's max_candidates, default 1000); unknown ids allowed",
+    user_id: RestId = Field(
+        description="raw user id, an integer (0..2^63-1) or a string; unknown users are ranked cold-start",
+    )
+    candidates: list[CandidateId] = Field(
+        description="raw item ids to rank, integers or strings (at most the server's max_candidates, default "
+        "1000); unknown ids allowed",
     )
     top_n: int | None = Field(
         default=None, ge=1, description="items to return (at most max_top_n); default: the server's default_top_n"
@@ -40,6 +75,12 @@ class RankRequest(BaseModel):
         default=None, ge=0, description="unix seconds of the request; later behaviours are ignored (default: now)"
     )
     debug: bool = Field(default=False, description="add per-stage timings_ms and retrieval details to the response")
+    context: Annotated[dict[str, Any], WithJsonSchema(CONTEXT_SCHEMA)] | None = Field(
+        default=None,
+        description="request context features declared by the model's feature spec (e.g. device, hour): strings "
+        f"(at most {MAX_CONTEXT_STRING} characters) for categorical ones, numbers for numeric ones; missing names "
+        "(or null) take the spec's defaults, unknown names are refused",
+    )
 
     def to_core(
         self, request_id: str, arm: str | None = None, trace_headers: dict[str, str] | None = None
@@ -53,11 +94,12 @@ class RankRequest(BaseModel):
             request_id=request_id,
             arm=arm,
             trace_headers=trace_headers,
+            context=self.context,
         )
 
 
 class RankedItem(BaseModel):
-    item_id: int = Field(description="raw item id, as sent")
+    item_id: int | str = Field(description="raw item id, as sent (an integer stays an integer, a string a string)")
     score: float = Field(description="fused score Σ w_t·p_t, the ranking key")
     scores: dict[str, float] = Field(description="probability per task, each in [0, 1]")
 
@@ -122,7 +164,7 @@ class ErrorResponse(BaseModel):
                 {
                     "error": {
                         "code": "invalid_request",
-                        "message": "body.user_id: Input should be a valid integer (got 'abc')",
+                        "message": "context.hour: expected a finite number, got str 'one'",
                         "request_id": "7f0c1d2e9a4b4c55",
                     }
                 }
