@@ -6,6 +6,7 @@ fuse identically.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -29,8 +30,7 @@ class Fusion:
         self.weights = np.array([float(weights.get(t, 0.0)) for t in tasks], dtype=np.float64)
         self.transforms = [transforms.get(t, "identity") for t in tasks]
         for t, spec in zip(tasks, self.transforms, strict=True):
-            kind, _, arg = spec.partition(":")
-            if kind not in TRANSFORMS or (kind == "power" and not _is_float(arg)) or (kind != "power" and arg):
+            if not is_transform(spec):
                 raise ValueError(f"transform of {t!r} must be identity, log or power:<exponent>, got {spec!r}")
 
     @classmethod
@@ -64,9 +64,12 @@ class Fusion:
         return score
 
 
-def _is_float(text: str) -> bool:
+def is_transform(spec: str) -> bool:
+    """identity, log, or power:<finite exponent>."""
+    kind, _, arg = spec.partition(":")
+    if kind != "power":
+        return kind in TRANSFORMS and not arg
     try:
-        float(text)
+        return math.isfinite(float(arg))
     except ValueError:
         return False
-    return True

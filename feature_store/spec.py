@@ -39,6 +39,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from feature_store.errors import UserError
+from feature_store.fusion import is_transform
 
 IntArray = npt.NDArray[np.int64]
 FloatArray = npt.NDArray[np.float32]
@@ -134,15 +135,8 @@ class TaskDecl(_Strict):
     @field_validator("transform")
     @classmethod
     def _check_transform(cls, value: str) -> str:
-        kind, _, arg = value.partition(":")
-        if kind in ("identity", "log") and not arg:
+        if is_transform(value):
             return value
-        if kind == "power":
-            try:
-                float(arg)
-                return value
-            except ValueError:
-                pass
         raise ValueError(f"must be identity, log or power:<exponent>, got {value!r}")
 
 
@@ -278,7 +272,7 @@ class FeatureSpec(_Strict):
                 continue
             for name in [d.name for d in decl.categorical] + [d.name for d in decl.numeric]:
                 if name in names:
-                    raise ValueError(f"{group}_features: {name!r} is already a {names[name]} feature")
+                    raise ValueError(f"{group}_features: {name!r} is already declared in {names[name]}_features")
                 names[name] = group
         return self
 
@@ -314,7 +308,7 @@ class FeatureSpec(_Strict):
     def load(cls, path: str | Path) -> FeatureSpec:
         p = Path(path)
         try:
-            doc = yaml.safe_load(p.read_text())
+            doc = yaml.load(p.read_text(), Loader=_SpecLoader)  # a SafeLoader
         except FileNotFoundError:
             raise SpecError(f"feature spec not found: {p}") from None
         except (OSError, UnicodeDecodeError) as exc:
@@ -324,6 +318,31 @@ class FeatureSpec(_Strict):
             line = f" line {where.line + 1}" if where is not None else ""
             raise SpecError(f"{p}:{line} not valid YAML: {getattr(exc, 'problem', exc)}") from None
         return cls.parse(doc, str(p))
+
+
+class _SpecLoader(yaml.SafeLoader):
+    """`yaml.SafeLoader` that refuses a key repeated in one mapping (PyYAML keeps the last one
+    silently, so a second `view:` under `actions` or a second `tasks:` would drop the first)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<:` merges may be overridden
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                repeated = key in seen
+            except TypeError:  # an unhashable key: the base class reports it
+                continue
+            if repeated:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping",
+                    node.start_mark,
+                    f"found duplicate key {key!r}",
+                    key_node.start_mark,
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep)
 
 
 def _first_error(exc: ValidationError) -> str:

@@ -2,7 +2,8 @@
 
 String user and item ids, custom action names (view, like, purchase) and an impression action,
 an item catalogue with side features (including items nobody touched), a user table, and context
-columns on every event row. The context of an event is a function of (user, hour), so every
+columns on every event row. Impressions come in pages of four items shown at one timestamp.
+The context of an event is a function of (user, hour), so every
 sample at one (user, timestamp) shares one context and a test can send it with the request.
 """
 
@@ -60,10 +61,14 @@ def write_shop(directory: Path, users: int = 60, items: int = 300, untouched_ite
             ts += int(rng.exponential(4 * 3600))
             item = int(rng.choice(favourites)) if rng.random() < 0.6 else int(rng.integers(0, items))
             r = rng.random()
-            action = "impression" if r < 0.45 else "view" if r < 0.85 else "like" if r < 0.95 else "purchase"
             ctx = context_of(user, ts)
-            rows.append((user, item_name(item), action, ts, int(category[item]), str(ctx["device"]),
-                         float(ctx["hour"])))
+            device, hour = str(ctx["device"]), float(ctx["hour"])
+            if r < 0.45:  # a page of impressions shown together: one timestamp, one context
+                for shown in rng.choice(items, size=4, replace=False):
+                    rows.append((user, item_name(int(shown)), "impression", ts, int(category[shown]), device, hour))
+                continue
+            action = "view" if r < 0.85 else "like" if r < 0.95 else "purchase"
+            rows.append((user, item_name(item), action, ts, int(category[item]), device, hour))
     with (directory / "events.csv").open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["user_id", "item_id", "action", "ts", "cat", "device", "hour"])

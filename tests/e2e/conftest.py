@@ -69,7 +69,8 @@ def tiny_event_log(schema: FeatureSchema, seed: int = 0) -> EventLog:
         cols["c"].append(item_category[pick])
         cols["a"].append(rng.choice(4, n, p=[0.85, 0.05, 0.04, 0.06]))
         cols["t"].append(NOW - rng.integers(60, 60 * 86_400, n))
-    return EventLog.from_unsorted(*(np.concatenate(cols[key]) for key in "uicat"))
+    u, i, c, a, t = (np.concatenate(cols[key]) for key in "uicat")
+    return EventLog.from_unsorted(u, i, c, a, t)
 
 
 def export_bundle(world: World, model_dir: Path, version: int | None = None) -> Path:

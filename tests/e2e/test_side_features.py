@@ -28,6 +28,7 @@ from export.bundle import open_bundle
 from export.exporter import write_bundle
 from feature_store.codecs import encode_side
 from feature_store.embedded import EmbeddedValkey
+from feature_store.fusion import Fusion
 from feature_store.redis_store import create_store
 from feature_store.schema import FeatureSchema, SchemaSpec, Vocabulary
 from feature_store.spec import SideFeatures, encode_context, stable_id_hash
@@ -35,7 +36,6 @@ from feature_store.store import EmbeddedConfig, FeatureStoreConfig
 from ingest.bulk import ingest_log
 from models.data.events import EventLog, SideTable
 from service.assemble import RetrievalSettings, SideRows, Tables, scorer_inputs
-from feature_store.fusion import Fusion
 from service.retrieval import make_retriever
 from service.transports.grpc.server import pb2, pb2_grpc
 from tests.e2e.conftest import NOW, Server

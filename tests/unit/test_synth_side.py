@@ -122,10 +122,13 @@ def test_context_columns(synth_dir: Path) -> None:
     np.testing.assert_array_equal(hour, (ts % 86_400) // 3_600)
     share = np.bincount(device, minlength=len(DEVICES)) / n
     assert (share > 0.1).all()  # every device is common
-    # a device per session: it changes far less often than once per event
+    # one device per user and calendar day (UTC): it never changes inside a day, often between days
     users = np.load(synth_dir / "user_id.npy")
     same_user = users[1:] == users[:-1]
-    assert (device[1:] != device[:-1])[same_user].mean() < 0.1
+    same_day = same_user & (ts[1:] // 86_400 == ts[:-1] // 86_400)
+    changed = device[1:] != device[:-1]
+    assert not changed[same_day].any()
+    assert changed[same_user & ~same_day].mean() > 0.3
 
 
 def test_planted_device_price_effect(synth_dir: Path) -> None:
@@ -139,16 +142,35 @@ def test_planted_device_price_effect(synth_dir: Path) -> None:
     buy = action == BUY
     rate = np.asarray([[buy[(device == d) & (bucket == b)].mean() for b in range(3)] for d in range(3)])
     ios, android, web = rate
-    assert ios[2] > 4 * ios[0]  # ios buys expensive items
-    assert web[0] > 4 * web[2]  # web buys cheap ones
-    assert web[0] > 4 * ios[0] and ios[2] > 4 * web[2]
-    assert android.max() < min(ios[2], web[0]) / 3  # android converts least
+    assert ios[2] > 8 * ios[0]  # ios buys expensive items
+    assert web[0] > 8 * web[2]  # web buys cheap ones
+    assert web[0] > 8 * ios[0] and ios[2] > 8 * web[2]
+    assert android.max() < min(ios[2], web[0]) / 50  # android almost never buys
     by_price = np.asarray([buy[bucket == b].mean() for b in range(3)])
     assert by_price.max() < 2.0 * by_price.min()  # price alone: weak
     meta = json.loads((synth_dir / META_FILE).read_text())
     recorded = meta["side"]["buy_rate_by_device_price"]
     np.testing.assert_allclose(recorded["web"]["cheap"], web[0], atol=1e-4)
     np.testing.assert_allclose(recorded["ios"]["expensive"], ios[2], atol=1e-4)
+
+
+def test_buys_are_on_the_device_that_owns_the_price(synth_dir: Path) -> None:
+    """The planted conversion effect per event: most buys happen on the device whose multiplier is
+    the largest at the item's price (ios above the median log price, web below), while clicks land
+    there about as often as the device shares say; the multipliers average 1 over the prior."""
+    _, rows = read_csv(synth_dir / ITEMS_FILE)
+    log_price = np.log(np.r_[np.nan, [float(r[2]) for r in rows]])
+    z = (log_price - np.nanmean(log_price)) / np.nanstd(log_price)
+    item, action, device = (np.load(synth_dir / f"{c}.npy") for c in ("item_id", "action", "device"))
+    factor = synth.device_multiplier(z[item])
+    np.testing.assert_allclose(factor @ np.asarray(synth.DEVICE_PRIOR), 1.0)
+    assert factor.max() <= 1.0 / min(synth.DEVICE_PRIOR) + 1e-9
+    owner = np.argmax(factor, axis=1)
+    assert set(np.unique(owner).tolist()) == {0, 2}  # ios or web: android owns no price
+    on_owner = device == owner
+    buy = action == BUY
+    assert on_owner[buy].mean() > 0.8
+    assert on_owner[~buy].mean() < 0.45
 
 
 def test_segment_brand_affinity_shows_in_buy_rates(synth_dir: Path) -> None:
