@@ -127,6 +127,11 @@ class Bundle:
             "created": self.manifest.get("created"),
             "schema_hash": self.schema.hash,
             "tasks": self.tasks,
+            "id_types": dict(zip(("user", "item"), self.schema.spec.id_types, strict=True)),
+            "features": {
+                group: {"categorical": [e.name for e in g.categorical], "numeric": [e.name for e in g.numeric]}
+                for group, g in zip(("user", "item", "context"), self.schema.spec.side.groups(), strict=True)
+            },
             "fusion": self.fusion,
             "retrieval": self.retrieval,
             "scorer_runtime": self.scorer_runtime,

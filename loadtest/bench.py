@@ -16,7 +16,10 @@ interleaved so machine noise hits every method alike:
   and 32 (p50 / p95 / p99, throughput, server CPU per request);
 * throughput: the highest open-loop REST load whose p99 stays within --slo-ms;
 * memory: PSS / USS of one and two worker processes;
-* fetch: `loadtest.bench_fetch` (ours vs the raw Redis floor vs Feast).
+* fetch: `loadtest.bench_fetch` (ours vs the raw Redis floor vs Feast);
+* side_features: `loadtest.bench_side`: the same workload served without and with side features
+  (3 item, 2 user, 2 context; tables ingested, requests with a context), two servers measured in
+  alternating rounds: server CPU per request, p50 / p99, and their ratio (target: at most 1.15).
 
 Servers run with the tuned environment (`loadtest.bench_e2e.TUNED_ENV`) unless --untuned.
 Prints JSON (and writes it with `--out`, plots beside it or in --plots) followed by a markdown table.
@@ -94,11 +97,13 @@ def interleaved(methods: Mapping[str, Callable[[int], object]], iterations: int,
 # setup
 
 
-def build_bundle(root: Path, w: Workload, schema: Any = None) -> Path:
+def build_bundle(root: Path, w: Workload, schema: Any = None, like: Path | None = None) -> Path:
     """A bundle with the standard workload's table sizes and random weights.
 
     `schema` (a FeatureSchema) replaces the default vocabularies (ids 0..n-1), e.g. with those of
     a synthetic set, so that its ingested users and items are known to the bundle.
+    `like`: another bundle whose scorer weights are copied wherever name and shape agree (a
+    side-feature twin keeps the base's retrieval biases and event tables, so both retrieve alike).
     """
     import torch
 
@@ -120,6 +125,11 @@ def build_bundle(root: Path, w: Workload, schema: Any = None) -> Path:
     with torch.no_grad():
         for p in model.scorer.parameters():
             p.add_(torch.randn_like(p) * 0.05)
+        if like is not None:
+            shared = torch.jit.load(str(like / "scorer.torchscript.pt")).state_dict()  # type: ignore[no-untyped-call]
+            for name, t in model.scorer.state_dict().items():
+                if name in shared and shared[name].shape == t.shape:
+                    t.copy_(shared[name])
     model.eval()
     return write_bundle(model, root / "schema", {"variant": "twin", "data": "bench"}, root / "models", "bench")
 
@@ -314,7 +324,8 @@ async def section_inprocess(settings: Any, reqs: list[tuple[int, list[int]]], w:
         for i in range(w.warmup + w.iterations):
             user, cands = reqs[i % len(reqs)]
             t0 = time.perf_counter()
-            resp = await service.rank(RankRequest(user, cands, top_n=w.top_n, request_time=w.request_time, debug=True))
+            resp = await service.rank(RankRequest(user, list(cands), top_n=w.top_n, request_time=w.request_time,
+                                                  debug=True))
             elapsed = (time.perf_counter() - t0) * 1000
             if i >= w.warmup:
                 totals.append(elapsed)
@@ -375,11 +386,16 @@ def markdown(report: dict[str, Any]) -> str:
     if f and "summary" in f:
         for name, v in f["summary"].items():
             lines.append(f"| fetch: {name} | {v.get('p50_ms')} | {v.get('p99_ms')} | |")
+    sf = report.get("side_features")
+    if sf:
+        from loadtest.bench_side import markdown_rows
+
+        lines += markdown_rows(sf)
     return "\n".join(lines)
 
 
 ALL_SECTIONS = ("retrieval", "strategies", "scoring", "in_process", "sweeps", "transports", "throughput", "memory",
-                "fetch")
+                "fetch", "side_features")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -404,6 +420,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         + ", ".join(f"{k}={v}" for k, v in TUNED_ENV.items()))
     p.add_argument("--untuned", action="store_true", help="start servers without the tuned environment")
     p.add_argument("--workers", type=int, default=1, help="server worker processes of the transports sections")
+    p.add_argument("--side-rounds", type=int, default=6,
+                   help="side_features: alternating rounds (each one run per server: base, then side, or side, base)")
+    p.add_argument("--side-requests", type=int, default=100, help="side_features: requests per server and round")
+    p.add_argument("--side-concurrency", type=int, default=1, help="side_features: closed-loop client concurrency")
+    p.add_argument("--side-transports", default="rest", help="side_features: comma-separated subset of rest,grpc")
+    p.add_argument("--side-inprocess", type=int, default=100,
+                   help="side_features: requests per bundle of the in-process per-stage split (0: skip it)")
+    p.add_argument("--side-budget-s", type=float, default=1200.0,
+                   help="side_features: stop starting rounds after this many seconds of measuring (one at least)")
     p.add_argument("--plots", type=Path, default=None, help="directory of the PNG plots (default: beside --out)")
     p.add_argument("--out", type=Path, help="also write the JSON report here")
     p.add_argument("--keep", action="store_true", help="keep the temporary bundle directory")
@@ -442,7 +467,7 @@ def run(args: argparse.Namespace) -> int:
     w = Workload(items=args.items, users=args.users, history=args.history, candidates=args.candidates, k=args.k,
                  iterations=args.iterations, warmup=args.warmup)
     threads = args.threads or available_cpus()
-    sections = set(args.sections.split(","))
+    sections = {s.strip().replace("-", "_") for s in args.sections.split(",") if s.strip()}
     unknown = sections - set(ALL_SECTIONS)
     if unknown:
         raise SystemExit(f"unknown sections {sorted(unknown)}; use {', '.join(ALL_SECTIONS)}")
@@ -507,6 +532,16 @@ def run(args: argparse.Namespace) -> int:
             report["e2e"] = e2e
             if "memory" in sections:
                 report["memory"] = section_memory(first.model_dir, valkey.url, bodies, server_env)
+            if "side_features" in sections:
+                from loadtest.bench_side import section_side_features
+
+                report["side_features"] = section_side_features(
+                    root / "side-features", w, first, valkey.url, reqs, server_env, rounds=args.side_rounds,
+                    requests=args.side_requests, concurrency=args.side_concurrency,
+                    transports=[t.strip() for t in args.side_transports.split(",") if t.strip()],
+                    inprocess_requests=args.side_inprocess,
+                    scorer_threads=int(server_env.get("RANKSERVE_SCORER_THREADS", threads)),
+                    base_store_pid=valkey.pid, budget_s=args.side_budget_s)
         if "fetch" in sections:
             report["fetch"] = section_fetch(max(100, w.iterations))
     finally:

@@ -47,6 +47,8 @@ class PreparedWorkload:
     users: list[int]  # ingested user ids
     items: range | list[int]  # candidate pool for the traffic model
     source: str
+    user_table: Any = None  # SideTable of the user side features to ingest (a side-feature schema)
+    item_table: Any = None  # SideTable of the item side features to ingest (a side-feature schema)
 
 
 def prepare_workload(root: Path, w: Workload, data: str = "auto") -> PreparedWorkload:
@@ -111,6 +113,7 @@ def ingest(url: str, prepared: PreparedWorkload, version: str = FEATURE_VERSION,
     """Write the prepared users and the whole catalogue into the store at `url`; returns seconds.
 
     `clusters`: also each user's behaviour clusters (twin_v2), made with the workload's bundle.
+    The user table and item catalogue of a side-feature workload go into the same version.
     """
     from feature_store.redis_store import create_store
     from feature_store.store import FeatureStoreConfig
@@ -122,7 +125,8 @@ def ingest(url: str, prepared: PreparedWorkload, version: str = FEATURE_VERSION,
     async def run() -> None:
         async with create_store(FeatureStoreConfig(url=url)) as store:
             await ingest_log(store, prepared.events, prepared.schema, version, activate=True,
-                             catalogue=prepared.catalogue, source=prepared.source, clusterer=clusterer)
+                             catalogue=prepared.catalogue, source=prepared.source, clusterer=clusterer,
+                             users=prepared.user_table, items=prepared.item_table)
 
     asyncio.run(run())
     return time.perf_counter() - t0

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from feature_store.fusion import Fusion
 from feature_store.schema import SchemaSpec
 from models.batching import Collator
 from models.checkpoint import RunError, load_run
@@ -34,7 +35,6 @@ from models.metrics import auc, gauc, logloss, weighted_recall_at_k
 from models.model import RankingModel
 from models.runtime import tune_malloc
 from models.train import SPLIT_TEST, SPLIT_TRAIN, predict, samples_for_run
-from feature_store.fusion import Fusion
 
 log = logging.getLogger("rankserve.evaluate")
 

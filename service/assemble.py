@@ -16,8 +16,9 @@ user without a tail and items the store does not hold get the encoded defaults o
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
-from functools import cached_property, lru_cache
+from functools import cached_property
 
 import numpy as np
 import numpy.typing as npt
@@ -184,9 +185,30 @@ class SidePlan:
     defaults: tuple[tuple[I64, F32], ...]  # per group (user, item, context): the encoded defaults of one row
 
 
-@lru_cache(maxsize=32)
+_PLANS: dict[int, tuple[SideFeatures, SidePlan]] = {}  # id(side) -> (side, its plan), at most _MAX_PLANS
+_MAX_PLANS = 32
+_PLANS_LOCK = threading.Lock()
+
+
 def side_plan(side: SideFeatures) -> SidePlan:
-    """The plan of `side` (cached by identity: a loaded bundle's schema object lives as long as it serves)."""
+    """The plan of `side`, cached by identity: a loaded bundle's schema object lives as long as it serves.
+
+    Not `functools.lru_cache`: that hashes its argument on every call, and `SideFeatures` hashes by
+    content (a JSON dump of every fitted vocabulary): milliseconds per request with a
+    10,000-value vocabulary. The entry holds `side` itself, so its id cannot be reused while cached.
+    """
+    hit = _PLANS.get(id(side))
+    if hit is not None and hit[0] is side:
+        return hit[1]
+    plan = _side_plan(side)
+    with _PLANS_LOCK:  # requests assemble in a thread pool
+        if len(_PLANS) >= _MAX_PLANS:
+            _PLANS.pop(next(iter(_PLANS)))  # the oldest
+        _PLANS[id(side)] = (side, plan)
+    return plan
+
+
+def _side_plan(side: SideFeatures) -> SidePlan:
     defaults: list[tuple[I64, F32]] = []
     for group in side.groups():
         ids, values = group.encode_rows({}, 1)

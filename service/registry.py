@@ -28,12 +28,12 @@ import numpy.typing as npt
 
 from export.bundle import Bundle, BundleError, list_versions, open_bundle
 from feature_store.codecs import Sequence
+from feature_store.fusion import Fusion
 from feature_store.schema import SchemaSpec
 from feature_store.spec import ContextError, encode_context
 from service.assemble import RetrievalSettings, SideRows, Tables, scorer_inputs
 from service.background import run_every
 from service.errors import BundleRejected, InvalidRequest, ModelUnavailable
-from feature_store.fusion import Fusion
 from service.ids import resolve_candidates, resolve_user
 from service.retrieval import Retriever
 from service.scoring import Scorer, make_scorer

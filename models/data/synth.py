@@ -27,16 +27,22 @@ unchanged):
   affinity gives each brand one segment that loves it; a user's segment is mostly the one that
   loves the house brand of the user's strongest interest, where users buy most, so a segment's
   users buy its loved brands more often than others.
-- Context of each event: the device (ios, android, web; one per session) and the hour of day
-  (UTC, from the timestamp).
-- The planted context signal: (behaviour, device) is distributed as if each session's device
-  were drawn first and each event were a buy with the behaviour's buy probability times a
-  device x price factor: ios converts on expensive items, web on cheap ones, android least. The
+- Context of each event: the device (ios, android, web; one per user and calendar day, UTC) and
+  the hour of day (UTC, from the timestamp).
+- The planted context signal: (behaviour, device) is distributed as if each user-day's device
+  were drawn first (DEVICE_PRIOR: ios 25%, android 55%, web 20%) and each event were a buy with
+  the behaviour's buy probability times a device x price factor (`device_multiplier`): ios
+  converts on items above the catalogue's mean log price, web on those below, android almost never. The
   factors average 1 over the devices at every price, so the price alone says nothing about a
-  buy; the device says some, and much more together with the item's price. The device varies
-  per session, so ids cannot learn it. The device is drawn from its posterior given the drawn
-  behaviour (`_context_chunk`), which is what keeps the behaviour columns bit-identical to a set
-  written without side features.
+  buy; the device says much, and much more together with the item's price (about 85% of buys
+  are on the device that "owns" the item's price, against ~30% of clicks). The factors are near
+  their bound (a factor cannot exceed 1 / prior): a conversion-only effect cannot plant more
+  with three devices. The device is drawn from its posterior given the drawn behaviour
+  (`_context_chunk`), which is what keeps the behaviour columns bit-identical to a set written
+  without side features. It varies per user-day, so ids cannot learn it; it is fixed for a whole
+  day so that a training sample (one per user, item and day, with the context of its first
+  event) carries the device of its buy. A model without the context can only guess the device
+  from the same day's earlier buys in the history.
 
 Output: one `.npy` per EventLog column (narrow dtypes) and per context column (`device.npy`,
 `hour.npy`, uint8), `user_offsets.npy`, the catalogue (`catalogue_item.npy`,
@@ -108,13 +114,14 @@ AFFINITY_LOVED = 6.0  # each brand has one segment whose multiplier is 6x the ot
 SEGMENT_LOYALTY = 3.0  # a user's segment is drawn ∝ affinity[segment, house brand of the strongest interest]^3
 AGE_BASE, AGE_PER_SEGMENT, AGE_SD = 24.0, 4.0, 7.0
 DEVICES = ("ios", "android", "web")  # device.npy holds the index; load_synthetic gives the text
-DEVICE_PRIOR = (0.35, 0.45, 0.20)
+DEVICE_PRIOR = (0.25, 0.55, 0.20)  # of a user-day's device in the planted model (realized shares differ)
 # Buy multiplier of device d for standardized log price z: exp(DEVICE_EFFECT[d] + DEVICE_PRICE_SIGN[d] x
 # DEVICE_PRICE_SLOPE x z), scaled to average 1 over DEVICE_PRIOR at every price: ios buys expensive
-# items, web cheap ones, android converts least.
-DEVICE_EFFECT = (0.0, -1.5, 0.5)
+# items (z > 0), web cheap ones (z < 0), android almost never. Near the bound: a multiplier cannot
+# exceed 1 / prior, and at |z| >= 0.5 the owning device gets > 95% of its maximum.
+DEVICE_EFFECT = (0.0, -6.0, 0.0)
 DEVICE_PRICE_SIGN = (1.0, 0.0, -1.0)
-DEVICE_PRICE_SLOPE = 3.0
+DEVICE_PRICE_SLOPE = 8.0
 
 
 @dataclass(frozen=True)
@@ -217,11 +224,11 @@ def _sample_in_category(
 
 def _generate_chunk(
     p: SynthParams, cat: _Catalogue, users: _Users, u0: int, u1: int, chunk: int
-) -> tuple[dict[str, npt.NDArray[Any]], npt.NDArray[np.float64], npt.NDArray[np.float64], npt.NDArray[np.bool_]]:
+) -> tuple[dict[str, npt.NDArray[Any]], npt.NDArray[np.float64], npt.NDArray[np.float64]]:
     """Events of users [u0, u1): sorted by user, strictly increasing time per user.
 
-    Also returns what the side features are drawn from: each event's buy probability, its
-    cart + fav probability (what the action draw used) and whether it starts a session.
+    Also returns what the device is drawn from: each event's buy probability and its cart + fav
+    probability (what the action draw used).
     """
     rng = np.random.default_rng([p.seed, 2, chunk])
     counts = users.n_events[u0:u1]
@@ -299,7 +306,7 @@ def _generate_chunk(
         "action": action,
         "timestamp": ts,
     }
-    return cols, rates["buy"], rates["cart"] + rates["fav"], new_sess
+    return cols, rates["buy"], rates["cart"] + rates["fav"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -358,8 +365,10 @@ def _affinity(p: SynthParams) -> _Affinity:
 def device_multiplier(z: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
     """[n, 3] factor on the buy probability of an item with standardized log price `z` per device.
 
-    ios favours expensive items, web cheap ones, android converts least; the factors average 1
-    over the device prior at every price, so the overall buy rate at each price is unchanged.
+    ios favours items above the mean log price (z > 0), web those below, android almost never
+    converts; the factors average 1 over the device prior at every price, so the overall buy
+    rate at each price is unchanged. At |z| >= 0.5 the favoured device's factor is within 0.1% of
+    its bound 1 / prior and the others' are near 0.
     """
     slope = DEVICE_PRICE_SLOPE * np.asarray(DEVICE_PRICE_SIGN)
     w = np.exp(np.asarray(DEVICE_EFFECT)[None, :] + np.asarray(z, dtype=np.float64)[:, None] * slope[None, :])
@@ -388,31 +397,34 @@ def _context_chunk(
     cols: dict[str, npt.NDArray[Any]],
     p_buy: npt.NDArray[np.float64],
     p_rest: npt.NDArray[np.float64],
-    new_sess: npt.NDArray[np.bool_],
     chunk: int,
 ) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.uint8]]:
-    """The device (one per session) and the hour of day (UTC) of each event of a chunk.
+    """The device (one per user and calendar day, UTC) and the hour of day (UTC) of each event of a chunk.
 
-    The behaviour is already drawn. A session's device is drawn from its posterior given the
-    session's actions under the model "device ~ DEVICE_PRIOR, then each event is a buy with
+    The behaviour is already drawn. A user-day's device is drawn from its posterior given the
+    day's actions under the model "device ~ DEVICE_PRIOR, then each event is a buy with
     probability p_buy x device_multiplier(price)[device], a cart or fav with p_rest, else a
     click". The multipliers average 1 over the prior, so that model gives every event the
-    behaviour's own action probabilities: (behaviour, device) is distributed as if drawn from it,
-    and the behaviour columns stay exactly as they were. Its own generator per chunk.
+    behaviour's own action probabilities: (behaviour, device) is distributed (nearly: the model
+    also couples the events of a day) as if drawn from it, and the behaviour columns stay
+    exactly as they were. Its own generator per chunk; chunks hold whole users.
     """
     rng = np.random.default_rng([p.seed, SIDE_STREAM, 3, chunk])
-    n = new_sess.shape[0]
+    user, ts = cols["user_id"], cols["timestamp"]
+    n = user.shape[0]
+    day = ts // 86_400
+    starts = np.flatnonzero(np.r_[True, (user[1:] != user[:-1]) | (day[1:] != day[:-1])])
     action = cols["action"][:, None]
     m = items.device_factor[cols["item_id"]]
     # log p(the event's action | device), up to a per-event constant: a buy's is log m, a cart's
     # or a fav's does not depend on the device, a click's is log(1 - p_rest - p_buy m).
     click = np.log(np.maximum(1.0 - p_rest[:, None] - p_buy[:, None] * m, 1e-9))
-    ll = np.where(action == ACTION_CODE["buy"], np.log(m), np.where(action == ACTION_CODE["click"], click, 0.0))
-    starts = np.flatnonzero(new_sess)
-    session_ll = np.add.reduceat(ll, starts, axis=0) + np.log(np.asarray(DEVICE_PRIOR))
-    session_device = np.argmax(session_ll + rng.gumbel(size=session_ll.shape), axis=1)
-    device = np.repeat(session_device, np.diff(np.r_[starts, n])).astype(np.uint8)
-    hour = ((cols["timestamp"] % 86_400) // 3_600).astype(np.uint8)
+    buy = np.log(np.maximum(m, 1e-300))
+    ll = np.where(action == ACTION_CODE["buy"], buy, np.where(action == ACTION_CODE["click"], click, 0.0))
+    day_ll = np.add.reduceat(ll, starts, axis=0) + np.log(np.asarray(DEVICE_PRIOR))
+    day_device = np.argmax(day_ll + rng.gumbel(size=day_ll.shape), axis=1)
+    device = np.repeat(day_device, np.diff(np.r_[starts, n])).astype(np.uint8)
+    hour = ((ts % 86_400) // 3_600).astype(np.uint8)
     return device, hour
 
 
@@ -508,8 +520,8 @@ def generate(params: SynthParams, out: str | Path, progress: bool = True) -> dic
         while u0 < params.users:
             # Whole users per chunk, as many as fit in CHUNK_EVENTS (at least one).
             u1 = max(int(np.searchsorted(offsets, offsets[u0] + CHUNK_EVENTS, side="right")) - 1, u0 + 1)
-            cols, p_buy, p_rest, new_sess = _generate_chunk(params, cat, users, u0, u1, chunk)
-            cols["device"], cols["hour"] = _context_chunk(params, items, cols, p_buy, p_rest, new_sess, chunk)
+            cols, p_buy, p_rest = _generate_chunk(params, cat, users, u0, u1, chunk)
+            cols["device"], cols["hour"] = _context_chunk(params, items, cols, p_buy, p_rest, chunk)
             lo, hi = int(offsets[u0]), int(offsets[u1])
             for c, f in files.items():
                 f[lo:hi] = cols[c]

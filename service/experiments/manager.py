@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from feature_store.fusion import Fusion
 from service.background import run_every
 from service.errors import BundleRejected, ExperimentsRejected, InvalidRequest, ModelUnavailable
 from service.experiments.shadow import Shadow
@@ -41,7 +42,6 @@ from service.experiments.spec import (
     bucket_of,
     parse_experiments,
 )
-from feature_store.fusion import Fusion
 from service.observability.metrics import Metrics
 from service.registry import LoadedModel, ModelRegistry
 from service.retrieval import Retriever, available_retrievers, make_retriever, parse_strategy

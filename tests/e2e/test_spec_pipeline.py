@@ -136,8 +136,14 @@ def test_the_run_and_bundle_carry_the_spec(pipeline: Pipeline) -> None:
     manifest = json.loads((pipeline.bundle / "manifest.json").read_text())
     assert manifest["parity"]["max_abs_diff"] <= TOLERANCE
     assert "engage AUC" in pipeline.evaluate_stdout and "buy\\|engage AUC" in pipeline.evaluate_stdout
-    models = httpx.get(pipeline.server.base_url + "/v1/models", timeout=10).json()
-    assert json.dumps(models).count('"engage"') >= 1, models
+    current = httpx.get(pipeline.server.base_url + "/v1/models", timeout=10).json()["current"]
+    assert current["key"] == "shop/1" and current["tasks"] == list(TASKS)
+    assert current["id_types"] == {"user": "string", "item": "string"}
+    assert current["features"] == {
+        "user": {"categorical": ["city"], "numeric": ["age"]},
+        "item": {"categorical": ["brand", "seller"], "numeric": ["price"]},
+        "context": {"categorical": ["device"], "numeric": ["hour"]},
+    }
 
 
 def test_queries_cover_string_ids_context_and_impressions(pipeline: Pipeline) -> None:

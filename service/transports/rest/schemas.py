@@ -201,6 +201,11 @@ class ModelInfo(BaseModel):
     created: str | None = None
     schema_hash: str
     tasks: list[str]
+    id_types: dict[str, str] = Field(description='"int" or "string" ids, for "user" and "item"')
+    features: dict[str, dict[str, list[str]]] = Field(
+        description="side features by group (user, item, context) and kind (categorical, numeric); a request's "
+        "`context` may set the context ones"
+    )
     fusion: dict[str, Any]
     retrieval: dict[str, Any]
     runtime: str
