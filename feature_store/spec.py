@@ -308,7 +308,7 @@ class FeatureSpec(_Strict):
     def load(cls, path: str | Path) -> FeatureSpec:
         p = Path(path)
         try:
-            doc = yaml.load(p.read_text(), Loader=_SpecLoader)  # a SafeLoader
+            doc = yaml.load(p.read_text(), Loader=_SafeSpecLoader)
         except FileNotFoundError:
             raise SpecError(f"feature spec not found: {p}") from None
         except (OSError, UnicodeDecodeError) as exc:
@@ -320,7 +320,7 @@ class FeatureSpec(_Strict):
         return cls.parse(doc, str(p))
 
 
-class _SpecLoader(yaml.SafeLoader):
+class _SafeSpecLoader(yaml.SafeLoader):
     """`yaml.SafeLoader` that refuses a key repeated in one mapping (PyYAML keeps the last one
     silently, so a second `view:` under `actions` or a second `tasks:` would drop the first)."""
 

@@ -208,8 +208,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--train-history", type=int, default=ModelConfig.train_history, help="behaviours searched in training"
     )
     p.add_argument("--threads", type=int, default=TrainConfig.threads, help="torch intra-op threads")
-    p.add_argument("--short-length", type=int, default=ModelConfig.short_length,
-                   help="most recent behaviours attended to directly (the short sequence)")
+    p.add_argument("--short-length", type=int, default=None,
+                   help="most recent behaviours attended to directly (the short sequence); "
+                   "default: the spec's sequence.short_length")
     p.add_argument("--attn-dim", type=int, default=ModelConfig.attn_dim,
                    help="dimension of the attention (retrieval) embeddings")
     p.add_argument("--repr-dim", type=int, default=ModelConfig.repr_dim,
@@ -264,7 +265,7 @@ def run(args: argparse.Namespace) -> int:
         esmm=not args.no_esmm,
         retrieval_k=args.retrieval_k,
         train_history=args.train_history,
-        short_length=args.short_length,
+        short_length=args.short_length if args.short_length is not None else spec.sequence.short_length,
         attn_dim=args.attn_dim,
         repr_dim=args.repr_dim,
         side_dim=args.side_dim,
