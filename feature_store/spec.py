@@ -539,21 +539,34 @@ class SideFeatures:
     def groups(self) -> tuple[FeatureGroup, FeatureGroup, FeatureGroup]:
         return self.user, self.item, self.context
 
-    @property
+    @cached_property
     def n_ids(self) -> int:
         """Width of the scorer's `side_ids` input (0: the input is absent)."""
         return sum(len(g.categorical) for g in self.groups())
 
-    @property
+    @cached_property
     def n_values(self) -> int:
         """Width of the scorer's `side_values` input (0: the input is absent)."""
         return sum(len(g.numeric) for g in self.groups())
 
-    @property
+    @cached_property
     def id_offsets(self) -> IntArray:
         """Where each `side_ids` column's codes start in the one shared embedding table."""
         sizes = [e.size for g in self.groups() for e in g.categorical]
-        return np.asarray(np.cumsum([0, *sizes[:-1]]) if sizes else [], dtype=np.int64)
+        offsets = np.asarray(np.cumsum([0, *sizes[:-1]]) if sizes else [], dtype=np.int64)
+        offsets.setflags(write=False)  # cached and shared by every request
+        return offsets
+
+    @cached_property
+    def default_rows(self) -> tuple[tuple[IntArray, FloatArray], ...]:
+        """Per group (user, item, context): the codes and values of a row with every feature missing."""
+        rows = []
+        for group in self.groups():
+            ids, values = group.encode_rows({}, 1)
+            ids.setflags(write=False)
+            values.setflags(write=False)
+            rows.append((ids[0], values[0]))
+        return tuple(rows)
 
     @property
     def table_rows(self) -> int:

@@ -307,17 +307,14 @@ def eager_scorer(bundle_path: Path) -> Any:
 
 
 async def section_inprocess(settings: Any, reqs: list[tuple[int, list[int]]], w: Workload) -> dict[str, Any]:
+    from loadtest.serving import wait_until_ready
     from service.lifecycle import ServingCore
     from service.types import RankRequest
 
     core = await ServingCore.create(settings)
     try:
         await core.start()
-        deadline = time.monotonic() + 300
-        while not (await core.check_readiness()).ready:
-            if time.monotonic() > deadline:
-                raise RuntimeError("the in-process core did not become ready")
-            await asyncio.sleep(0.1)
+        await wait_until_ready(core)
         service = core.service
         stage_times: dict[str, list[float]] = {}
         totals: list[float] = []

@@ -38,8 +38,8 @@ import numpy.typing as npt
 import orjson
 
 from loadtest.bench_e2e import _grpc_stub, cpu_seconds
-from loadtest.loadgen import Call, HttpPool, closed_loop, grpc_call, rest_call
-from loadtest.serving import PreparedWorkload, ServerProcess
+from loadtest.loadgen import Call, HttpPool, closed_loop, grpc_call, latency_summary, rest_call
+from loadtest.serving import PreparedWorkload, ServerProcess, wait_until_ready
 
 if TYPE_CHECKING:
     from feature_store.spec import SideFeatures
@@ -163,12 +163,8 @@ class _Tally:
     round_cpu_ms: list[float] = dataclasses.field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
-        a = np.asarray(self.latencies_ms, dtype=np.float64)
-        pct = {f"p{p}": round(float(np.percentile(a, p)), 2) if a.size else None for p in (50, 95, 99)}
         return {
-            **pct,
-            "mean": round(float(a.mean()), 2) if a.size else None,
-            "n": int(a.size),
+            **latency_summary(self.latencies_ms),
             "failures": self.failures,
             "errors": self.errors[:3],
             "server_cpu_ms_per_request": round(self.cpu_s * 1000 / max(1, self.requests), 3),
@@ -284,11 +280,7 @@ async def inprocess_stages(settings: dict[str, Any], bodies: dict[str, list[dict
     try:
         for core in cores.values():
             await core.start()
-            deadline = time.monotonic() + 300
-            while not (await core.check_readiness()).ready:
-                if time.monotonic() > deadline:
-                    raise RuntimeError("an in-process core did not become ready")
-                await asyncio.sleep(0.1)
+            await wait_until_ready(core)
         stages: dict[str, dict[str, list[float]]] = {name: {} for name in cores}
         cpu = {name: 0.0 for name in cores}
         names = list(cores)

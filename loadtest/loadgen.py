@@ -39,17 +39,20 @@ class LoadResult:
     errors: list[str] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
-        a = np.asarray(self.latencies_ms, dtype=np.float64)
-        pct = {f"p{p}": round(float(np.percentile(a, p)), 2) if a.size else None for p in (50, 95, 99)}
         return {
-            **pct,
-            "mean": round(float(a.mean()), 2) if a.size else None,
-            "n": int(a.size),
+            **latency_summary(self.latencies_ms),
             "failures": self.failures,
             "dropped": self.dropped,
-            "throughput_rps": round(a.size / self.seconds, 2) if self.seconds else 0.0,
+            "throughput_rps": round(len(self.latencies_ms) / self.seconds, 2) if self.seconds else 0.0,
             "errors": self.errors[:3],
         }
+
+
+def latency_summary(latencies_ms: Sequence[float]) -> dict[str, Any]:
+    """p50 / p95 / p99 / mean (ms, 2 decimals; None without samples) and the sample count `n`."""
+    a = np.asarray(latencies_ms, dtype=np.float64)
+    pct = {f"p{p}": round(float(np.percentile(a, p)), 2) if a.size else None for p in (50, 95, 99)}
+    return {**pct, "mean": round(float(a.mean()), 2) if a.size else None, "n": int(a.size)}
 
 
 class HttpConnection:

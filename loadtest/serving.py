@@ -27,6 +27,7 @@ import numpy.typing as npt
 
 if TYPE_CHECKING:  # loadtest.bench imports this module's users: import it lazily
     from loadtest.bench import Workload
+    from service.lifecycle import ServingCore
 
 log = logging.getLogger("loadtest.serving")
 
@@ -250,3 +251,12 @@ def memory_rollup(pid: int) -> dict[str, int]:
         "shared_kb": fields.get("Shared_Clean", 0) + fields.get("Shared_Dirty", 0),
         "anon_kb": fields.get("Anonymous", 0),
     }
+
+
+async def wait_until_ready(core: ServingCore, timeout_s: float = 300.0) -> None:
+    """Poll an in-process core's readiness (JIT warm-up, model load) until ready; RuntimeError after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while not (await core.check_readiness()).ready:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"an in-process core did not become ready within {timeout_s:.0f} s")
+        await asyncio.sleep(0.1)

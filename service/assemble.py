@@ -16,7 +16,6 @@ user without a tail and items the store does not hold get the encoded defaults o
 from __future__ import annotations
 
 import math
-import threading
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -175,58 +174,18 @@ class SideRows:
         )
 
 
-@dataclass(frozen=True, eq=False)
-class SidePlan:
-    """What assembling one schema's side inputs needs, computed once per schema (`side_plan`)."""
-
-    n_ids: int
-    n_values: int
-    offsets: I64  # [n_ids]
-    defaults: tuple[tuple[I64, F32], ...]  # per group (user, item, context): the encoded defaults of one row
-
-
-_PLANS: dict[int, tuple[SideFeatures, SidePlan]] = {}  # id(side) -> (side, its plan), at most _MAX_PLANS
-_MAX_PLANS = 32
-_PLANS_LOCK = threading.Lock()
-
-
-def side_plan(side: SideFeatures) -> SidePlan:
-    """The plan of `side`, cached by identity: a loaded bundle's schema object lives as long as it serves.
-
-    Not `functools.lru_cache`: that hashes its argument on every call, and `SideFeatures` hashes by
-    content (a JSON dump of every fitted vocabulary): milliseconds per request with a
-    10,000-value vocabulary. The entry holds `side` itself, so its id cannot be reused while cached.
-    """
-    hit = _PLANS.get(id(side))
-    if hit is not None and hit[0] is side:
-        return hit[1]
-    plan = _side_plan(side)
-    with _PLANS_LOCK:  # requests assemble in a thread pool
-        if len(_PLANS) >= _MAX_PLANS:
-            _PLANS.pop(next(iter(_PLANS)))  # the oldest
-        _PLANS[id(side)] = (side, plan)
-    return plan
-
-
-def _side_plan(side: SideFeatures) -> SidePlan:
-    defaults: list[tuple[I64, F32]] = []
-    for group in side.groups():
-        ids, values = group.encode_rows({}, 1)
-        defaults.append((ids[0], values[0]))
-    return SidePlan(side.n_ids, side.n_values, side.id_offsets, tuple(defaults))
-
-
-def side_inputs(plan: SidePlan, rows: SideRows | None, n_cand: int) -> dict[str, npt.NDArray[np.generic]]:
+def side_inputs(side: SideFeatures, rows: SideRows | None, n_cand: int) -> dict[str, npt.NDArray[np.generic]]:
     """`side_ids` [B, n_ids] int64 (offsets applied) and `side_values` [B, n_values] float32, as present.
 
     Columns in the scorer's order: user, item, context (categorical for ids, numeric for values).
     Store tails are `feature_store.codecs` side tails (per-feature codes, then normalized values);
     a tail whose width is not the schema's raises `CodecError` (a store written with another
     schema, which the registry's schema-hash check keeps from serving). Whole-array numpy only:
-    no per-candidate Python.
+    no per-candidate Python. Everything derived from the schema (`side.default_rows`, the offsets)
+    is computed once per schema object, not per request.
     """
     rows = rows or SideRows()
-    (u_ids, u_vals), (i_ids, i_vals), (c_ids, c_vals) = plan.defaults
+    (u_ids, u_vals), (i_ids, i_vals), (c_ids, c_vals) = side.default_rows
     n_ui, n_uv = int(u_ids.shape[0]), int(u_vals.shape[0])
     n_ii, n_iv = int(i_ids.shape[0]), int(i_vals.shape[0])
     if rows.user_tail and (n_ui or n_uv):  # b"": no profile (or one without a tail): the defaults
@@ -243,15 +202,15 @@ def side_inputs(plan: SidePlan, rows: SideRows | None, n_cand: int) -> dict[str,
     if rows.context is not None:
         c_ids, c_vals = rows.context
     out: dict[str, npt.NDArray[np.generic]] = {}
-    if plan.n_ids:
-        ids = np.empty((n_cand, plan.n_ids), dtype=np.int64)
+    if side.n_ids:
+        ids = np.empty((n_cand, side.n_ids), dtype=np.int64)
         ids[:, :n_ui] = u_ids
         ids[:, n_ui : n_ui + n_ii] = i_ids if item_ids is None else item_ids
         ids[:, n_ui + n_ii :] = c_ids
-        ids += plan.offsets
+        ids += side.id_offsets
         out["side_ids"] = ids
-    if plan.n_values:
-        values = np.empty((n_cand, plan.n_values), dtype=np.float32)
+    if side.n_values:
+        values = np.empty((n_cand, side.n_values), dtype=np.float32)
         values[:, :n_uv] = u_vals
         values[:, n_uv : n_uv + n_iv] = i_vals if item_vals is None else item_vals
         values[:, n_uv + n_iv :] = c_vals
@@ -349,7 +308,6 @@ def scorer_inputs(
         "user_dense": _broadcast(history_features(history.action, n_actions), n_cand),
         "weekday": np.full(n_cand, int(weekday(request_ts)), dtype=np.int64),
     }
-    plan = side_plan(spec.side)
-    if plan.n_ids or plan.n_values:
-        inputs.update(side_inputs(plan, side, n_cand))
+    if spec.side.n_ids or spec.side.n_values:
+        inputs.update(side_inputs(spec.side, side, n_cand))
     return inputs

@@ -20,7 +20,7 @@ from feature_store.spec import (
     SideFeatures,
     stable_id_hash,
 )
-from service.assemble import RetrievalSettings, SideRows, Tables, scorer_inputs, side_inputs, side_plan
+from service.assemble import RetrievalSettings, SideRows, Tables, scorer_inputs, side_inputs
 from service.errors import InvalidRequest
 from service.experiments.spec import bucket_of
 from service.ids import resolve_candidates, resolve_user
@@ -269,8 +269,8 @@ def test_a_slice_of_the_rows_scores_the_slice() -> None:
     """Shadow steps score candidate slices: the slice's side rows are the full request's rows."""
     side = side_features()
     rows = store_tails(side, USER, ITEMS)
-    full = side_inputs(side_plan(side), rows, len(ITEMS))
-    part = side_inputs(side_plan(side), rows.rows(2, 5), 3)
+    full = side_inputs(side, rows, len(ITEMS))
+    part = side_inputs(side, rows.rows(2, 5), 3)
     np.testing.assert_array_equal(part["side_ids"], full["side_ids"][2:5])
     np.testing.assert_array_equal(part["side_values"], full["side_values"][2:5])
 
@@ -301,4 +301,4 @@ def test_a_tail_of_another_width_is_refused() -> None:
     side = side_features()
     rows = store_tails(side, USER, ITEMS)
     with pytest.raises(CodecError, match="side tail"):
-        side_inputs(side_plan(side), SideRows(rows.user_tail + b"\0\0\0\0"), 2)
+        side_inputs(side, SideRows(rows.user_tail + b"\0\0\0\0"), 2)
