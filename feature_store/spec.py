@@ -597,7 +597,8 @@ def encode_context(group: FeatureGroup, context: Mapping[str, Any] | None) -> tu
     """A request's `context` object -> (codes [C], values [N]); missing names take the defaults.
 
     Unknown names, wrong types (a number for a categorical is read as its text; a string or a
-    boolean for a numeric is refused) and over-long strings raise `ContextError` naming the field.
+    boolean for a numeric is refused), over-long strings and numbers out of float32's range once
+    normalized raise `ContextError` naming the field.
     """
     ctx = dict(context or {})
     known = set(group.names)
@@ -620,5 +621,8 @@ def encode_context(group: FeatureGroup, context: Mapping[str, Any] | None) -> tu
         v = ctx.get(num.name)
         if v is not None and (isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v)):
             raise ContextError(f"context.{num.name}: expected a finite number, got {type(v).__name__} {v!r:.40}")
-        values[j] = num.encode([v])[0]
+        with np.errstate(over="ignore"):  # an overflow is refused below, by name
+            values[j] = num.encode([v])[0]
+        if not math.isfinite(values[j]):  # finite in, beyond float32 once normalized (e.g. 1e300)
+            raise ContextError(f"context.{num.name}: {v!r:.40} is out of range")
     return ids, values

@@ -87,15 +87,9 @@ class LoadedModel:
         if not context and not group.names:
             return None
         try:
-            with np.errstate(over="ignore"):  # an overflow is refused below, by name
-                codes, values = encode_context(group, context)
+            return encode_context(group, context)
         except ContextError as exc:
             raise InvalidRequest(str(exc)) from None
-        finite = np.isfinite(values)
-        if not finite.all():  # finite in, overflowing float32 once normalized (e.g. 1e300)
-            name = group.numeric[int(np.flatnonzero(~finite)[0])].name
-            raise InvalidRequest(f"context.{name}: {(context or {}).get(name)!r:.40} is out of range")
-        return codes, values
 
     def side_rows(self, feats: Features, context: EncodedContext | None) -> SideRows | None:
         """What `inputs` needs of the fetched side bytes and the encoded context (None: no side features)."""

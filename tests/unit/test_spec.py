@@ -473,6 +473,7 @@ def test_context_encodes_and_missing_names_take_defaults() -> None:
         ({"device": {"os": "ios"}}, ["context.device: expected a string, got dict"]),
         ({"device": float("inf")}, ["context.device: expected a string, got a non-finite number"]),
         ({"device": "x" * (MAX_CONTEXT_STRING + 1)}, [f"context.device: longer than {MAX_CONTEXT_STRING} characters"]),
+        ({"hour": 1e300}, ["context.hour: 1e+300 is out of range"]),  # finite, not once normalized in float32
     ],
 )
 def test_bad_context_names_the_field(context: dict[str, Any], fragments: list[str]) -> None:

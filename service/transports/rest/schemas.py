@@ -44,7 +44,9 @@ CONTEXT_SCHEMA: dict[str, Any] = {
     },
 }
 
-# The examples follow the demo's feature spec: context features `device` (categorical) and `hour` (numeric).
+# `make demo` serves integer ids: RANK_EXAMPLE works against either of its models; RANK_EXAMPLE_CONTEXT against its
+# generated fallback, whose spec has the context features `device` (categorical) and `hour` (numeric); the Tmall
+# model has none and refuses any context name. RANK_EXAMPLE_STRINGS is for a model trained with string ids.
 RANK_EXAMPLE: dict[str, Any] = {"user_id": 1000, "candidates": [11, 12, 13], "top_n": 2}
 RANK_EXAMPLE_STRINGS: dict[str, Any] = {"user_id": "u-1000", "candidates": ["sku-11", "sku-12", "sku-13"], "top_n": 2}
 RANK_EXAMPLE_CONTEXT: dict[str, Any] = {
