@@ -3,6 +3,7 @@
     rs:<ver>:{u<user>}:seq    lifelong behaviour sequence (12-byte records, oldest first)
     rs:<ver>:{u<user>}:prof   user profile (u32 user index, then the user's side tail)
     rs:<ver>:{u<user>}:clu    behaviour clusters of the sequence (twin_v2; optional, see codecs)
+    rs:<ver>:{u<user>}:evid   ids of the user's newest streamed events (sorted set; the consumer's dedupe)
     rs:<ver>:i:<item>         item features (u32 item index, u32 category index, then the side tail)
     rs:meta:<ver>             JSON meta of one feature-set version (schema hash, counts, status)
     rs:meta:<ver>:schema      JSON of the schema the version was ingested with (hash and spec)
@@ -65,6 +66,11 @@ def profile_key(version: str, user_id: int) -> bytes:
 def clusters_key(version: str, user_id: int) -> bytes:
     """`rs:<ver>:{u<user>}:clu`"""
     return user_prefix(version, user_id) + b"clu"
+
+
+def event_ids_key(version: str, user_id: int) -> bytes:
+    """`rs:<ver>:{u<user>}:evid`"""
+    return user_prefix(version, user_id) + b"evid"
 
 
 def item_prefix(version: str) -> bytes:

@@ -72,6 +72,7 @@ from feature_store.store import (
     RetryPolicy,
     StoredSchema,
     StoreHealth,
+    UserAppend,
     VersionMeta,
 )
 
@@ -84,26 +85,60 @@ AnyClient = Redis | RedisCluster
 # concurrent appends never interleave between the APPEND and the trim. KEYS[2], the user's
 # behaviour clusters (same hash tag, so legal in Cluster), covers the oldest events: when the
 # trim drops n records, the script drops their n cluster ids too, so the ids stay aligned.
-APPEND_SCRIPT = """
-local len = redis.call('APPEND', KEYS[1], ARGV[1])
-local cap = tonumber(ARGV[2])
-local ttl = tonumber(ARGV[3])
-if len > cap then
-  local tail = redis.call('GETRANGE', KEYS[1], len - cap, -1)
-  redis.call('SET', KEYS[1], tail, 'KEEPTTL')
-  local clu = redis.call('GET', KEYS[2])
-  if clu then
-    local header = tonumber(ARGV[4])
-    local dropped = (len - cap) / tonumber(ARGV[5]) * tonumber(ARGV[6])
-    redis.call('SET', KEYS[2], string.sub(clu, 1, header) .. string.sub(clu, header + dropped + 1), 'KEEPTTL')
+# ARGV: 1 records, 2 cap bytes, 3 ttl, 4 cluster header size, 5 record size, 6 cluster entry size.
+_APPEND_TRIM_LUA = """
+local function append_trim(payload)
+  local len = redis.call('APPEND', KEYS[1], payload)
+  local cap = tonumber(ARGV[2])
+  local ttl = tonumber(ARGV[3])
+  if len > cap then
+    local tail = redis.call('GETRANGE', KEYS[1], len - cap, -1)
+    redis.call('SET', KEYS[1], tail, 'KEEPTTL')
+    local clu = redis.call('GET', KEYS[2])
+    if clu then
+      local header = tonumber(ARGV[4])
+      local dropped = (len - cap) / tonumber(ARGV[5]) * tonumber(ARGV[6])
+      redis.call('SET', KEYS[2], string.sub(clu, 1, header) .. string.sub(clu, header + dropped + 1), 'KEEPTTL')
+    end
+    len = cap
   end
-  len = cap
+  if ttl > 0 then
+    redis.call('EXPIRE', KEYS[1], ttl)
+    if redis.call('EXISTS', KEYS[2]) == 1 then redis.call('EXPIRE', KEYS[2], ttl) end
+  end
+  return len
 end
-if ttl > 0 then
-  redis.call('EXPIRE', KEYS[1], ttl)
-  if redis.call('EXISTS', KEYS[2]) == 1 then redis.call('EXPIRE', KEYS[2], ttl) end
+"""
+APPEND_SCRIPT = _APPEND_TRIM_LUA + "return append_trim(ARGV[1])\n"
+
+# The streaming consumer's append: each record comes with its event id, and KEYS[3] (same hash
+# tag) is a sorted set of the user's newest applied ids. A record whose id is there already (a
+# redelivered entry, a producer's retry, a repeat inside the batch) is skipped, so an
+# at-least-once stream appends each event once. ARGV 7: ids kept per user, 8: their TTL in
+# seconds, 9..: one id per record. Returns {appended, duplicates, stored bytes}.
+APPEND_ONCE_SCRIPT = _APPEND_TRIM_LUA + """
+local size = tonumber(ARGV[5])
+local payload = ARGV[1]
+local now = redis.call('TIME')
+local base = tonumber(now[1]) * 1000000 + tonumber(now[2])
+local parts = {}
+local fresh = 0
+for k = 9, #ARGV do
+  if not redis.call('ZSCORE', KEYS[3], ARGV[k]) then
+    redis.call('ZADD', KEYS[3], base + k, ARGV[k])
+    fresh = fresh + 1
+    parts[fresh] = string.sub(payload, (k - 9) * size + 1, (k - 8) * size)
+  end
 end
-return len
+local len
+if fresh > 0 then
+  len = append_trim(table.concat(parts))
+  redis.call('ZREMRANGEBYRANK', KEYS[3], 0, -(tonumber(ARGV[7]) + 1))
+  redis.call('EXPIRE', KEYS[3], tonumber(ARGV[8]))
+else
+  len = redis.call('STRLEN', KEYS[1])
+end
+return {fresh, #ARGV - 8 - fresh, len}
 """
 
 # Item caches are per version; more than a couple are alive only around a version switch.
@@ -120,6 +155,19 @@ def never_sent(exc: BaseException) -> bool:
     return isinstance(exc, rex.ConnectionError | rex.TimeoutError) and "connecting to" in str(exc)
 
 
+def routing_key(command: tuple[Any, ...]) -> Any:
+    """The key a single-slot command is routed by: its first key (EVAL's after the key count,
+    XREADGROUP's after STREAMS, XGROUP's and XINFO's after the subcommand), else its first argument."""
+    name = command[0].upper() if isinstance(command[0], str) else command[0].decode().upper()
+    if name in ("EVALSHA", "EVAL"):
+        return command[3]
+    if name in ("XGROUP", "XINFO"):
+        return command[2]
+    if name == "XREADGROUP":
+        return command[[str(part).upper() for part in command].index("STREAMS") + 1]
+    return command[1]
+
+
 class RedisOnlineStore(OnlineStore):
     """`OnlineStore` on redis-py asyncio (hiredis parser), single node or Cluster."""
 
@@ -130,6 +178,7 @@ class RedisOnlineStore(OnlineStore):
         self._embedded = embedded  # EmbeddedValkey this store started, stopped on aclose()
         self._retry = RetryPolicy.from_config(config)
         self._append_script = client.register_script(APPEND_SCRIPT)
+        self._append_once_script = client.register_script(APPEND_ONCE_SCRIPT)
         self._item_caches: dict[str, ItemCache] = {}
         self._counts = FetchCounts()
         self._cluster_errors = RateLimitedLog(log, 10.0)  # one line every 10 s, not one per fetch
@@ -415,9 +464,10 @@ class RedisOnlineStore(OnlineStore):
         await client.initialize()  # no-op once the slot map is loaded
         groups: dict[str, tuple[ClusterNode, list[int]]] = {}
         for i, command in enumerate(commands):
-            node = client.get_node_from_key(command[1])
+            key = routing_key(command)
+            node = client.get_node_from_key(key)
             if node is None:
-                raise rex.SlotNotCoveredError(f"no node serves key {command[1]!r}")
+                raise rex.SlotNotCoveredError(f"no node serves key {key!r}")
             group = groups.get(node.name)
             if group is None:
                 groups[node.name] = (node, [i])
@@ -695,6 +745,63 @@ class RedisOnlineStore(OnlineStore):
             "append events", lambda: self._append_script(keys=[key, clusters_key], args=args), retry=False
         )
         return int(length) // SEQ_RECORD_SIZE
+
+    async def append_events_once(
+        self,
+        appends: SequenceABC[UserAppend],
+        *,
+        version: str | None = None,
+        cap: int | None = None,
+        ttl_seconds: int | None = None,
+        id_window: int = 1024,
+        id_ttl_s: int = 86_400,
+    ) -> list[tuple[int, int]]:
+        limit = self.config.max_sequence_length if cap is None else int(cap)
+        if limit < 1 or id_window < 1 or id_ttl_s < 1:
+            raise ValueError("cap, id_window and id_ttl_s must be >= 1")
+        if not appends:
+            return []
+        ver, _ = await self._read_version(version)
+        sha = self._append_once_script.sha
+        fixed = (limit * SEQ_RECORD_SIZE, int(ttl_seconds or 0), CLUSTER_HEADER_SIZE, SEQ_RECORD_SIZE,
+                 CLUSTER_ENTRY_SIZE, int(id_window), int(id_ttl_s))
+        commands: list[tuple[Any, ...]] = []
+        for append in appends:
+            events = append.events
+            try:
+                payload = encode_sequence(events.item, events.category, events.action, events.timestamp)
+            except CodecError as exc:
+                raise FeatureStoreDataError(f"append for user {append.user_id}: {exc}") from exc
+            uid = append.user_id
+            commands.append(("EVALSHA", sha, 3, keys.sequence_key(ver, uid), keys.clusters_key(ver, uid),
+                             keys.event_ids_key(ver, uid), payload, *fixed, *append.event_ids))
+
+        async def op() -> list[Any]:
+            try:
+                return await self._execute(commands)
+            except rex.NoScriptError:  # a restarted or new server: load it everywhere, then repeat
+                await self._load_script(APPEND_ONCE_SCRIPT)
+                return await self._execute(commands)
+
+        # Repeating the whole list after a failure is safe: applied ids are skipped.
+        replies = await self._run(f"append events of {len(appends)} users", op)
+        return [(int(r[0]), int(r[1])) for r in replies]
+
+    async def _load_script(self, script: str) -> None:
+        if isinstance(self._client, RedisCluster):  # on every primary, through the clients the reads use
+            await self._client.initialize()
+            for node in self._client.get_primaries():
+                await self._node_client(node).script_load(script)
+        else:
+            await self._client.script_load(script)
+
+    async def execute(self, what: str, commands: list[tuple[Any, ...]], *, retry: bool = True) -> list[Any]:
+        """Raw single-key commands, routed to their nodes in one round trip per node, under this
+        store's deadline and retry policy (`retry=False` for commands not safe to repeat).
+        For Redis-specific tools built on the store's connections (the event stream)."""
+        if not commands:
+            return []
+        return await self._run(what, partial(self._execute, commands), retry=retry)
 
     # -- lifecycle -------------------------------------------------------------------------------------
 

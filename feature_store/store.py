@@ -203,6 +203,19 @@ class FetchResult:
         return self.user_index is not None
 
 
+@dataclass(frozen=True)
+class UserAppend:
+    """Streamed events of one user (dense indices, oldest first), one event id per event."""
+
+    user_id: int
+    events: Sequence
+    event_ids: SequenceABC[bytes]
+
+    def __post_init__(self) -> None:
+        if len(self.event_ids) != len(self.events):
+            raise ValueError(f"{len(self.event_ids)} event ids for {len(self.events)} events")
+
+
 @dataclass
 class FetchCounts:
     """Running totals of what the fetches of one store found, in plain ints (the service turns
@@ -394,6 +407,24 @@ class OnlineStore(abc.ABC):
     ) -> int:
         """Append events (dense indices, oldest first) to a user's sequence, keeping only the newest
         `cap` records (default `max_sequence_length`) atomically; returns the stored length."""
+
+    @abc.abstractmethod
+    async def append_events_once(
+        self,
+        appends: SequenceABC[UserAppend],
+        *,
+        version: str | None = None,
+        cap: int | None = None,
+        ttl_seconds: int | None = None,
+        id_window: int = 1024,
+        id_ttl_s: int = 86_400,
+    ) -> list[tuple[int, int]]:
+        """`append_events` for many users in one round trip, each event id at most once per user.
+
+        The store keeps each user's newest `id_window` applied ids (for `id_ttl_s` after the
+        user's last append); an event whose id is among them is skipped. Safe to repeat after
+        any failure. Returns (appended, duplicates skipped) per user, in input order.
+        """
 
     # -- lifecycle -----------------------------------------------------------------------------
 

@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("export.exporter", "export a trained run to a versioned bundle (ONNX + TorchScript + tables)"),
     "verify-bundle": ("export.verify", "open a bundle without torch and verify its manifest and hashes"),
     "ingest": ("ingest.bulk", "bulk-load events into the online feature store"),
+    "consume": ("ingest.stream", "append streamed behaviour events (the event log) to the lifelong sequences"),
     "serve": ("service.server", "run the REST and gRPC ranking server"),
     "bench": ("loadtest.bench", "run the benchmark suite and print JSON plus a markdown table"),
     "shadow-report": ("service.experiments.report", "summarize a shadow sink: agreement table (markdown) and a PNG"),

@@ -1,0 +1,455 @@
+"""`rankserve consume`: stream behaviour events from the event log into the lifelong sequences.
+
+    rankserve consume --redis-url redis://redis:6379/0 --shards 8 --metrics-port 9108
+
+Reads the shard streams of `feature_store.events` in one consumer group and appends each
+user's events to the user's sequence in the ACTIVE feature-set version, in one round trip per
+batch (`OnlineStore.append_events_once`: the capped atomic append, plus a per-user set of
+applied event ids, so a redelivered entry or a producer's retry is not appended twice).
+Serving reads sequences from Redis on every request (no history cache), so an appended event
+is in the history the next rank of that user searches. The user-item cross features the model
+reads are computed from that history at request time, so they follow without a write of
+their own. Item indices and categories come from the version's item rows (an item the store
+does not hold gets index 0, as ingest gives items outside the vocabulary); appended events
+carry no `twin_v2` cluster id until the next `rankserve ingest --cluster-bundle`: the
+retriever searches such events for every candidate, so recall is kept and only their search
+costs grows.
+
+Ordering and ownership: a shard is owned by one consumer at a time (a lease key, renewed every
+third of `--lease-ms`), so each user's events, all in one shard, are applied in stream order.
+Consumers heartbeat into a sorted set and each takes its fair share, ceil(shards / live
+consumers), so replicas of a Deployment spread the shards among themselves. A consumer that
+acquires a shard first claims its pending entries (XAUTOCLAIM): those a dead owner read and
+never acknowledged are applied again (the event ids make that harmless), then it reads new
+entries. A failed batch is not acknowledged and is claimed again on the next step.
+
+Malformed entries (missing fields, unknown action, a bad id or time) go to the dead-letter
+stream `rs:ev:dead` with the reason, the shard and the entry's fields, and are acknowledged;
+the consumer carries on. SIGTERM / SIGINT: finish the batch in flight, acknowledge it, release
+the leases, exit 0.
+
+Metrics (Prometheus, `--metrics-port`): rankserve_consumer_events_total{outcome} (appended,
+duplicate, dead_letter), rankserve_consumer_batch_seconds, rankserve_consumer_lag{stream}
+(entries not yet delivered to the group, from XINFO GROUPS), rankserve_consumer_pending{stream},
+rankserve_consumer_shards_owned, rankserve_consumer_failed_batches_total.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import math
+import os
+import signal
+import socket
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from feature_store import events as ev
+from feature_store.codecs import CodecError, Sequence, decode_item_values
+from feature_store.errors import FeatureStoreError, UserError
+from feature_store.logs import RateLimitedLog
+from feature_store.redis_store import RedisOnlineStore, create_store
+from feature_store.schema import SchemaError, SchemaSpec
+from feature_store.store import FeatureStoreConfig, UserAppend
+
+log = logging.getLogger(__name__)
+
+_RENEW = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end return 0"
+_RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
+_ITEM_CACHE_MAX = 1_000_000  # resolved items kept per version (index, category); cleared when full
+
+
+@dataclass(frozen=True)
+class ConsumerConfig:
+    """How one consumer reads the event log (see the module doc)."""
+
+    shards: int = ev.DEFAULT_SHARDS
+    batch: int = 1000  # entries read per shard and step
+    poll_interval_s: float = 0.005  # pause after a step that found nothing
+    lease_ms: int = 10_000  # a dead consumer's shards are taken over after this long
+    id_window: int = 1024  # applied event ids kept per user
+    id_ttl_s: int = 86_400  # ... for this long after the user's last append
+    dead_letter_maxlen: int = ev.DEFAULT_DEAD_LETTER_MAXLEN
+    name: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}")
+
+    def __post_init__(self) -> None:
+        ev.check_shards(self.shards)
+        if self.batch < 1 or self.lease_ms < 100 or self.poll_interval_s < 0:
+            raise ValueError("batch must be >= 1, lease_ms >= 100 and poll_interval_s >= 0")
+
+
+class ConsumerMetrics:
+    """The consumer's Prometheus metrics, on a registry of their own."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.events = Counter("rankserve_consumer_events", "events handled, by outcome", ["outcome"], registry=r)
+        self.batch_seconds = Histogram(
+            "rankserve_consumer_batch_seconds", "one step: read, decode, append, acknowledge", registry=r,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+        )
+        self.lag = Gauge("rankserve_consumer_lag", "entries of a shard not yet delivered to the group", ["stream"],
+                         registry=r)
+        self.pending = Gauge("rankserve_consumer_pending", "entries delivered and not acknowledged", ["stream"],
+                             registry=r)
+        self.shards_owned = Gauge("rankserve_consumer_shards_owned", "shards this consumer holds", registry=r)
+        self.failed_batches = Counter("rankserve_consumer_failed_batches", "steps that failed and will be retried",
+                                      registry=r)
+
+
+@dataclass
+class StepResult:
+    """What one step did."""
+
+    read: int = 0
+    appended: int = 0
+    duplicates: int = 0
+    dead_letters: int = 0
+
+
+@dataclass
+class _VersionState:
+    version: str
+    decoder: ev.EntryDecoder
+    cap: int
+    items: dict[int, tuple[int, int]] = field(default_factory=dict)
+
+
+class StreamConsumer:
+    """One member of the consumer group (see the module doc). `step()` does one batch; `run()` loops."""
+
+    def __init__(self, store: RedisOnlineStore, config: ConsumerConfig | None = None,
+                 metrics: ConsumerMetrics | None = None) -> None:
+        self.store = store
+        self.config = config or ConsumerConfig()
+        self.metrics = metrics or ConsumerMetrics()
+        self.name = self.config.name.encode()
+        self.owned: set[int] = set()
+        self._to_claim: dict[int, bytes] = {}  # shard -> XAUTOCLAIM cursor still to walk
+        self._rebalanced = 0.0
+        self._lag_checked = 0.0
+        self._groups_made: set[int] = set()
+        self._state: _VersionState | None = None
+        self._errors = RateLimitedLog(log, 10.0)
+
+    # -- ownership -----------------------------------------------------------------------------
+
+    async def rebalance(self, *, force: bool = False) -> None:
+        """Heartbeat, renew the leases held, then take or give shards towards the fair share."""
+        now = time.monotonic()
+        if not force and now - self._rebalanced < self.config.lease_ms / 3000:
+            return
+        self._rebalanced = now
+        lease_ms = self.config.lease_ms
+        wall_ms = int(time.time() * 1000)
+        replies = await self.store.execute("consumer heartbeat", [
+            ("ZADD", ev.CONSUMERS_KEY, wall_ms + lease_ms, self.name),
+            ("ZREMRANGEBYSCORE", ev.CONSUMERS_KEY, "-inf", wall_ms),
+            ("ZCARD", ev.CONSUMERS_KEY),
+        ])
+        fair = math.ceil(self.config.shards / max(1, int(replies[2])))
+        held = sorted(self.owned)
+        if held:
+            renewed = await self.store.execute(
+                "renew shard leases", [("EVAL", _RENEW, 1, ev.lease_key(s), self.name, lease_ms) for s in held])
+            for shard, ok in zip(held, renewed, strict=True):
+                if not ok:
+                    log.warning("lost the lease of shard %d", shard, extra={"shard": shard})
+                    self._drop(shard)
+        extra = sorted(self.owned)[fair:]
+        if extra:
+            await self._release(extra)
+        if len(self.owned) < fair:
+            await self._acquire(fair - len(self.owned))
+        self.metrics.shards_owned.set(len(self.owned))
+
+    async def _acquire(self, wanted: int) -> None:
+        start = ev.shard_of(self.name, self.config.shards)  # consumers start looking at different shards
+        order = [(start + k) % self.config.shards for k in range(self.config.shards)]
+        candidates = [s for s in order if s not in self.owned]
+        held = await self.store.execute("read shard leases", [("EXISTS", ev.lease_key(s)) for s in candidates])
+        free = [s for s, exists in zip(candidates, held, strict=True) if not exists][:wanted]
+        replies = await self.store.execute("acquire shard leases", [
+            ("SET", ev.lease_key(s), self.name, "NX", "PX", self.config.lease_ms) for s in free
+        ])
+        taken = [s for s, ok in zip(free, replies, strict=True) if ok]
+        if taken:
+            await self._ensure_groups(taken)
+        for shard in taken:
+            self.owned.add(shard)
+            self._to_claim[shard] = b"0-0"
+            log.info("took shard %d", shard, extra={"shard": shard, "consumer": self.config.name})
+
+    async def _release(self, shards: Iterable[int]) -> None:
+        shards = list(shards)
+        for shard in shards:
+            self._drop(shard)
+        await self.store.execute("release shard leases",
+                                 [("EVAL", _RELEASE, 1, ev.lease_key(s), self.name) for s in shards])
+        for shard in shards:
+            log.info("released shard %d", shard, extra={"shard": shard, "consumer": self.config.name})
+
+    def _drop(self, shard: int) -> None:
+        self.owned.discard(shard)
+        self._to_claim.pop(shard, None)
+
+    async def _ensure_groups(self, shards: Iterable[int]) -> None:
+        todo = [s for s in shards if s not in self._groups_made]
+        if not todo:
+            return
+        # From 0: a group made after events were produced still applies them.
+        commands: list[tuple[Any, ...]] = [("XGROUP", "CREATE", ev.stream_key(s), ev.GROUP, "0", "MKSTREAM")
+                                           for s in todo]
+        for shard, command in zip(todo, commands, strict=True):
+            try:
+                await self.store.execute("create consumer group", [command])
+            except FeatureStoreError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+            self._groups_made.add(shard)
+
+    # -- one step ------------------------------------------------------------------------------
+
+    async def step(self) -> StepResult:
+        """Rebalance when due, read one batch from the shards held, apply it and acknowledge it."""
+        await self.rebalance()
+        result = StepResult()
+        if not self.owned:
+            return result
+        started = time.perf_counter()
+        try:
+            entries = await self._read()
+            result.read = sum(len(batch) for _, batch in entries)
+            if result.read:
+                await self._apply(entries, result)
+        except (FeatureStoreError, SchemaError, CodecError) as exc:
+            self.metrics.failed_batches.inc()
+            if "NOGROUP" in str(exc):  # a Redis that lost its groups (restarted without persistence)
+                self._groups_made.clear()
+                await self._ensure_groups(self.owned)
+            self._errors.warning("batch failed; its entries will be read again", error=str(exc),
+                                 error_type=type(exc).__name__)
+            for shard in self.owned:  # what was read and not acknowledged is pending: claim it back
+                self._to_claim.setdefault(shard, b"0-0")
+            return StepResult()
+        if result.read:
+            self.metrics.batch_seconds.observe(time.perf_counter() - started)
+            self.metrics.events.labels("appended").inc(result.appended)
+            self.metrics.events.labels("duplicate").inc(result.duplicates)
+            self.metrics.events.labels("dead_letter").inc(result.dead_letters)
+        await self._update_lag()
+        return result
+
+    async def _read(self) -> list[tuple[int, list[tuple[bytes, dict[bytes, bytes]]]]]:
+        """(shard, entries) of this step: pending entries being claimed first, else new ones."""
+        count = self.config.batch
+        if self._to_claim:
+            shards = sorted(self._to_claim)
+            commands: list[tuple[Any, ...]] = [
+                ("XAUTOCLAIM", ev.stream_key(s), ev.GROUP, self.name, 0, self._to_claim[s], "COUNT", count)
+                for s in shards
+            ]
+            replies = await self.store.execute("claim pending entries", commands)
+            out = []
+            for shard, reply in zip(shards, replies, strict=True):
+                cursor, claimed = reply[0], reply[1]
+                if cursor in (b"0-0", "0-0"):
+                    self._to_claim.pop(shard, None)
+                else:
+                    self._to_claim[shard] = cursor
+                entries = [(eid, fields) for eid, fields in claimed if fields is not None]
+                out.append((shard, entries))
+            return out
+        shards = sorted(self.owned)
+        commands = [("XREADGROUP", "GROUP", ev.GROUP, self.name, "COUNT", count, "STREAMS", ev.stream_key(s), ">")
+                    for s in shards]
+        replies = await self.store.execute("read events", commands)
+        out = []
+        for shard, reply in zip(shards, replies, strict=True):
+            out.append((shard, list(reply[0][1]) if reply else []))
+        return out
+
+    async def _apply(self, entries: list[tuple[int, list[tuple[bytes, dict[bytes, bytes]]]]],
+                     result: StepResult) -> None:
+        state = await self._version_state()
+        decoded: list[ev.DecodedEvent] = []
+        dead: list[tuple[Any, ...]] = []
+        for shard, batch in entries:
+            for entry_id, fields in batch:
+                try:
+                    decoded.append(state.decoder.decode(fields))
+                except ev.EventError as exc:
+                    dead.append(self._dead_letter(shard, entry_id, fields, str(exc)))
+        if decoded:
+            per_user = ev.group_by_user(decoded)
+            items = await self._resolve_items(state, {e.item_key for e in decoded})
+            appends = [_user_append(user, events, items) for user, events in per_user.items()]
+            counts = await self.store.append_events_once(
+                appends, version=state.version, cap=state.cap, id_window=self.config.id_window,
+                id_ttl_s=self.config.id_ttl_s)
+            result.appended = sum(a for a, _ in counts)
+            result.duplicates = sum(d for _, d in counts)
+        if dead:
+            # Not safe to repeat blindly, but a repeat only duplicates a dead letter, never an event.
+            await self.store.execute("write dead letters", dead)
+            result.dead_letters = len(dead)
+            self._errors.warning("malformed events sent to the dead-letter stream", count=len(dead),
+                                 reason=dead[0][-1].decode(errors="replace") if dead else "")
+        acks = [("XACK", ev.stream_key(shard), ev.GROUP, *(eid for eid, _ in batch)) for shard, batch in entries
+                if batch]
+        await self.store.execute("acknowledge events", acks)
+
+    def _dead_letter(self, shard: int, entry_id: bytes, fields: dict[bytes, bytes], reason: str) -> tuple[Any, ...]:
+        flat = [part for k, v in fields.items() for part in (b"f." + k, v)]
+        return ("XADD", ev.DEAD_LETTER_KEY, "MAXLEN", "~", self.config.dead_letter_maxlen, "*",
+                b"shard", str(shard).encode(), b"entry", entry_id, *flat, b"reason", reason.encode())
+
+    async def _version_state(self) -> _VersionState:
+        version = await self.store.active_version()
+        if version is None:
+            raise FeatureStoreError("no active feature-set version to append to: run `rankserve ingest --activate`")
+        if self._state is None or self._state.version != version:
+            stored = await self.store.get_schema(version)
+            if stored is None:
+                raise FeatureStoreError(f"version {version!r} has no recorded schema: re-ingest it")
+            schema = SchemaSpec.from_dict(stored.spec)
+            self._state = _VersionState(version, ev.EntryDecoder(schema.actions, schema.id_types),
+                                        schema.max_sequence_length)
+            log.info("appending streamed events to version %s", version, extra={"version": version})
+        return self._state
+
+    async def _resolve_items(self, state: _VersionState, keys: set[int]) -> dict[int, tuple[int, int]]:
+        cache = state.items
+        missing = [k for k in keys if k not in cache]
+        if missing:
+            values = await self.store.read_items(state.version, missing)
+            index, category, found, _ = decode_item_values(values, missing)
+            if len(cache) + len(missing) > _ITEM_CACHE_MAX:
+                cache.clear()
+            for k, i, c, f in zip(missing, index.tolist(), category.tolist(), found.tolist(), strict=True):
+                if f:  # not cached when unknown: a catalogue upsert may add it
+                    cache[k] = (i, c)
+        return {k: cache.get(k, (0, 0)) for k in keys}
+
+    async def _update_lag(self) -> None:
+        now = time.monotonic()
+        if now - self._lag_checked < 5.0 or not self.owned:
+            return
+        self._lag_checked = now
+        shards = sorted(self.owned)
+        try:
+            replies = await self.store.execute(
+                "read group lag", [("XINFO", "GROUPS", ev.stream_key(s)) for s in shards])
+        except FeatureStoreError as exc:
+            self._errors.warning("could not read the consumer lag", error=str(exc))
+            return
+        for shard, groups in zip(shards, replies, strict=True):
+            for group in groups:
+                info = {(k.decode() if isinstance(k, bytes) else k): v for k, v in _pairs(group)}
+                if info.get("name") in (ev.GROUP, ev.GROUP.decode()):
+                    label = ev.stream_key(shard).decode()
+                    if info.get("lag") is not None:
+                        self.metrics.lag.labels(label).set(int(info["lag"]))
+                    self.metrics.pending.labels(label).set(int(info.get("pending", 0)))
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Step until `stop` is set, then release the leases (the batch in flight completes first)."""
+        await self.rebalance(force=True)
+        try:
+            while not stop.is_set():
+                result = await self.step()
+                if result.read == 0:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), self.config.poll_interval_s)
+        finally:
+            await self.close()
+
+    async def close(self) -> None:
+        """Give the shards back and leave the group's live set (best effort: leases expire anyway)."""
+        try:
+            if self.owned:
+                await self._release(sorted(self.owned))
+            await self.store.execute("leave", [("ZREM", ev.CONSUMERS_KEY, self.name)])
+        except FeatureStoreError as exc:
+            log.warning("could not release the shards; they pass on when the leases expire: %s", exc)
+        self.metrics.shards_owned.set(0)
+
+
+def _pairs(group: Any) -> Iterable[tuple[Any, Any]]:
+    if isinstance(group, dict):
+        return group.items()
+    return zip(group[::2], group[1::2], strict=True)
+
+
+def _user_append(user: int, events: list[ev.DecodedEvent], items: dict[int, tuple[int, int]]) -> UserAppend:
+    n = len(events)
+    item = np.empty(n, dtype=np.int64)
+    category = np.empty(n, dtype=np.int64)
+    for k, e in enumerate(events):
+        item[k], category[k] = items[e.item_key]
+    sequence = Sequence(item, category, np.fromiter((e.action for e in events), np.int64, n),
+                        np.fromiter((e.timestamp for e in events), np.int64, n))
+    return UserAppend(user, sequence, [e.event_id for e in events])
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--redis-url", default=None, help="redis:// URL (default $REDIS_URL; else the embedded Valkey)")
+    parser.add_argument("--cluster-nodes", default=None, help="host:port,... of a Redis Cluster "
+                        "(default $REDIS_CLUSTER_NODES)")
+    parser.add_argument("--shards", type=int, default=int(os.environ.get("RANKSERVE_EVENT_SHARDS", ev.DEFAULT_SHARDS)),
+                        help="shard streams of the event log; the producers' count ($RANKSERVE_EVENT_SHARDS)")
+    parser.add_argument("--batch", type=int, default=1000, help="entries read per shard and step")
+    parser.add_argument("--lease-ms", type=int, default=10_000,
+                        help="shard lease: a dead consumer's shards pass on after this long")
+    parser.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
+    parser.add_argument("--timeout", type=float, default=2.0, help="seconds per Redis call, retries included")
+    parser.add_argument("--name", default=None, help="consumer name (default host-pid-random)")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        config = ConsumerConfig(shards=args.shards, batch=args.batch, lease_ms=args.lease_ms,
+                                **({"name": args.name} if args.name else {}))
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    store_config = FeatureStoreConfig.from_env(
+        url=args.redis_url, cluster_nodes=args.cluster_nodes, read_timeout_s=args.timeout,
+        request_timeout_s=args.timeout, connect_timeout_s=min(args.timeout, 5.0), item_cache_size=0)
+    metrics = ConsumerMetrics()
+    if args.metrics_port is not None:
+        start_http_server(args.metrics_port, registry=metrics.registry)
+    return asyncio.run(_consume(store_config, config, metrics))
+
+
+async def _consume(store_config: FeatureStoreConfig, config: ConsumerConfig, metrics: ConsumerMetrics) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    store = create_store(store_config)
+    if not isinstance(store, RedisOnlineStore):
+        raise UserError("rankserve consume needs the Redis feature store")
+    async with store:
+        consumer = StreamConsumer(store, config, metrics)
+        log.info("consuming %d event shards as %s", config.shards, config.name,
+                 extra={"shards": config.shards, "consumer": config.name})
+        await consumer.run(stop)
+    log.info("consumer stopped", extra={"consumer": config.name})
+    return 0
+

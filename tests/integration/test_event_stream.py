@@ -1,0 +1,182 @@
+"""The event log and `rankserve consume`, against every backend (embedded Valkey, redis-server, Cluster).
+
+Events go in through `EventProducer` (plain XADDs, as any producer would), a `StreamConsumer`
+steps until the streams are drained, and the users' sequences are read back from the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import numpy as np
+import pytest
+import redis
+from redis.cluster import ClusterNode, RedisCluster
+
+from feature_store import events as ev
+from feature_store.redis_store import RedisOnlineStore
+from feature_store.store import OnlineStore
+from ingest.stream import ConsumerConfig, StepResult, StreamConsumer
+from tests.integration.conftest import Backend
+from tests.integration.test_feature_store_contract import CAP, ingested
+
+pytestmark = pytest.mark.asyncio(loop_scope="function")
+
+SHARDS = 4
+
+
+def sync_client(backend: Backend) -> Any:
+    if backend.name == "cluster":
+        return RedisCluster(startup_nodes=[ClusterNode("127.0.0.1", p) for p in backend.ports], socket_timeout=5)
+    return redis.Redis(port=backend.ports[0], socket_timeout=5)
+
+
+async def drain(consumer: StreamConsumer, rounds: int = 200) -> StepResult:
+    """Step until a step reads nothing (after at least one that did, or `rounds` steps)."""
+    total = StepResult()
+    for _ in range(rounds):
+        step = await consumer.step()
+        total.read += step.read
+        total.appended += step.appended
+        total.duplicates += step.duplicates
+        total.dead_letters += step.dead_letters
+        if step.read == 0 and total.read:
+            break
+    return total
+
+
+def consumer(store: OnlineStore, **overrides: Any) -> StreamConsumer:
+    assert isinstance(store, RedisOnlineStore)
+    return StreamConsumer(store, ConsumerConfig(shards=SHARDS, batch=50, **overrides))
+
+
+def new_events(users: list[int], items: list[int], per_user: int, t0: int, tag: str) -> list[ev.StreamEvent]:
+    """per_user events of each user, interleaved across users, strictly increasing in time per user."""
+    out = []
+    for k in range(per_user):
+        for n, user in enumerate(users):
+            out.append(ev.StreamEvent(f"{tag}-{user}-{k}", user, items[(k + n) % len(items)], "buy", t0 + k))
+    return out
+
+
+async def test_streamed_events_are_appended_in_order_once(store: OnlineStore, backend: Backend) -> None:
+    events, schema = await ingested(store)
+    users = [int(u) for u in np.unique(events.user_id)[:5]]
+    items = [int(i) for i in np.unique(events.item_id)[:7]]
+    before = {u: await store.fetch(u, [], max_sequence_length=CAP) for u in users}
+    sent = new_events(users, items, per_user=30, t0=1_800_000_000, tag="a")
+    producer = ev.EventProducer(sync_client(backend), shards=SHARDS)
+    producer.send(sent)
+    producer.send(sent[:40])  # a producer's retry: the same ids again
+
+    c = consumer(store)
+    done = await drain(c)
+    assert (done.read, done.appended, done.duplicates, done.dead_letters) == (len(sent) + 40, len(sent), 40, 0)
+
+    buy = schema.spec.actions.index("buy")
+    for user in users:
+        got = (await store.fetch(user, [], max_sequence_length=CAP)).sequence
+        mine = [e for e in sent if e.user_id == user]
+        old = before[user].sequence
+        keep = min(CAP, len(old) + len(mine))
+        # the newest events are the streamed ones, in the order sent, with the store's item rows
+        tail = slice(keep - len(mine), keep)
+        np.testing.assert_array_equal(got.timestamp[tail], [e.timestamp for e in mine])
+        np.testing.assert_array_equal(got.action[tail], buy)
+        np.testing.assert_array_equal(got.item[tail], schema.items.lookup(np.array([e.item_id for e in mine])))
+        np.testing.assert_array_equal(got.category[tail], schema.categories.lookup(
+            np.array([events.category_id[np.flatnonzero(events.item_id == e.item_id)[0]] for e in mine])))
+        # what was there before is kept (up to the cap), oldest dropped first
+        np.testing.assert_array_equal(got.timestamp[: keep - len(mine)], old.timestamp[len(old) - (keep - len(mine)):])
+    await c.close()
+
+
+async def test_malformed_entries_go_to_dead_letters_and_the_rest_is_applied(
+    store: OnlineStore, backend: Backend
+) -> None:
+    events, _ = await ingested(store)
+    user = int(events.user_id[0])
+    client = sync_client(backend)
+    shard_key = ev.stream_key(ev.shard_of(str(user), SHARDS))
+    bad: list[tuple[dict[str, str], str]] = [
+        ({"u": str(user), "i": "5", "a": "buy", "t": "1"}, "'id' is missing"),
+        ({"id": "x1", "u": str(user), "i": "5", "a": "teleport", "t": "1"}, "action 'teleport'"),
+        ({"id": "x2", "u": "alice", "i": "5", "a": "buy", "t": "1"}, "not an integer"),
+        ({"id": "x3", "u": str(user), "i": "5", "a": "buy", "t": "soon"}, "t must be integer"),
+        ({"id": "x4", "u": str(user), "i": "5", "a": "buy", "t": str(1 << 40)}, "t must be in"),
+        ({"id": "", "u": str(user), "i": "5", "a": "buy", "t": "1"}, "id must have"),
+    ]
+    for fields, _ in bad:
+        client.xadd(shard_key, fields)
+    good = ev.StreamEvent("ok-1", user, int(events.item_id[0]), "click", 1_800_000_000)
+    ev.EventProducer(client, shards=SHARDS).send([good])
+
+    c = consumer(store)
+    done = await drain(c)
+    assert (done.appended, done.dead_letters) == (1, len(bad))
+    letters = client.xrange(ev.DEAD_LETTER_KEY)
+    reasons = [dict(fields)[b"reason"].decode() for _, fields in letters]
+    for (_, expected), reason in zip(bad, reasons, strict=True):
+        assert expected in reason, reason
+    assert dict(letters[0][1])[b"shard"] == str(ev.shard_of(str(user), SHARDS)).encode()
+    got = (await store.fetch(user, [], max_sequence_length=CAP)).sequence
+    assert int(got.timestamp[-1]) == good.timestamp
+    # every entry acknowledged: nothing pending in the group
+    assert client.xpending(shard_key, ev.GROUP)["pending"] == 0
+    await c.close()
+
+
+async def test_a_dead_consumers_shards_and_pending_entries_pass_to_a_live_one(
+    store: OnlineStore, backend: Backend
+) -> None:
+    events, _ = await ingested(store)
+    users = [int(u) for u in np.unique(events.user_id)[:6]]
+    items = [int(i) for i in np.unique(events.item_id)[:5]]
+    sent = new_events(users, items, per_user=20, t0=1_800_000_000, tag="b")
+    client = sync_client(backend)
+    ev.EventProducer(client, shards=SHARDS).send(sent)
+
+    first = consumer(store, lease_ms=300, name="first")
+    await first.rebalance(force=True)
+    assert first.owned == set(range(SHARDS))  # alone: every shard
+    # it reads a batch and dies before applying or acknowledging it (a fresh owner's first read
+    # walks the shards' pending lists, empty here; the next one delivers new entries)
+    read = 0
+    for _ in range(3):
+        read += sum(len(batch) for _, batch in await first._read())
+    assert read > 0
+
+    second = consumer(store, lease_ms=300, name="second")
+    done = StepResult()
+    for _ in range(400):  # the leases expire after 300 ms; the second takes over and claims
+        step = await second.step()
+        done.appended += step.appended
+        done.duplicates += step.duplicates
+        if second.owned == set(range(SHARDS)) and step.read == 0 and done.appended == len(sent):
+            break
+        await asyncio.sleep(0.01)
+    assert done.appended == len(sent)
+    for user in users:
+        got = (await store.fetch(user, [], max_sequence_length=CAP)).sequence
+        mine = [e.timestamp for e in sent if e.user_id == user]
+        np.testing.assert_array_equal(got.timestamp[-len(mine):], mine)
+    for shard in range(SHARDS):
+        assert client.xpending(ev.stream_key(shard), ev.GROUP)["pending"] == 0
+    await second.close()
+
+
+async def test_consumers_split_the_shards_fairly(store: OnlineStore) -> None:
+    await ingested(store)
+    a, b = consumer(store, name="a"), consumer(store, name="b")
+    await a.rebalance(force=True)
+    assert len(a.owned) == SHARDS
+    await b.rebalance(force=True)  # b sees two live consumers; a still holds everything
+    await a.rebalance(force=True)  # a gives back down to its fair share
+    await b.rebalance(force=True)  # b takes the rest
+    assert len(a.owned) == len(b.owned) == SHARDS // 2
+    assert a.owned.isdisjoint(b.owned)
+    await a.close()
+    await b.rebalance(force=True)  # a left: b takes every shard
+    assert b.owned == set(range(SHARDS))
+    await b.close()
