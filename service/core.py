@@ -283,6 +283,8 @@ class RankingService:
         if req.debug:
             debug = {
                 "history_length": len(feats.history),
+                # the newest behaviour searched: how fresh the streamed history is
+                "history_newest_ts": int(feats.history.timestamp[-1]) if len(feats.history) else None,
                 "user_known": feats.user_index != 0,
                 "items_known": int(np.count_nonzero(feats.item_index)),
                 "degraded_reason": feats.degraded_reason,

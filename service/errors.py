@@ -60,6 +60,14 @@ class ModelUnavailable(RankServeError):
     code = "model_unavailable"
 
 
+class StoreUnavailable(RankServeError):
+    """The feature store (or the event log in it) did not answer; the call may be repeated (503 / UNAVAILABLE)."""
+
+    http_status = 503
+    grpc_code = grpc.StatusCode.UNAVAILABLE
+    code = "store_unavailable"
+
+
 class Overloaded(RankServeError):
     http_status = 503
     grpc_code = grpc.StatusCode.RESOURCE_EXHAUSTED

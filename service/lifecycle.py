@@ -29,6 +29,7 @@ from service.background import run_every
 from service.control import CONTROL_INTERVAL_S, KINDS, ControlDir, ReloadKind
 from service.core import RankingService
 from service.errors import BundleRejected, ExperimentsRejected, ModelUnavailable
+from service.events import EventIntake
 from service.experiments.manager import ExperimentManager, Experiments, ReloadResult, build_retriever
 from service.experiments.shadow import ShadowRunner
 from service.observability.metrics import Metrics
@@ -128,6 +129,7 @@ class ServingCore:
         self.experiments = ExperimentManager(settings, registry, metrics, on_change=self._experiments_changed)
         self.tracing = tracing
         self.service = RankingService(settings, registry, store, metrics, self.experiments, self.shadows, tracing)
+        self.events = EventIntake(settings, registry, store)
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._listeners: list[ReadinessListener] = []

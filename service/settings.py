@@ -131,6 +131,14 @@ class Settings(BaseSettings):
     )
     admin_token: SecretStr | None = Field(default=None, description="bearer token of admin endpoints (off if unset)")
 
+    # the event log (POST /v1/events, gRPC PushEvents; `rankserve consume` applies it)
+    events_token: SecretStr | None = Field(
+        default=None, description="bearer token of the event endpoints, not the admin token (off if unset)"
+    )
+    event_shards: int = Field(default=8, ge=1, le=1024, description="shard streams; the consumers' --shards")
+    event_stream_maxlen: int = Field(default=1_000_000, ge=1000, description="entries kept per shard (approximate)")
+    max_events_per_request: int = Field(default=1000, ge=1, description="events of one POST /v1/events or PushEvents")
+
     # shadow traffic (docs/EXPERIMENTS.md)
     shadow_queue_size: int = Field(default=64, ge=1, description="jobs waiting per shadow; beyond, dropped and counted")
     shadow_timeout_s: float = Field(default=1.0, gt=0, description="a shadow slower than this is counted as a timeout")

@@ -1,6 +1,7 @@
-"""The admin bearer token, checked the same way by REST and gRPC.
+"""The admin and events bearer tokens, checked the same way by REST and gRPC.
 
-Admin features are off when `RANKSERVE_ADMIN_TOKEN` is unset. Tokens are compared in constant
+Admin features are off when `RANKSERVE_ADMIN_TOKEN` is unset, the event endpoints when
+`RANKSERVE_EVENTS_TOKEN` is (a producer holds that token, never the admin one). Tokens are compared in constant
 time, so response timing does not reveal how much of a guess was right.
 """
 
@@ -8,7 +9,7 @@ from __future__ import annotations
 
 import hmac
 
-from service.errors import Forbidden
+from service.errors import Forbidden, NotFound, Unauthorized
 from service.settings import Settings
 
 ARM_HEADER = "x-rankserve-arm"  # HTTP header and gRPC metadata key of the arm override
@@ -22,12 +23,30 @@ def admin_secret(settings: Settings) -> str | None:
     return secret or None
 
 
-def token_matches(settings: Settings, given: str | None) -> bool:
-    """True only when admin is enabled and `given` is the token (constant-time comparison)."""
-    secret = admin_secret(settings)
+def events_secret(settings: Settings) -> str | None:
+    """The configured token of the event endpoints, or None when they are disabled."""
+    token = settings.events_token
+    secret = token.get_secret_value() if token is not None else ""
+    return secret or None
+
+
+def _matches(secret: str | None, given: str | None) -> bool:
     if secret is None:
         return False
     return hmac.compare_digest((given or "").encode(), secret.encode())
+
+
+def token_matches(settings: Settings, given: str | None) -> bool:
+    """True only when admin is enabled and `given` is the token (constant-time comparison)."""
+    return _matches(admin_secret(settings), given)
+
+
+def authorize_events(settings: Settings, given: str | None) -> None:
+    """Event producers: NotFound when the endpoints are off, Unauthorized without the events token."""
+    if events_secret(settings) is None:
+        raise NotFound("the event endpoints are disabled; set RANKSERVE_EVENTS_TOKEN to enable them")
+    if not _matches(events_secret(settings), given):
+        raise Unauthorized("missing or wrong events token; send 'Authorization: Bearer <RANKSERVE_EVENTS_TOKEN>'")
 
 
 def bearer_token(authorization: str | None) -> str | None:

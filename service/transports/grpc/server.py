@@ -27,13 +27,14 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from feature_store.events import StreamEvent
 from service import types as core_types
 from service.errors import InvalidRequest, RankServeError
 from service.lifecycle import ServingCore
 from service.observability.logging_setup import request_id_var
 from service.observability.metrics import Metrics
 from service.observability.tracing import trace_carrier
-from service.transports.auth import ARM_HEADER, AUTHORIZATION, authorize_arm_override, bearer_token
+from service.transports.auth import ARM_HEADER, AUTHORIZATION, authorize_arm_override, authorize_events, bearer_token
 from service.transports.grpc.proto import codegen
 from service.transports.request_ids import REQUEST_ID_HEADER, request_id_from
 
@@ -111,6 +112,22 @@ class RankerServicer:
             # through JSON: Struct takes only plain dict/list/str/number/bool/None
             out.debug.update(orjson.loads(orjson.dumps(resp.debug, default=str, option=orjson.OPT_SERIALIZE_NUMPY)))
         return out
+
+    async def PushEvents(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        auth = dict(context.invocation_metadata() or ()).get(AUTHORIZATION)
+        authorize_events(self.core.settings, bearer_token(auth if isinstance(auth, str) else None))
+        events = [event_of(k, e) for k, e in enumerate(request.events)]
+        return pb2.PushEventsResponse(accepted=await self.core.events.push(events))
+
+
+def event_of(k: int, event: Any) -> StreamEvent:
+    """An `Event` message as the intake's event; INVALID_ARGUMENT when both forms of an id are set."""
+    ids: list[core_types.RawId] = []
+    for name, number, key in (("user", event.user_id, event.user_key), ("item", event.item_id, event.item_key)):
+        if key and number:
+            raise InvalidRequest(f"events[{k}]: send {name}_id or {name}_key, not both")
+        ids.append(key or number)
+    return StreamEvent(event.event_id, ids[0], ids[1], event.action, event.timestamp)
 
 
 def request_ids(request: Any) -> tuple[core_types.RawId, list[core_types.RawId], bool]:

@@ -20,11 +20,12 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from feature_store.events import StreamEvent
 from service.errors import NotFound, RankServeError, Unauthorized
 from service.lifecycle import ServingCore
 from service.observability.tracing import trace_carrier
 from service.settings import Settings
-from service.transports.auth import ARM_HEADER, admin_secret, authorize_arm_override, token_matches
+from service.transports.auth import ARM_HEADER, admin_secret, authorize_arm_override, authorize_events, token_matches
 from service.transports.request_ids import new_request_id
 from service.transports.rest.errors import (
     RANK_PATH,
@@ -36,10 +37,13 @@ from service.transports.rest.errors import (
 )
 from service.transports.rest.middleware import BodySizeLimitMiddleware, RequestIdMiddleware
 from service.transports.rest.schemas import (
+    EVENTS_EXAMPLE,
     RANK_EXAMPLE,
     RANK_EXAMPLE_CONTEXT,
     RANK_EXAMPLE_STRINGS,
     ErrorResponse,
+    EventsRequest,
+    EventsResponse,
     ExperimentsReloadResponse,
     ExperimentsResponse,
     LivenessResponse,
@@ -160,6 +164,32 @@ async def rank(
     result = await core.service.rank(body.to_core(request_id, arm, trace_carrier(request.headers.get)))
     core.metrics.requests.labels("rest", "ok").inc()
     return OrjsonResponse(rank_response_body(result, request_id))
+
+
+@router.post(
+    "/v1/events",
+    response_model=EventsResponse,
+    status_code=202,
+    responses={
+        401: {"model": ErrorResponse, "description": "missing or wrong events token"},
+        404: {"model": ErrorResponse, "description": "event endpoints disabled (no RANKSERVE_EVENTS_TOKEN)"},
+        413: ERRORS[413],
+        422: {"model": ErrorResponse, "description": "a bad event; the message names events[k].<field>"},
+        503: {"model": ErrorResponse, "description": "no model loaded yet, or the event log did not answer: resend"},
+    },
+    summary="Add behaviour events to the event log (appended to the users' sequences by the consumers)",
+    tags=["events"],
+)
+async def push_events(
+    body: Annotated[EventsRequest, Body(openapi_examples={"two": {"summary": "a click, then a buy",
+                                                                  "value": EVENTS_EXAMPLE}})],
+    core: CoreDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> Response:
+    authorize_events(core.settings, credentials.credentials if credentials is not None else None)
+    accepted = await core.events.push(
+        [StreamEvent(e.event_id, e.user_id, e.item_id, e.action, e.timestamp) for e in body.events])
+    return OrjsonResponse({"accepted": accepted}, status_code=202)
 
 
 @router.get("/livez", response_model=LivenessResponse, tags=["health"], summary="The process is alive")

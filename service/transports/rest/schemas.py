@@ -100,6 +100,36 @@ class RankRequest(BaseModel):
         )
 
 
+EVENTS_EXAMPLE: dict[str, Any] = {"events": [
+    {"event_id": "e-1000-1", "user_id": 1000, "item_id": 12, "action": "click", "timestamp": 1700000000},
+    {"event_id": "e-1000-2", "user_id": 1000, "item_id": 12, "action": "buy", "timestamp": 1700000060},
+]}
+
+
+class EventIn(BaseModel):
+    """One behaviour event: who did what to which item, when."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    event_id: str = Field(min_length=1, max_length=128, description="unique per event: a repeat is appended once")
+    user_id: RestId = Field(description="raw user id, as in rank requests")
+    item_id: RestId = Field(description="raw item id, as in rank requests")
+    action: str = Field(min_length=1, description="one of the model's behaviour actions (GET /v1/models)")
+    timestamp: int = Field(ge=0, le=(1 << 32) - 1, description="unix seconds of the event")
+
+
+class EventsRequest(BaseModel):
+    """A batch of behaviour events for the event log."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", json_schema_extra={"examples": [EVENTS_EXAMPLE]})
+
+    events: list[EventIn] = Field(min_length=1, description="at most the server's max_events_per_request (1000)")
+
+
+class EventsResponse(BaseModel):
+    accepted: int = Field(description="events written to the event log (the whole batch)")
+
+
 class RankedItem(BaseModel):
     item_id: int | str = Field(description="raw item id, as sent (an integer stays an integer, a string a string)")
     score: float = Field(description="fused score Σ w_t·p_t, the ranking key")

@@ -1,0 +1,181 @@
+"""Fresh behaviour end to end: `POST /v1/events` and gRPC `PushEvents` on a real server, a real
+`rankserve consume` process, and the next rank of the user searching the new events.
+
+A private embedded Valkey holds the tiny data set (appends change histories, so the session's
+shared store stays untouched).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import httpx
+import pytest
+
+from feature_store.embedded import EmbeddedValkey, free_port
+from feature_store.redis_store import create_store
+from feature_store.store import EmbeddedConfig, FeatureStoreConfig
+from ingest.bulk import ingest_log
+from tests.e2e.conftest import FEATURE_VERSION, REPO, Server, World, export_bundle, tiny_event_log
+
+EVENTS_TOKEN = "e2e-events-token"
+SHARDS = "4"
+
+
+@pytest.fixture
+def private_store(world: World) -> Iterator[str]:
+    with EmbeddedValkey(EmbeddedConfig(data_dir=None, persistence="none")) as valkey:
+
+        async def ingest() -> None:
+            async with create_store(FeatureStoreConfig(url=valkey.url)) as store:
+                await ingest_log(store, tiny_event_log(world.schema), world.schema, FEATURE_VERSION, activate=True)
+
+        asyncio.run(ingest())
+        yield valkey.url
+
+
+@pytest.fixture
+def consumer(private_store: str, tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], int, Path]]:
+    port = free_port()
+    log_path = tmp_path / "consume.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "service.cli", "consume", "--redis-url", private_store, "--shards", SHARDS,
+             "--metrics-port", str(port), "--lease-ms", "1000"],
+            cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+        )
+        try:
+            yield proc, port, log_path
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+@pytest.fixture
+def server(world: World, private_store: str, tmp_path: Path) -> Iterator[Server]:
+    model_dir = tmp_path / "models"
+    export_bundle(world, model_dir)
+    env = {"RANKSERVE_EVENTS_TOKEN": EVENTS_TOKEN, "RANKSERVE_EVENT_SHARDS": SHARDS}
+    srv = Server(model_dir, private_store, tmp_path / "server.log", env).start()
+    try:
+        srv.wait_ready()
+        yield srv
+    finally:
+        assert srv.stop() == 0, srv.logs()[-4000:]
+        assert "unhandled error" not in srv.logs()
+
+
+def newest(server: Server, user: int) -> tuple[int | None, int]:
+    body = httpx.post(server.base_url + "/v1/rank", json={"user_id": user, "candidates": [1, 2], "debug": True},
+                      timeout=10).json()
+    return body["debug"]["history_newest_ts"], body["debug"]["history_length"]
+
+
+def wait_for(check: Any, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def post(server: Server, events: list[dict[str, Any]], token: str | None = EVENTS_TOKEN) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    return httpx.post(server.base_url + "/v1/events", json={"events": events}, headers=headers, timeout=10)
+
+
+def test_posted_and_pushed_events_reach_the_next_rank(
+    server: Server, consumer: tuple[subprocess.Popen[bytes], int, Path], world: World
+) -> None:
+    proc, metrics_port, log_path = consumer
+    user, item = world.long_user, world.known_items[0]
+    before_ts, before_len = newest(server, user)
+    assert before_ts is not None
+    t = before_ts + 100
+    r = post(server, [{"event_id": "rest-1", "user_id": user, "item_id": item, "action": "buy", "timestamp": t}])
+    assert r.status_code == 202, r.text
+    assert r.json() == {"accepted": 1}
+    wait_for(lambda: newest(server, user)[0] == t)
+    assert newest(server, user)[1] in (before_len, before_len + 1)  # + 1, unless the history is at its cap
+
+    # the same event again (a producer's retry) changes nothing; a new user gets a history
+    assert post(server, [{"event_id": "rest-1", "user_id": user, "item_id": item, "action": "buy",
+                          "timestamp": t}]).status_code == 202
+    fresh = world.unknown_user
+    assert newest(server, fresh) == (None, 0)
+
+    from service.transports.grpc.server import pb2, pb2_grpc
+
+    with grpc.insecure_channel(server.grpc_target) as channel:
+        stub = pb2_grpc.RankerStub(channel)
+        reply = stub.PushEvents(
+            pb2.PushEventsRequest(events=[pb2.Event(event_id="grpc-1", user_id=fresh, item_id=item, action="click",
+                                                    timestamp=t + 1)]),
+            metadata=(("authorization", f"Bearer {EVENTS_TOKEN}"),), timeout=10)
+        assert reply.accepted == 1
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.PushEvents(pb2.PushEventsRequest(events=[pb2.Event(event_id="g", user_id=1, action="teleport",
+                                                                    timestamp=1)]),
+                            metadata=(("authorization", f"Bearer {EVENTS_TOKEN}"),), timeout=10)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "events[0]" in (refused.value.details() or "")
+        with pytest.raises(grpc.RpcError) as unauthenticated:
+            stub.PushEvents(pb2.PushEventsRequest(), timeout=10)
+        assert unauthenticated.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    wait_for(lambda: newest(server, fresh) == (t + 1, 1))
+    assert newest(server, user)[0] == t  # the repeated id was not appended again
+
+    metrics = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
+    assert 'rankserve_consumer_events_total{outcome="appended"} 2.0' in metrics
+    assert 'rankserve_consumer_events_total{outcome="duplicate"} 1.0' in metrics
+    assert "rankserve_consumer_shards_owned 4.0" in metrics
+
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 0, log_path.read_text()[-3000:]
+    assert "consumer stopped" in log_path.read_text()
+
+
+@pytest.mark.parametrize(
+    ("event", "token", "status", "needle"),
+    [
+        ({"event_id": "a", "user_id": 1, "item_id": 2, "action": "teleport", "timestamp": 1}, EVENTS_TOKEN, 422,
+         "events[0]: action 'teleport'"),
+        ({"event_id": "a", "user_id": 1, "item_id": 2, "action": "buy", "timestamp": -1}, EVENTS_TOKEN, 422,
+         "timestamp"),
+        ({"event_id": "", "user_id": 1, "item_id": 2, "action": "buy", "timestamp": 1}, EVENTS_TOKEN, 422,
+         "event_id"),
+        ({"event_id": "a", "user_id": "x", "item_id": 2, "action": "buy", "timestamp": 1}, EVENTS_TOKEN, 422,
+         "user_id"),
+        ({"event_id": "a", "user_id": 1, "item_id": 2, "action": "buy", "timestamp": 1, "extra": 1}, EVENTS_TOKEN, 422,
+         "extra"),
+        ({"event_id": "a", "user_id": 1, "item_id": 2, "action": "buy", "timestamp": 1}, "wrong", 401, "events token"),
+        ({"event_id": "a", "user_id": 1, "item_id": 2, "action": "buy", "timestamp": 1}, None, 401, "events token"),
+    ],
+)
+def test_bad_event_batches_are_refused_naming_the_field(
+    server: Server, event: dict[str, Any], token: str | None, status: int, needle: str
+) -> None:
+    r = post(server, [event], token)
+    assert r.status_code == status, r.text
+    assert needle in r.json()["error"]["message"]
+
+
+def test_event_endpoints_are_off_without_a_token(world: World, private_store: str, tmp_path: Path) -> None:
+    model_dir = tmp_path / "models"
+    export_bundle(world, model_dir)
+    srv = Server(model_dir, private_store, tmp_path / "server.log").start()
+    try:
+        srv.wait_ready()
+        r = post(srv, [{"event_id": "a", "user_id": 1, "item_id": 2, "action": "buy", "timestamp": 1}])
+        assert r.status_code == 404
+        assert "RANKSERVE_EVENTS_TOKEN" in r.json()["error"]["message"]
+    finally:
+        assert srv.stop() == 0
