@@ -179,3 +179,35 @@ def test_event_endpoints_are_off_without_a_token(world: World, private_store: st
         assert "RANKSERVE_EVENTS_TOKEN" in r.json()["error"]["message"]
     finally:
         assert srv.stop() == 0
+
+
+@pytest.mark.timeout(600)
+def test_events_endpoint_fuzz(server: Server) -> None:
+    """schemathesis on POST /v1/events with the events token: no 5xx, documented answers, bad input refused."""
+    schemathesis = pytest.importorskip("schemathesis", reason="schemathesis is in the dev extra")
+    from hypothesis import HealthCheck, Phase, given, settings
+    from schemathesis.checks import CHECKS as REGISTRY
+    from schemathesis.checks import load_all_checks
+
+    from tests.e2e.test_fuzz_rest import CHECKS
+
+    load_all_checks()
+    checks = REGISTRY.get_by_names(CHECKS)
+    schema = schemathesis.openapi.from_url(server.base_url + "/openapi.json", timeout=10)
+    operation = schema["/v1/events"]["POST"]
+    statuses: dict[int, int] = {}
+
+    for mode in (schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE):
+
+        @settings(max_examples=150, derandomize=True, deadline=None, database=None,
+                  phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))
+        @given(case=operation.as_strategy(generation_mode=mode))
+        def one(case: Any) -> None:
+            case.headers = {**(case.headers or {}), "Authorization": f"Bearer {EVENTS_TOKEN}"}
+            response = case.call_and_validate(base_url=server.base_url, checks=checks, timeout=10)
+            statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
+
+        one()
+    print(f"\n/v1/events fuzz statuses: {dict(sorted(statuses.items()))}")
+    assert not any(code >= 500 for code in statuses)
+    assert statuses.get(202, 0) > 0 and statuses.get(422, 0) > 0
