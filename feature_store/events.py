@@ -25,7 +25,7 @@ This module is pure (no I/O) apart from `EventProducer`, the blocking Python hel
 from __future__ import annotations
 
 import zlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from collections.abc import Sequence as SequenceABC
 from dataclasses import dataclass
 from typing import Any
@@ -113,19 +113,12 @@ def check_event(event: StreamEvent, actions: SequenceABC[str], id_types: tuple[I
             raise EventError(str(exc)) from None
 
 
-@dataclass(frozen=True)
-class DecodedEvent:
-    """One entry read back: the store keys of its user and item, the action index, the time."""
-
-    event_id: bytes
-    user_key: int
-    item_key: int
-    action: int
-    timestamp: int
+# One entry read back: (event id, user's store key, item's store key, action index, unix seconds).
+DecodedEvent = tuple[bytes, int, int, int, int]
 
 
 class EntryDecoder:
-    """Turns entries into `DecodedEvent`s for one schema (action names, id types).
+    """Turns entries into `DecodedEvent` tuples for one schema (action names, id types).
 
     `decode` raises `EventError` with the reason a malformed entry goes to the dead letters.
     Ids are resolved exactly as requests resolve them (`resolve_id`: `string` ids hashed).
@@ -155,7 +148,7 @@ class EntryDecoder:
             raise EventError(f"t must be integer unix seconds, got {ts[:32]!r}") from None
         if not 0 <= timestamp <= MAX_TIMESTAMP:
             raise EventError(f"t must be in 0..{MAX_TIMESTAMP}, got {timestamp}")
-        return DecodedEvent(event_id, self._key(user, 0, "u"), self._key(item, 1, "i"), index, timestamp)
+        return event_id, self._key(user, 0, "u"), self._key(item, 1, "i"), index, timestamp
 
     def _key(self, raw: bytes, side: int, name: str) -> int:
         if self._int_ids and raw.isdigit() and len(raw) <= 19:  # the common case, without a detour
@@ -172,18 +165,6 @@ class EntryDecoder:
             return resolve_id(text, self._id_types[side], name)
         except ValueError as exc:
             raise EventError(str(exc)) from None
-
-
-def group_by_user(events: Iterable[DecodedEvent]) -> dict[int, list[DecodedEvent]]:
-    """Events per user key, each user's in entry order (dicts keep insertion order)."""
-    out: dict[int, list[DecodedEvent]] = {}
-    for event in events:
-        bucket = out.get(event.user_key)
-        if bucket is None:
-            out[event.user_key] = [event]
-        else:
-            bucket.append(event)
-    return out
 
 
 class EventProducer:

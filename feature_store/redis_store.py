@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import json
 import logging
 import time
@@ -82,64 +83,92 @@ AnyClient = Redis | RedisCluster
 
 # APPEND the new records, then keep only the newest cap_bytes (whole 12-byte records, because
 # every value is a multiple of 12 and cap_bytes is too). A Lua script runs atomically, so
-# concurrent appends never interleave between the APPEND and the trim. KEYS[2], the user's
+# concurrent appends never interleave between the APPEND and the trim. `clu`, the user's
 # behaviour clusters (same hash tag, so legal in Cluster), covers the oldest events: when the
 # trim drops n records, the script drops their n cluster ids too, so the ids stay aligned.
-# ARGV: 1 records, 2 cap bytes, 3 ttl, 4 cluster header size, 5 record size, 6 cluster entry size.
+# ARGV of both scripts starts: cap bytes, ttl, cluster header size, record size, cluster entry size.
 _APPEND_TRIM_LUA = """
-local function append_trim(payload)
-  local len = redis.call('APPEND', KEYS[1], payload)
-  local cap = tonumber(ARGV[2])
-  local ttl = tonumber(ARGV[3])
+local cap, ttl = tonumber(ARGV[1]), tonumber(ARGV[2])
+local header, size, entry = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local function append_trim(seq, clu_key, payload)
+  local len = redis.call('APPEND', seq, payload)
   if len > cap then
-    local tail = redis.call('GETRANGE', KEYS[1], len - cap, -1)
-    redis.call('SET', KEYS[1], tail, 'KEEPTTL')
-    local clu = redis.call('GET', KEYS[2])
+    local tail = redis.call('GETRANGE', seq, len - cap, -1)
+    redis.call('SET', seq, tail, 'KEEPTTL')
+    local clu = redis.call('GET', clu_key)
     if clu then
-      local header = tonumber(ARGV[4])
-      local dropped = (len - cap) / tonumber(ARGV[5]) * tonumber(ARGV[6])
-      redis.call('SET', KEYS[2], string.sub(clu, 1, header) .. string.sub(clu, header + dropped + 1), 'KEEPTTL')
+      local dropped = (len - cap) / size * entry
+      redis.call('SET', clu_key, string.sub(clu, 1, header) .. string.sub(clu, header + dropped + 1), 'KEEPTTL')
     end
     len = cap
   end
   if ttl > 0 then
-    redis.call('EXPIRE', KEYS[1], ttl)
-    if redis.call('EXISTS', KEYS[2]) == 1 then redis.call('EXPIRE', KEYS[2], ttl) end
+    redis.call('EXPIRE', seq, ttl)
+    if redis.call('EXISTS', clu_key) == 1 then redis.call('EXPIRE', clu_key, ttl) end
   end
   return len
 end
 """
-APPEND_SCRIPT = _APPEND_TRIM_LUA + "return append_trim(ARGV[1])\n"
+# KEYS: sequence, clusters; ARGV 6: the records.
+APPEND_SCRIPT = _APPEND_TRIM_LUA + "return append_trim(KEYS[1], KEYS[2], ARGV[6])\n"
 
-# The streaming consumer's append: each record comes with its event id, and KEYS[3] (same hash
-# tag) is a sorted set of the user's newest applied ids. A record whose id is there already (a
-# redelivered entry, a producer's retry, a repeat inside the batch) is skipped, so an
-# at-least-once stream appends each event once. ARGV 7: ids kept per user, 8: their TTL in
-# seconds, 9..: one id per record. Returns {appended, duplicates, stored bytes}.
+# The streaming consumer's append, for one or more users in one call (one user per call in a
+# Cluster, whose scripts may touch one slot only). Each record comes with the 8-byte hash of its
+# event id (`event_id_hash`), and the user's third key (same hash tag) holds the hashes of the
+# user's newest applied ids, concatenated: a record whose hash is there already (a redelivered
+# entry, a producer's retry, a repeat inside the batch) is skipped, so an at-least-once stream
+# appends each event once. A plain string, not a sorted set: one GET and one SET a user instead
+# of five set commands and their allocations. KEYS: sequence, clusters, id hashes, per user.
+# ARGV 6: hashes kept per user, 7: their TTL in seconds, then per user: n, the n records, the
+# n hashes concatenated. Returns {appended, duplicates} per user, flat.
 APPEND_ONCE_SCRIPT = _APPEND_TRIM_LUA + """
-local size = tonumber(ARGV[5])
-local payload = ARGV[1]
-local now = redis.call('TIME')
-local base = tonumber(now[1]) * 1000000 + tonumber(now[2])
-local parts = {}
-local fresh = 0
-for k = 9, #ARGV do
-  if not redis.call('ZSCORE', KEYS[3], ARGV[k]) then
-    redis.call('ZADD', KEYS[3], base + k, ARGV[k])
-    fresh = fresh + 1
-    parts[fresh] = string.sub(payload, (k - 9) * size + 1, (k - 8) * size)
+local window, id_ttl = tonumber(ARGV[6]) * 8, tonumber(ARGV[7])
+local function seen_in(hashes, h)
+  local from = 1
+  while true do
+    local at = string.find(hashes, h, from, true)
+    if not at then return false end
+    if (at - 1) % 8 == 0 then return true end
+    from = at + 1
   end
 end
-local len
-if fresh > 0 then
-  len = append_trim(table.concat(parts))
-  redis.call('ZREMRANGEBYRANK', KEYS[3], 0, -(tonumber(ARGV[7]) + 1))
-  redis.call('EXPIRE', KEYS[3], tonumber(ARGV[8]))
-else
-  len = redis.call('STRLEN', KEYS[1])
+local out = {}
+local p = 8
+for u = 1, #KEYS / 3 do
+  local seq, clu, evid = KEYS[3 * u - 2], KEYS[3 * u - 1], KEYS[3 * u]
+  local n, payload, given = tonumber(ARGV[p]), ARGV[p + 1], ARGV[p + 2]
+  local hashes = redis.call('GET', evid) or ''
+  local parts, new, taken = {}, {}, {}
+  local fresh = 0
+  for k = 1, n do
+    local h = string.sub(given, k * 8 - 7, k * 8)
+    if not taken[h] and not seen_in(hashes, h) then
+      taken[h] = true
+      fresh = fresh + 1
+      parts[fresh] = string.sub(payload, (k - 1) * size + 1, k * size)
+      new[fresh] = h
+    end
+  end
+  p = p + 3
+  if fresh > 0 then
+    append_trim(seq, clu, fresh == n and payload or table.concat(parts))
+    hashes = hashes .. table.concat(new)
+    if #hashes > window then hashes = string.sub(hashes, -window) end
+    redis.call('SET', evid, hashes, 'EX', id_ttl)
+  end
+  out[2 * u - 1] = fresh
+  out[2 * u] = n - fresh
 end
-return {fresh, #ARGV - 8 - fresh, len}
+return out
 """
+
+
+def event_id_hash(event_id: bytes) -> bytes:
+    """The 8 bytes the append script keeps of an event id (blake2b: a false repeat once in 2^64)."""
+    return hashlib.blake2b(event_id, digest_size=8).digest()
+
+
+APPEND_ONCE_CHUNK = 1000  # events per user entry, and per call on a single node (about a millisecond of Lua)
 
 # Item caches are per version; more than a couple are alive only around a version switch.
 _MAX_ITEM_CACHES = 4
@@ -737,8 +766,8 @@ class RedisOnlineStore(OnlineStore):
             payload = encode_sequence(events.item, events.category, events.action, events.timestamp)
         except CodecError as exc:
             raise FeatureStoreDataError(f"append for user {user_id}: {exc}") from exc
-        args: list[bytes | int] = [payload, limit * SEQ_RECORD_SIZE, int(ttl_seconds or 0), CLUSTER_HEADER_SIZE,
-                                   SEQ_RECORD_SIZE, CLUSTER_ENTRY_SIZE]
+        args: list[bytes | int] = [limit * SEQ_RECORD_SIZE, int(ttl_seconds or 0), CLUSTER_HEADER_SIZE,
+                                   SEQ_RECORD_SIZE, CLUSTER_ENTRY_SIZE, payload]
         # APPEND is not idempotent: a lost reply could mean it was applied, so no retry here.
         # The error is still marked retriable; a caller that retries accepts at-least-once.
         length = await self._run(
@@ -765,16 +794,31 @@ class RedisOnlineStore(OnlineStore):
         sha = self._append_once_script.sha
         fixed = (limit * SEQ_RECORD_SIZE, int(ttl_seconds or 0), CLUSTER_HEADER_SIZE, SEQ_RECORD_SIZE,
                  CLUSTER_ENTRY_SIZE, int(id_window), int(id_ttl_s))
+        # calls of (append index, user, records, ids): on a single node many users share a call, up
+        # to APPEND_ONCE_CHUNK events; in a Cluster each call holds one user (one slot)
+        calls: list[list[tuple[int, int, bytes, SequenceABC[bytes]]]] = [[]]
+        events_in_call = 0
+        for k, append in enumerate(appends):
+            ids, records = append.event_ids, append.records
+            if len(records) != SEQ_RECORD_SIZE * len(ids):
+                raise ValueError(f"user {append.user_id}: {len(records)} record bytes for {len(ids)} event ids")
+            for lo in range(0, len(ids), APPEND_ONCE_CHUNK):
+                hi = min(lo + APPEND_ONCE_CHUNK, len(ids))
+                if calls[-1] and (self._cluster or events_in_call + hi - lo > APPEND_ONCE_CHUNK):
+                    calls.append([])
+                    events_in_call = 0
+                chunk = records if hi - lo == len(ids) else records[lo * SEQ_RECORD_SIZE : hi * SEQ_RECORD_SIZE]
+                calls[-1].append((k, append.user_id, chunk, ids[lo:hi]))
+                events_in_call += hi - lo
         commands: list[tuple[Any, ...]] = []
-        for append in appends:
-            events = append.events
-            try:
-                payload = encode_sequence(events.item, events.category, events.action, events.timestamp)
-            except CodecError as exc:
-                raise FeatureStoreDataError(f"append for user {append.user_id}: {exc}") from exc
-            uid = append.user_id
-            commands.append(("EVALSHA", sha, 3, keys.sequence_key(ver, uid), keys.clusters_key(ver, uid),
-                             keys.event_ids_key(ver, uid), payload, *fixed, *append.event_ids))
+        for call in calls:
+            key_args: list[Any] = []
+            user_args: list[Any] = []
+            for _, uid, chunk, ids in call:
+                prefix = keys.user_prefix(ver, uid)
+                key_args += (prefix + b"seq", prefix + b"clu", prefix + b"evid")
+                user_args += (len(ids), chunk, b"".join(map(event_id_hash, ids)))
+            commands.append(("EVALSHA", sha, len(key_args), *key_args, *fixed, *user_args))
 
         async def op() -> list[Any]:
             try:
@@ -785,7 +829,12 @@ class RedisOnlineStore(OnlineStore):
 
         # Repeating the whole list after a failure is safe: applied ids are skipped.
         replies = await self._run(f"append events of {len(appends)} users", op)
-        return [(int(r[0]), int(r[1])) for r in replies]
+        counts = [[0, 0] for _ in appends]
+        for call, reply in zip(calls, replies, strict=True):
+            for u, (k, *_) in enumerate(call):
+                counts[k][0] += int(reply[2 * u])
+                counts[k][1] += int(reply[2 * u + 1])
+        return [(a, d) for a, d in counts]
 
     async def _load_script(self, script: str) -> None:
         if isinstance(self._client, RedisCluster):  # on every primary, through the clients the reads use

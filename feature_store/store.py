@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from collections.abc import Sequence as SequenceABC
 from dataclasses import asdict, dataclass, field
 from types import TracebackType
-from typing import Any, Literal, Self
+from typing import Any, Literal, NamedTuple, Self
 
 import numpy as np
 import numpy.typing as npt
@@ -203,17 +203,13 @@ class FetchResult:
         return self.user_index is not None
 
 
-@dataclass(frozen=True)
-class UserAppend:
-    """Streamed events of one user (dense indices, oldest first), one event id per event."""
+class UserAppend(NamedTuple):
+    """Streamed events of one user, oldest first: their sequence records (`codecs.encode_sequence`,
+    12 bytes each) and one event id per record. (A tuple: a consumer builds thousands per batch.)"""
 
     user_id: int
-    events: Sequence
+    records: bytes
     event_ids: SequenceABC[bytes]
-
-    def __post_init__(self) -> None:
-        if len(self.event_ids) != len(self.events):
-            raise ValueError(f"{len(self.event_ids)} event ids for {len(self.events)} events")
 
 
 @dataclass

@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import logging
 import math
 import os
@@ -54,7 +55,7 @@ import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from feature_store import events as ev
-from feature_store.codecs import CodecError, Sequence, decode_item_values
+from feature_store.codecs import SEQ_RECORD_SIZE, CodecError, decode_item_values, encode_sequence
 from feature_store.errors import FeatureStoreError, UserError
 from feature_store.logs import RateLimitedLog
 from feature_store.redis_store import RedisOnlineStore, create_store
@@ -136,6 +137,7 @@ class StreamConsumer:
         self.name = self.config.name.encode()
         self.owned: set[int] = set()
         self._to_claim: dict[int, bytes] = {}  # shard -> XAUTOCLAIM cursor still to walk
+        self._acks: list[tuple[Any, ...]] = []  # XACKs of applied entries, sent with the next read
         self._rebalanced = 0.0
         self._lag_checked = 0.0
         self._groups_made: set[int] = set()
@@ -192,6 +194,7 @@ class StreamConsumer:
 
     async def _release(self, shards: Iterable[int]) -> None:
         shards = list(shards)
+        await self.flush_acks()  # what was applied is not handed to the next owner
         for shard in shards:
             self._drop(shard)
         await self.store.execute("release shard leases",
@@ -259,7 +262,7 @@ class StreamConsumer:
                 ("XAUTOCLAIM", ev.stream_key(s), ev.GROUP, self.name, 0, self._to_claim[s], "COUNT", count)
                 for s in shards
             ]
-            replies = await self.store.execute("claim pending entries", commands)
+            replies = await self._send_with_acks("claim pending entries", commands)
             out = []
             for shard, reply in zip(shards, replies, strict=True):
                 cursor, claimed = reply[0], reply[1]
@@ -273,11 +276,30 @@ class StreamConsumer:
         shards = sorted(self.owned)
         commands = [("XREADGROUP", "GROUP", ev.GROUP, self.name, "COUNT", count, "STREAMS", ev.stream_key(s), ">")
                     for s in shards]
-        replies = await self.store.execute("read events", commands)
+        replies = await self._send_with_acks("read events", commands)
         out = []
         for shard, reply in zip(shards, replies, strict=True):
             out.append((shard, list(reply[0][1]) if reply else []))
         return out
+
+    async def _send_with_acks(self, what: str, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """`commands` after the XACKs owed (one round trip); their replies. XACK is safe to repeat."""
+        acks, self._acks = self._acks, []
+        try:
+            replies = await self.store.execute(what, acks + commands)
+        except FeatureStoreError:
+            self._acks = acks + self._acks
+            raise
+        return replies[len(acks):]
+
+    async def flush_acks(self) -> None:
+        """Send the XACKs owed now."""
+        acks, self._acks = self._acks, []
+        try:
+            await self.store.execute("acknowledge events", acks)
+        except FeatureStoreError:
+            self._acks = acks + self._acks
+            raise
 
     async def _apply(self, entries: list[tuple[int, list[tuple[bytes, dict[bytes, bytes]]]]],
                      result: StepResult) -> None:
@@ -291,11 +313,9 @@ class StreamConsumer:
                 except ev.EventError as exc:
                     dead.append(self._dead_letter(shard, entry_id, fields, str(exc)))
         if decoded:
-            per_user = ev.group_by_user(decoded)
-            items = await self._resolve_items(state, {e.item_key for e in decoded})
-            appends = [_user_append(user, events, items) for user, events in per_user.items()]
+            items = await self._resolve_items(state, {e[2] for e in decoded})
             counts = await self.store.append_events_once(
-                appends, version=state.version, cap=state.cap, id_window=self.config.id_window,
+                user_appends(decoded, items), version=state.version, cap=state.cap, id_window=self.config.id_window,
                 id_ttl_s=self.config.id_ttl_s)
             result.appended = sum(a for a, _ in counts)
             result.duplicates = sum(d for _, d in counts)
@@ -305,9 +325,10 @@ class StreamConsumer:
             result.dead_letters = len(dead)
             self._errors.warning("malformed events sent to the dead-letter stream", count=len(dead),
                                  reason=dead[0][-1].decode(errors="replace") if dead else "")
-        acks = [("XACK", ev.stream_key(shard), ev.GROUP, *(eid for eid, _ in batch)) for shard, batch in entries
-                if batch]
-        await self.store.execute("acknowledge events", acks)
+        # Acknowledged with the next read (one round trip less a step), or by `close()`: only now,
+        # after the appends succeeded, so a failure leaves the entries pending.
+        self._acks += [("XACK", ev.stream_key(shard), ev.GROUP, *(eid for eid, _ in batch))
+                       for shard, batch in entries if batch]
 
     def _dead_letter(self, shard: int, entry_id: bytes, fields: dict[bytes, bytes], reason: str) -> tuple[Any, ...]:
         flat = [part for k, v in fields.items() for part in (b"f." + k, v)]
@@ -379,6 +400,7 @@ class StreamConsumer:
     async def close(self) -> None:
         """Give the shards back and leave the group's live set (best effort: leases expire anyway)."""
         try:
+            await self.flush_acks()  # also when no shard is held any more
             if self.owned:
                 await self._release(sorted(self.owned))
             await self.store.execute("leave", [("ZREM", ev.CONSUMERS_KEY, self.name)])
@@ -393,15 +415,22 @@ def _pairs(group: Any) -> Iterable[tuple[Any, Any]]:
     return zip(group[::2], group[1::2], strict=True)
 
 
-def _user_append(user: int, events: list[ev.DecodedEvent], items: dict[int, tuple[int, int]]) -> UserAppend:
-    n = len(events)
-    item = np.empty(n, dtype=np.int64)
-    category = np.empty(n, dtype=np.int64)
-    for k, e in enumerate(events):
-        item[k], category[k] = items[e.item_key]
-    sequence = Sequence(item, category, np.fromiter((e.action for e in events), np.int64, n),
-                        np.fromiter((e.timestamp for e in events), np.int64, n))
-    return UserAppend(user, sequence, [e.event_id for e in events])
+def user_appends(decoded: list[ev.DecodedEvent], items: dict[int, tuple[int, int]]) -> list[UserAppend]:
+    """The batch's events per user, each user's in entry order, encoded as sequence records at once
+    (one numpy pass for the whole batch, not one per user)."""
+    event_ids, users, item_keys, actions, times = zip(*decoded, strict=True)
+    user = np.fromiter(users, dtype=np.int64, count=len(decoded))
+    order = np.argsort(user, kind="stable")
+    index = np.array([items[k] for k in item_keys], dtype=np.int64).reshape(-1, 2)[order]
+    records = encode_sequence(index[:, 0], index[:, 1], np.asarray(actions, dtype=np.int64)[order],
+                              np.asarray(times, dtype=np.int64)[order])
+    sorted_users = user[order]
+    bounds = np.flatnonzero(np.r_[True, sorted_users[1:] != sorted_users[:-1], True]).tolist()
+    ids = [event_ids[k] for k in order.tolist()]
+    firsts = sorted_users[bounds[:-1]].tolist()
+    size = SEQ_RECORD_SIZE
+    return [UserAppend(u, records[a * size : b * size], ids[a:b])
+            for u, (a, b) in zip(firsts, itertools.pairwise(bounds), strict=True)]
 
 
 # ---------------------------------------------------------------------------------------------

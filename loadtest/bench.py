@@ -20,6 +20,9 @@ interleaved so machine noise hits every method alike:
 * side_features: `loadtest.bench_side`: the same workload served without and with side features
   (3 item, 2 user, 2 context; tables ingested, requests with a context), two servers measured in
   alternating rounds: server CPU per request, p50 / p99, and their ratio (target: at most 1.15).
+* stream: `loadtest.bench_stream`: one `rankserve consume` worker against the raw Redis Streams
+  floor (events/s), event-to-servable latency under a background event load, and REST p99 at
+  concurrency 1 idle vs while consuming.
 
 Servers run with the tuned environment (`loadtest.bench_e2e.TUNED_ENV`) unless --untuned.
 Prints JSON (and writes it with `--out`, plots beside it or in --plots) followed by a markdown table.
@@ -388,11 +391,16 @@ def markdown(report: dict[str, Any]) -> str:
         from loadtest.bench_side import markdown_rows
 
         lines += markdown_rows(sf)
+    st = report.get("stream")
+    if st:
+        from loadtest.bench_stream import markdown_rows as stream_rows
+
+        lines += ["", *stream_rows(st)]
     return "\n".join(lines)
 
 
 ALL_SECTIONS = ("retrieval", "strategies", "scoring", "in_process", "sweeps", "transports", "throughput", "memory",
-                "fetch", "side_features")
+                "fetch", "side_features", "stream")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -426,6 +434,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="side_features: requests per bundle of the in-process per-stage split (0: skip it)")
     p.add_argument("--side-budget-s", type=float, default=1200.0,
                    help="side_features: stop starting rounds after this many seconds of measuring (one at least)")
+    p.add_argument("--stream-rounds", type=int, default=6, help="stream: alternating rounds of each comparison")
+    p.add_argument("--stream-events", type=int, default=100_000, help="stream: events per throughput round")
+    p.add_argument("--stream-rate", type=float, default=5000.0, help="stream: background events/s")
+    p.add_argument("--stream-probes", type=int, default=200, help="stream: event-to-servable probes")
     p.add_argument("--plots", type=Path, default=None, help="directory of the PNG plots (default: beside --out)")
     p.add_argument("--out", type=Path, help="also write the JSON report here")
     p.add_argument("--keep", action="store_true", help="keep the temporary bundle directory")
@@ -539,6 +551,12 @@ def run(args: argparse.Namespace) -> int:
                     inprocess_requests=args.side_inprocess,
                     scorer_threads=int(server_env.get("RANKSERVE_SCORER_THREADS", threads)),
                     base_store_pid=valkey.pid, budget_s=args.side_budget_s)
+            if "stream" in sections:
+                from loadtest.bench_stream import section_stream
+
+                report["stream"] = section_stream(
+                    root, w, first, valkey.url, bodies, server_env, rounds=args.stream_rounds,
+                    events=args.stream_events, rate=args.stream_rate, probes=args.stream_probes)
         if "fetch" in sections:
             report["fetch"] = section_fetch(max(100, w.iterations))
     finally:

@@ -1,0 +1,319 @@
+"""`rankserve bench --sections stream`: the event log and `rankserve consume` on the standard workload.
+
+Three measurements, each side by side in one run:
+
+* throughput: one in-process `StreamConsumer` against the raw floor, in alternating rounds.
+  Each round XADDs `events` new events (users drawn from `population` users, the workload's
+  ingested users among them; items from the catalogue) to the shard streams; then the
+  consumer drains them (decode, resolve items, the once-per-id capped append, acknowledge),
+  and the floor reads the same entries in a group of its own (XREADGROUP, COUNT per shard as
+  the consumer's batch) and appends one 12-byte record per event with a pipelined APPEND
+  (redis-py, hiredis, no decoding) before XACK. Reported: events/s of each and floor / consumer.
+* event-to-servable latency: a `rankserve serve` and a `rankserve consume` process, a
+  background producer at `rate` events/s, and probes: POST one event for a workload user to
+  `/v1/events`, then rank that user (10 candidates, `debug`) until `history_newest_ts` is the
+  probe's time. Latency = from before the POST to the rank that shows it.
+* serving while consuming: REST p50 / p99 at concurrency 1 with the standard requests, rounds
+  alternating between the producer off (idle) and on at `rate` events/s (consumer running in
+  both); the ratio of p99s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import orjson
+
+from loadtest.loadgen import HttpPool, closed_loop, latency_summary, rest_call
+from loadtest.serving import REPO, ServerProcess
+
+if TYPE_CHECKING:
+    from loadtest.bench import Workload
+    from loadtest.serving import PreparedWorkload
+
+SHARDS = 8
+TOKEN = "bench-events-token"
+RAW_GROUP = b"rawfloor"
+RECORD = bytes(12)
+
+
+class EventSource:
+    """Deterministic events over a user population and the catalogue, unique ids, rising times."""
+
+    def __init__(self, users: Sequence[int], items: Sequence[int], population: int, t0: int, seed: int = 0) -> None:
+        base = max(users) + 1
+        extra = np.arange(base, base + max(0, population - len(users)), dtype=np.int64)
+        self.users = np.r_[np.asarray(users, dtype=np.int64), extra]
+        self.items = np.asarray(items, dtype=np.int64)
+        self.rng = np.random.default_rng(seed)
+        self.t = t0
+        self.n = 0
+
+    def batch(self, n: int) -> list[Any]:
+        from feature_store.events import StreamEvent
+
+        users = self.rng.choice(self.users, n).tolist()
+        items = self.rng.choice(self.items, n).tolist()
+        out = [StreamEvent(f"b{self.n + k}", u, i, "click", self.t) for k, (u, i) in enumerate(zip(users, items,
+                                                                                                    strict=True))]
+        self.n += n
+        self.t += 1
+        return out
+
+
+def _send(client: Any, events: list[Any], chunk: int = 2000) -> None:
+    from feature_store.events import EventProducer
+
+    producer = EventProducer(client, shards=SHARDS)
+    for k in range(0, len(events), chunk):
+        producer.send(events[k : k + chunk])
+
+
+async def _consumer_drain(consumer: Any, n: int) -> float:
+    t0 = time.perf_counter()
+    read = 0
+    while read < n:
+        read += (await consumer.step()).read
+    return time.perf_counter() - t0
+
+
+async def _raw_floor(client: Any, n: int, count: int) -> float:
+    from feature_store.events import stream_key
+
+    keys = [stream_key(s) for s in range(SHARDS)]
+    t0 = time.perf_counter()
+    read = 0
+    while read < n:
+        pipe = client.pipeline(transaction=False)
+        for key in keys:
+            pipe.xreadgroup(RAW_GROUP, b"raw", {key: b">"}, count=count)
+        replies = await pipe.execute()
+        pipe = client.pipeline(transaction=False)
+        for reply in replies:
+            for key, entries in reply or ():
+                for _, fields in entries:
+                    pipe.append(b"rsbench:raw:{u" + fields[b"u"] + b"}", RECORD)
+                if entries:
+                    pipe.xack(key, RAW_GROUP, *(eid for eid, _ in entries))
+                read += len(entries)
+        await pipe.execute()
+    return time.perf_counter() - t0
+
+
+def section_throughput(redis_url: str, source: EventSource, rounds: int, events: int, batch: int) -> dict[str, Any]:
+    import redis
+    import redis.asyncio as aredis
+
+    from feature_store import events as ev
+    from feature_store.redis_store import RedisOnlineStore, create_store
+    from feature_store.store import FeatureStoreConfig
+    from ingest.stream import ConsumerConfig, StreamConsumer
+
+    sync = redis.Redis.from_url(redis_url, socket_timeout=30)
+    for s in range(SHARDS):
+        sync.xgroup_create(ev.stream_key(s), RAW_GROUP, id="$", mkstream=True)
+
+    async def run() -> dict[str, Any]:
+        store = create_store(FeatureStoreConfig(url=redis_url, read_timeout_s=30, request_timeout_s=60,
+                                                item_cache_size=0))
+        assert isinstance(store, RedisOnlineStore)
+        raw = aredis.Redis.from_url(redis_url, socket_timeout=30)
+        consumer = StreamConsumer(store, ConsumerConfig(shards=SHARDS, batch=batch, name="bench"))
+        await consumer.rebalance(force=True)
+        for _ in range(3):  # walk the (empty) pending lists of the fresh leases
+            await consumer.step()
+        seconds: dict[str, list[float]] = {"consumer": [], "raw_floor": []}
+        try:
+            for r in range(rounds):
+                _send(sync, source.batch(events))
+                order = ["consumer", "raw_floor"] if r % 2 == 0 else ["raw_floor", "consumer"]
+                for name in order:
+                    if name == "consumer":
+                        # the consumer sat idle through the other phases: renew its leases first
+                        await consumer.rebalance(force=True)
+                        seconds[name].append(await _consumer_drain(consumer, events))
+                    else:
+                        seconds[name].append(await _raw_floor(raw, events, batch))
+        finally:
+            await consumer.close()
+            await raw.aclose()
+            await store.aclose()
+        rate = {k: events * len(v) / sum(v) for k, v in seconds.items()}
+        return {
+            "events_per_round": events, "rounds": rounds, "batch_per_shard": batch, "shards": SHARDS,
+            "consumer_events_per_s": round(rate["consumer"]),
+            "raw_floor_events_per_s": round(rate["raw_floor"]),
+            "floor_over_consumer": round(rate["raw_floor"] / rate["consumer"], 3),
+            "per_round_s": {k: [round(x, 3) for x in v] for k, v in seconds.items()},
+        }
+
+    return asyncio.run(run())
+
+
+class BackgroundProducer:
+    """XADDs `rate` events/s in batches every 20 ms from a thread, until stopped."""
+
+    def __init__(self, redis_url: str, source: EventSource, rate: float) -> None:
+        import redis
+
+        self.client = redis.Redis.from_url(redis_url, socket_timeout=10)
+        self.source = source
+        self.rate = rate
+        self.sent = 0
+        self.seconds = 0.0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> BackgroundProducer:
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        tick = 0.02
+        per_tick = max(1, round(self.rate * tick))
+        t0 = time.perf_counter()
+        next_at = t0
+        while not self._stop.is_set():
+            _send(self.client, self.source.batch(per_tick))
+            self.sent += per_tick
+            next_at += tick
+            pause = next_at - time.perf_counter()
+            if pause > 0:
+                time.sleep(pause)
+        self.seconds += time.perf_counter() - t0
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    @property
+    def achieved_rate(self) -> float:
+        return self.sent / self.seconds if self.seconds else 0.0
+
+
+async def _probe_latencies(server: ServerProcess, users: Sequence[int], items: Sequence[int], probes: int,
+                           request_time: int) -> list[float]:
+    pool = HttpPool("127.0.0.1", server.http_port)
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    out: list[float] = []
+    cands = [int(i) for i in items[:10]]
+    for k in range(probes):
+        user = int(users[k % len(users)])
+        ts = request_time - 3000 + k  # newer than the workload's events, older than the rank's request time
+        body = orjson.dumps({"events": [{"event_id": f"probe-{k}-{time.time_ns()}", "user_id": user,
+                                         "item_id": cands[0], "action": "click", "timestamp": ts}]})
+        rank = orjson.dumps({"user_id": user, "candidates": cands, "top_n": 1, "request_time": request_time,
+                             "debug": True})
+        t0 = time.perf_counter()
+        status, payload = await pool.post("/v1/events", body, auth)
+        if status != 202:
+            raise RuntimeError(f"/v1/events answered {status}: {payload[:200]!r}")
+        while True:
+            status, payload = await pool.post("/v1/rank", rank)
+            if status == 200 and orjson.loads(payload)["debug"]["history_newest_ts"] == ts:
+                break
+            if time.perf_counter() - t0 > 10:
+                raise RuntimeError(f"probe {k} not servable after 10 s")
+        out.append((time.perf_counter() - t0) * 1000)
+        await asyncio.sleep(0.02)
+    await pool.close()
+    return out
+
+
+def section_stream(root: Path, w: Workload, first: PreparedWorkload, redis_url: str, bodies: Sequence[bytes],
+                   server_env: dict[str, str], *, rounds: int = 6, events: int = 100_000, batch: int = 1000,
+                   population: int = 100_000, rate: float = 5000.0, probes: int = 200,
+                   serve_requests: int = 150) -> dict[str, Any]:
+    """The three measurements of the module doc, against the workload's store at `redis_url`."""
+    items = list(first.items) if isinstance(first.items, range) and len(first.items) < 2_000_000 else first.items
+    source = EventSource(first.users, items, population, t0=w.request_time - 7200)
+    report: dict[str, Any] = {"throughput": section_throughput(redis_url, source, rounds, events, batch)}
+
+    env = dict(server_env) | {"RANKSERVE_EVENTS_TOKEN": TOKEN, "RANKSERVE_EVENT_SHARDS": str(SHARDS)}
+    consume_log = (root / "consume.log").open("wb")
+    consumer = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "consume", "--redis-url", redis_url, "--shards", str(SHARDS),
+         "--lease-ms", "3000"], cwd=REPO, stdout=consume_log, stderr=subprocess.STDOUT)
+    try:
+        with ServerProcess(first.model_dir, redis_url, env=env, log_path=root / "stream-server.log") as server:
+            producer = BackgroundProducer(redis_url, source, rate)
+            producer.start()
+            try:
+                lat = asyncio.run(_probe_latencies(server, first.users, list(first.items[:10]), probes,
+                                                   w.request_time))
+            finally:
+                producer.stop()
+            report["event_to_servable_ms"] = latency_summary(lat) | {
+                "background_events_per_s": round(producer.achieved_rate)}
+            report["serving_while_consuming"] = _serving_rounds(server, bodies, redis_url, source, rate, rounds,
+                                                                serve_requests)
+    finally:
+        consumer.terminate()
+        report["consumer_exit_code"] = consumer.wait(60)
+        consume_log.close()
+    return report
+
+
+def _serving_rounds(server: ServerProcess, bodies: Sequence[bytes], redis_url: str, source: EventSource,
+                    rate: float, rounds: int, requests: int) -> dict[str, Any]:
+    async def measure() -> list[float]:
+        pool = HttpPool("127.0.0.1", server.http_port)
+        try:
+            result = await closed_loop(rest_call(pool, bodies), 1, requests, warmup=10)
+        finally:
+            await pool.close()
+        return result.latencies_ms
+
+    lat: dict[str, list[float]] = {"idle": [], "consuming": []}
+    achieved: list[float] = []
+    for r in range(rounds):
+        for phase in (["idle", "consuming"] if r % 2 == 0 else ["consuming", "idle"]):
+            if phase == "idle":
+                lat[phase] += asyncio.run(measure())
+                continue
+            producer = BackgroundProducer(redis_url, source, rate).start()
+            time.sleep(1.0)  # the consumer at its steady pace before measuring
+            try:
+                lat[phase] += asyncio.run(measure())
+            finally:
+                producer.stop()
+            achieved.append(producer.achieved_rate)
+    summary = {k: latency_summary(v) for k, v in lat.items()}
+    return summary | {
+        "p99_ratio": round(summary["consuming"]["p99"] / summary["idle"]["p99"], 3),
+        "p50_ratio": round(summary["consuming"]["p50"] / summary["idle"]["p50"], 3),
+        "background_events_per_s": round(float(np.mean(achieved))) if achieved else 0,
+        "rounds": rounds, "requests_per_round": requests,
+    }
+
+
+def markdown_rows(doc: dict[str, Any]) -> list[str]:
+    """Lines of the report's markdown for this section."""
+    t = doc["throughput"]
+    rows = [
+        "| stream measurement | value |",
+        "|---|---|",
+        f"| one consumer, events/s appended | {t['consumer_events_per_s']:,} |",
+        f"| raw floor (XREADGROUP + pipelined APPEND), events/s | {t['raw_floor_events_per_s']:,} |",
+        f"| floor / consumer | {t['floor_over_consumer']} |",
+    ]
+    if "event_to_servable_ms" in doc:
+        e = doc["event_to_servable_ms"]
+        rows.append(f"| event-to-servable ms p50 / p99 (background {e['background_events_per_s']:,} events/s) | "
+                    f"{e['p50']} / {e['p99']} |")
+    if "serving_while_consuming" in doc:
+        s = doc["serving_while_consuming"]
+        rows.append(f"| REST c=1 p99 idle / consuming ({s['background_events_per_s']:,} events/s) | "
+                    f"{s['idle']['p99']} / {s['consuming']['p99']} ms (ratio {s['p99_ratio']}) |")
+    return rows
