@@ -235,6 +235,8 @@ class StreamConsumer:
             result.read = sum(len(batch) for _, batch in entries)
             if result.read:
                 await self._apply(entries, result)
+            elif self._acks:  # idle: no next read to carry them soon
+                await self.flush_acks()
         except (FeatureStoreError, SchemaError, CodecError) as exc:
             self.metrics.failed_batches.inc()
             if "NOGROUP" in str(exc):  # a Redis that lost its groups (restarted without persistence)
