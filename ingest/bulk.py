@@ -4,6 +4,8 @@
     rankserve ingest --run runs/rank --activate                       # the run's spec and recorded base
     rankserve ingest --spec my_spec.yaml --schema models/rank/1       # an explicit spec
     rankserve ingest --data tmall --schema models/rank/1              # a named data set (preset spec)
+    rankserve ingest --bundle models/rank/1 --version v1 --shard 2/4 --resume --activate  # shard 2 of 4
+    rankserve ingest --version v1 --finish-shards 4 --activate        # fallback: complete a sharded load
 
 Where the spec comes from: `--spec FILE` or `--data NAME` when given; else the spec.yaml of the
 `--schema`/`--bundle`/`--run` directory (a bundle or run trained from a spec carries one; a run
@@ -43,6 +45,26 @@ cache's TTL (`item_cache_ttl_s`, default 60 s: `feature_store/cache.py` keeps an
 TTL after the fetch that put it). The version's meta is not touched (its `updated` time keeps
 meaning "ingest end" for the staleness alert).
 
+Sharded loads: `--shard I/N` (0 <= I < N, `--version` required) writes only the users and the
+items whose int64 key `shard_of` puts in shard I (blake2b of the key's 8 little-endian bytes,
+modulo N: stable across processes and machines), so N processes or pods (the Indexed Job of
+k8s/jobs/ingest) load one data set into one version in parallel without overlap; together they
+write exactly the keys and bytes of a one-process load. Items are partitioned like users (each
+shard writes its part, no item is written twice); every shard reads the whole data set, since
+the item table and the source fingerprint are of all of it. Each shard keeps its progress in a
+record of its own, a meta key `<version>.shard-<I>-of-<N>` (`shard_record`), so shards never
+write each other's keys; `--resume` continues one shard from its record. The version's meta is
+created by whichever shard comes first, with the source fingerprint and N, and holds no
+progress; a shard of other data or of another N is refused at the start and before every batch
+(`_VersionGuard`), so two data sets never end up in one complete version. A finishing shard
+writes its record as done, then reads all N (`finish_shards`): the one that finds all done marks
+the version complete (counts summed) and, with `--activate`, activates it; a shard finishing
+earlier leaves the version 'ingesting' and logs which shards it waits for. Each shard writes
+before it reads, so of two shards finishing at the same moment at least one sees both done
+(both may complete it, which is idempotent). `--finish-shards N` does the same check alone, the
+fallback for a version whose last shard died between its record and the check. `--drop-version`
+drops a version's shard records with it (first, so none outlives the version's data).
+
 With `--cluster-bundle BUNDLE` each user's stored events are also clustered for the `twin_v2`
 retrieval strategy (`feature_store.clusters`: events partitioned by their GSU bias at the user's
 newest event, then faiss k-means over the bundle's GSU keys within each part, cluster size
@@ -59,6 +81,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import re
 import sys
 import time
 from collections.abc import Sequence as SequenceABC
@@ -89,6 +112,7 @@ from feature_store.schema import SCHEMA_FILE, FeatureSchema, SchemaError, Schema
 from feature_store.spec import FeatureGroup, FeatureSpec, IdsDecl, SpecError
 from feature_store.store import (
     STATUS_COMPLETE,
+    STATUS_DROPPING,
     STATUS_INGESTING,
     EmbeddedConfig,
     FeatureStoreConfig,
@@ -130,6 +154,8 @@ class IngestStats:
     activated: bool = False
     clustered: int = 0
     table_users: int = 0  # users of the user table without events (a profile, no sequence)
+    shard: str | None = None  # "I/N" of a sharded load
+    complete: bool = False  # the version is complete at the end of this run (a shard: all shards are done)
 
 
 @dataclass
@@ -283,6 +309,263 @@ def cluster_user_batch(
 
 
 # ---------------------------------------------------------------------------------------------
+# Shards
+
+
+class ShardArgumentError(UserError):
+    """A `--shard` / `--finish-shards` value that cannot be used (the message names the flag)."""
+
+
+def shard_of(ids: npt.ArrayLike, count: int) -> IntArray:
+    """The shard (0..count-1) of each int64 store key: blake2b (8-byte digest) of the key's 8
+    little-endian bytes, read as a little-endian unsigned integer, modulo `count`.
+
+    Stable across processes, machines and Python versions (unlike `hash`), so every shard process
+    computes the same partition; the same function places users (by user key) and items (by item key)."""
+    if count < 1:
+        raise ValueError(f"shard count must be >= 1, got {count}")
+    raw = np.ascontiguousarray(ids, dtype="<i8")
+    if count == 1:
+        return np.zeros(raw.shape[0], dtype=np.int64)
+    view = memoryview(raw.tobytes())
+    blake2b = hashlib.blake2b
+    return np.fromiter(
+        (int.from_bytes(blake2b(view[k : k + 8], digest_size=8).digest(), "little") % count
+         for k in range(0, 8 * raw.shape[0], 8)),
+        dtype=np.int64,
+        count=raw.shape[0],
+    )
+
+
+_SHARD_RE = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Shard `index` of `count`: the users (and items) whose key `shard_of` puts there."""
+
+    index: int
+    count: int
+
+    def __post_init__(self) -> None:
+        if self.count < 1 or not 0 <= self.index < self.count:
+            raise ValueError(f"bad shard {self.index}/{self.count}: need 0 <= index < count")
+
+    @classmethod
+    def parse(cls, text: str) -> Shard:
+        """`I/N` as `--shard` takes it; raises ShardArgumentError naming the flag."""
+        m = _SHARD_RE.match(text)
+        if m is None:
+            raise ShardArgumentError(f"--shard {text!r}: expected I/N, the shard index and count (0 <= I < N)")
+        index, count = int(m.group(1)), int(m.group(2))
+        if count < 1 or index >= count:
+            raise ShardArgumentError(f"--shard {text!r}: the index must be 0..N-1 and N at least 1 (0 <= I < N)")
+        return cls(index, count)
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.count}"
+
+    def record(self, version: str) -> str:
+        """The name of this shard's progress record of `version` (a meta key of its own)."""
+        return shard_record(version, self.index, self.count)
+
+    def members(self, ids: npt.ArrayLike) -> npt.NDArray[np.bool_]:
+        """Which of `ids` (int64 store keys) belong to this shard."""
+        return np.asarray(shard_of(ids, self.count) == self.index)
+
+
+def shard_record(version: str, index: int, count: int) -> str:
+    """`<version>.shard-<I>-of-<N>`: where shard I of a sharded load of `version` keeps its progress
+    (a `VersionMeta` of its own: shards never write each other's keys). Raises ValueError when the
+    name would not be a legal version name (too long)."""
+    name = f"{version}.shard-{index}-of-{count}"
+    try:
+        return keys.validate_version(name)
+    except ValueError:
+        room = 64 - (len(name) - len(version))
+        raise ValueError(
+            f"version name {version!r} is too long for a sharded load: at most {room} characters with {count} shards"
+        ) from None
+
+
+def _shard_record_of(name: str, version: str) -> bool:
+    return re.fullmatch(re.escape(version) + r"\.shard-\d+-of-\d+", name) is not None
+
+
+def _is_shard_record(meta: VersionMeta | None) -> bool:
+    return meta is not None and "shard_of" in meta.info
+
+
+def select_shard(
+    events: EventLog, user_ids: IntArray, offsets: IntArray, selected: IntArray, cap: int
+) -> tuple[EventLog, IntArray, IntArray]:
+    """The users at positions `selected` with only the newest `cap` events each (all a shard
+    writes): (events, user ids, CSR offsets), laid out as `ingest_users` lays out all users."""
+    ends = offsets[selected + 1]
+    starts = np.maximum(offsets[selected], ends - cap)
+    lengths = ends - starts
+    new_offsets = np.r_[0, np.cumsum(lengths)].astype(np.int64)
+    rows = np.repeat(starts - new_offsets[:-1], lengths) + np.arange(int(new_offsets[-1]), dtype=np.int64)
+    return events.select(rows), user_ids[selected].astype(np.int64), new_offsets
+
+
+def _check_sharded_meta(meta: VersionMeta, version: str, fingerprint: str, shard: Shard) -> None:
+    """Refuse to load `shard` into a version that another data set, another shard count or a
+    one-process ingest owns, or that is being dropped."""
+    if meta.status == STATUS_DROPPING:
+        raise VersionNotFound(f"version {version!r} is being dropped: shard {shard} stops")
+    shards = meta.info.get("shards")
+    if shards is None:
+        raise VersionConflict(
+            f"version {version!r} was ingested without --shard: a sharded load needs a new --version (or drop it first)"
+        )
+    if shards != shard.count:
+        raise VersionConflict(
+            f"version {version!r} is loaded in {shards} shards, not {shard.count}: every shard of a version "
+            "must name the same count"
+        )
+    if meta.info.get("fingerprint") != fingerprint:
+        raise VersionConflict(
+            f"version {version!r} is loaded from different source data: every shard of a version must read the "
+            "same data set (use a new --version, or drop it first)"
+        )
+
+
+def _shard_done(record: VersionMeta | None, main: VersionMeta, index: int, count: int) -> bool:
+    """Whether a shard record says shard `index` finished loading the data set `main` describes."""
+    return (
+        record is not None
+        and record.status == STATUS_COMPLETE
+        and record.schema_hash == main.schema_hash
+        and record.info.get("fingerprint") == main.info.get("fingerprint")
+        and record.info.get("shard") == index
+        and record.info.get("shards") == count
+    )
+
+
+async def finish_shards(store: OnlineStore, version: str, count: int, *, activate: bool = False) -> list[int]:
+    """Complete a sharded load once every shard is done: returns the shards not done yet ([]: the
+    version is complete, and active with `activate`).
+
+    Every shard calls this after writing its own record as done, so of two shards finishing at
+    the same moment at least the later reader sees both records; both may complete the version,
+    which writes the same meta and activates the same version (idempotent). `rankserve ingest
+    --finish-shards N` calls it too."""
+    main = await store.get_meta(version)
+    if main is None or _is_shard_record(main):
+        raise VersionNotFound(f"version {version!r} has no meta key: nothing was ingested under it")
+    if main.info.get("shards") != count:
+        loaded = main.info.get("shards")
+        how = "without --shard" if loaded is None else f"in {loaded} shards"
+        raise VersionConflict(f"version {version!r} was loaded {how}, not in {count}")
+    records = await asyncio.gather(*(store.get_meta(shard_record(version, i, count)) for i in range(count)))
+    waiting = [i for i, r in enumerate(records) if not _shard_done(r, main, i, count)]
+    if waiting:
+        return waiting
+    done = [r for r in records if r is not None]
+    for name in ("users", "events", "items", "table_users", "bytes"):
+        main.counts[name] = sum(int(r.counts.get(name, 0)) for r in done)
+    clusters = [r.info.get("clusters") for r in done]
+    if clusters[0] is not None and all(c == clusters[0] for c in clusters):
+        main.info["clusters"] = clusters[0]
+    elif any(c is not None for c in clusters):
+        log.warning("the shards of %s were clustered differently (or not all): no clustering recorded", version)
+        main.info.pop("clusters", None)
+    main.checkpoint["shards_done"] = count
+    main.status = STATUS_COMPLETE
+    await store.put_meta(main)
+    log.info("all %d shards of %s are done: version complete", count, version,
+             extra={"version": version, "shards": count, "counts": main.counts})
+    if activate:
+        try:
+            await store.activate(version)
+        except VersionConflict as exc:  # a shard re-opened it since: its own finish completes and activates it
+            log.warning("not activating %s: %s", version, exc)
+            return []
+        log.info("activated %s", version)
+    return []
+
+
+async def _open_sharded_version(
+    store: OnlineStore,
+    version: str,
+    schema: FeatureSchema,
+    fingerprint: str,
+    resume: bool,
+    shard: Shard,
+    info: dict[str, Any],
+) -> VersionMeta:
+    """The version's meta as a shard joins the load: created by the first shard (any shard), and
+    checked to be the same data set, schema and shard count by every one. The meta holds no
+    progress: each shard keeps its own in its record (`shard_record`)."""
+    existing = await store.get_meta(version)
+    if existing is not None and existing.schema_hash != schema.hash:
+        recorded = await store.get_schema(version)
+        differs = recorded.difference(schema.spec) if recorded is not None else ""
+        raise VersionConflict(
+            f"version {version!r} holds schema {existing.schema_hash[:12]}, not {schema.hash[:12]}{differs}: "
+            "use a new --version"
+        )
+    if existing is not None:
+        _check_sharded_meta(existing, version, fingerprint, shard)
+    await store.put_schema(version, StoredSchema(schema.hash, schema.spec.to_dict()))
+    if existing is None:
+        await store.put_meta(VersionMeta(version=version, schema_hash=schema.hash, info=info))
+        # Shards starting together may all create it: the last write stands. Read it back, so that
+        # a shard of another data set stops here rather than writing into the version.
+        current = await store.get_meta(version)
+        if current is None:
+            raise VersionNotFound(f"version {version!r} was dropped as shard {shard} started")
+        if current.schema_hash != schema.hash:
+            raise VersionConflict(f"version {version!r} was created with another schema by a concurrent ingest")
+        _check_sharded_meta(current, version, fingerprint, shard)
+        return current
+    if existing.status == STATUS_COMPLETE and not resume:
+        if await store.active_version(refresh=True) == version:
+            log.warning("re-loading shard %s of the ACTIVE version %s in place", shard, version)
+        else:
+            # Its values are rewritten: not activatable until this shard is done again.
+            existing.status = STATUS_INGESTING
+            await store.put_meta(existing)
+    return existing
+
+
+async def _open_shard_record(
+    store: OnlineStore, version: str, schema: FeatureSchema, fingerprint: str, resume: bool, shard: Shard,
+    info: dict[str, Any],
+) -> VersionMeta:
+    """This shard's progress record: its checkpoint on `resume` (when it is of the same data set),
+    a fresh one otherwise."""
+    name = shard.record(version)
+    existing = await store.get_meta(name)
+    if resume and existing is not None:
+        same = (
+            existing.schema_hash == schema.hash
+            and existing.info.get("fingerprint") == fingerprint
+            and existing.info.get("shard") == shard.index
+            and existing.info.get("shards") == shard.count
+        )
+        if same:
+            if existing.status == STATUS_COMPLETE:
+                log.info("shard %s of %s is already done; nothing to resume", shard, version)
+            else:
+                log.info("resuming shard %s of %s at user %s of the shard", shard, version,
+                         existing.checkpoint.get("next_user", 0))
+            existing.info.update(info)
+            return existing
+        log.info("the checkpoint of shard %s of %s is of other data: starting the shard from the beginning",
+                 shard, version)
+    elif resume:
+        log.info("no checkpoint for shard %s of %s: starting the shard from the beginning", shard, version)
+    record = VersionMeta(
+        version=name, schema_hash=schema.hash,
+        info={**info, "shard_of": version, "shard": shard.index, "shards": shard.count},
+    )
+    await store.put_meta(record)
+    return record
+
+
+# ---------------------------------------------------------------------------------------------
 # Bulk ingest
 
 
@@ -314,50 +597,78 @@ async def ingest_log(
     clusterer: UserClusterer | None = None,
     users: SideTable | None = None,
     items: SideTable | None = None,
+    shard: Shard | tuple[int, int] | None = None,
 ) -> IngestStats:
     """Write `events` through `schema` into `version` (see the module doc); returns what was written.
 
     `users` / `items`: the spec's user table and item catalogue; their rows' side features go
     into the profiles' and items' side tails (the defaults for ids they lack), and every user of
     `users` gets a profile. With a `clusterer`, each user's behaviour clusters are written too
-    (histories shorter than its `min_events` get none)."""
+    (histories shorter than its `min_events` get none).
+
+    `shard` (index, count): write only the users and items whose key `shard_of` puts in shard
+    `index`, keeping this shard's progress in a record of its own; the version is completed (and,
+    with `activate`, activated) by whichever shard finds all `count` shards done (`finish_shards`).
+    Every shard must be given the same events, tables, schema and count."""
     keys.validate_version(version)
     if batch_users < 1:
         raise ValueError("batch_users must be >= 1")
+    if shard is not None and not isinstance(shard, Shard):
+        shard = Shard(*shard)
+    if shard is not None:
+        shard.record(version)  # a version name too long for the records fails before anything is written
     started = time.perf_counter()
     cap = schema.spec.max_sequence_length
     if schema.categories.size - 1 > (1 << 24) - 1:
         raise CodecError("more than 2^24 categories cannot be encoded in a sequence record")
     user_ids, offsets = ingest_users(events, users)
     fingerprint = source_fingerprint(events, user_ids, offsets)
-    meta = await _open_version(store, version, schema, fingerprint, resume, source, batch_users, ttl_seconds)
-    stats = IngestStats(version=version)
-    next_user = int(meta.checkpoint.get("next_user", 0))
+    stats = IngestStats(version=version, shard=None if shard is None else str(shard))
+    guard = _VersionGuard(store, version, fingerprint, shard)
+
+    if shard is None:
+        meta = await _open_version(store, version, schema, fingerprint, resume, source, batch_users, ttl_seconds)
+        progress_meta = meta  # a one-process load keeps its checkpoint in the version's meta
+    else:
+        info: dict[str, Any] = {"source": source, "fingerprint": fingerprint, "batch_users": batch_users,
+                                "ttl_seconds": ttl_seconds, "schema_name": schema.spec.name, "shards": shard.count}
+        meta = await _open_sharded_version(store, version, schema, fingerprint, resume, shard, info)
+        progress_meta = await _open_shard_record(store, version, schema, fingerprint, resume, shard, info)
+    next_user = int(progress_meta.checkpoint.get("next_user", 0))
     stats.resumed_from_user = next_user
     if clusterer is not None:
-        meta.info["clusters"] = {"fingerprint": clusterer.fingerprint.hex(), **asdict(clusterer.params)}
+        progress_meta.info["clusters"] = {"fingerprint": clusterer.fingerprint.hex(), **asdict(clusterer.params)}
 
-    if not meta.checkpoint.get("items_done"):
-        item_ids, values = item_table(events, schema, catalogue, items)
+    if not progress_meta.checkpoint.get("items_done"):
+        item_ids, values = item_table(events, schema, catalogue, items)  # every item of the log: all of it
+        if shard is not None:
+            keep = np.flatnonzero(shard.members(item_ids))
+            item_ids, values = item_ids[keep], [values[k] for k in keep.tolist()]
         for k in range(0, len(values), ITEM_BATCH):
+            await guard.check()
             await store.write_items(version, item_ids[k : k + ITEM_BATCH].tolist(), values[k : k + ITEM_BATCH])
         stats.items = len(values)
         stats.bytes += sum(map(len, values))
-        meta.counts["items"] = len(values)
-        meta.checkpoint["items_done"] = True
-        await store.put_meta(meta)
+        progress_meta.counts["items"] = len(values)
+        progress_meta.checkpoint["items_done"] = True
+        await store.put_meta(progress_meta)
 
+    no_events = np.diff(offsets) == 0  # users with events have one at least: these are user-table rows
+    if shard is not None:
+        selected = np.flatnonzero(shard.members(user_ids))
+        no_events = no_events[selected]
+        events, user_ids, offsets = select_shard(events, user_ids, offsets, selected, cap)
     n_users = len(user_ids)
-    stats.table_users = int(np.count_nonzero(np.diff(offsets) == 0))  # users with events have one at least
-    meta.counts["table_users"] = stats.table_users
+    stats.table_users = int(np.count_nonzero(no_events))
+    progress_meta.counts["table_users"] = stats.table_users
     user_tails = SideTails.build(schema.spec.side.user, users, user_ids)
     with tqdm(
         total=n_users,
-        initial=next_user,
+        initial=min(next_user, n_users),
         unit="user",
         file=sys.stderr,
         disable=not progress,
-        desc=f"ingest {version}",
+        desc=f"ingest {version}" if shard is None else f"ingest {version} shard {shard}",
         mininterval=1.0,
     ) as bar:
         for u0 in range(next_user, n_users, batch_users):
@@ -370,32 +681,50 @@ async def ingest_log(
                 clusters = cluster_user_batch(events, schema, offsets, u0, u1, cap, clusterer)
                 stats.clustered += sum(c is not None for c in clusters)
                 stats.bytes += sum(len(c) for c in clusters if c is not None)
+            await guard.check()
             await store.write_users(version, user_ids[u0:u1].tolist(), profiles, sequences, ttl_seconds,
                                     clusters=clusters)
             stats.users += u1 - u0
             stats.events += kept
             stats.bytes += sum(map(len, sequences)) + sum(map(len, profiles))
             stats.batches += 1
-            meta.checkpoint["next_user"] = u1
-            meta.counts["users"] = u1
-            meta.counts["events"] = int(meta.counts.get("events", 0)) + kept
-            await store.put_meta(meta)
+            progress_meta.checkpoint["next_user"] = u1
+            progress_meta.counts["users"] = u1
+            progress_meta.counts["events"] = int(progress_meta.counts.get("events", 0)) + kept
+            await store.put_meta(progress_meta)
             bar.update(u1 - u0)
 
-    meta.status = STATUS_COMPLETE
-    meta.counts["bytes"] = int(meta.counts.get("bytes", 0)) + stats.bytes
-    await store.put_meta(meta)
-    if activate:
-        await store.activate(version)
-        stats.activated = True
+    progress_meta.status = STATUS_COMPLETE
+    progress_meta.counts["bytes"] = int(progress_meta.counts.get("bytes", 0)) + stats.bytes
+    if shard is None:
+        await store.put_meta(meta)
+        if activate:
+            await store.activate(version)
+            stats.activated = True
+        stats.complete = True
+    else:
+        await guard.check()
+        await store.put_meta(progress_meta)  # this shard is done: written before the others are read
+        waiting = await finish_shards(store, version, shard.count, activate=activate)
+        stats.complete = not waiting
+        stats.activated = activate and not waiting
+        if waiting:
+            log.info(
+                "shard %s of %s is done; shards %s are still loading: the version stays '%s' until the last of "
+                "them finishes%s",
+                shard, version, ", ".join(map(str, waiting)), STATUS_INGESTING,
+                " and activates it" if activate else "",
+                extra={"version": version, "shard": str(shard), "waiting_for": waiting},
+            )
     stats.seconds = time.perf_counter() - started
     log.info(
-        "ingested %d users, %d events, %d items, %.1f MB into %s in %.1f s",
+        "ingested %d users, %d events, %d items, %.1f MB into %s%s in %.1f s",
         stats.users,
         stats.events,
         stats.items,
         stats.bytes / 1e6,
         version,
+        "" if shard is None else f" (shard {shard})",
         stats.seconds,
         extra={
             "users": stats.users,
@@ -408,9 +737,28 @@ async def ingest_log(
             "resumed_from_user": stats.resumed_from_user,
             "clustered_users": stats.clustered,
             "table_users": stats.table_users,
+            "shard": stats.shard,
+            "complete": stats.complete,
         },
     )
     return stats
+
+
+class _VersionGuard:
+    """Before each write of a sharded load, re-reads the version's meta: a version dropped, or
+    taken over by another data set (or shard count, or a one-process ingest), stops the shard
+    before it writes into it. A one-process load has nothing to check."""
+
+    def __init__(self, store: OnlineStore, version: str, fingerprint: str, shard: Shard | None) -> None:
+        self.store, self.version, self.fingerprint, self.shard = store, version, fingerprint, shard
+
+    async def check(self) -> None:
+        if self.shard is None:
+            return
+        current = await self.store.get_meta(self.version)
+        if current is None:
+            raise VersionNotFound(f"version {self.version!r} was dropped while shard {self.shard} was loading it")
+        _check_sharded_meta(current, self.version, self.fingerprint, self.shard)
 
 
 async def _open_version(
@@ -437,6 +785,11 @@ async def _open_version(
     info = {"source": source, "fingerprint": fingerprint, "batch_users": batch_users, "ttl_seconds": ttl_seconds,
             "schema_name": schema.spec.name}
     if resume and existing is not None:
+        if existing.info.get("shards") is not None:
+            raise VersionConflict(
+                f"version {version!r} is loaded in {existing.info['shards']} shards: resume each with --shard "
+                f"I/{existing.info['shards']} (or complete it with --finish-shards)"
+            )
         if existing.info.get("fingerprint") != fingerprint:
             raise VersionConflict(f"cannot resume {version!r}: it was started from different source data")
         if existing.status == STATUS_COMPLETE:
@@ -460,13 +813,16 @@ async def _open_version(
 
 
 async def latest_incomplete_version(store: OnlineStore, schema_hash: str) -> str | None:
-    """The most recently created version still being ingested with this schema (for `--resume`)."""
+    """The most recently created version still being ingested with this schema by one process
+    (for `--resume`; a sharded load names its version)."""
     best: VersionMeta | None = None
     for name in await store.list_versions():
         meta = await store.get_meta(name)
         if (
             meta
             and meta.status == STATUS_INGESTING
+            and "shards" not in meta.info
+            and not _is_shard_record(meta)
             and meta.schema_hash == schema_hash
             and (best is None or meta.created > best.created)
         ):
@@ -761,6 +1117,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="continue an interrupted ingest from its checkpoint (default: the newest incomplete)",
     )
     parser.add_argument("--activate", action="store_true", help="switch the active pointer to this version at the end")
+    parser.add_argument(
+        "--shard", default=None, metavar="I/N",
+        help="load only shard I of N (0 <= I < N): the users and items whose key hashes to I. N processes, "
+        "one per shard, load one data set into the same --version in parallel; the last to finish marks the "
+        "version complete (and activates it with --activate). Needs --version; --resume continues this shard",
+    )
+    parser.add_argument(
+        "--finish-shards", type=int, default=None, metavar="N",
+        help="complete --version, loaded with --shard I/N, once all N shards are done (and activate it with "
+        "--activate), then exit; exit 1 naming the shards not done",
+    )
     parser.add_argument("--timeout", type=float, default=120.0, help="deadline of one batch write, seconds")
     parser.add_argument("--list-versions", action="store_true", help="list versions and their status, then exit")
     parser.add_argument(
@@ -818,31 +1185,85 @@ def run(args: argparse.Namespace) -> int:
         return 1
 
 
+def shard_from_args(args: argparse.Namespace, upsert: bool) -> Shard | None:
+    """The `--shard` of the arguments (None: a one-process load); refuses, naming the flag, a
+    malformed one and the combinations that cannot work (checked before anything connects)."""
+    if args.finish_shards is not None:
+        if args.finish_shards < 1:
+            raise ShardArgumentError(f"--finish-shards {args.finish_shards}: the shard count must be at least 1")
+        if args.version is None:
+            raise ShardArgumentError("--finish-shards needs --version: the version the shards loaded")
+        if args.shard is not None:
+            raise ShardArgumentError("--finish-shards completes a sharded load: give it without --shard")
+    if args.shard is None:
+        return None
+    shard = Shard.parse(args.shard)
+    if upsert or args.list_versions or args.drop_version:
+        raise ShardArgumentError("--shard applies to a bulk load, not to upserts, --list-versions or --drop-version")
+    if args.version is None:
+        raise ShardArgumentError(f"--shard {shard} needs --version: every shard must load the same named version")
+    try:
+        shard.record(args.version)
+    except ValueError as exc:
+        raise ShardArgumentError(f"--shard {shard}: {exc}") from None
+    return shard
+
+
+async def _list_versions(store: OnlineStore) -> None:
+    active = await store.active_version(refresh=True)
+    for name in await store.list_versions():
+        meta = await store.get_meta(name)
+        if _is_shard_record(meta):
+            continue  # a shard's progress record: shown as its version's `shards`
+        log.info(
+            "version %s%s",
+            name,
+            " (active)" if name == active else "",
+            extra={
+                "status": meta.status if meta else None,
+                "counts": meta.counts if meta else None,
+                "schema_hash": meta.schema_hash if meta else None,
+                "shards": meta.info.get("shards") if meta else None,
+            },
+        )
+
+
+async def _drop_version(store: OnlineStore, version: str) -> None:
+    """Drop a version and the shard records of a sharded load of it. The records go first: a
+    record left behind would count its shard as done when the version is loaded again."""
+    records = [n for n in await store.list_versions() if _shard_record_of(n, version)]
+    if records and await store.active_version(refresh=True) != version:  # the active one: refused below
+        meta = await store.get_meta(version)
+        if meta is not None and meta.status != STATUS_DROPPING:
+            meta.status = STATUS_DROPPING  # shards still loading it stop before their next write
+            await store.put_meta(meta)
+        for name in records:
+            await store.drop_version(name)
+    removed = await store.drop_version(version)
+    log.info("dropped %s: %d keys%s", version, removed, f" and {len(records)} shard records" if records else "")
+
+
 async def _main(args: argparse.Namespace) -> int:
     upsert = args.upsert_items is not None or args.upsert_users is not None
     if upsert and args.schema is None:
         raise SchemaError("an upsert needs the schema the version was ingested with: --bundle, --run or --schema")
+    shard = shard_from_args(args, upsert)
     config = store_config_from_args(args)
     store = create_store(config)
     async with store:
         if args.list_versions:
-            active = await store.active_version(refresh=True)
-            for name in await store.list_versions():
-                meta = await store.get_meta(name)
-                log.info(
-                    "version %s%s",
-                    name,
-                    " (active)" if name == active else "",
-                    extra={
-                        "status": meta.status if meta else None,
-                        "counts": meta.counts if meta else None,
-                        "schema_hash": meta.schema_hash if meta else None,
-                    },
-                )
+            await _list_versions(store)
             return 0
         if args.drop_version:
-            removed = await store.drop_version(args.drop_version)
-            log.info("dropped %s: %d keys", args.drop_version, removed)
+            await _drop_version(store, args.drop_version)
+            return 0
+        if args.finish_shards is not None:
+            waiting = await finish_shards(store, args.version, args.finish_shards, activate=args.activate)
+            if waiting:
+                raise VersionConflict(
+                    f"shards {', '.join(map(str, waiting))} of {args.finish_shards} have not finished loading "
+                    f"{args.version}: run them (with --resume) first"
+                )
             return 0
 
         source = resolve_source(args, upsert)
@@ -871,7 +1292,8 @@ async def _main(args: argparse.Namespace) -> int:
             version = await latest_incomplete_version(store, schema.hash)
         if version is None:
             version = time.strftime("v%Y%m%d%H%M%S", time.gmtime())
-        log.info("ingesting into version %s (schema %s)", version, schema.hash[:12])
+        log.info("ingesting into version %s (schema %s)%s", version, schema.hash[:12],
+                 "" if shard is None else f", shard {shard}")
         clusterer = None
         if args.cluster_bundle is not None:
             params = ClusterParams(target_size=args.cluster_size, seed=args.cluster_seed)
@@ -890,5 +1312,6 @@ async def _main(args: argparse.Namespace) -> int:
             source=source.label,
             progress=not args.no_progress,
             clusterer=clusterer,
+            shard=shard,
         )
     return 0

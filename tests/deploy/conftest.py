@@ -16,14 +16,18 @@ K8S = REPO / "k8s"
 OVERLAYS = ("cpu", "gpu", "trial")
 
 
-@functools.cache
 def render(overlay: str) -> tuple[dict[str, Any], ...]:
     """Every object of `kubectl kustomize k8s/overlays/<overlay>`."""
+    return render_dir(K8S / "overlays" / overlay)
+
+
+@functools.cache
+def render_dir(path: Path) -> tuple[dict[str, Any], ...]:
+    """Every object of `kubectl kustomize <path>` (a kustomization directory under k8s/)."""
     kubectl = shutil.which("kubectl")
     if kubectl is None:
         pytest.skip("kubectl (with its built-in kustomize) is not installed")
-    out = subprocess.run([kubectl, "kustomize", str(K8S / "overlays" / overlay)], capture_output=True, text=True,
-                         timeout=60)
+    out = subprocess.run([kubectl, "kustomize", str(path)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     return tuple(doc for doc in yaml.safe_load_all(out.stdout) if doc)
 
