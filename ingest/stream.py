@@ -392,10 +392,16 @@ class StreamConsumer:
         await self.rebalance(force=True)
         try:
             while not stop.is_set():
-                result = await self.step()
+                pause = self.config.poll_interval_s
+                try:
+                    result = await self.step()
+                except FeatureStoreError as exc:  # Redis away (restart, failover): keep trying, never exit
+                    self.metrics.failed_batches.inc()
+                    self._errors.warning("event log unreachable; retrying", error=str(exc))
+                    result, pause = StepResult(), max(pause, 0.5)
                 if result.read == 0:
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(stop.wait(), self.config.poll_interval_s)
+                        await asyncio.wait_for(stop.wait(), pause)
         finally:
             await self.close()
 
