@@ -37,6 +37,7 @@ from tests.helpers import tiny_model, tiny_schema
 REPO = Path(__file__).resolve().parents[2]
 BUNDLE_NAME = "tiny"
 ADMIN_TOKEN = "e2e-admin-token"
+EVENTS_TOKEN = "e2e-events-token"
 FEATURE_VERSION = "v1"
 NOW = 1_700_000_000
 
@@ -216,7 +217,8 @@ def live_server(tmp_path_factory: pytest.TempPathFactory, world: World) -> Itera
     root = tmp_path_factory.mktemp("live")
     model_dir = root / "models"
     export_bundle(world, model_dir)
-    env = {"RANKSERVE_ADMIN_TOKEN": ADMIN_TOKEN, "RANKSERVE_MAX_CANDIDATES": "200", "RANKSERVE_MAX_TOP_N": "100",
+    env = {"RANKSERVE_ADMIN_TOKEN": ADMIN_TOKEN, "RANKSERVE_EVENTS_TOKEN": EVENTS_TOKEN,
+           "RANKSERVE_MAX_CANDIDATES": "200", "RANKSERVE_MAX_TOP_N": "100",
            "RANKSERVE_MAX_BODY_BYTES": "65536"}
     server = Server(model_dir, world.redis_url, root / "server.log", env).start()
     try:

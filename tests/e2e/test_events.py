@@ -24,9 +24,8 @@ from feature_store.embedded import EmbeddedValkey, free_port
 from feature_store.redis_store import create_store
 from feature_store.store import EmbeddedConfig, FeatureStoreConfig
 from ingest.bulk import ingest_log
-from tests.e2e.conftest import FEATURE_VERSION, REPO, Server, World, export_bundle, tiny_event_log
+from tests.e2e.conftest import EVENTS_TOKEN, FEATURE_VERSION, REPO, Server, World, export_bundle, tiny_event_log
 
-EVENTS_TOKEN = "e2e-events-token"
 SHARDS = "4"
 
 

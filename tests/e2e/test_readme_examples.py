@@ -26,7 +26,7 @@ from google.protobuf import descriptor_pool, json_format, message_factory
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
-from tests.e2e.conftest import ADMIN_TOKEN, REPO, Server
+from tests.e2e.conftest import ADMIN_TOKEN, EVENTS_TOKEN, REPO, Server
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -129,7 +129,8 @@ def localize(command: str, server: Server) -> str:
 
 
 def run_example(command: str, server: Server) -> tuple[int, str]:
-    env = {**os.environ, "RANKSERVE_ADMIN_TOKEN": ADMIN_TOKEN, "PATH": f"{BIN_DIR}:{os.environ.get('PATH', '')}"}
+    env = {**os.environ, "RANKSERVE_ADMIN_TOKEN": ADMIN_TOKEN, "RANKSERVE_EVENTS_TOKEN": EVENTS_TOKEN,
+           "PATH": f"{BIN_DIR}:{os.environ.get('PATH', '')}"}
     command = localize(command, server)
     if command.startswith("grpcurl ") and grpcurl_binary() is None:
         argv = shlex.split(os.path.expandvars(command))
