@@ -829,12 +829,12 @@ class RedisOnlineStore(OnlineStore):
 
         # Repeating the whole list after a failure is safe: applied ids are skipped.
         replies = await self._run(f"append events of {len(appends)} users", op)
-        counts = [[0, 0] for _ in appends]
+        appended, duplicates = [0] * len(appends), [0] * len(appends)  # flat: few objects per batch
         for call, reply in zip(calls, replies, strict=True):
-            for u, (k, *_) in enumerate(call):
-                counts[k][0] += int(reply[2 * u])
-                counts[k][1] += int(reply[2 * u + 1])
-        return [(a, d) for a, d in counts]
+            for u, entry in enumerate(call):
+                appended[entry[0]] += int(reply[2 * u])
+                duplicates[entry[0]] += int(reply[2 * u + 1])
+        return list(zip(appended, duplicates, strict=True))
 
     async def _load_script(self, script: str) -> None:
         if isinstance(self._client, RedisCluster):  # on every primary, through the clients the reads use

@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import itertools
 import logging
 import math
@@ -66,7 +67,8 @@ log = logging.getLogger(__name__)
 
 _RENEW = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end return 0"
 _RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
-_ITEM_CACHE_MAX = 1_000_000  # resolved items kept per version (index, category); cleared when full
+_ITEM_CACHE_MAX = 2_000_000  # resolved items kept per version (index and category); cleared when full
+_CATEGORY_BITS = 24  # a category index is below 2^24 (`codecs.MAX_CATEGORY_INDEX`)
 
 
 @dataclass(frozen=True)
@@ -123,7 +125,7 @@ class _VersionState:
     version: str
     decoder: ev.EntryDecoder
     cap: int
-    items: dict[int, tuple[int, int]] = field(default_factory=dict)
+    items: dict[int, int] = field(default_factory=dict)  # item key -> index << 24 | category
 
 
 class StreamConsumer:
@@ -278,17 +280,20 @@ class StreamConsumer:
         shards = sorted(self.owned)
         commands = [("XREADGROUP", "GROUP", ev.GROUP, self.name, "COUNT", count, "STREAMS", ev.stream_key(s), ">")
                     for s in shards]
-        replies = await self._send_with_acks("read events", commands)
+        # Not repeated after a failure the command may have reached Redis through (retry=False):
+        # a repeated XREADGROUP ">" would read the entries after those the lost reply delivered,
+        # leaving those pending, unapplied, behind newer ones. The failed step claims them instead.
+        replies = await self._send_with_acks("read events", commands, retry=False)
         out = []
         for shard, reply in zip(shards, replies, strict=True):
             out.append((shard, list(reply[0][1]) if reply else []))
         return out
 
-    async def _send_with_acks(self, what: str, commands: list[tuple[Any, ...]]) -> list[Any]:
+    async def _send_with_acks(self, what: str, commands: list[tuple[Any, ...]], retry: bool = True) -> list[Any]:
         """`commands` after the XACKs owed (one round trip); their replies. XACK is safe to repeat."""
         acks, self._acks = self._acks, []
         try:
-            replies = await self.store.execute(what, acks + commands)
+            replies = await self.store.execute(what, acks + commands, retry=retry)
         except FeatureStoreError:
             self._acks = acks + self._acks
             raise
@@ -351,7 +356,9 @@ class StreamConsumer:
             log.info("appending streamed events to version %s", version, extra={"version": version})
         return self._state
 
-    async def _resolve_items(self, state: _VersionState, keys: set[int]) -> dict[int, tuple[int, int]]:
+    async def _resolve_items(self, state: _VersionState, keys: set[int]) -> dict[int, int]:
+        """Item key -> its stored index and category, packed (`index << 24 | category`: plain ints,
+        so a million cached items are not a million objects for the garbage collector to walk)."""
         cache = state.items
         missing = [k for k in keys if k not in cache]
         if missing:
@@ -359,10 +366,11 @@ class StreamConsumer:
             index, category, found, _ = decode_item_values(values, missing)
             if len(cache) + len(missing) > _ITEM_CACHE_MAX:
                 cache.clear()
-            for k, i, c, f in zip(missing, index.tolist(), category.tolist(), found.tolist(), strict=True):
+            packed = ((index << _CATEGORY_BITS) | category).tolist()
+            for k, p, f in zip(missing, packed, found.tolist(), strict=True):
                 if f:  # not cached when unknown: a catalogue upsert may add it
-                    cache[k] = (i, c)
-        return {k: cache.get(k, (0, 0)) for k in keys}
+                    cache[k] = p
+        return {k: cache.get(k, 0) for k in keys}
 
     async def _update_lag(self) -> None:
         now = time.monotonic()
@@ -423,15 +431,31 @@ def _pairs(group: Any) -> Iterable[tuple[Any, Any]]:
     return zip(group[::2], group[1::2], strict=True)
 
 
-def user_appends(decoded: list[ev.DecodedEvent], items: dict[int, tuple[int, int]]) -> list[UserAppend]:
+def tune_gc() -> None:
+    """Garbage-collector settings for a consumer process.
+
+    Each batch allocates tens of thousands of short-lived objects (entries, their fields, one
+    append per user), nearly all freed by reference counting. With the default thresholds they
+    still trigger collections that walk every long-lived object of the process, which cost a
+    third of the consumer's throughput on the standard workload (BENCHMARKS.md). So: freeze what
+    exists after start-up (never collected: modules, the store, the caches' containers), and
+    collect the youngest generation every 50,000 allocations instead of every 700.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 20)
+
+
+def user_appends(decoded: list[ev.DecodedEvent], items: dict[int, int]) -> list[UserAppend]:
     """The batch's events per user, each user's in entry order, encoded as sequence records at once
-    (one numpy pass for the whole batch, not one per user)."""
+    (one numpy pass for the whole batch, not one per user). `items`: item key -> index << 24 | category."""
     event_ids, users, item_keys, actions, times = zip(*decoded, strict=True)
-    user = np.fromiter(users, dtype=np.int64, count=len(decoded))
+    n = len(decoded)
+    user = np.fromiter(users, dtype=np.int64, count=n)
     order = np.argsort(user, kind="stable")
-    index = np.array([items[k] for k in item_keys], dtype=np.int64).reshape(-1, 2)[order]
-    records = encode_sequence(index[:, 0], index[:, 1], np.asarray(actions, dtype=np.int64)[order],
-                              np.asarray(times, dtype=np.int64)[order])
+    packed = np.fromiter((items[k] for k in item_keys), dtype=np.int64, count=n)[order]
+    records = encode_sequence(packed >> _CATEGORY_BITS, packed & ((1 << _CATEGORY_BITS) - 1),
+                              np.asarray(actions, dtype=np.int64)[order], np.asarray(times, dtype=np.int64)[order])
     sorted_users = user[order]
     bounds = np.flatnonzero(np.r_[True, sorted_users[1:] != sorted_users[:-1], True]).tolist()
     ids = [event_ids[k] for k in order.tolist()]
@@ -484,6 +508,7 @@ async def _consume(store_config: FeatureStoreConfig, config: ConsumerConfig, met
         raise UserError("rankserve consume needs the Redis feature store")
     async with store:
         consumer = StreamConsumer(store, config, metrics)
+        tune_gc()
         log.info("consuming %d event shards as %s", config.shards, config.name,
                  extra={"shards": config.shards, "consumer": config.name})
         await consumer.run(stop)

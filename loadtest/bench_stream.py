@@ -115,7 +115,7 @@ def section_throughput(redis_url: str, source: EventSource, rounds: int, events:
     from feature_store import events as ev
     from feature_store.redis_store import RedisOnlineStore, create_store
     from feature_store.store import FeatureStoreConfig
-    from ingest.stream import ConsumerConfig, StreamConsumer
+    from ingest.stream import ConsumerConfig, StreamConsumer, tune_gc
 
     sync = redis.Redis.from_url(redis_url, socket_timeout=30)
     for s in range(SHARDS):
@@ -130,6 +130,7 @@ def section_throughput(redis_url: str, source: EventSource, rounds: int, events:
         await consumer.rebalance(force=True)
         for _ in range(3):  # walk the (empty) pending lists of the fresh leases
             await consumer.step()
+        tune_gc()  # as `rankserve consume` does (this process holds the bench's objects too: frozen alike)
         seconds: dict[str, list[float]] = {"consumer": [], "raw_floor": []}
         try:
             for r in range(rounds):

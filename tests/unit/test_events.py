@@ -72,7 +72,7 @@ def test_shards_are_stable_and_spread() -> None:
 
 def test_user_appends_group_per_user_in_entry_order() -> None:
     decoded = [(b"a", 5, 10, 0, 100), (b"b", 3, 11, 1, 101), (b"c", 5, 12, 3, 102), (b"d", 3, 10, 2, 103)]
-    items = {10: (1, 7), 11: (2, 8), 12: (0, 0)}
+    items = {10: 1 << 24 | 7, 11: 2 << 24 | 8, 12: 0}  # index << 24 | category
     appends = user_appends(decoded, items)
     assert [a.user_id for a in appends] == [3, 5]
     assert [list(a.event_ids) for a in appends] == [[b"b", b"d"], [b"a", b"c"]]
