@@ -75,6 +75,9 @@ def test_overlays_have_the_expected_objects(overlay: str) -> None:
         ("HorizontalPodAutoscaler", "rankserve"), ("PodDisruptionBudget", "rankserve"),
         ("NetworkPolicy", "rankserve"), ("PersistentVolumeClaim", "rankserve-bundles"),
         ("ConfigMap", "rankserve-experiments"), ("ServiceAccount", "rankserve"), ("Namespace", "rankserve"),
+        # the event consumer (test_k8s_consumer.py)
+        ("Deployment", "rankserve-consumer"), ("Service", "rankserve-consumer"),
+        ("PodDisruptionBudget", "rankserve-consumer"), ("NetworkPolicy", "rankserve-consumer"),
     }
     if overlay == "trial":
         expected |= {("StatefulSet", "rankserve-redis"), ("Service", "rankserve-redis"),
@@ -182,6 +185,8 @@ def test_secrets_only_by_reference(overlay: str) -> None:
     assert (redis["name"], redis["key"]) == ("rankserve-redis", "url")
     admin = env["RANKSERVE_ADMIN_TOKEN"]["valueFrom"]["secretKeyRef"]
     assert (admin["name"], admin["key"], admin["optional"]) == ("rankserve-admin", "token", True)
+    events = env["RANKSERVE_EVENTS_TOKEN"]["valueFrom"]["secretKeyRef"]
+    assert (events["name"], events["key"], events["optional"]) == ("rankserve-events", "token", True)
     settings = settings_env(render(overlay))
     for key, value in settings.items():
         assert not re.search(r"(TOKEN|PASSWORD|SECRET)", key), key
@@ -271,7 +276,9 @@ def test_trial_redis_is_private_and_password_protected() -> None:
     assert env["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "rankserve-redis", "key": "password"}
     policy = find(objects, "NetworkPolicy", "rankserve-redis")
     (rule,) = policy["spec"]["ingress"]
-    assert rule["from"] == [{"podSelector": {"matchLabels": SERVER_LABELS}}]
+    consumer = {**SERVER_LABELS, "app.kubernetes.io/component": "consumer"}
+    assert rule["from"] == [{"podSelector": {"matchLabels": SERVER_LABELS}},
+                            {"podSelector": {"matchLabels": consumer}}]
     assert "Egress" in policy["spec"]["policyTypes"] and not policy["spec"].get("egress")
     assert settings_env(objects)["REDIS_CLUSTER_NODES"] == ""
 
@@ -298,12 +305,14 @@ def test_deploy_doc_matches_the_manifests() -> None:
         assert f"k8s/overlays/{overlay}" in doc
     # every Secret the manifests reference is created in the doc, with the same keys
     refs = {(ref["name"], ref["key"]) for overlay in OVERLAYS for obj in render(overlay) for ref in secret_refs(obj)}
-    assert refs == {("rankserve-redis", "url"), ("rankserve-redis", "password"), ("rankserve-admin", "token")}
+    assert refs == {("rankserve-redis", "url"), ("rankserve-redis", "password"), ("rankserve-admin", "token"),
+                    ("rankserve-events", "token")}
     for secret, key in refs:
         command = rf"create secret generic {secret}\b[^\n]*(\\\n[^\n]*)*--from-literal={key}="
         assert re.search(command, doc), f"docs/DEPLOY.md never creates key {key} of Secret {secret}"
     # the objects the doc tells an operator to edit or watch exist
     doc_objects = {("Deployment", "rankserve"): "deployment/rankserve",
+                   ("Deployment", "rankserve-consumer"): "deployment/rankserve-consumer",
                    ("ConfigMap", "rankserve-experiments"): "configmap rankserve-experiments"}
     for (kind, name), mention in doc_objects.items():
         assert mention in doc, mention

@@ -1,8 +1,9 @@
 """Monitoring manifests (k8s/components/monitoring): the alert rules pass `promtool check rules`
 and their promtool unit tests, the PrometheusRule holds exactly the plain rules file, the
-component renders on an overlay with a ServiceMonitor that matches the Service, and the rules and
-the Grafana dashboard only use metrics the service exports. tests/e2e/test_prometheus.py runs
-every expression against a real Prometheus scraping a real server."""
+component renders on an overlay with ServiceMonitors that match the server's and the event
+consumer's Services, and the rules and the Grafana dashboard only use metrics the server and the
+consumer export. tests/e2e/test_prometheus.py runs every expression against a real Prometheus
+scraping a real server."""
 
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ RULES = MONITORING / "rules.yaml"
 DASHBOARD = MONITORING / "grafana-dashboard.json"
 RULES_TEST = REPO / "tests" / "deploy" / "promtool" / "rules_test.yaml"
 ALERTS = {"RankserveHighP99Latency", "RankserveHighDegradedShare", "RankserveNoModelLoaded", "RankserveBundleRefused",
-          "RankserveFeatureSetTooOld"}
+          "RankserveFeatureSetTooOld", "RankserveConsumerLagGrowing", "RankserveConsumerBatchesFailing",
+          "RankserveConsumerDeadLetters"}
 PANELS = {"Request rate", "Latency p50 per stage", "Latency p99 per stage", "Degraded share", "Arm shares",
           "Shadow agreement", "Errors by code"}
 
@@ -51,10 +53,13 @@ def dashboard_exprs() -> dict[str, list[str]]:
 
 @functools.cache
 def exported_metric_names() -> frozenset[str]:
-    """Every sample name a fresh `Metrics` exports (histogram parts included), this process being
-    single-process (the label sets are created on use, so a few samples are made here first)."""
+    """Every sample name a fresh `Metrics` (the server) or `ConsumerMetrics` (`rankserve consume`)
+    exports (histogram parts included), this process being single-process (the label sets are
+    created on use, so a few samples are made here first)."""
+    from prometheus_client import generate_latest
     from prometheus_client.parser import text_string_to_metric_families
 
+    from ingest.stream import ConsumerMetrics
     from service.observability.metrics import Metrics
 
     m = Metrics()
@@ -68,7 +73,13 @@ def exported_metric_names() -> frozenset[str]:
     m.shadow_jobs.labels("default", "s", "ok").inc()
     m.item_cache.labels("hit").inc()
     m.model_info.labels("tiny", "1").set(1)
-    return frozenset(s.name for f in text_string_to_metric_families(m.exposition().decode()) for s in f.samples)
+    c = ConsumerMetrics()
+    for outcome in ("appended", "duplicate", "dead_letter"):
+        c.events.labels(outcome).inc()
+    c.lag.labels("rs:ev:{s0}").set(0)
+    c.pending.labels("rs:ev:{s0}").set(0)
+    texts = (m.exposition().decode(), generate_latest(c.registry).decode())
+    return frozenset(s.name for text in texts for f in text_string_to_metric_families(text) for s in f.samples)
 
 
 def test_rules_pass_promtool_check_and_unit_tests() -> None:
@@ -149,6 +160,22 @@ def test_component_renders_on_an_overlay(tmp_path: Path) -> None:
     assert endpoint["port"] in {p["name"] for p in service["spec"]["ports"]} and endpoint["path"] == "/metrics"
     headless = find(objects, "Service", "rankserve-headless")
     assert endpoint["port"] not in {p["name"] for p in headless["spec"]["ports"]}  # each pod scraped once
+    # the event consumers: their own ServiceMonitor, on the consumer Service's metrics port, which
+    # is the port the consumer serves its metrics on; the server's ServiceMonitor does not select it
+    consumer_monitor = find(objects, "ServiceMonitor", "rankserve-consumer")
+    assert consumer_monitor["metadata"]["namespace"] == "rankserve"
+    consumer_service = find(objects, "Service", "rankserve-consumer")
+    assert not selector.items() <= consumer_service["metadata"]["labels"].items()
+    consumer_selector = consumer_monitor["spec"]["selector"]["matchLabels"]
+    assert consumer_selector.items() <= consumer_service["metadata"]["labels"].items()
+    assert not consumer_selector.items() <= service["metadata"]["labels"].items()
+    (consumer_endpoint,) = consumer_monitor["spec"]["endpoints"]
+    assert consumer_endpoint["path"] == "/metrics"
+    (port,) = [p for p in consumer_service["spec"]["ports"] if p["name"] == consumer_endpoint["port"]]
+    deployment = find(objects, "Deployment", "rankserve-consumer")
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    assert port["targetPort"] in {p["name"] for p in container["ports"]}
+    assert consumer_service["spec"]["selector"].items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
 
     dashboard = find(objects, "ConfigMap", "rankserve-grafana-dashboard")
     assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"

@@ -3,10 +3,10 @@
 The build context is assembled from .dockerignore exactly as `docker build` would send it; the
 gRPC stubs are generated in it (the `builder-base` stage); the project is installed with only the
 otel extra at the versions of constraints/serving.txt (`deps-cpu`); torch and pandas must not be
-importable and the serving modules must import (`builder-cpu`); the retrieval kernels are
-compiled into a numba cache for the image's baseline CPU, and a second process started through
-docker/entrypoint.sh with only that cache as its seed (the `runtime-cpu` stage) must load them
-without compiling. tests/deploy/test_image.py builds and runs the image itself.
+importable and the serving modules and the event consumer must import (`builder-cpu`); the
+retrieval kernels are compiled into a numba cache for the image's baseline CPU, and a second
+process started through docker/entrypoint.sh with only that cache as its seed (the `runtime-cpu`
+stage) must load them without compiling. tests/deploy/test_image.py builds and runs the image itself.
 """
 
 from __future__ import annotations
@@ -36,6 +36,11 @@ import service.transports.grpc.proto.ranker_pb2 as pb2
 from service.settings import Settings
 from service.observability.tracing import Tracing
 assert Tracing.from_settings(Settings(otel_endpoint="http://127.0.0.1:4317")) is not None  # the otel extra
+# the event consumer (`rankserve consume`) runs from the serving image too
+import ingest.stream
+from service.cli import build_parser
+build_parser("consume").parse_args(["consume", "--shards=8", "--metrics-port=9108"])
+assert not {"torch", "pandas", "pyarrow"} & set(sys.modules), "the consumer imports a training dependency"
 print(service.transports.rest.app.__file__)
 print(pb2.__file__)
 """
