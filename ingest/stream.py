@@ -207,6 +207,10 @@ class StreamConsumer:
     def _drop(self, shard: int) -> None:
         self.owned.discard(shard)
         self._to_claim.pop(shard, None)
+        label = ev.stream_key(shard).decode()
+        for gauge in (self.metrics.lag, self.metrics.pending):  # the next owner reports this shard now
+            with contextlib.suppress(KeyError):
+                gauge.remove(label)
 
     async def _ensure_groups(self, shards: Iterable[int]) -> None:
         todo = [s for s in shards if s not in self._groups_made]
@@ -248,6 +252,7 @@ class StreamConsumer:
                                  error_type=type(exc).__name__)
             for shard in self.owned:  # what was read and not acknowledged is pending: claim it back
                 self._to_claim.setdefault(shard, b"0-0")
+            await self._update_lag()  # the lag keeps telling while batches fail
             return StepResult()
         if result.read:
             self.metrics.batch_seconds.observe(time.perf_counter() - started)

@@ -132,10 +132,13 @@ def test_posted_and_pushed_events_reach_the_next_rank(
     wait_for(lambda: newest(server, fresh) == (t + 1, 1))
     assert newest(server, user)[0] == t  # the repeated id was not appended again
 
-    metrics = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
-    assert 'rankserve_consumer_events_total{outcome="appended"} 2.0' in metrics
-    assert 'rankserve_consumer_events_total{outcome="duplicate"} 1.0' in metrics
-    assert "rankserve_consumer_shards_owned 4.0" in metrics
+    def counted() -> bool:  # the counters move just after the appends they count
+        metrics = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
+        return all(line in metrics for line in ('rankserve_consumer_events_total{outcome="appended"} 2.0',
+                                                'rankserve_consumer_events_total{outcome="duplicate"} 1.0',
+                                                "rankserve_consumer_shards_owned 4.0"))
+
+    wait_for(counted)
 
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(30) == 0, log_path.read_text()[-3000:]
