@@ -441,8 +441,8 @@ def tune_gc() -> None:
 
     Each batch allocates tens of thousands of short-lived objects (entries, their fields, one
     append per user), nearly all freed by reference counting. With the default thresholds they
-    still trigger collections that walk every long-lived object of the process, which cost a
-    third of the consumer's throughput on the standard workload (BENCHMARKS.md). So: freeze what
+    still trigger collections that walk every long-lived object of the process (in a bench
+    process holding the standard workload, a third of the consumer's throughput). So: freeze what
     exists after start-up (never collected: modules, the store, the caches' containers), and
     collect the youngest generation every 50,000 allocations instead of every 700.
     """
