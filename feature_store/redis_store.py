@@ -138,21 +138,27 @@ for u = 1, #KEYS / 3 do
   local seq, clu, evid = KEYS[3 * u - 2], KEYS[3 * u - 1], KEYS[3 * u]
   local n, payload, given = tonumber(ARGV[p]), ARGV[p + 1], ARGV[p + 2]
   local hashes = redis.call('GET', evid) or ''
-  local parts, new, taken = {}, {}, {}
   local fresh = 0
-  for k = 1, n do
-    local h = string.sub(given, k * 8 - 7, k * 8)
-    if not taken[h] and not seen_in(hashes, h) then
-      taken[h] = true
-      fresh = fresh + 1
-      parts[fresh] = string.sub(payload, (k - 1) * size + 1, k * size)
-      new[fresh] = h
+  local records, added = payload, given
+  if n == 1 then  -- most users of a batch: no tables to build
+    if not seen_in(hashes, given) then fresh = 1 end
+  else
+    local parts, new, taken = {}, {}, {}
+    for k = 1, n do
+      local h = string.sub(given, k * 8 - 7, k * 8)
+      if not taken[h] and not seen_in(hashes, h) then
+        taken[h] = true
+        fresh = fresh + 1
+        parts[fresh] = string.sub(payload, (k - 1) * size + 1, k * size)
+        new[fresh] = h
+      end
     end
+    if fresh < n then records, added = table.concat(parts), table.concat(new) end
   end
   p = p + 3
   if fresh > 0 then
-    append_trim(seq, clu, fresh == n and payload or table.concat(parts))
-    hashes = hashes .. table.concat(new)
+    append_trim(seq, clu, records)
+    hashes = hashes .. added
     if #hashes > window then hashes = string.sub(hashes, -window) end
     redis.call('SET', evid, hashes, 'EX', id_ttl)
   end

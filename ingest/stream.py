@@ -4,16 +4,17 @@
 
 Reads the shard streams of `feature_store.events` in one consumer group and appends each
 user's events to the user's sequence in the ACTIVE feature-set version, in one round trip per
-batch (`OnlineStore.append_events_once`: the capped atomic append, plus a per-user set of
-applied event ids, so a redelivered entry or a producer's retry is not appended twice).
+batch (`OnlineStore.append_events_once`: the capped atomic append, plus the hashes of each
+user's newest applied event ids, so a redelivered entry or a producer's retry is not appended
+twice).
 Serving reads sequences from Redis on every request (no history cache), so an appended event
 is in the history the next rank of that user searches. The user-item cross features the model
 reads are computed from that history at request time, so they follow without a write of
 their own. Item indices and categories come from the version's item rows (an item the store
 does not hold gets index 0, as ingest gives items outside the vocabulary); appended events
 carry no `twin_v2` cluster id until the next `rankserve ingest --cluster-bundle`: the
-retriever searches such events for every candidate, so recall is kept and only their search
-costs grows.
+retriever searches such events for every candidate, so recall is kept and only the cost of
+searching them grows.
 
 Ordering and ownership: a shard is owned by one consumer at a time (a lease key, renewed every
 third of `--lease-ms`), so each user's events, all in one shard, are applied in stream order.
