@@ -26,7 +26,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from collections.abc import Sequence as SequenceABC
 from functools import partial
 from typing import Any, TypeVar, cast
@@ -419,17 +419,9 @@ class RedisOnlineStore(OnlineStore):
         if meta is not None:
             meta.status = STATUS_DROPPING
             await self.put_meta(meta)
-        pattern = keys.version_match_pattern(version)
         removed = 0
-        for node in self._scan_targets():
-            cursor = 0
-            while True:
-                page = await self._run("scan version keys", partial(self._scan, node, cursor, pattern, batch))
-                cursor, found = page
-                if found:
-                    removed += await self._run("unlink version keys", partial(self._unlink, found))
-                if cursor == 0:
-                    break
+        async for found in self.scan_keys(keys.version_match_pattern(version), batch=batch):
+            removed += await self._run("unlink version keys", partial(self._unlink, found))
 
         async def forget() -> None:
             pipe = self._client.pipeline(transaction=False)
@@ -442,6 +434,18 @@ class RedisOnlineStore(OnlineStore):
         self._item_caches.pop(version, None)
         log.info("dropped feature-set version %s", version, extra={"keys_removed": removed})
         return removed
+
+    async def scan_keys(self, pattern: bytes, *, batch: int = 1000) -> AsyncIterator[list[bytes]]:
+        """Pages of the keys matching a SCAN pattern, on every primary (each page under the
+        call deadline and retry policy; a key may appear twice, as SCAN promises no more)."""
+        for node in self._scan_targets():
+            cursor = 0
+            while True:
+                cursor, found = await self._run("scan keys", partial(self._scan, node, cursor, pattern, batch))
+                if found:
+                    yield found
+                if cursor == 0:
+                    break
 
     def _scan_targets(self) -> list[Any]:
         if isinstance(self._client, RedisCluster):

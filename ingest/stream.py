@@ -12,9 +12,9 @@ is in the history the next rank of that user searches. The user-item cross featu
 reads are computed from that history at request time, so they follow without a write of
 their own. Item indices and categories come from the version's item rows (an item the store
 does not hold gets index 0, as ingest gives items outside the vocabulary); appended events
-carry no `twin_v2` cluster id until the next `rankserve ingest --cluster-bundle`: the
-retriever searches such events for every candidate, so recall is kept and only the cost of
-searching them grows.
+carry no `twin_v2` cluster id until `rankserve recluster` (or the next `ingest
+--cluster-bundle`) clusters the history again: the retriever searches such events for every
+candidate, so recall is kept and only the cost of searching them grows.
 
 Ordering and ownership: a shard is owned by one consumer at a time (a lease key, renewed every
 third of `--lease-ms`), so each user's events, all in one shard, are applied in stream order.

@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "verify-bundle": ("export.verify", "open a bundle without torch and verify its manifest and hashes"),
     "ingest": ("ingest.bulk", "bulk-load events into the online feature store"),
     "consume": ("ingest.stream", "append streamed behaviour events (the event log) to the lifelong sequences"),
+    "recluster": ("ingest.recluster", "cluster stored histories again for twin_v2, streamed events included"),
     "serve": ("service.server", "run the REST and gRPC ranking server"),
     "bench": ("loadtest.bench", "run the benchmark suite and print JSON plus a markdown table"),
     "shadow-report": ("service.experiments.report", "summarize a shadow sink: agreement table (markdown) and a PNG"),

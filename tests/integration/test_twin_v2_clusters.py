@@ -132,3 +132,46 @@ async def test_unreadable_clusters_cost_only_the_clusters(valkey_backend: Backen
     assert got.sequence.clusters is None
     assert_same_sequence(got.sequence, expected_sequence(events, schema, user, 300))
     assert got.user_index and all(got.item_index > 0)
+
+
+async def test_recluster_covers_streamed_events_and_skips_a_sequence_that_changed(store: OnlineStore) -> None:
+    from feature_store.codecs import encode_sequence
+    from feature_store.redis_store import RedisOnlineStore
+    from feature_store.store import UserAppend
+    from ingest.recluster import _WRITE_IF_UNCHANGED, recluster
+
+    assert isinstance(store, RedisOnlineStore)
+    events = make_events(n_users=6, min_events=150, max_events=300, seed=9)
+    schema = schema_from_log(events, SchemaSpec(max_sequence_length=300))
+    clusterer = _clusterer(schema.items.size, schema.categories.size)
+    await ingest_log(store, events, schema, "rc", activate=True, clusterer=clusterer)
+    users = [int(u) for u in np.unique(events.user_id)]
+    # streamed events: appended without cluster ids
+    t = int(events.timestamp.max()) + 10
+    appends = [UserAppend(u, encode_sequence([1, 2], [1, 1], [0, 3], [t, t + 1]), [b"s%d-1" % u, b"s%d-2" % u])
+               for u in users[:4]]
+    await store.append_events_once(appends, cap=300)
+    before = {u: (await store.fetch(u, [], version="rc")).sequence for u in users}
+    for u in users[:4]:
+        clusters = before[u].clusters
+        assert clusters is not None and int((clusters.assignment == -1).sum()) == 2
+
+    stats = await recluster(store, clusterer, "rc", batch_users=2)
+    assert (stats.users, stats.reclustered, stats.fresh, stats.changed) == (6, 4, 2, 0)
+    for u in users:
+        seq = (await store.fetch(u, [], version="rc")).sequence
+        assert_same_sequence(seq, before[u])
+        want = clusterer.cluster(seq.item, seq.category, seq.action, seq.timestamp)
+        assert want is not None and seq.clusters is not None
+        np.testing.assert_array_equal(seq.clusters.assignment, want[0])  # every event clustered
+    again = await recluster(store, clusterer, "rc")
+    assert (again.reclustered, again.fresh) == (0, 6)
+
+    # a clustering computed before an append is not written over the changed sequence
+    user = users[0]
+    raw = await store.client.get(keys.sequence_key("rc", user))
+    await store.append_events_once([UserAppend(user, encode_sequence([3], [1], [0], [t + 5]), [b"late"])], cap=300)
+    written = await store.execute("write", [("EVAL", _WRITE_IF_UNCHANGED, 2, keys.sequence_key("rc", user),
+                                             keys.clusters_key("rc", user), len(raw), raw[:12], b"stale")])
+    assert written == [0]
+    assert await store.client.get(keys.clusters_key("rc", user)) != b"stale"
