@@ -213,3 +213,8 @@ def test_events_endpoint_fuzz(server: Server) -> None:
     print(f"\n/v1/events fuzz statuses: {dict(sorted(statuses.items()))}")
     assert not any(code >= 500 for code in statuses)
     assert statuses.get(202, 0) > 0 and statuses.get(422, 0) > 0
+
+
+def test_a_caller_without_the_token_learns_nothing_about_the_body(server: Server) -> None:
+    r = httpx.post(server.base_url + "/v1/events", json={"events": "not a list", "extra": 1}, timeout=10)
+    assert r.status_code == 401, r.text

@@ -102,6 +102,14 @@ def arm_override(
     return authorize_arm_override(core.settings, arm, credentials.credentials if credentials is not None else None)
 
 
+def require_events_token(
+    core: Annotated[ServingCore, Depends(get_core)],
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> None:
+    """Event endpoints: 404 when no events token is configured, 401 without it (before the body is read)."""
+    authorize_events(core.settings, credentials.credentials if credentials is not None else None)
+
+
 CoreDep = Annotated[ServingCore, Depends(get_core)]
 RequestIdDep = Annotated[str, Depends(get_request_id)]
 AdminDep = Annotated[None, Depends(require_admin)]
@@ -184,9 +192,8 @@ async def push_events(
     body: Annotated[EventsRequest, Body(openapi_examples={"two": {"summary": "a click, then a buy",
                                                                   "value": EVENTS_EXAMPLE}})],
     core: CoreDep,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    _token: Annotated[None, Depends(require_events_token)],
 ) -> Response:
-    authorize_events(core.settings, credentials.credentials if credentials is not None else None)
     accepted = await core.events.push(
         [StreamEvent(e.event_id, e.user_id, e.item_id, e.action, e.timestamp) for e in body.events])
     return OrjsonResponse({"accepted": accepted}, status_code=202)
