@@ -4,9 +4,9 @@
 
 Reads the shard streams of `feature_store.events` in one consumer group and appends each
 user's events to the user's sequence in the ACTIVE feature-set version, in one round trip per
-batch (`OnlineStore.append_events_once`: the capped atomic append, plus the hashes of each
-user's newest applied event ids, so a redelivered entry or a producer's retry is not appended
-twice).
+batch, applied while the next batch is decoded (`OnlineStore.append_events_once`: the capped
+atomic append, plus the hashes of each user's newest applied event ids, so a redelivered entry
+or a producer's retry is not appended twice).
 Serving reads sequences from Redis on every request (no history cache), so an appended event
 is in the history the next rank of that user searches. The user-item cross features the model
 reads are computed from that history at request time, so they follow without a write of
@@ -129,6 +129,17 @@ class _VersionState:
     items: dict[int, int] = field(default_factory=dict)  # item key -> index << 24 | category
 
 
+@dataclass
+class _Prepared:
+    """A batch read and decoded, to be applied by the next step."""
+
+    state: _VersionState
+    appends: list[UserAppend]
+    dead: list[tuple[Any, ...]]
+    acks: list[tuple[Any, ...]]
+    read_at: float
+
+
 class StreamConsumer:
     """One member of the consumer group (see the module doc). `step()` does one batch; `run()` loops."""
 
@@ -141,6 +152,7 @@ class StreamConsumer:
         self.owned: set[int] = set()
         self._to_claim: dict[int, bytes] = {}  # shard -> XAUTOCLAIM cursor still to walk
         self._acks: list[tuple[Any, ...]] = []  # XACKs of applied entries, sent with the next read
+        self._pending: _Prepared | None = None  # read and decoded, applied by the next step
         self._rebalanced = 0.0
         self._lag_checked = 0.0
         self._groups_made: set[int] = set()
@@ -150,10 +162,12 @@ class StreamConsumer:
     # -- ownership -----------------------------------------------------------------------------
 
     async def rebalance(self, *, force: bool = False) -> None:
-        """Heartbeat, renew the leases held, then take or give shards towards the fair share."""
+        """Heartbeat, renew the leases held, then take or give shards towards the fair share
+        (first applying a batch still pending, so none outlives the lease it was read under)."""
         now = time.monotonic()
         if not force and now - self._rebalanced < self.config.lease_ms / 3000:
             return
+        await self._commit_pending()
         self._rebalanced = now
         lease_ms = self.config.lease_ms
         wall_ms = int(time.time() * 1000)
@@ -231,20 +245,32 @@ class StreamConsumer:
     # -- one step ------------------------------------------------------------------------------
 
     async def step(self) -> StepResult:
-        """Rebalance when due, read one batch from the shards held, apply it and acknowledge it."""
-        await self.rebalance()
+        """Rebalance when due; read the next batch from the shards held, and apply the batch read
+        by the step before while this one is decoded in a worker thread, so the consumer's CPU
+        work overlaps the server's script work. A step that reads nothing applies the last batch.
+        Batches are applied one after the other in read order, so each user's events keep theirs.
+        """
         result = StepResult()
-        if not self.owned:
-            return result
-        started = time.perf_counter()
         try:
-            entries = await self._read()
+            if self._rebalance_due():
+                await self._commit_pending(result)  # no batch is applied under a lease it was not read under
+                await self.rebalance()
+            if not self.owned and self._pending is None:
+                return result
+            entries = await self._read() if self.owned else []
             result.read = sum(len(batch) for _, batch in entries)
-            if result.read:
-                await self._apply(entries, result)
-            elif self._acks:  # idle: no next read to carry them soon
+            pending, self._pending = self._pending, None
+            commit = asyncio.create_task(self._commit(pending, result)) if pending is not None else None
+            try:
+                prepared = await self._prepare(entries) if result.read else None
+            finally:
+                if commit is not None:
+                    await commit  # its failure is this step's: the prepared batch is dropped below
+            self._pending = prepared
+            if not result.read and self._acks:  # idle: no next read to carry them soon
                 await self.flush_acks()
         except (FeatureStoreError, SchemaError, CodecError) as exc:
+            self._pending = None  # read, not applied: pending in the group, claimed back below
             self.metrics.failed_batches.inc()
             if "NOGROUP" in str(exc):  # a Redis that lost its groups (restarted without persistence)
                 self._groups_made.clear()
@@ -255,13 +281,17 @@ class StreamConsumer:
                 self._to_claim.setdefault(shard, b"0-0")
             await self._update_lag()  # the lag keeps telling while batches fail
             return StepResult()
-        if result.read:
-            self.metrics.batch_seconds.observe(time.perf_counter() - started)
-            self.metrics.events.labels("appended").inc(result.appended)
-            self.metrics.events.labels("duplicate").inc(result.duplicates)
-            self.metrics.events.labels("dead_letter").inc(result.dead_letters)
         await self._update_lag()
         return result
+
+    def _rebalance_due(self) -> bool:
+        return time.monotonic() - self._rebalanced >= self.config.lease_ms / 3000
+
+    async def _commit_pending(self, result: StepResult | None = None) -> None:
+        """Apply the batch read by the last step, if any (before a rebalance, and on close)."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            await self._commit(pending, result if result is not None else StepResult())
 
     async def _read(self) -> list[tuple[int, list[tuple[bytes, dict[bytes, bytes]]]]]:
         """(shard, entries) of this step: pending entries being claimed first, else new ones."""
@@ -314,34 +344,54 @@ class StreamConsumer:
             self._acks = acks + self._acks
             raise
 
-    async def _apply(self, entries: list[tuple[int, list[tuple[bytes, dict[bytes, bytes]]]]],
-                     result: StepResult) -> None:
+    async def _prepare(self, entries: list[tuple[int, list[tuple[bytes, dict[bytes, bytes]]]]]) -> _Prepared:
+        """A batch decoded into the store's appends, its dead letters and its acknowledgements.
+        The CPU work runs in a worker thread, so the event loop meanwhile sends the previous
+        batch's appends and waits for them."""
         state = await self._version_state()
+        decoded, dead = await asyncio.to_thread(self._decode, state, entries)
+        appends: list[UserAppend] = []
+        if decoded:
+            items = await self._resolve_items(state, {e[2] for e in decoded})
+            appends = await asyncio.to_thread(user_appends, decoded, items)
+        acks = [("XACK", ev.stream_key(shard), ev.GROUP, *(eid for eid, _ in batch)) for shard, batch in entries
+                if batch]
+        return _Prepared(state, appends, dead, acks, time.perf_counter())
+
+    def _decode(self, state: _VersionState, entries: list[tuple[int, list[tuple[bytes, dict[bytes, bytes]]]]],
+                ) -> tuple[list[ev.DecodedEvent], list[tuple[Any, ...]]]:
         decoded: list[ev.DecodedEvent] = []
         dead: list[tuple[Any, ...]] = []
+        decode = state.decoder.decode
         for shard, batch in entries:
             for entry_id, fields in batch:
                 try:
-                    decoded.append(state.decoder.decode(fields))
+                    decoded.append(decode(fields))
                 except ev.EventError as exc:
                     dead.append(self._dead_letter(shard, entry_id, fields, str(exc)))
-        if decoded:
-            items = await self._resolve_items(state, {e[2] for e in decoded})
+        return decoded, dead
+
+    async def _commit(self, batch: _Prepared, result: StepResult) -> None:
+        """Apply a prepared batch. Its acknowledgements ride on the next read (or `close()`): only
+        after the appends succeeded, so a failure leaves the entries pending."""
+        state = batch.state
+        if batch.appends:
             counts = await self.store.append_events_once(
-                user_appends(decoded, items), version=state.version, cap=state.cap, id_window=self.config.id_window,
+                batch.appends, version=state.version, cap=state.cap, id_window=self.config.id_window,
                 id_ttl_s=self.config.id_ttl_s)
-            result.appended = sum(a for a, _ in counts)
-            result.duplicates = sum(d for _, d in counts)
-        if dead:
+            result.appended += sum(a for a, _ in counts)
+            result.duplicates += sum(d for _, d in counts)
+        if batch.dead:
             # Not safe to repeat blindly, but a repeat only duplicates a dead letter, never an event.
-            await self.store.execute("write dead letters", dead)
-            result.dead_letters = len(dead)
-            self._errors.warning("malformed events sent to the dead-letter stream", count=len(dead),
-                                 reason=dead[0][-1].decode(errors="replace") if dead else "")
-        # Acknowledged with the next read (one round trip less a step), or by `close()`: only now,
-        # after the appends succeeded, so a failure leaves the entries pending.
-        self._acks += [("XACK", ev.stream_key(shard), ev.GROUP, *(eid for eid, _ in batch))
-                       for shard, batch in entries if batch]
+            await self.store.execute("write dead letters", batch.dead)
+            result.dead_letters += len(batch.dead)
+            self._errors.warning("malformed events sent to the dead-letter stream", count=len(batch.dead),
+                                 reason=batch.dead[0][-1].decode(errors="replace"))
+        self._acks += batch.acks
+        self.metrics.batch_seconds.observe(time.perf_counter() - batch.read_at)
+        self.metrics.events.labels("appended").inc(result.appended)
+        self.metrics.events.labels("duplicate").inc(result.duplicates)
+        self.metrics.events.labels("dead_letter").inc(result.dead_letters)
 
     def _dead_letter(self, shard: int, entry_id: bytes, fields: dict[bytes, bytes], reason: str) -> tuple[Any, ...]:
         flat = [part for k, v in fields.items() for part in (b"f." + k, v)]
@@ -422,6 +472,7 @@ class StreamConsumer:
     async def close(self) -> None:
         """Give the shards back and leave the group's live set (best effort: leases expire anyway)."""
         try:
+            await self._commit_pending()
             await self.flush_acks()  # also when no shard is held any more
             if self.owned:
                 await self._release(sorted(self.owned))

@@ -78,11 +78,15 @@ def _send(client: Any, events: list[Any], chunk: int = 2000) -> None:
 
 
 async def _consumer_drain(consumer: Any, n: int) -> float:
+    """Seconds until `n` entries are read and applied (a step applies the batch the one before it
+    read, so the clock stops at the first step after the last read that reads nothing)."""
     t0 = time.perf_counter()
     read = 0
-    while read < n:
-        read += (await consumer.step()).read
-    return time.perf_counter() - t0
+    while True:
+        got = (await consumer.step()).read
+        if read >= n and got == 0:
+            return time.perf_counter() - t0
+        read += got
 
 
 async def _raw_floor(client: Any, n: int, count: int) -> float:
