@@ -10,7 +10,8 @@ Three measurements, each side by side in one run:
   the consumer's batch) and appends one 12-byte record per event with a pipelined APPEND
   (redis-py, hiredis, no decoding) before XACK. Reported: events/s of each and floor / consumer.
 * event-to-servable latency: a `rankserve serve` and a `rankserve consume` process, a
-  background producer at `rate` events/s, and probes: POST one event for a workload user to
+  background producer at `rate` events/s (to other users than the workload's), and probes:
+  POST one event for a workload user to
   `/v1/events`, then rank that user (10 candidates, `debug`) until `history_newest_ts` is the
   probe's time. Latency = from before the POST to the rank that shows it.
 * serving while consuming: REST p50 / p99 at concurrency 1 with the standard requests, rounds
@@ -244,6 +245,10 @@ def section_stream(root: Path, w: Workload, first: PreparedWorkload, redis_url: 
     items = list(first.items) if isinstance(first.items, range) and len(first.items) < 2_000_000 else first.items
     source = EventSource(first.users, items, population, t0=w.request_time - 7200)
     report: dict[str, Any] = {"throughput": section_throughput(redis_url, source, rounds, events, batch)}
+    # The background load goes to users other than the workload's: a probe checks that its event
+    # is the newest behaviour of its user, which a background event appended just after it would
+    # hide; and the served histories stay the same whether the producer runs or not.
+    background = EventSource([max(first.users) + 1], items, population, t0=w.request_time - 7200, seed=1)
 
     env = dict(server_env) | {"RANKSERVE_EVENTS_TOKEN": TOKEN, "RANKSERVE_EVENT_SHARDS": str(SHARDS)}
     consume_log = (root / "consume.log").open("wb")
@@ -252,7 +257,7 @@ def section_stream(root: Path, w: Workload, first: PreparedWorkload, redis_url: 
          "--lease-ms", "3000"], cwd=REPO, stdout=consume_log, stderr=subprocess.STDOUT)
     try:
         with ServerProcess(first.model_dir, redis_url, env=env, log_path=root / "stream-server.log") as server:
-            producer = BackgroundProducer(redis_url, source, rate)
+            producer = BackgroundProducer(redis_url, background, rate)
             producer.start()
             try:
                 lat = asyncio.run(_probe_latencies(server, first.users, list(first.items[:10]), probes,
@@ -261,7 +266,7 @@ def section_stream(root: Path, w: Workload, first: PreparedWorkload, redis_url: 
                 producer.stop()
             report["event_to_servable_ms"] = latency_summary(lat) | {
                 "background_events_per_s": round(producer.achieved_rate)}
-            report["serving_while_consuming"] = _serving_rounds(server, bodies, redis_url, source, rate, rounds,
+            report["serving_while_consuming"] = _serving_rounds(server, bodies, redis_url, background, rate, rounds,
                                                                 serve_requests)
     finally:
         consumer.terminate()
