@@ -10,10 +10,10 @@ Three measurements, each side by side in one run:
   the consumer's batch) and appends one 12-byte record per event with a pipelined APPEND
   (redis-py, hiredis, no decoding) before XACK. Reported: events/s of each and floor / consumer.
 * event-to-servable latency: a `rankserve serve` and a `rankserve consume` process, a
-  background producer at `rate` events/s (to other users than the workload's), and probes:
-  POST one event for a workload user to
-  `/v1/events`, then rank that user (10 candidates, `debug`) until `history_newest_ts` is the
-  probe's time. Latency = from before the POST to the rank that shows it.
+  background producer (a process of its own) adding `rate` events/s for other users than the
+  workload's, and probes: POST one event for a workload user to `/v1/events`, then rank that
+  user (10 candidates, `debug`) until `history_newest_ts` is the probe's time. Latency = from
+  before the POST to the rank that shows it.
 * serving while consuming: REST p50 / p99 at concurrency 1 with the standard requests, rounds
   alternating between the producer off (idle) and on at `rate` events/s (consumer running in
   both); the ratio of p99s.
@@ -22,9 +22,9 @@ Three measurements, each side by side in one run:
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -164,48 +164,52 @@ def section_throughput(redis_url: str, source: EventSource, rounds: int, events:
     return asyncio.run(run())
 
 
+def _produce(redis_url: str, source: EventSource, rate: float, stop: Any, sent: Any, seconds: Any) -> None:
+    """The background producer's process: XADD `rate` events/s in batches every 20 ms until `stop`."""
+    import redis
+
+    client = redis.Redis.from_url(redis_url, socket_timeout=10)
+    tick = 0.02
+    per_tick = max(1, round(rate * tick))
+    t0 = time.perf_counter()
+    next_at = t0
+    while not stop.is_set():
+        _send(client, source.batch(per_tick))
+        sent.value += per_tick
+        next_at += tick
+        pause = next_at - time.perf_counter()
+        if pause > 0:
+            time.sleep(pause)
+    seconds.value += time.perf_counter() - t0
+
+
 class BackgroundProducer:
-    """XADDs `rate` events/s in batches every 20 ms from a thread, until stopped."""
+    """XADDs `rate` events/s in batches every 20 ms from a process of its own (a thread of the
+    bench would hold the GIL the load generator's latency measurements need), until stopped."""
 
     def __init__(self, redis_url: str, source: EventSource, rate: float) -> None:
-        import redis
-
-        self.client = redis.Redis.from_url(redis_url, socket_timeout=10)
-        self.source = source
-        self.rate = rate
-        self.sent = 0
-        self.seconds = 0.0
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        ctx = multiprocessing.get_context("spawn")
+        self._stop = ctx.Event()
+        self._sent = ctx.Value("q", 0)
+        self._seconds = ctx.Value("d", 0.0)
+        self._args = (redis_url, source, rate, self._stop, self._sent, self._seconds)
+        self._ctx = ctx
+        self._proc: Any = None
 
     def start(self) -> BackgroundProducer:
         self._stop.clear()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
+        self._proc = self._ctx.Process(target=_produce, args=self._args, daemon=True)
+        self._proc.start()
         return self
-
-    def _run(self) -> None:
-        tick = 0.02
-        per_tick = max(1, round(self.rate * tick))
-        t0 = time.perf_counter()
-        next_at = t0
-        while not self._stop.is_set():
-            _send(self.client, self.source.batch(per_tick))
-            self.sent += per_tick
-            next_at += tick
-            pause = next_at - time.perf_counter()
-            if pause > 0:
-                time.sleep(pause)
-        self.seconds += time.perf_counter() - t0
 
     def stop(self) -> None:
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
+        if self._proc is not None:
+            self._proc.join(30)
 
     @property
     def achieved_rate(self) -> float:
-        return self.sent / self.seconds if self.seconds else 0.0
+        return self._sent.value / self._seconds.value if self._seconds.value else 0.0
 
 
 async def _probe_latencies(server: ServerProcess, users: Sequence[int], items: Sequence[int], probes: int,
