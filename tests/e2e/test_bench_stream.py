@@ -1,0 +1,38 @@
+"""`rankserve bench --sections stream` at a tiny size: the consumer and the raw floor drain every
+round, the probes see their events served, the serving rounds run with the producer on and off,
+the consumer process exits 0, and the markdown names each measurement."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.timeout(300)
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_bench_stream_section(tmp_path: Path) -> None:
+    out = tmp_path / "report.json"
+    cmd = [sys.executable, "-m", "service.cli", "bench", "--data", "generated", "--items", "3000", "--users", "6",
+           "--history", "300", "--candidates", "40", "--k", "16", "--sections", "stream", "--stream-rounds", "2",
+           "--stream-events", "3000", "--stream-rate", "500", "--stream-probes", "5", "--out", str(out)]
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=280, check=False)
+    assert done.returncode == 0, done.stderr[-4000:]
+    report = json.loads(out.read_text())["stream"]
+    t = report["throughput"]
+    assert t["rounds"] == 2 and len(t["per_round_s"]["consumer"]) == len(t["per_round_s"]["raw_floor"]) == 2
+    assert t["consumer_events_per_s"] > 0 and t["raw_floor_events_per_s"] > 0
+    assert report["event_to_servable_ms"]["n"] == 5 and report["event_to_servable_ms"]["p99"] > 0
+    serving = report["serving_while_consuming"]
+    assert serving["idle"]["n"] == serving["consuming"]["n"] == 2 * 150
+    assert serving["background_events_per_s"] > 0
+    assert report["consumer_exit_code"] == 0
+    for needle in ("one consumer, events/s appended", "floor / consumer", "event-to-servable", "idle / consuming"):
+        assert needle in done.stdout
