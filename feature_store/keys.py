@@ -73,6 +73,12 @@ def event_ids_key(version: str, user_id: int) -> bytes:
     return user_prefix(version, user_id) + b"evid"
 
 
+def append_keys(version: str, user_id: int) -> tuple[bytes, bytes, bytes]:
+    """The keys a streamed append writes: sequence, clusters, event ids (one prefix, built once)."""
+    prefix = user_prefix(version, user_id)
+    return prefix + b"seq", prefix + b"clu", prefix + b"evid"
+
+
 def item_prefix(version: str) -> bytes:
     return f"{KEY_PREFIX}:{version}:i:".encode()
 

@@ -825,8 +825,7 @@ class RedisOnlineStore(OnlineStore):
             key_args: list[Any] = []
             user_args: list[Any] = []
             for _, uid, chunk, ids in call:
-                prefix = keys.user_prefix(ver, uid)
-                key_args += (prefix + b"seq", prefix + b"clu", prefix + b"evid")
+                key_args += keys.append_keys(ver, uid)
                 user_args += (len(ids), chunk, b"".join(map(event_id_hash, ids)))
             commands.append(("EVALSHA", sha, len(key_args), *key_args, *fixed, *user_args))
 

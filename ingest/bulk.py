@@ -409,6 +409,19 @@ def select_shard(
     return events.select(rows), user_ids[selected].astype(np.int64), new_offsets
 
 
+async def _refuse_other_schema(store: OnlineStore, version: str, existing: VersionMeta | None,
+                               schema: FeatureSchema) -> None:
+    """VersionConflict naming the differing fields when `version` holds another schema."""
+    if existing is None or existing.schema_hash == schema.hash:
+        return
+    recorded = await store.get_schema(version)
+    differs = recorded.difference(schema.spec) if recorded is not None else ""
+    raise VersionConflict(
+        f"version {version!r} holds schema {existing.schema_hash[:12]}, not {schema.hash[:12]}{differs}: "
+        "use a new --version"
+    )
+
+
 def _check_sharded_meta(meta: VersionMeta, version: str, fingerprint: str, shard: Shard) -> None:
     """Refuse to load `shard` into a version that another data set, another shard count or a
     one-process ingest owns, or that is being dropped."""
@@ -499,13 +512,7 @@ async def _open_sharded_version(
     checked to be the same data set, schema and shard count by every one. The meta holds no
     progress: each shard keeps its own in its record (`shard_record`)."""
     existing = await store.get_meta(version)
-    if existing is not None and existing.schema_hash != schema.hash:
-        recorded = await store.get_schema(version)
-        differs = recorded.difference(schema.spec) if recorded is not None else ""
-        raise VersionConflict(
-            f"version {version!r} holds schema {existing.schema_hash[:12]}, not {schema.hash[:12]}{differs}: "
-            "use a new --version"
-        )
+    await _refuse_other_schema(store, version, existing, schema)
     if existing is not None:
         _check_sharded_meta(existing, version, fingerprint, shard)
     await store.put_schema(version, StoredSchema(schema.hash, schema.spec.to_dict()))
@@ -774,13 +781,7 @@ async def _open_version(
     """The version's meta to continue from: its checkpoint on `resume`, a fresh one otherwise.
     Records the schema (hash and spec) beside the meta."""
     existing = await store.get_meta(version)
-    if existing is not None and existing.schema_hash != schema.hash:
-        recorded = await store.get_schema(version)
-        differs = recorded.difference(schema.spec) if recorded is not None else ""
-        raise VersionConflict(
-            f"version {version!r} holds schema {existing.schema_hash[:12]}, not {schema.hash[:12]}{differs}: "
-            "use a new --version"
-        )
+    await _refuse_other_schema(store, version, existing, schema)
     await store.put_schema(version, StoredSchema(schema.hash, schema.spec.to_dict()))
     info = {"source": source, "fingerprint": fingerprint, "batch_users": batch_users, "ttl_seconds": ttl_seconds,
             "schema_name": schema.spec.name}

@@ -164,11 +164,10 @@ class StreamConsumer:
     async def rebalance(self, *, force: bool = False) -> None:
         """Heartbeat, renew the leases held, then take or give shards towards the fair share
         (first applying a batch still pending, so none outlives the lease it was read under)."""
-        now = time.monotonic()
-        if not force and now - self._rebalanced < self.config.lease_ms / 3000:
+        if not force and not self._rebalance_due():
             return
         await self._commit_pending()
-        self._rebalanced = now
+        self._rebalanced = time.monotonic()
         lease_ms = self.config.lease_ms
         wall_ms = int(time.time() * 1000)
         replies = await self.store.execute("consumer heartbeat", [
@@ -337,12 +336,7 @@ class StreamConsumer:
 
     async def flush_acks(self) -> None:
         """Send the XACKs owed now."""
-        acks, self._acks = self._acks, []
-        try:
-            await self.store.execute("acknowledge events", acks)
-        except FeatureStoreError:
-            self._acks = acks + self._acks
-            raise
+        await self._send_with_acks("acknowledge events", [])
 
     async def _prepare(self, entries: list[tuple[int, list[tuple[bytes, dict[bytes, bytes]]]]]) -> _Prepared:
         """A batch decoded into the store's appends, its dead letters and its acknowledgements.

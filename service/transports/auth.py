@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hmac
 
+from pydantic import SecretStr
+
 from service.errors import Forbidden, NotFound, Unauthorized
 from service.settings import Settings
 
@@ -16,18 +18,19 @@ ARM_HEADER = "x-rankserve-arm"  # HTTP header and gRPC metadata key of the arm o
 AUTHORIZATION = "authorization"
 
 
-def admin_secret(settings: Settings) -> str | None:
-    """The configured admin token, or None when admin features are disabled."""
-    token = settings.admin_token
+def _secret(token: SecretStr | None) -> str | None:
     secret = token.get_secret_value() if token is not None else ""
     return secret or None
+
+
+def admin_secret(settings: Settings) -> str | None:
+    """The configured admin token, or None when admin features are disabled."""
+    return _secret(settings.admin_token)
 
 
 def events_secret(settings: Settings) -> str | None:
     """The configured token of the event endpoints, or None when they are disabled."""
-    token = settings.events_token
-    secret = token.get_secret_value() if token is not None else ""
-    return secret or None
+    return _secret(settings.events_token)
 
 
 def _matches(secret: str | None, given: str | None) -> bool:
@@ -43,9 +46,10 @@ def token_matches(settings: Settings, given: str | None) -> bool:
 
 def authorize_events(settings: Settings, given: str | None) -> None:
     """Event producers: NotFound when the endpoints are off, Unauthorized without the events token."""
-    if events_secret(settings) is None:
+    secret = events_secret(settings)
+    if secret is None:
         raise NotFound("the event endpoints are disabled; set RANKSERVE_EVENTS_TOKEN to enable them")
-    if not _matches(events_secret(settings), given):
+    if not _matches(secret, given):
         raise Unauthorized("missing or wrong events token; send 'Authorization: Bearer <RANKSERVE_EVENTS_TOKEN>'")
 
 

@@ -16,8 +16,10 @@ from feature_store.redis_store import create_store
 from feature_store.store import EmbeddedConfig, FeatureStoreConfig
 from ingest.bulk import ingest_log
 from tests.e2e.conftest import FEATURE_VERSION, World, make_server, tiny_event_log, world
+from tests.integration.conftest import fault_backend
 
-__all__ = ["make_server", "private_valkey", "world"]  # the e2e fixtures, registered for tests/fault too
+# the e2e fixtures and the integration suite's private servers, registered for tests/fault too
+__all__ = ["fault_backend", "make_server", "private_valkey", "world"]
 
 
 def ingest_world(url: str, world: World) -> None:

@@ -14,8 +14,9 @@ import asyncio
 import contextlib
 import threading
 import time
+from collections.abc import Coroutine
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
 from feature_store.embedded import free_port
 
@@ -81,10 +82,8 @@ class LatencyProxy:
         except OSError:
             client_writer.close()
             return
-        tasks = [
-            asyncio.create_task(self._pipe(client_reader, up_writer, delayed=False)),
-            asyncio.create_task(self._pipe(up_reader, client_writer, delayed=True)),
-        ]
+        tasks = [asyncio.create_task(relay)
+                 for relay in self._relays(client_reader, client_writer, up_reader, up_writer)]
         self._tasks.update(tasks)
         try:
             # either side closing ends the connection on both sides
@@ -96,6 +95,12 @@ class LatencyProxy:
             self._tasks.difference_update(tasks)
             for writer in (client_writer, up_writer):
                 writer.close()
+
+    def _relays(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter,
+                up_reader: asyncio.StreamReader, up_writer: asyncio.StreamWriter) -> list[Coroutine[Any, Any, None]]:
+        """The two directions of one connection: requests as they come, replies delayed.
+        A subclass changes what is relayed by overriding this."""
+        return [self._pipe(client_reader, up_writer, delayed=False), self._pipe(up_reader, client_writer, delayed=True)]
 
     async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, delayed: bool) -> None:
         if not delayed:

@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,7 +42,7 @@ from feature_store.store import EmbeddedConfig, FeatureStoreConfig
 from ingest.bulk import ingest_log, schema_from_log
 from tests.e2e.conftest import REPO
 from tests.fault.proxy import LatencyProxy
-from tests.integration.conftest import REDIS_SERVER, RedisClusterProcesses, RedisProcess, make_events
+from tests.integration.conftest import REDIS_SERVER, Backend, make_events
 from tests.secure_redis import stop_process, valkey_binary, wait_for_ping
 
 pytestmark = [pytest.mark.fault, pytest.mark.timeout(600)]
@@ -90,26 +90,10 @@ class Target:
         return redis.Redis.from_url(self.url, socket_timeout=timeout, socket_connect_timeout=timeout, **extra)
 
 
-@pytest.fixture(params=["valkey", "redis", "cluster"])
-def target(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Target]:
-    """A private server of each kind (no persistence: nothing here restarts it)."""
-    if request.param == "valkey":
-        with EmbeddedValkey(EmbeddedConfig(data_dir=None, persistence="none")) as valkey:
-            yield Target("valkey", [valkey.port], valkey.url)
-    elif request.param == "redis":
-        proc = RedisProcess(tmp_path / "redis")
-        proc.start()
-        try:
-            yield Target("redis", [proc.port], f"redis://127.0.0.1:{proc.port}/0")
-        finally:
-            proc.stop()
-    else:
-        cluster = RedisClusterProcesses(tmp_path / "cluster")
-        try:
-            cluster.start()
-            yield Target("cluster", [n.port for n in cluster.nodes])
-        finally:
-            cluster.stop()
+@pytest.fixture
+def target(fault_backend: Backend) -> Target:
+    """A private server of each kind (`fault_backend`; no persistence: nothing here restarts it)."""
+    return Target(fault_backend.name, fault_backend.ports, fault_backend.config.url)
 
 
 class AofServer:
@@ -707,13 +691,8 @@ class ReplyDropProxy(LatencyProxy):
         self.dropped = 0
         self.dropped_entries = 0
 
-    async def _accept(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
-        self.connections += 1
-        try:
-            up_reader, up_writer = await asyncio.open_connection(self.host, self.upstream_port)
-        except OSError:
-            client_writer.close()
-            return
+    def _relays(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter,
+                up_reader: asyncio.StreamReader, up_writer: asyncio.StreamWriter) -> list[Coroutine[Any, Any, None]]:
         doomed = asyncio.Event()
 
         async def requests() -> None:
@@ -735,17 +714,7 @@ class ReplyDropProxy(LatencyProxy):
                     client_writer.write(chunk)
                     await client_writer.drain()
 
-        tasks = [asyncio.create_task(requests()), asyncio.create_task(replies())]
-        self._tasks.update(tasks)
-        try:
-            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            self._tasks.difference_update(tasks)
-            for writer in (client_writer, up_writer):
-                writer.close()
+        return [requests(), replies()]
 
 
 DROPS = 5

@@ -60,3 +60,9 @@ def test_valid_versions(name: str) -> None:
 def test_invalid_versions(name: str) -> None:
     with pytest.raises(ValueError, match="feature-set version"):
         keys.validate_version(name)
+
+
+def test_append_keys_are_the_users_keys() -> None:
+    assert keys.append_keys("v1", 42) == (b"rs:v1:{u42}:seq", b"rs:v1:{u42}:clu", b"rs:v1:{u42}:evid")
+    assert keys.append_keys("v1", 42) == (keys.sequence_key("v1", 42), keys.clusters_key("v1", 42),
+                                          keys.event_ids_key("v1", 42))
