@@ -136,7 +136,9 @@ def test_posted_and_pushed_events_reach_the_next_rank(
         metrics = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
         return all(line in metrics for line in ('rankserve_consumer_events_total{outcome="appended"} 2.0',
                                                 'rankserve_consumer_events_total{outcome="duplicate"} 1.0',
-                                                "rankserve_consumer_shards_owned 4.0"))
+                                                "rankserve_consumer_shards_owned 4.0",
+                                                'rankserve_consumer_lag{stream="rs:ev:{s0}"}',
+                                                'rankserve_consumer_pending{stream="rs:ev:{s0}"}'))
 
     wait_for(counted)
 
