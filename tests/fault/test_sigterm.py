@@ -27,6 +27,10 @@ pytestmark = [pytest.mark.fault, pytest.mark.timeout(180)]
 
 DRAIN_TIMEOUT_S = 10
 SEND_MARGIN_S = 0.02  # a request "sent before the signal" started at least this long before it
+# A gRPC call that reaches the server after stop() began, but before any handler took it, is
+# ended by grpc core with CANCELLED rather than UNAVAILABLE (grpc/grpc issue 41785): the request
+# was never processed, so it is a refusal like a refused connection, and clients retry it.
+REFUSED_AFTER_SIGNAL = {"rest": CONNECTION_ERRORS, "grpc": (*CONNECTION_ERRORS, "CANCELLED")}
 
 
 async def test_sigterm_under_load_drains_in_flight_requests(make_server: Any, world: World, tmp_path: Path) -> None:
@@ -65,7 +69,7 @@ async def test_sigterm_under_load_drains_in_flight_requests(make_server: Any, wo
     failed = [o for o in before if not o.ok or o.degraded]
     assert not failed, failed[:5]
     assert {o.transport for o in straddling} == {"rest", "grpc"}, straddling
-    refused_or_ok = [o for o in after if o.ok or o.status in CONNECTION_ERRORS]
+    refused_or_ok = [o for o in after if o.ok or o.status in REFUSED_AFTER_SIGNAL[o.transport]]
     assert refused_or_ok == after, [o for o in after if o not in refused_or_ok][:5]
     assert not [o for o in load.outcomes if o.server_error]
     assert exited - signalled < DRAIN_TIMEOUT_S + 5
