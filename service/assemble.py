@@ -24,10 +24,10 @@ import numpy.typing as npt
 
 from feature_store.clusters import key_fingerprint
 from feature_store.codecs import Sequence, SequenceClusters, decode_side
-from feature_store.schema import SchemaSpec, cross_features, history_features, time_gap_bucket, weekday
+from feature_store.schema import SchemaSpec, history_features, time_gap_bucket, weekday
 from feature_store.spec import SideFeatures
 from service.retrieval import RetrievalContext, Retriever
-from service.retrieval.base import grouped_kernels
+from service.retrieval.base import DistinctKeys, grouped_kernels
 
 F32 = npt.NDArray[np.float32]
 I64 = npt.NDArray[np.int64]
@@ -91,28 +91,50 @@ class Tables:
 
 
 def _retrieve(
-    retriever: Retriever, queries: F32, keys: F32, k: int, key_category: I64, query_category: I64, user_index: int,
-    clusters: SequenceClusters | None = None, tables: Tables | None = None,
+    retriever: Retriever, queries: F32, keys: DistinctKeys, k: int, key_category: I64, query_category: I64,
+    user_index: int, clusters: SequenceClusters | None = None, tables: Tables | None = None,
 ) -> tuple[F32, I64]:
-    """`retriever.search`, with the categories (sim_hard) and clusters (twin_v2) when it reads them."""
+    """`retriever.search` over every behaviour's key, with the categories (sim_hard) and clusters
+    (twin_v2) when it reads them; strategies that read neither get the distinct keys as they are."""
     if not retriever.uses_context:  # exact, faiss, numpy, eta: queries and keys are all they need
-        return retriever.search(queries, keys, k)
+        return retriever.search_distinct(queries, keys, k)
     fingerprint = tables.key_fingerprint if clusters is not None and tables is not None else None
     context = RetrievalContext(key_category=key_category, query_category=query_category, user_index=user_index,
                                clusters=clusters, key_fingerprint=fingerprint)
-    return retriever.search(queries, keys, k, context)
+    return retriever.search(queries, keys.expanded(), k, context)
 
 
-def _history_rows(tables: Tables, item: I64, category: I64, event: I64) -> tuple[F32, F32]:
-    """Every behaviour's scorer rows: keys [L, A + H] and representations [L, R].
+@dataclass(frozen=True)
+class HistoryRows:
+    """Every behaviour's scorer rows, stored once per distinct (item, category, event).
+
+    `key` [D, A + H] and `rep` [D, R] are the distinct rows; `group` [L] is the distinct row of
+    every behaviour and `first` [D] the first behaviour of each distinct row (D = L and `group`
+    the identity when the history is short or barely repeats).
+    """
+
+    key: F32
+    rep: F32
+    group: I64
+    first: I64
+
+    def take(self, behaviours: I64) -> tuple[F32, F32]:
+        """The key and representation rows of the given behaviours (any shape of indices)."""
+        rows = np.take(self.group, behaviours)
+        return np.take(self.key, rows, axis=0), np.take(self.rep, rows, axis=0)
+
+
+def _history_rows(tables: Tables, item: I64, category: I64, event: I64) -> HistoryRows:
+    """Every behaviour's scorer rows: keys [L, A + H] and representations [L, R], once per distinct triple.
 
     A row is the item row plus the category row, with the behaviour's event (action and time-gap
     bucket, code `event`) folded in as `TargetAttention.behaviours` does: the event's per-head
     bias as H extra key columns, its embedding added to the representation, in the model's float
     order (so the rows are bit-identical to its). Lifelong histories repeat the same (item,
     category, event) many times (60-80% of a 10,000-event synthetic history), so the rows are
-    built once per distinct triple (a hash pass, `grouped.unique_rows`) and expanded, which reads
-    the million-row tables once per distinct triple; with few repeats, directly.
+    built once per distinct triple (a hash pass, `grouped.unique_rows`): that reads the
+    million-row tables once per distinct triple, and retrieval searches the distinct keys
+    (`DistinctKeys`) without expanding them. With few repeats, one row per behaviour.
     """
     length = int(item.shape[0])
     if length >= 64:
@@ -125,8 +147,10 @@ def _history_rows(tables: Tables, item: I64, category: I64, event: I64) -> tuple
         if 4 * n_distinct <= 3 * length:  # at least a quarter repeat: the pass pays for itself
             pick = first[:n_distinct]
             key, rep = _rows(tables, item[pick], category[pick], event[pick])
-            return np.take(key, group, axis=0), np.take(rep, group, axis=0)
-    return _rows(tables, item, category, event)
+            return HistoryRows(key, rep, group, pick)
+    key, rep = _rows(tables, item, category, event)
+    identity = np.arange(length, dtype=np.int64)
+    return HistoryRows(key, rep, identity, identity)
 
 
 def _rows(tables: Tables, item: I64, category: I64, event: I64) -> tuple[F32, F32]:
@@ -138,6 +162,19 @@ def _rows(tables: Tables, item: I64, category: I64, event: I64) -> tuple[F32, F3
     rep: F32 = tables.item_repr[item] + tables.category_repr[category]
     rep += tables.event_repr[event]
     return key, rep
+
+
+def _cross_features(hist_item: I64, hist_action: npt.NDArray[np.integer], hist_ts: npt.NDArray[np.integer],
+                    cand_item: I64, request_ts: int, n_actions: int) -> F32:
+    """`feature_store.schema.cross_features`, bit for bit, by the numba kernel (one hash pass, no sort)."""
+    from service.retrieval.kernels import history as kernels  # loads (or compiles) on first use
+
+    out = np.empty((cand_item.shape[0], n_actions + 2), dtype=np.float32)
+    kernels.cross_features(np.ascontiguousarray(hist_item, dtype=np.int64),
+                           np.ascontiguousarray(hist_action, dtype=np.int64),
+                           np.ascontiguousarray(hist_ts, dtype=np.int64),
+                           np.ascontiguousarray(cand_item, dtype=np.int64), int(request_ts), n_actions, out)
+    return out
 
 
 def _broadcast(row: npt.NDArray[np.generic], n: int) -> npt.NDArray[np.generic]:
@@ -248,28 +285,28 @@ def scorer_inputs(
     # gather the history's rows once: candidates retrieve overlapping behaviours, and indexing a
     # cache-resident [L, R] array is far cheaper than B*k random reads of the million-row tables
     event = history.action * settings.time_gap_buckets + gap  # row of the bundle's event tables
-    folded_key, folded_repr = _history_rows(tables, h_item, h_cat, event)  # [L, A + H], [L, R]
+    rows = _history_rows(tables, h_item, h_cat, event)  # distinct rows [D, A + H], [D, R]
     query = tables.item_query[cand_item] + tables.category_query[cand_category]  # [B, A]
     a_dim = query.shape[1]
-    folded_width, r_dim = folded_key.shape[1], folded_repr.shape[1]
+    folded_width, r_dim = rows.key.shape[1], rows.rep.shape[1]
     if settings.use_retrieval and length:
-        keys_aug = np.empty((length, a_dim + 1), dtype=np.float32)
-        np.multiply(folded_key[:, :a_dim], np.float32(1.0 / math.sqrt(settings.head_dim)), out=keys_aug[:, :a_dim])
-        keys_aug[:, a_dim] = tables.gsu_action_bias[history.action] + tables.gsu_gap_bias[gap]
+        # the GSU keys of the distinct rows: the bias column is a function of the event, so of the row
+        keys_aug = np.empty((rows.key.shape[0], a_dim + 1), dtype=np.float32)
+        np.multiply(rows.key[:, :a_dim], np.float32(1.0 / math.sqrt(settings.head_dim)), out=keys_aug[:, :a_dim])
+        keys_aug[:, a_dim] = tables.gsu_action_bias[history.action[rows.first]] + tables.gsu_gap_bias[gap[rows.first]]
         queries_aug = np.ones((n_cand, a_dim + 1), dtype=np.float32)
         queries_aug[:, :a_dim] = query
-        _, idx = _retrieve(retriever, queries_aug, keys_aug, settings.k, h_cat, cand_category, user_index,
-                           history.clusters, tables)
+        _, idx = _retrieve(retriever, queries_aug, DistinctKeys(keys_aug, rows.group, rows.first), settings.k, h_cat,
+                           cand_category, user_index, history.clusters, tables)
         if length >= settings.k:  # no padding: every slot is a real behaviour
             mask = np.ones(idx.shape, dtype=np.float32)
-            ret_key = np.take(folded_key, idx, axis=0)
-            ret_repr = np.take(folded_repr, idx, axis=0)
+            ret_key, ret_repr = rows.take(idx)
         else:
             valid = idx >= 0
-            rows = np.where(valid, idx, 0)
             mask = valid.astype(np.float32)
-            ret_key = np.take(folded_key, rows, axis=0) * mask[..., None]
-            ret_repr = np.take(folded_repr, rows, axis=0) * mask[..., None]
+            ret_key, ret_repr = rows.take(np.where(valid, idx, 0))
+            ret_key *= mask[..., None]
+            ret_repr *= mask[..., None]
     else:  # no long-term retrieval (DIN-short bundles) or an empty history: one padding slot
         ret_key = np.zeros((n_cand, 1, folded_width), dtype=np.float32)
         ret_repr = np.zeros((n_cand, 1, r_dim), dtype=np.float32)
@@ -284,8 +321,9 @@ def scorer_inputs(
         pick = np.zeros(width, dtype=np.int64)
         pick[width - s :] = np.arange(length - s, length)
         sv = short_valid[:, None]
-        short_key = folded_key[pick] * sv
-        short_repr = folded_repr[pick] * sv
+        short_key, short_repr = rows.take(pick)
+        short_key *= sv
+        short_repr *= sv
     else:
         short_key = np.zeros((width, folded_width), dtype=np.float32)
         short_repr = np.zeros((width, r_dim), dtype=np.float32)
@@ -297,7 +335,7 @@ def scorer_inputs(
         "cand_repr": np.ascontiguousarray(
             tables.item_repr[cand_item] + tables.category_repr[cand_category], dtype=np.float32
         ),
-        "cand_cross": cross_features(h_item, history.action, history.timestamp, cand_item, request_ts, n_actions),
+        "cand_cross": _cross_features(h_item, history.action, history.timestamp, cand_item, request_ts, n_actions),
         "ret_key": np.ascontiguousarray(ret_key, dtype=np.float32),
         "ret_repr": np.ascontiguousarray(ret_repr, dtype=np.float32),
         "ret_mask": np.ascontiguousarray(mask, dtype=np.float32),

@@ -70,6 +70,10 @@ class Retriever(Protocol):
         """Scores [B, k] float32 (descending) and indices [B, k] int64 into keys; -inf / -1 padding."""
         ...
 
+    def search_distinct(self, queries: F32, distinct: DistinctKeys, k: int) -> tuple[F32, I64]:
+        """`search` over `distinct.expanded()`, without a context, given the keys' distinct rows."""
+        ...
+
 
 def _matrix(name: str, arr: object, shape: str) -> npt.NDArray[Any]:
     if not isinstance(arr, np.ndarray):
@@ -149,15 +153,17 @@ class DistinctKeys:
 
     Lifelong histories repeat behaviours (same item, action and time-gap bucket: identical GSU
     keys), so searching the distinct rows and expanding them gives the exact result for a
-    fraction of the work (`expand`).
+    fraction of the work (`expand`). `keys` [G, d] are the distinct rows, `group` [L] the distinct
+    row of every original row and `first` [G] each distinct row's lowest original row (groups
+    numbered in order of first appearance). A caller that already knows which behaviours repeat
+    builds one directly, without the original [L, d] matrix (`service.assemble`); `of` finds them.
     """
 
-    def __init__(self, keys: F32, group: I64, first: I64, n_groups: int) -> None:
-        self.source = keys
+    def __init__(self, keys: F32, group: I64, first: I64) -> None:
+        self.keys = keys
         self.group = group
-        self.first = first[:n_groups]
-        self.n_groups = n_groups
-        self.keys: F32 = np.ascontiguousarray(keys[self.first])
+        self.first = first
+        self.n_groups = int(first.shape[0])
         self._offsets: I64 | None = None
         self._members: I64 | None = None
 
@@ -167,7 +173,17 @@ class DistinctKeys:
         group = np.empty(n, dtype=np.int64)
         first = np.empty(n, dtype=np.int64)
         n_groups = int(grouped_kernels().unique_rows(keys.view(np.uint32), group, first))
-        return cls(keys, group, first, n_groups)
+        first = first[:n_groups]
+        return cls(np.ascontiguousarray(keys[first]), group, first)
+
+    @property
+    def n_rows(self) -> int:
+        """Rows of the original matrix."""
+        return int(self.group.shape[0])
+
+    def expanded(self) -> F32:
+        """The original [L, d] matrix."""
+        return np.take(self.keys, self.group, axis=0)
 
     def members(self) -> tuple[I64, I64]:
         """CSR (offsets [G + 1], rows [L]) of each group's rows, ascending."""
@@ -216,6 +232,13 @@ class BaseRetriever(ABC):
     def _search(self, q: F32, keys: F32, k: int, context: RetrievalContext | None) -> tuple[F32, I64]:
         """The strategy on validated, non-empty inputs."""
 
+    def search_distinct(self, queries: F32, distinct: DistinctKeys, k: int) -> tuple[F32, I64]:
+        """`search` over `distinct.expanded()` (a strategy without a context), given its distinct rows.
+
+        This default expands them; strategies that de-duplicate search the distinct rows directly.
+        """
+        return self.search(queries, distinct.expanded(), k)
+
     def distinct_keys(self, keys: F32) -> DistinctKeys | None:
         """The distinct rows of `keys` when this strategy de-duplicates and the history is long enough."""
         if not self.dedup or keys.shape[0] < DEDUP_MIN_KEYS:
@@ -227,8 +250,13 @@ class BaseRetriever(ABC):
         distinct = self.distinct_keys(keys)
         if distinct is None or distinct.n_groups > max_ratio * keys.shape[0]:
             return search(q, keys, k)
-        u_scores, u_idx = search(q, distinct.keys, min(k, distinct.n_groups))
-        return distinct.expand(u_scores, u_idx, k)
+        return search_expanded(search, q, distinct, k)
+
+
+def search_expanded(search: Search, q: F32, distinct: DistinctKeys, k: int) -> tuple[F32, I64]:
+    """`search` over the distinct rows, each result expanded to every copy: the exact top-k of all rows."""
+    u_scores, u_idx = search(q, distinct.keys, min(k, distinct.n_groups))
+    return distinct.expand(u_scores, u_idx, k)
 
 
 # strategies that fall back to exact count it here, by (strategy, reason); the metrics module

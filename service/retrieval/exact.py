@@ -17,10 +17,14 @@ from service.retrieval.base import (
     F32,
     I64,
     BaseRetriever,
+    DistinctKeys,
     RetrievalContext,
     RetrievalInputError,
     launch_lock,
     numba_threads,
+    padded,
+    search_expanded,
+    validate,
 )
 from service.retrieval.brute_force import FaissGpuRetriever, gpu_available
 
@@ -96,6 +100,15 @@ class ExactRetriever(BaseRetriever):
         if keys.shape[0] > MAX_KEYS:
             raise RetrievalInputError(f"exact supports at most {MAX_KEYS} keys, got {keys.shape[0]}")
         return self._distinct_search(self.search_unchecked, q, keys, k, max_ratio=self.dedup_ratio)
+
+    def search_distinct(self, queries: F32, distinct: DistinctKeys, k: int) -> tuple[F32, I64]:
+        """The kernel over the caller's distinct rows, expanded (`dedup_ratio` and the GPU as in `search`)."""
+        if self._gpu is not None or not self.dedup or distinct.n_groups > self.dedup_ratio * distinct.n_rows:
+            return super().search_distinct(queries, distinct, k)
+        q, keys, k = validate(queries, distinct.keys, k)
+        if q.shape[0] == 0 or keys.shape[0] == 0:
+            return padded(q.shape[0], k)
+        return search_expanded(self.search_unchecked, q, DistinctKeys(keys, distinct.group, distinct.first), k)
 
     def search_unchecked(self, q: F32, keys: F32, k: int) -> tuple[F32, I64]:
         """The kernel on validated, non-empty inputs (no dedup): [B, k] scores and indices."""

@@ -216,8 +216,10 @@ def test_history_rows_are_bit_identical_to_direct_gathers(
     hist.item[:3] = schema.items.size + 5  # past the table: clamped to the OOV row
     item, category = tables.clamp_rows(hist.item, hist.category)
     event = rng.integers(0, tables.event_repr.shape[0], length)
-    key, rep = assemble._history_rows(tables, item, category, event)
-    assert key.dtype == rep.dtype == np.float32
+    rows = assemble._history_rows(tables, item, category, event)
+    assert rows.key.dtype == rows.rep.dtype == np.float32
+    assert rows.key.shape[0] == rows.rep.shape[0] == rows.first.shape[0] <= length == rows.group.shape[0]
+    key, rep = rows.take(np.arange(length))
     assert np.array_equal(key, direct_rows(tables, item, category, event)[0])
     assert np.array_equal(rep, direct_rows(tables, item, category, event)[1])
 
@@ -227,7 +229,11 @@ def test_history_rows_are_bit_identical_to_direct_gathers(
     cands, cand_cats = rng.integers(0, schema.items.size, 30), rng.integers(0, schema.categories.size, 30)
     args = (tables, settings, make_retriever("exact"), hist, 7, cands, cand_cats, ts)
     served = scorer_inputs(*args)
-    monkeypatch.setattr(assemble, "_history_rows", direct_rows)
+    def every_row(tables: Tables, item: np.ndarray, category: np.ndarray, event: np.ndarray) -> assemble.HistoryRows:
+        identity = np.arange(item.shape[0])
+        return assemble.HistoryRows(*direct_rows(tables, item, category, event), identity, identity)
+
+    monkeypatch.setattr(assemble, "_history_rows", every_row)
     direct = scorer_inputs(*args)
     for name in SCORER_INPUTS:
         assert served[name].dtype == direct[name].dtype and np.array_equal(served[name], direct[name]), name

@@ -239,7 +239,7 @@ def test_assemble_passes_categories_to_context_strategies() -> None:
             return retrieval.padded(queries.shape[0], k)
 
     queries, keys = history(12, 3, 10, 10)
-    _retrieve(Recorder(), queries, keys, 4, np.arange(10), np.array([1, 2, 3]), 7)
+    _retrieve(Recorder(), queries, retrieval.DistinctKeys.of(keys), 4, np.arange(10), np.array([1, 2, 3]), 7)
     assert seen[0].key_category.tolist() == list(range(10))  # type: ignore[union-attr]
     assert seen[0].query_category.tolist() == [1, 2, 3]  # type: ignore[union-attr]
     assert seen[0].user_index == 7

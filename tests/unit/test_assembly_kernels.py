@@ -1,0 +1,39 @@
+"""The assembly's numba kernels equal their numpy definitions bit for bit."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from feature_store.schema import cross_features
+from service.assemble import _cross_features
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_cross_features_kernel_is_the_numpy_definition(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    n_actions = int(rng.integers(1, 6))
+    length = int(rng.choice([1, 5, 300, 10_000]))
+    # few distinct items, so candidates hit repeated ones; item 0 (unknown) in history and candidates
+    hist_item = rng.integers(0, max(2, length // 4), length).astype(np.int64)
+    hist_item[-1] = 1 + int(rng.integers(0, max(2, length // 4)))  # at least one known item
+    hist_action = rng.integers(0, n_actions, length).astype(np.uint8)
+    hist_ts = np.sort(rng.integers(1_600_000_000, 1_700_000_000, length)).astype(np.int64)
+    hist_ts[rng.random(length) < 0.2] = 1_650_000_000  # equal timestamps on different events
+    cand = np.unique(rng.integers(0, max(4, length // 2), 500)).astype(np.int64)
+    cand = np.unique(np.concatenate([cand, hist_item[-1:]]))
+    cand = np.concatenate([[0], cand[cand != 0]])
+    request_ts = int(hist_ts.max()) + int(rng.integers(-7200, 86_400 * 30))  # some events after it: gap 0
+    want = cross_features(hist_item, hist_action, hist_ts, cand, request_ts, n_actions)
+    got = _cross_features(hist_item, hist_action, hist_ts, cand, request_ts, n_actions)
+    assert got.dtype == np.float32 and got.shape == want.shape
+    assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
+    assert got[1:, n_actions].any(), "the case must have candidates that match the history"
+    assert not got[0].any(), "item 0 never matches"
+
+
+def test_cross_features_kernel_empty_history_and_no_candidates() -> None:
+    empty = np.zeros(0, dtype=np.int64)
+    cand = np.array([3, 0, 9], dtype=np.int64)
+    assert not _cross_features(empty, empty, empty, cand, 10, 4).any()
+    assert _cross_features(np.array([3]), np.array([1]), np.array([5]), empty, 10, 4).shape == (0, 6)
