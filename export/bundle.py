@@ -32,7 +32,8 @@ from feature_store.errors import UserError
 from feature_store.schema import FeatureSchema, SchemaError
 
 # /2: action and time gap folded into the behaviour rows (scorer inputs without ret_action & co.)
-FORMAT = "rankserve.bundle/2"
+# /3: the target attention's pooling before the scorer (inputs long_pooled & co., not ret_key & co.)
+FORMAT = "rankserve.bundle/3"
 MANIFEST = "manifest.json"
 ONNX_FILE = "scorer.onnx"
 TORCHSCRIPT_FILE = "scorer.torchscript.pt"

@@ -44,15 +44,12 @@ from models.model import RankingModel, Scorer
 log = logging.getLogger("rankserve.export")
 
 DYNAMIC_AXES: dict[str, dict[int, str]] = {
-    "cand_query": {0: "batch"},
     "cand_repr": {0: "batch"},
     "cand_cross": {0: "batch"},
-    "ret_key": {0: "batch", 1: "k"},
-    "ret_repr": {0: "batch", 1: "k"},
-    "ret_mask": {0: "batch", 1: "k"},
-    "short_key": {0: "batch", 1: "short"},
-    "short_repr": {0: "batch", 1: "short"},
-    "short_mask": {0: "batch", 1: "short"},
+    "long_pooled": {0: "batch"},
+    "long_attended": {0: "batch"},
+    "short_pooled": {0: "batch"},
+    "short_attended": {0: "batch"},
     "user_repr": {0: "batch"},
     "user_dense": {0: "batch"},
     "weekday": {0: "batch"},

@@ -32,20 +32,20 @@ ACTION_CODE: dict[str, int] = {name: code for code, name in enumerate(ACTIONS)}
 
 # The train/serve contract of the scorer: its inputs, in order (the exporter's graph signature and
 # what the service assembles per request), and its output. `SchemaSpec.scorer_inputs` adds the
-# side-feature inputs of a schema that declares side features.
+# side-feature inputs of a schema that declares side features. The target attention's pooling has
+# no parameters, so it runs before the scorer (`models.model.attention_pool` in training, a numba
+# kernel in the service, which reads the behaviours' rows in place instead of gathering B x K of
+# them); the scorer holds everything with weights, the value projection included.
 SCORER_INPUTS: tuple[str, ...] = (
-    "cand_query",  # [B, A]    float32  candidate's attention query (item + category rows)
-    "cand_repr",  # [B, R]     float32  candidate's representation (item + category rows)
-    "cand_cross",  # [B, C]    float32  user-item cross features (schema.cross_features)
-    "ret_key",  # [B, K, A+H]  float32  keys of the retrieved behaviours, then their per-head event bias
-    "ret_repr",  # [B, K, R]   float32  representations of the retrieved behaviours plus their event embedding
-    "ret_mask",  # [B, K]      float32  1 = real behaviour, 0 = padding
-    "short_key",  # [B, S, A+H] float32  the most recent S behaviours, same fields
-    "short_repr",  # [B, S, R]
-    "short_mask",  # [B, S]
-    "user_repr",  # [B, U]     float32  user representation row
-    "user_dense",  # [B, D]    float32  schema.history_features
-    "weekday",  # [B]          int64    weekday of the request time
+    "cand_repr",  # [B, R]        float32  candidate's representation (item + category rows)
+    "cand_cross",  # [B, C]       float32  user-item cross features (schema.cross_features)
+    "long_pooled",  # [B, H, R]   float32  per head, the retrieved behaviours' rows weighted by their attention
+    "long_attended",  # [B, 1]    float32  1 when at least one behaviour was retrieved, else 0
+    "short_pooled",  # [B, H, R]  float32  the same over the most recent S behaviours
+    "short_attended",  # [B, 1]   float32
+    "user_repr",  # [B, U]        float32  user representation row
+    "user_dense",  # [B, D]       float32  schema.history_features
+    "weekday",  # [B]             int64    weekday of the request time
 )
 SIDE_INPUTS: tuple[str, ...] = (
     "side_ids",  # [B, n_ids]    int64    categorical side features (user, item, context), offset into one table

@@ -92,7 +92,8 @@ def gsu_input(model: Any, history: Any, item_index: I64, category_index: I64, re
                     t.key_fingerprint if hasattr(t, "key_fingerprint") else None)
 
 
-def _search(retriever: Any, x: GsuInput, k: int) -> tuple[F32, I64]:
+def gsu_search(retriever: Any, x: GsuInput, k: int) -> tuple[F32, I64]:
+    """One strategy's top-k on one request's GSU inputs, with its context when it reads one."""
     from service.retrieval import RetrievalContext
 
     if retriever.uses_context:
@@ -112,12 +113,12 @@ def section_strategies(inputs: list[GsuInput], k: int, iterations: int, warmup: 
 
     specs = strategies or STRATEGIES
     retrievers = {name: make_retriever(spec) for name, spec in specs.items()}
-    recall = {name: float(np.mean([recall_at_k(x.queries, x.keys, k, _search(r, x, k)[1]) for x in inputs]))
+    recall = {name: float(np.mean([recall_at_k(x.queries, x.keys, k, gsu_search(r, x, k)[1]) for x in inputs]))
               for name, r in retrievers.items()}
     names = list(retrievers)
     for i in range(warmup):
         for name in names:
-            _search(retrievers[name], inputs[i % len(inputs)], k)
+            gsu_search(retrievers[name], inputs[i % len(inputs)], k)
     wall: dict[str, list[float]] = {n: [] for n in names}
     cpu: dict[str, list[float]] = {n: [] for n in names}
     order = names[:]
@@ -128,7 +129,7 @@ def section_strategies(inputs: list[GsuInput], k: int, iterations: int, warmup: 
         for name in order:
             time.sleep(0.005)  # let the previous method's thread pool go idle (OpenMP spins after a region)
             c0, t0 = time.process_time(), time.perf_counter()
-            _search(retrievers[name], x, k)
+            gsu_search(retrievers[name], x, k)
             wall[name].append((time.perf_counter() - t0) * 1000)
             cpu[name].append((time.process_time() - c0) * 1000)
     stats: dict[str, Any] = {}

@@ -21,6 +21,7 @@ import logging
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -51,6 +52,7 @@ def evaluate_strategies(run_dir: Path, strategies: list[str], max_queries: int |
 
     from feature_store.codecs import Sequence
     from feature_store.schema import SCORER_INPUTS
+    from loadtest.bench_strategies import gsu_input, gsu_search
     from models.batching import Collator
     from models.checkpoint import load_run
     from models.data.readers import dataset_of_run
@@ -71,6 +73,7 @@ def evaluate_strategies(run_dir: Path, strategies: list[str], max_queries: int |
     settings = RetrievalSettings(k=cfg.retrieval_k, head_dim=cfg.attn_dim // cfg.n_heads,
                                  short_length=cfg.short_length, use_retrieval=cfg.use_retrieval,
                                  time_gap_buckets=spec.time_gap_buckets)
+    served = SimpleNamespace(tables=tables, retrieval=settings)  # what gsu_input reads of a loaded bundle
     collator = Collator(samples, spec, spec.max_sequence_length)
     start, end = collator.history_window(idx)
     # ranking queries: samples of one user at one request time share the history
@@ -111,6 +114,8 @@ def evaluate_strategies(run_dir: Path, strategies: list[str], max_queries: int |
         ts = int(samples.ts[idx[i0]])
         items, cats = samples.item[idx[g]], samples.category[idx[g]]
         retrieved: dict[str, npt.NDArray[Any]] = {}
+        # the GSU inputs as the service builds them, for the overlap of what each strategy retrieves
+        gsu = gsu_input(served, hist, *tables.clamp_rows(items, cats), ts) if e - s > settings.k else None
         for name, r in retrievers.items():
             t1 = time.perf_counter()
             inputs = scorer_inputs(tables, settings, r, hist, int(samples.user[idx[i0]]), items, cats, ts)
@@ -118,9 +123,10 @@ def evaluate_strategies(run_dir: Path, strategies: list[str], max_queries: int |
             with torch.no_grad():
                 out = model.scorer(*(torch.from_numpy(np.ascontiguousarray(inputs[n])) for n in SCORER_INPUTS))
             probs[name][g] = out.numpy()
-            retrieved[name] = inputs["ret_key"].reshape(len(g), -1)
+            if gsu is not None:
+                retrieved[name] = gsu.keys[gsu_search(r, gsu, settings.k)[1]].reshape(len(g), -1)
         # overlap with exact: share of identical retrieved key rows (same behaviours, as far as keys tell)
-        if "exact" in retrieved and e - s > settings.k:
+        if "exact" in retrieved:
             for name, ret in retrieved.items():
                 overlap[name].append(_row_overlap(retrieved["exact"], ret, settings.k))
     labels = samples.labels[idx]

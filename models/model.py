@@ -9,10 +9,13 @@ The model is split along the line the service draws:
 * The general search unit (GSU) scores every behaviour with the exact search unit's own metric,
   summed over heads: s_j = Σ_h k_jh·q_h/√d_h + Σ_h (b_act[a_j,h] + b_gap[g_j,h]); it keeps the
   top-k with `topk` + `gather` (no Python loops), so the graph exports too.
-* `Scorer` is everything after retrieval (exact search unit, feature interaction, task heads)
-  on gathered dense inputs. It is what goes to ONNX and TorchScript. Its inputs are the
-  schema's `scorer_inputs`: the base ones, then `side_ids` (categorical side features, one
-  embedding table) and `side_values` (normalized numeric side features) when the schema has them.
+* The exact search unit's target attention pools the retrieved and the recent behaviours per
+  head (`attention_pool`). The pooling has no parameters, so it runs before the exported part:
+  here in torch, in the service in numba over the behaviour rows in place.
+* `Scorer` is everything with weights after that (the attention's value projection, feature
+  interaction, task heads) on dense inputs. It is what goes to ONNX and TorchScript. Its inputs
+  are the schema's `scorer_inputs`: the base ones, then `side_ids` (categorical side features,
+  one embedding table) and `side_values` (normalized numeric side features) when the schema has them.
 * ESMM follows the schema's task parents: p(task) = σ(z_task) · p(parent), parents first.
 """
 
@@ -134,33 +137,46 @@ class TargetAttention(nn.Module):
         return bias.reshape(-1, self.n_heads), rep.reshape(-1, rep.shape[-1])
 
     def forward(self, key: Tensor, repr_: Tensor, mask: Tensor, query: Tensor) -> Tensor:
-        """out_h = Σ_j w_jh (W r̃_j + b)_h over folded behaviours (`behaviours`), without a [B, L, R] temporary.
+        """out_h = Σ_j w_jh (W r̃_j + b)_h over folded behaviours (`behaviours`): `project` of `attention_pool`."""
+        pooled, attended = attention_pool(key, repr_, mask, query, self.n_heads)
+        return self.project(pooled, attended)
 
-        The logits of all heads are one batched matmul of the folded keys [B, L, A + H] with an
-        augmented query [B, A + H, H]: head h's query (scaled by 1/√d_h) in the rows of head h,
-        then an identity block that picks each head's bias column. The value projection is linear,
-        so it commutes with the attention-weighted sum: out_h = W_h (Σ_j w_jh r̃_j) + b_h Σ_j w_jh,
-        where Σ_j w_jh is 1 (0 for an empty history). Same values as projecting every behaviour
-        first (tests/unit/test_model.py keeps that form as the reference).
+    def project(self, pooled: Tensor, attended: Tensor) -> Tensor:
+        """The value projection of pooled rows [B, H, R] (`attention_pool`): out [B, R].
+
+        The projection is linear, so it commutes with the attention-weighted sum: out_h =
+        W_h (Σ_j w_jh r̃_j) + b_h Σ_j w_jh, where Σ_j w_jh is `attended` [B, 1]: 1, or 0 for an
+        empty history (tests/unit/test_model.py keeps projecting every behaviour first as the reference).
         """
-        b = key.shape[0]
-        h, dh = self.n_heads, self.head_dim
-        a_dim = h * dh  # a Python int, so the head mask below is a constant of the exported graph
-        head_of = (torch.arange(a_dim, device=key.device) // dh).unsqueeze(-1) == torch.arange(h, device=key.device)
-        qbd = query.unsqueeze(-1) * (head_of.to(query.dtype) / math.sqrt(dh))  # [B, A, H]
-        eye = torch.eye(h, dtype=query.dtype, device=query.device).expand(b, h, h)
-        logits = torch.matmul(key, torch.cat([qbd, eye], dim=1)).transpose(1, 2)  # [B, H, L]
-        m = mask.unsqueeze(1)  # [B, 1, L]
-        logits = logits * m + (1.0 - m) * -1e9
-        w = torch.softmax(logits, dim=-1) * m  # padding (and empty histories) weigh exactly 0
-        x = torch.matmul(w, repr_)  # [B, H, R]: the weighted input of every head's values
-        r = repr_.shape[-1]
+        b, h = pooled.shape[0], self.n_heads
+        r = pooled.shape[-1]
         wh = self.value.weight.reshape(h, r // h, r)  # [H, R/H, R]: the value rows of each head
-        # Σ_j w_jh is 1, or 0 for an empty history: the mask's max, exactly (a sum over L would round
-        # differently with the batch size in ONNX Runtime, and a candidate's scores must not depend on it)
-        attended = m.amax(-1, keepdim=True)  # [B, 1, 1]
-        out = torch.einsum("bhr,hor->bho", x, wh) + self.value.bias.reshape(h, r // h) * attended
+        out = torch.einsum("bhr,hor->bho", pooled, wh) + self.value.bias.reshape(h, r // h) * attended.unsqueeze(-1)
         return out.reshape(b, r)
+
+
+def attention_pool(key: Tensor, repr_: Tensor, mask: Tensor, query: Tensor, n_heads: int) -> tuple[Tensor, Tensor]:
+    """TWIN target attention up to the value projection: pooled rows [B, H, R] and `attended` [B, 1].
+
+    pooled_h = Σ_j w_jh r̃_j with w_h = softmax_j(k̃_j · q̃_h) over the folded behaviours
+    (`TargetAttention.behaviours`). The logits of all heads are one batched matmul of the folded
+    keys [B, L, A + H] with an augmented query [B, A + H, H]: head h's query (scaled by 1/√d_h)
+    in the rows of head h, then an identity block that picks each head's bias column. No
+    parameters: the service computes the same in numba (`service.assemble`). `attended` is the
+    mask's max, exactly (a sum of the weights over L would round differently with the batch size
+    in ONNX Runtime, and a candidate's scores must not depend on it).
+    """
+    b, h = key.shape[0], n_heads
+    a_dim = query.shape[-1]  # a Python int, so the head mask below is a constant of a traced graph
+    dh = a_dim // h
+    head_of = (torch.arange(a_dim, device=key.device) // dh).unsqueeze(-1) == torch.arange(h, device=key.device)
+    qbd = query.unsqueeze(-1) * (head_of.to(query.dtype) / math.sqrt(dh))  # [B, A, H]
+    eye = torch.eye(h, dtype=query.dtype, device=query.device).expand(b, h, h)
+    logits = torch.matmul(key, torch.cat([qbd, eye], dim=1)).transpose(1, 2)  # [B, H, L]
+    m = mask.unsqueeze(1)  # [B, 1, L]
+    logits = logits * m + (1.0 - m) * -1e9
+    w = torch.softmax(logits, dim=-1) * m  # padding (and empty histories) weigh exactly 0
+    return torch.matmul(w, repr_), mask.amax(-1, keepdim=True)
 
 
 class MMoE(nn.Module):
@@ -264,7 +280,7 @@ def esmm_probs(logits: Tensor, parents: tuple[int, ...], order: tuple[int, ...])
 
 
 class Scorer(nn.Module):
-    """Exact search unit + feature interaction + task heads, on gathered dense inputs.
+    """The exact search unit's value projection + feature interaction + task heads, on pooled dense inputs.
 
     This is the exported part: its inputs are the schema's `scorer_inputs` (`input_names`), its
     output the task probabilities in declared task order. The side inputs, when the schema has
@@ -300,15 +316,12 @@ class Scorer(nn.Module):
 
     def forward(
         self,
-        cand_query: Tensor,
         cand_repr: Tensor,
         cand_cross: Tensor,
-        ret_key: Tensor,
-        ret_repr: Tensor,
-        ret_mask: Tensor,
-        short_key: Tensor,
-        short_repr: Tensor,
-        short_mask: Tensor,
+        long_pooled: Tensor,
+        long_attended: Tensor,
+        short_pooled: Tensor,
+        short_attended: Tensor,
         user_repr: Tensor,
         user_dense: Tensor,
         weekday: Tensor,
@@ -317,8 +330,8 @@ class Scorer(nn.Module):
         expected = int(self.n_side_ids > 0) + int(self.n_side_values > 0)
         if len(side) != expected:
             raise TypeError(f"the scorer takes {list(self.input_names)}: {len(side)} side inputs given, not {expected}")
-        long_interest = self.attention(ret_key, ret_repr, ret_mask, cand_query)
-        short_interest = self.attention(short_key, short_repr, short_mask, cand_query)
+        long_interest = self.attention.project(long_pooled, long_attended)
+        short_interest = self.attention.project(short_pooled, short_attended)
         parts = [
             cand_repr,
             long_interest,
@@ -443,17 +456,24 @@ class RankingModel(nn.Module):
         folded_key, folded_repr = self.scorer.attention.behaviours(
             key[:, 1:], repr_[:, 1:], take(batch.hist_action), take(batch.hist_gap)
         )
+        query = self.query_proj(attn_item[:, 0]) + self.query_proj(attn_category[:, 0])
+        n_heads = cfg.n_heads
+        if k:
+            long_pooled, long_attended = attention_pool(folded_key[:, :k], folded_repr[:, :k], mask[:, :k], query,
+                                                        n_heads)
+        else:  # DIN-short: nothing retrieved
+            long_pooled = folded_repr.new_zeros(b, n_heads, cfg.repr_dim)
+            long_attended = mask.new_zeros(b, 1)
+        short_pooled, short_attended = attention_pool(folded_key[:, k:], folded_repr[:, k:], mask[:, k:], query,
+                                                      n_heads)
         out = {
-            "cand_query": self.query_proj(attn_item[:, 0]) + self.query_proj(attn_category[:, 0]),
             "cand_repr": repr_[:, 0],
             "cand_cross": batch.cand_cross,
+            "long_pooled": long_pooled,
+            "long_attended": long_attended,
+            "short_pooled": short_pooled,
+            "short_attended": short_attended,
         }
-        if k:
-            out |= {"ret_key": folded_key[:, :k], "ret_repr": folded_repr[:, :k], "ret_mask": mask[:, :k]}
-        else:  # an all-padding block keeps the scorer's signature
-            out |= {"ret_key": folded_key.new_zeros(b, 1, folded_key.shape[-1]),
-                    "ret_repr": folded_repr.new_zeros(b, 1, cfg.repr_dim), "ret_mask": mask.new_zeros(b, 1)}
-        out |= {"short_key": folded_key[:, k:], "short_repr": folded_repr[:, k:], "short_mask": mask[:, k:]}
         out |= {
             "user_repr": self.repr_user(batch.user),
             "user_dense": batch.user_dense,

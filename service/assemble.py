@@ -1,11 +1,14 @@
-"""Build the scorer's inputs for one request: gather from memory-mapped tables, retrieve, pad.
+"""Build the scorer's inputs for one request: gather from memory-mapped tables, retrieve, pool.
 
 This is the online twin of `RankingModel.scorer_inputs` (models/model.py): the same tables, the
-same GSU metric, the same derived features (`feature_store.schema`), in numpy, without torch.
-The GSU's per-behaviour bias is folded into one extra key column, so retrieval is a plain
-inner-product top-k over [L, A + 1] keys:
+same GSU metric, the same derived features (`feature_store.schema`), the same target-attention
+pooling, in numpy and numba, without torch. The GSU's per-behaviour bias is folded into one
+extra key column, so retrieval is a plain inner-product top-k over [L, A + 1] keys:
 
     s_j = k_j·q/√d_h + b_act[a_j] + b_gap[g_j] = [k_j/√d_h, b_j] · [q, 1]
+
+The history's rows are built once per distinct (item, category, event); retrieval searches
+those, and the pooling kernel reads each candidate's retrieved and recent rows from them in place.
 
 A schema with side features adds `side_ids` and `side_values` (`SchemaSpec.scorer_inputs`): the
 user's codes and values (the store's profile tail) broadcast, each candidate's (the store's item
@@ -118,11 +121,6 @@ class HistoryRows:
     group: I64
     first: I64
 
-    def take(self, behaviours: I64) -> tuple[F32, F32]:
-        """The key and representation rows of the given behaviours (any shape of indices)."""
-        rows = np.take(self.group, behaviours)
-        return np.take(self.key, rows, axis=0), np.take(self.rep, rows, axis=0)
-
 
 def _history_rows(tables: Tables, item: I64, category: I64, event: I64) -> HistoryRows:
     """Every behaviour's scorer rows: keys [L, A + H] and representations [L, R], once per distinct triple.
@@ -175,6 +173,19 @@ def _cross_features(hist_item: I64, hist_action: npt.NDArray[np.integer], hist_t
                            np.ascontiguousarray(hist_ts, dtype=np.int64),
                            np.ascontiguousarray(cand_item, dtype=np.int64), int(request_ts), n_actions, out)
     return out
+
+
+def _attention_pool(rows: HistoryRows, slots: I64, query: F32) -> tuple[F32, F32]:
+    """`models.model.attention_pool` over the rows `slots` [B or 1, K] (-1: padding) of `rows`: [B, H, R], [B, 1]."""
+    from service.retrieval.kernels import history as kernels  # loads (or compiles) on first use
+
+    n_cand = query.shape[0]
+    n_heads = rows.key.shape[1] - query.shape[1]  # the folded keys' extra columns: one bias per head
+    pooled = np.empty((n_cand, n_heads, rows.rep.shape[1]), dtype=np.float32)
+    attended = np.empty((n_cand, 1), dtype=np.float32)
+    kernels.attention_pool(rows.key, rows.rep, np.ascontiguousarray(slots, dtype=np.int64), query, n_heads,
+                           pooled, attended)
+    return pooled, attended
 
 
 def _broadcast(row: npt.NDArray[np.generic], n: int) -> npt.NDArray[np.generic]:
@@ -286,9 +297,9 @@ def scorer_inputs(
     # cache-resident [L, R] array is far cheaper than B*k random reads of the million-row tables
     event = history.action * settings.time_gap_buckets + gap  # row of the bundle's event tables
     rows = _history_rows(tables, h_item, h_cat, event)  # distinct rows [D, A + H], [D, R]
-    query = tables.item_query[cand_item] + tables.category_query[cand_category]  # [B, A]
+    query = np.ascontiguousarray(tables.item_query[cand_item] + tables.category_query[cand_category],
+                                 dtype=np.float32)  # [B, A]
     a_dim = query.shape[1]
-    folded_width, r_dim = rows.key.shape[1], rows.rep.shape[1]
     if settings.use_retrieval and length:
         # the GSU keys of the distinct rows: the bias column is a function of the event, so of the row
         keys_aug = np.empty((rows.key.shape[0], a_dim + 1), dtype=np.float32)
@@ -298,50 +309,28 @@ def scorer_inputs(
         queries_aug[:, :a_dim] = query
         _, idx = _retrieve(retriever, queries_aug, DistinctKeys(keys_aug, rows.group, rows.first), settings.k, h_cat,
                            cand_category, user_index, history.clusters, tables)
-        if length >= settings.k:  # no padding: every slot is a real behaviour
-            mask = np.ones(idx.shape, dtype=np.float32)
-            ret_key, ret_repr = rows.take(idx)
-        else:
-            valid = idx >= 0
-            mask = valid.astype(np.float32)
-            ret_key, ret_repr = rows.take(np.where(valid, idx, 0))
-            ret_key *= mask[..., None]
-            ret_repr *= mask[..., None]
-    else:  # no long-term retrieval (DIN-short bundles) or an empty history: one padding slot
-        ret_key = np.zeros((n_cand, 1, folded_width), dtype=np.float32)
-        ret_repr = np.zeros((n_cand, 1, r_dim), dtype=np.float32)
-        mask = np.zeros((n_cand, 1), dtype=np.float32)
+        # each slot's distinct row, -1 for padding (a history shorter than k)
+        retrieved = np.take(rows.group, idx) if length >= settings.k else np.where(idx >= 0, rows.group[idx], -1)
+        long_pooled, long_attended = _attention_pool(rows, retrieved, query)
+    else:  # no long-term retrieval (DIN-short bundles) or an empty history: nothing attended
+        long_pooled, long_attended = _attention_pool(rows, np.full((1, 1), -1, dtype=np.int64), query)
 
-    # the most recent behaviours, identical for every candidate (at least one padding slot)
+    # the most recent behaviours, identical for every candidate
     s = min(settings.short_length, length)
-    width = max(s, 1)
-    short_valid = np.zeros(width, dtype=np.float32)
-    short_valid[width - s :] = 1.0
-    if length:
-        pick = np.zeros(width, dtype=np.int64)
-        pick[width - s :] = np.arange(length - s, length)
-        sv = short_valid[:, None]
-        short_key, short_repr = rows.take(pick)
-        short_key *= sv
-        short_repr *= sv
-    else:
-        short_key = np.zeros((width, folded_width), dtype=np.float32)
-        short_repr = np.zeros((width, r_dim), dtype=np.float32)
+    recent = rows.group[length - s : length].reshape(1, s) if s else np.full((1, 1), -1, dtype=np.int64)
+    short_pooled, short_attended = _attention_pool(rows, np.ascontiguousarray(recent), query)
 
     user_row = user_index if 0 <= user_index < tables.user_repr.shape[0] else 0
     n_actions = spec.n_actions
     inputs: dict[str, npt.NDArray[np.generic]] = {
-        "cand_query": np.ascontiguousarray(query, dtype=np.float32),
         "cand_repr": np.ascontiguousarray(
             tables.item_repr[cand_item] + tables.category_repr[cand_category], dtype=np.float32
         ),
         "cand_cross": _cross_features(h_item, history.action, history.timestamp, cand_item, request_ts, n_actions),
-        "ret_key": np.ascontiguousarray(ret_key, dtype=np.float32),
-        "ret_repr": np.ascontiguousarray(ret_repr, dtype=np.float32),
-        "ret_mask": np.ascontiguousarray(mask, dtype=np.float32),
-        "short_key": _broadcast(short_key.astype(np.float32), n_cand),
-        "short_repr": _broadcast(short_repr.astype(np.float32), n_cand),
-        "short_mask": _broadcast(short_valid, n_cand),
+        "long_pooled": long_pooled,
+        "long_attended": long_attended,
+        "short_pooled": short_pooled,
+        "short_attended": short_attended,
         "user_repr": _broadcast(np.asarray(tables.user_repr[user_row], dtype=np.float32), n_cand),
         "user_dense": _broadcast(history_features(history.action, n_actions), n_cand),
         "weekday": np.full(n_cand, int(weekday(request_ts)), dtype=np.int64),

@@ -219,7 +219,7 @@ def test_history_rows_are_bit_identical_to_direct_gathers(
     rows = assemble._history_rows(tables, item, category, event)
     assert rows.key.dtype == rows.rep.dtype == np.float32
     assert rows.key.shape[0] == rows.rep.shape[0] == rows.first.shape[0] <= length == rows.group.shape[0]
-    key, rep = rows.take(np.arange(length))
+    key, rep = rows.key[rows.group], rows.rep[rows.group]
     assert np.array_equal(key, direct_rows(tables, item, category, event)[0])
     assert np.array_equal(rep, direct_rows(tables, item, category, event)[1])
 

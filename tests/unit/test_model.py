@@ -204,7 +204,7 @@ def test_side_features_train_one_step(groups: tuple[str, ...], kinds: tuple[str,
     """One optimizer step moves the side table (when there is one) and the heads."""
     schema = side_schema(groups, kinds)
     model = tiny_model(schema)
-    assert model.scorer.input_names[12:] == tuple(
+    assert model.scorer.input_names[len(SCORER_INPUTS):] == tuple(
         n for n, k in (("side_ids", "categorical"), ("side_values", "numeric")) if k in kinds
     )
     batch = random_batch(model, schema.spec, seed=4, batch_size=32)
