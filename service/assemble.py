@@ -181,10 +181,13 @@ def _attention_pool(rows: HistoryRows, slots: I64, query: F32) -> tuple[F32, F32
 
     n_cand = query.shape[0]
     n_heads = rows.key.shape[1] - query.shape[1]  # the folded keys' extra columns: one bias per head
-    pooled = np.empty((n_cand, n_heads, rows.rep.shape[1]), dtype=np.float32)
+    slots = np.ascontiguousarray(slots, dtype=np.int64)
+    weights = np.empty((n_cand, n_heads, slots.shape[1]), dtype=np.float32)
     attended = np.empty((n_cand, 1), dtype=np.float32)
-    kernels.attention_pool(rows.key, rows.rep, np.ascontiguousarray(slots, dtype=np.int64), query, n_heads,
-                           pooled, attended)
+    kernels.attention_logits(rows.key, slots, query, n_heads, weights, attended)
+    np.exp(weights, out=weights)  # softmax numerators (padding: exp(-inf) = 0)
+    pooled = np.empty((n_cand, n_heads, rows.rep.shape[1]), dtype=np.float32)
+    kernels.attention_sum(rows.rep, slots, weights, pooled)
     return pooled, attended
 
 

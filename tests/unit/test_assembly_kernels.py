@@ -37,3 +37,33 @@ def test_cross_features_kernel_empty_history_and_no_candidates() -> None:
     cand = np.array([3, 0, 9], dtype=np.int64)
     assert not _cross_features(empty, empty, empty, cand, 10, 4).any()
     assert _cross_features(np.array([3]), np.array([1]), np.array([5]), empty, 10, 4).shape == (0, 6)
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_attention_pool_kernel_is_the_model_pooling(shared: bool) -> None:
+    """The service's pooling over rows read in place equals `models.model.attention_pool` on gathered rows."""
+    torch = pytest.importorskip("torch")
+    from models.model import attention_pool
+    from service.assemble import HistoryRows, _attention_pool
+
+    rng = np.random.default_rng(3)
+    n_rows, n_cand, slots, a_dim, n_heads, r_dim = 300, 40, 24, 16, 2, 32
+    key = rng.standard_normal((n_rows, a_dim + n_heads), dtype=np.float32) * 2
+    rep = rng.standard_normal((n_rows, r_dim), dtype=np.float32)
+    query = rng.standard_normal((n_cand, a_dim), dtype=np.float32)
+    picked = rng.integers(0, n_rows, (1 if shared else n_cand, slots))
+    picked[0, :5] = -1  # padding slots
+    if not shared:
+        picked[1] = -1  # a candidate with nothing to attend
+    identity = np.arange(n_rows)
+    got_pooled, got_attended = _attention_pool(HistoryRows(key, rep, identity, identity), picked, query)
+
+    full = np.broadcast_to(picked, (n_cand, slots))
+    mask = torch.from_numpy((full >= 0).astype(np.float32))
+    safe = np.where(full >= 0, full, 0)
+    want_pooled, want_attended = attention_pool(torch.from_numpy(key[safe]), torch.from_numpy(rep[safe]), mask,
+                                                torch.from_numpy(query), n_heads)
+    np.testing.assert_allclose(got_pooled, want_pooled.numpy(), rtol=0, atol=2e-6)
+    assert np.array_equal(got_attended, want_attended.numpy())
+    if not shared:
+        assert not got_pooled[1].any() and got_attended[1, 0] == 0

@@ -23,6 +23,9 @@ import numpy as np
 from service.retrieval.kernels.topk_ip import _jit
 
 _EMPTY = np.int64(-1)
+# the pooling's dot products and sums may be reordered (vectorized): the result is still the same on
+# every call for the same inputs, and the export parity tolerance (1e-5) bounds the difference
+_REASSOCIATE = {"contract", "reassoc"}
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _U29 = np.uint64(29)
 
@@ -86,54 +89,71 @@ def cross_features(hist_item: Any, hist_action: Any, hist_ts: Any, cand_item: An
 
 
 @_jit()
-def attention_pool(key: Any, rep: Any, rows: Any, query: Any, n_heads: int, pooled: Any, attended: Any) -> None:
-    """Per candidate b and head h: pooled[b, h] = Σ_j softmax_j(key[g_j] · q̃_bh) rep[g_j]; attended[b, 0] = any g_j.
+def attention_logits(key: Any, rows: Any, query: Any, n_heads: int, logits: Any, attended: Any) -> None:
+    """The target attention's logits, shifted by their max: logits[b, h, j] = key[g_j] · q̃_bh - max_j (...).
 
-    key [D, A + H] (A attention columns, then one bias column per head) and rep [D, R] are the
-    folded behaviour rows; rows [N, K] holds each candidate's rows (N = B, or N = 1: the same rows
-    for every candidate), -1 for padding; query [B, A]; q̃_bh is head h's part of query b scaled by
-    1/√(A / H). pooled [B, H, R] and attended [B, 1] are written here (0 for a candidate with no row).
+    key [D, A + H] (A attention columns, then one bias column per head) are the folded behaviour
+    rows; rows [N, K] holds each candidate's rows (N = B, or N = 1: the same rows for every
+    candidate), -1 for padding, whose logit is -inf; query [B, A]; q̃_bh is head h's part of
+    query b scaled by 1/√(A / H). logits [B, H, K]; attended [B, 1] is 1 when any row is real.
+    The exponentials are left to numpy, whose exp is vectorized (a scalar expf per weight cost
+    more than the rest of the pooling).
     """
     n_cand, a_dim = query.shape
     n_slots = rows.shape[1]
-    r_dim = rep.shape[1]
     dh = a_dim // n_heads
     scale = np.float32(1.0 / math.sqrt(dh))
     qs = np.empty(a_dim, np.float32)
-    logits = np.empty((n_heads, n_slots), np.float32)
-    top = np.empty(n_heads, np.float32)
     for b in range(n_cand):
         r = rows[0] if rows.shape[0] == 1 else rows[b]
         for c in range(a_dim):
             qs[c] = query[b, c] * scale
-        pooled[b, :, :] = 0.0
-        top[:] = -np.inf
         n_real = 0
-        for j in range(n_slots):
-            g = r[j]
-            if g < 0:
-                continue
-            n_real += 1
-            for h in range(n_heads):
+        for h in range(n_heads):
+            top = np.float32(-np.inf)
+            for j in range(n_slots):
+                g = r[j]
+                if g < 0:
+                    logits[b, h, j] = -np.inf
+                    continue
                 acc = np.float32(0.0)
                 for c in range(h * dh, (h + 1) * dh):
                     acc += key[g, c] * qs[c]
                 acc += key[g, a_dim + h]
-                logits[h, j] = acc
-                top[h] = max(top[h], acc)
+                logits[b, h, j] = acc
+                top = max(top, acc)
+                n_real += 1
+            if n_real:
+                for j in range(n_slots):
+                    logits[b, h, j] -= top
         attended[b, 0] = 1.0 if n_real else 0.0
-        if not n_real:
-            continue
+
+
+@_jit(fastmath=_REASSOCIATE)
+def attention_sum(rep: Any, rows: Any, weights: Any, pooled: Any) -> None:
+    """pooled[b, h] = Σ_j weights[b, h, j] rep[g_j] / Σ_j weights[b, h, j] (0 where no row is real).
+
+    rep [D, R] are the folded representation rows, rows [N, K] as in `attention_logits`, weights
+    [B, H, K] the exponentials of its logits (0 for padding), pooled [B, H, R].
+    """
+    n_cand, n_heads, n_slots = weights.shape
+    r_dim = rep.shape[1]
+    acc = np.empty((n_heads, r_dim), np.float32)
+    scale = np.empty(n_heads, np.float32)
+    for b in range(n_cand):
+        r = rows[0] if rows.shape[0] == 1 else rows[b]
         for h in range(n_heads):
             total = np.float32(0.0)
             for j in range(n_slots):
-                if r[j] >= 0:
-                    e = np.exp(logits[h, j] - top[h])
-                    logits[h, j] = e
-                    total += e
-            for j in range(n_slots):
-                g = r[j]
-                if g >= 0:
-                    w = logits[h, j] / total
-                    for c in range(r_dim):
-                        pooled[b, h, c] += w * rep[g, c]
+                total += weights[b, h, j]
+            scale[h] = 1.0 / total if total > 0 else 0.0
+        acc[:, :] = 0.0
+        for j in range(n_slots):
+            g = r[j]
+            if g < 0:
+                continue
+            for h in range(n_heads):
+                w = weights[b, h, j] * scale[h]
+                for c in range(r_dim):
+                    acc[h, c] += w * rep[g, c]
+        pooled[b, :, :] = acc
