@@ -30,7 +30,7 @@ from feature_store.codecs import Sequence, SequenceClusters, decode_side
 from feature_store.schema import SchemaSpec, history_features, time_gap_bucket, weekday
 from feature_store.spec import SideFeatures
 from service.retrieval import RetrievalContext, Retriever
-from service.retrieval.base import DistinctKeys, grouped_kernels
+from service.retrieval.base import DistinctKeys
 
 F32 = npt.NDArray[np.float32]
 I64 = npt.NDArray[np.int64]
@@ -130,34 +130,39 @@ def _history_rows(tables: Tables, item: I64, category: I64, event: I64) -> Histo
     bias as H extra key columns, its embedding added to the representation, in the model's float
     order (so the rows are bit-identical to its). Lifelong histories repeat the same (item,
     category, event) many times (60-80% of a 10,000-event synthetic history), so the rows are
-    built once per distinct triple (a hash pass, `grouped.unique_rows`): that reads the
+    built once per distinct triple (a hash pass, `kernels.history.distinct_behaviours`): that reads the
     million-row tables once per distinct triple, and retrieval searches the distinct keys
     (`DistinctKeys`) without expanding them. With few repeats, one row per behaviour.
     """
     length = int(item.shape[0])
     if length >= 64:
-        triples = np.empty((length, 2), dtype=np.int64)
-        triples[:, 0] = item
-        triples[:, 1] = category * tables.event_repr.shape[0] + event  # exact: both factors are small
+        from service.retrieval.kernels import history as kernels  # loads (or compiles) on first use
+
         group = np.empty(length, dtype=np.int64)
         first = np.empty(length, dtype=np.int64)
-        n_distinct = grouped_kernels().unique_rows(triples.view(np.uint32), group, first)
+        item_slot = np.empty(length, dtype=np.int64)
+        items = np.empty(length, dtype=np.int64)
+        n_distinct, n_items = kernels.distinct_behaviours(item, category, event, group, first, item_slot, items)
         if 4 * n_distinct <= 3 * length:  # at least a quarter repeat: the pass pays for itself
             pick = first[:n_distinct]
-            key, rep = _rows(tables, item[pick], category[pick], event[pick])
+            # each distinct item's rows read once from the million-row tables (a third fewer reads
+            # than once per triple on a synthetic history), then the small tables' rows added
+            slot = item_slot[:n_distinct]
+            item_key, item_repr = tables.item_key[items[:n_items]], tables.item_repr[items[:n_items]]
+            key, rep = _rows(tables, item_key[slot], item_repr[slot], category[pick], event[pick])
             return HistoryRows(key, rep, group, pick)
-    key, rep = _rows(tables, item, category, event)
+    key, rep = _rows(tables, tables.item_key[item], tables.item_repr[item], category, event)
     identity = np.arange(length, dtype=np.int64)
     return HistoryRows(key, rep, identity, identity)
 
 
-def _rows(tables: Tables, item: I64, category: I64, event: I64) -> tuple[F32, F32]:
-    """The rows of the given behaviours, gathered from the tables (see `_history_rows`)."""
+def _rows(tables: Tables, item_key: F32, item_repr: F32, category: I64, event: I64) -> tuple[F32, F32]:
+    """The rows of behaviours whose item rows are given, with their category and event rows added (`_history_rows`)."""
     a_dim, n_heads = tables.item_key.shape[1], tables.event_key_bias.shape[1]
-    key = np.empty((item.shape[0], a_dim + n_heads), dtype=np.float32)
-    np.add(tables.item_key[item], tables.category_key[category], out=key[:, :a_dim])
+    key = np.empty((item_key.shape[0], a_dim + n_heads), dtype=np.float32)
+    np.add(item_key, tables.category_key[category], out=key[:, :a_dim])
     key[:, a_dim:] = tables.event_key_bias[event]
-    rep: F32 = tables.item_repr[item] + tables.category_repr[category]
+    rep: F32 = item_repr + tables.category_repr[category]
     rep += tables.event_repr[event]
     return key, rep
 
