@@ -35,6 +35,7 @@ from service.transports.rest.errors import (
     unexpected_error,
     validation_error,
 )
+from service.transports.rest.lean_route import LeanJsonRoute
 from service.transports.rest.middleware import BodySizeLimitMiddleware, RequestIdMiddleware
 from service.transports.rest.schemas import (
     EVENTS_EXAMPLE,
@@ -63,14 +64,16 @@ log = logging.getLogger("rankserve.rest")
 
 
 # -- dependencies ----------------------------------------------------------------------------------
+# All async: FastAPI runs a plain `def` dependency in a worker thread, a thread hop per dependency
+# and request (~0.3 ms of server CPU per rank request for its three, docs/PERFORMANCE.md).
 
 
-def get_core(request: Request) -> ServingCore:
+async def get_core(request: Request) -> ServingCore:
     core: ServingCore = request.app.state.core
     return core
 
 
-def get_request_id(request: Request) -> str:
+async def get_request_id(request: Request) -> str:
     rid: str | None = getattr(request.state, "request_id", None)
     return rid or new_request_id()
 
@@ -78,7 +81,7 @@ def get_request_id(request: Request) -> str:
 _bearer = HTTPBearer(auto_error=False, description="RANKSERVE_ADMIN_TOKEN")
 
 
-def require_admin(
+async def require_admin(
     core: Annotated[ServingCore, Depends(get_core)],
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> None:
@@ -90,7 +93,7 @@ def require_admin(
         raise Unauthorized("missing or wrong admin token; send 'Authorization: Bearer <RANKSERVE_ADMIN_TOKEN>'")
 
 
-def arm_override(
+async def arm_override(
     request: Request,
     core: Annotated[ServingCore, Depends(get_core)],
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
@@ -102,7 +105,7 @@ def arm_override(
     return authorize_arm_override(core.settings, arm, credentials.credentials if credentials is not None else None)
 
 
-def require_events_token(
+async def require_events_token(
     core: Annotated[ServingCore, Depends(get_core)],
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> None:
@@ -130,7 +133,22 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 router = APIRouter()
 
 
-@router.post(
+class RankRoute(LeanJsonRoute):
+    """/v1/rank without FastAPI's per-request dependency solving and body parsing (lean_route.py)."""
+
+    params = ("request", "core", "request_id", "arm")
+
+    async def resolve(self, request: Request) -> dict[str, Any]:
+        """`rank`'s dependencies, called as FastAPI calls them (the same functions, the same order)."""
+        core = await get_core(request)
+        return {"request": request, "core": core, "request_id": await get_request_id(request),
+                "arm": await arm_override(request, core, await _bearer(request))}
+
+
+rank_router = APIRouter(route_class=RankRoute)
+
+
+@rank_router.post(
     RANK_PATH,
     response_model=RankResponse,
     responses=ERRORS,
@@ -328,6 +346,7 @@ def create_app(settings: Settings | None = None, core: ServingCore | None = None
         lifespan=lifespan,
         default_response_class=OrjsonResponse,
     )
+    app.include_router(rank_router)
     app.include_router(router)
     app.add_exception_handler(RankServeError, rankserve_error)
     app.add_exception_handler(RequestValidationError, validation_error)
