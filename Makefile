@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 DATA   ?= ../shared/data
 
-.PHONY: setup proto test test-fault test-fast lint typecheck demo loadtest bench clean redis-server prometheus
+.PHONY: setup proto test test-fault test-fast lint typecheck demo loadtest bench bench-gpu clean redis-server prometheus
 
 $(STAMP): pyproject.toml constraints/serving.txt
 	$(PYTHON) -m venv $(VENV)
@@ -64,8 +64,32 @@ loadtest: setup
 bench: setup
 	$(PY) -m service.cli bench
 
+# The GPU paths of the benchmark (docs/PERFORMANCE.md#gpu): faiss GPU and exact retrieval on GPU, ONNX Runtime
+# CUDA and TensorRT, the in-process core and REST/gRPC servers with the CUDA provider and GPU retrieval.
+# Refuses (exit 2, one line) without a CUDA device, checked before the gpu extra is downloaded, and again
+# after it is installed without onnxruntime's CUDA provider or faiss GPU; never falls back to CPU.
+# Writes $(BENCH_GPU_OUT)/bench-gpu.json and bench-gpu.md. Extra bench flags: BENCH_GPU_ARGS='--iterations 500'.
+# It installs into $(VENV); `make bench-gpu VENV=.venv-gpu` keeps the GPU wheels out of the development venv.
+BENCH_GPU_OUT  ?= bench-gpu
+BENCH_GPU_ARGS ?=
+GPU_STAMP      := $(VENV)/.installed-gpu
+
+# onnxruntime-gpu and faiss-gpu-cu12 ship the same Python packages (onnxruntime/, faiss/) as the CPU wheels the
+# base install requires: the CPU wheels are taken out, and the GPU wheels reinstalled over the files that took
+$(GPU_STAMP): $(STAMP)
+	$(PIP) install -q -c constraints/serving.txt -e '.[gpu]'
+	$(PIP) uninstall -q -y onnxruntime faiss-cpu
+	$(PIP) install -q -c constraints/serving.txt --force-reinstall --no-deps 'onnxruntime-gpu>=1.20,<1.26' 'faiss-gpu-cu12>=1.8'
+	touch $(GPU_STAMP)
+
+bench-gpu: setup
+	@$(PY) -m loadtest.bench_gpu --device-only >/dev/null
+	@$(MAKE) --no-print-directory $(GPU_STAMP)
+	@mkdir -p $(BENCH_GPU_OUT)
+	$(PY) -m service.cli bench --gpu --out $(BENCH_GPU_OUT)/bench-gpu.json --out-md $(BENCH_GPU_OUT)/bench-gpu.md $(BENCH_GPU_ARGS)
+
 clean:
-	rm -rf $(VENV) build dist *.egg-info runs bundles loadtest/reports
+	rm -rf $(VENV) build dist *.egg-info runs bundles loadtest/reports bench-gpu
 
 # -- the serving image, built with podman (buildah) on a base image made from Debian's packages ------
 # Docker is not needed: mmdebstrap writes a minimal Debian with python3 into a tarball, `podman

@@ -25,6 +25,12 @@ interleaved so machine noise hits every method alike:
   concurrency 1 idle vs while consuming.
 
 Servers run with the tuned environment (`loadtest.bench_e2e.TUNED_ENV`) unless --untuned.
+
+`--gpu` (`make bench-gpu`) measures the GPU paths instead (`loadtest.bench_gpu`): faiss GPU and the
+exact strategy on GPU, ONNX Runtime CUDA / TensorRT, and the in-process core and the servers with
+RANKSERVE_EXECUTION_PROVIDER=cuda and RANKSERVE_RETRIEVAL_DEVICE=gpu. It checks first that a CUDA
+device, onnxruntime's CUDA provider and faiss GPU are there and refuses in one line (exit 2) when
+one is missing; it never falls back to CPU.
 Prints JSON (and writes it with `--out`, plots beside it or in --plots) followed by a markdown table.
 """
 
@@ -172,8 +178,11 @@ def candidate_sets(w: Workload, log_: Any, rounds: int) -> list[tuple[int, list[
 
 
 def section_retrieval(model: Any, store_fetch: Callable[[int, list[int]], Any], reqs: list[tuple[int, list[int]]],
-                      w: Workload) -> dict[str, Any]:
-    """Exact strategy vs faiss.knn vs numpy on the keys/queries the service builds."""
+                      w: Workload, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Exact strategy vs faiss.knn vs numpy on the keys/queries the service builds.
+
+    `extra`: more retrievers measured beside them (the GPU ones), each compared with faiss.knn too.
+    """
     import math
 
     from feature_store.schema import time_gap_bucket
@@ -193,26 +202,35 @@ def section_retrieval(model: Any, store_fetch: Callable[[int, list[int]], Any], 
         queries = np.ones((q.shape[0], q.shape[1] + 1), dtype=np.float32)
         queries[:, :-1] = q
         inputs.append((queries, keys))
-    retrievers = {name: make_retriever(name) for name in ("exact", "faiss_knn", "numpy")}
+    retrievers = {name: make_retriever(name) for name in ("exact", "faiss_knn", "numpy")} | dict(extra or {})
     # identical results: the same top-k scores per query as faiss.knn. Histories repeat items, so
     # many keys are exact duplicates and index sets may differ among ties: compare scores.
-    mismatched_rows = 0
+    compared = ["exact", *(extra or {})]
+    mismatched = dict.fromkeys(compared, 0)
     for queries, keys in inputs:
-        sa, _ = retrievers["exact"].search(queries, keys, w.k)
         sb, _ = retrievers["faiss_knn"].search(queries, keys, w.k)
-        mismatched_rows += int((np.abs(sa - sb) > 1e-4 * (1 + np.abs(sb))).any(axis=1).sum())
+        for name in compared:
+            sa, _ = retrievers[name].search(queries, keys, w.k)
+            mismatched[name] += int((np.abs(sa - sb) > 1e-4 * (1 + np.abs(sb))).any(axis=1).sum())
+    mismatched_rows = mismatched["exact"]
     methods = {
         name: (lambda i, r=r: r.search(*inputs[i % len(inputs)], w.k)) for name, r in retrievers.items()
     }
     times = interleaved(methods, w.iterations, w.warmup)
     stats = {name: percentiles(v) for name, v in times.items()}
-    return {
+    out = {
         "shape": {"queries": w.candidates, "keys": w.history, "dim": int(inputs[0][1].shape[1]), "k": w.k},
         "latency_ms": stats,
         "speedup_vs_faiss_knn_p50": round(stats["faiss_knn"]["p50"] / stats["exact"]["p50"], 2),
         "rows_differing_from_faiss_knn": mismatched_rows,
         "rows_compared": len(inputs) * w.candidates,
     }
+    if extra:
+        out["rows_differing_from_faiss_knn_by_method"] = mismatched
+        out["speedup_vs_faiss_knn_p50_by_method"] = {
+            name: round(stats["faiss_knn"]["p50"] / stats[name]["p50"], 2) for name in compared
+        }
+    return out
 
 
 def ort_session(path: Path, threads: int, spinning: bool) -> Any:
@@ -309,7 +327,9 @@ def eager_scorer(bundle_path: Path) -> Any:
     return scorer
 
 
-async def section_inprocess(settings: Any, reqs: list[tuple[int, list[int]]], w: Workload) -> dict[str, Any]:
+async def section_inprocess(settings: Any, reqs: list[tuple[int, list[int]]], w: Workload,
+                            check: Callable[[Any], dict[str, str]] | None = None) -> dict[str, Any]:
+    """`RankingService.rank` in this process, per stage; `check(core)` once ready (the GPU run's: on the GPU?)."""
     from loadtest.serving import wait_until_ready
     from service.lifecycle import ServingCore
     from service.types import RankRequest
@@ -318,6 +338,7 @@ async def section_inprocess(settings: Any, reqs: list[tuple[int, list[int]]], w:
     try:
         await core.start()
         await wait_until_ready(core)
+        checked = check(core) if check is not None else {}
         service = core.service
         stage_times: dict[str, list[float]] = {}
         totals: list[float] = []
@@ -333,7 +354,8 @@ async def section_inprocess(settings: Any, reqs: list[tuple[int, list[int]]], w:
                     stage_times.setdefault(stage, []).append(ms)
             if resp.degraded:
                 raise RuntimeError("benchmark request was degraded: the store did not answer")
-        return {"total_ms": percentiles(totals), "stages_ms": {s: percentiles(v) for s, v in stage_times.items()}}
+        return {"total_ms": percentiles(totals), "stages_ms": {s: percentiles(v) for s, v in stage_times.items()},
+                **checked}
     finally:
         await core.aclose()
 
@@ -355,9 +377,11 @@ def markdown(report: dict[str, Any]) -> str:
     s = report.get("scoring")
     if s:
         for name, sc in s["latency_ms"].items():
-            lines.append(f"| scoring: {name} | {sc['p50']} | {sc['p99']} | CPU {sc['cpu_p50']} ms |")
-        lines.append(f"| ONNX ({s['best_onnx_variant']}) speedup vs eager (p50) | | | "
-                     f"{s['onnx_speedup_vs_eager_p50']}x |")
+            cpu = f"CPU {sc['cpu_p50']} ms" if "cpu_p50" in sc else ""  # the GPU run times wall clock only
+            lines.append(f"| scoring: {name} | {sc['p50']} | {sc['p99']} | {cpu} |")
+        if "best_onnx_variant" in s:
+            lines.append(f"| ONNX ({s['best_onnx_variant']}) speedup vs eager (p50) | | | "
+                         f"{s['onnx_speedup_vs_eager_p50']}x |")
     p = report.get("in_process")
     if p:
         lines.append(f"| in-process rank (total) | {p['total_ms']['p50']} | {p['total_ms']['p99']} | |")
@@ -369,11 +393,19 @@ def markdown(report: dict[str, Any]) -> str:
             lines.append(f"| sweep {case}: total | {stages['total']['p50']} | {stages['total']['p99']} | "
                          f"retrieve {stages['retrieve']['p50']}, score {stages['score']['p50']} (p50) |")
     e2e = report.get("e2e", {})
-    for transport, levels in e2e.get("concurrency", {}).items():
-        for c, m in levels.items():
-            lines.append(f"| {transport} c={c} | {m['p50']} | {m['p99']} | p95 {m['p95']}, "
-                         f"{m['throughput_rps']} req/s, server CPU {m['server_cpu_ms_per_request']} ms/req, "
-                         f"{m['failures']} failures |")
+    for key, label in (("concurrency", ""), ("concurrency_batched", " (scorer micro-batching)")):
+        for transport, levels in e2e.get(key, {}).items():
+            if not isinstance(levels, dict) or transport == "scorer_batches":
+                continue
+            for c, m in levels.items():
+                lines.append(f"| {transport} c={c}{label} | {m['p50']} | {m['p99']} | p95 {m['p95']}, "
+                             f"{m['throughput_rps']} req/s, server CPU {m['server_cpu_ms_per_request']} ms/req, "
+                             f"{m['failures']} failures |")
+    batches = e2e.get("concurrency_batched", {}).get("scorer_batches")
+    if batches:
+        lines.append(f"| scorer micro-batching (wait {batches['wait_ms']} ms) | | | "
+                     f"{batches['mean_requests_per_call']} requests per scorer call on average "
+                     f"({batches['calls']} calls) |")
     t = e2e.get("throughput")
     if t:
         lines.append(f"| REST max throughput with p99 <= {t['slo_p99_ms']} ms | | | "
@@ -396,6 +428,10 @@ def markdown(report: dict[str, Any]) -> str:
         from loadtest.bench_stream import markdown_rows as stream_rows
 
         lines += ["", *stream_rows(st)]
+    if report.get("gpu"):
+        from loadtest.bench_gpu import markdown_rows as gpu_rows
+
+        lines += gpu_rows(report)
     return "\n".join(lines)
 
 
@@ -415,7 +451,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--iterations", type=int, default=d.iterations, help="timed requests per measurement")
     p.add_argument("--warmup", type=int, default=d.warmup, help="untimed requests before each measurement")
     p.add_argument("--threads", type=int, default=None, help="in-process scorer threads (default: available CPUs)")
-    p.add_argument("--sections", default=",".join(ALL_SECTIONS), help=f"comma-separated subset of {ALL_SECTIONS}")
+    p.add_argument("--sections", default=None,
+                   help=f"comma-separated subset of {ALL_SECTIONS}; default: all, with --gpu "
+                        "retrieval,scoring,in_process,transports (throughput may be added)")
+    p.add_argument("--gpu", action="store_true",
+                   help="measure the GPU paths (faiss GPU, ONNX Runtime CUDA and TensorRT, servers with "
+                        "RANKSERVE_EXECUTION_PROVIDER=cuda and RANKSERVE_RETRIEVAL_DEVICE=gpu); refuses to start, "
+                        "exit 2, without a CUDA device, onnxruntime-gpu or faiss GPU (`make bench-gpu`)")
+    p.add_argument("--gpu-batch-wait-ms", type=float, default=1.0,
+                   help="with --gpu: run the transports again with RANKSERVE_SCORER_BATCH_WAIT_MS set to this "
+                        "(scorer micro-batching; 0 skips that run)")
     p.add_argument("--levels", default="1,8,32", help="client concurrency levels of the transports section")
     p.add_argument("--level-requests", type=int, default=300, help="requests per transport and level")
     p.add_argument("--slo-ms", type=float, default=50.0, help="p99 objective of the throughput search")
@@ -440,7 +485,35 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stream-probes", type=int, default=200, help="stream: event-to-servable probes")
     p.add_argument("--plots", type=Path, default=None, help="directory of the PNG plots (default: beside --out)")
     p.add_argument("--out", type=Path, help="also write the JSON report here")
+    p.add_argument("--out-md", type=Path, help="also write the markdown table here")
     p.add_argument("--keep", action="store_true", help="keep the temporary bundle directory")
+
+
+def section_concurrency_batched(model_dir: Path, redis_url: str, server_env: Mapping[str, str],
+                                args: argparse.Namespace, bodies: list[bytes], reqs: list[tuple[int, list[int]]],
+                                w: Workload, levels: list[int], root: Path) -> dict[str, Any]:
+    """The transports section again, against a server with scorer micro-batching on; how many requests shared a call."""
+    import httpx
+
+    from loadtest.bench_e2e import section_concurrency
+    from loadtest.bench_gpu import check_server
+    from loadtest.serving import ServerProcess
+
+    env = dict(server_env) | {"RANKSERVE_SCORER_BATCH_WAIT_MS": str(args.gpu_batch_wait_ms)}
+    with ServerProcess(model_dir, redis_url, env=env, workers=args.workers,
+                       log_path=root / "server-batched.log") as server:
+        check_server(server.base_url)
+        out = section_concurrency(server, bodies, reqs, w.top_n, w.request_time, levels, args.level_requests)
+        metrics = httpx.get(server.base_url + "/metrics", timeout=10.0).text
+    values = {}
+    for line in metrics.splitlines():
+        name, _, value = line.partition(" ")
+        if name in ("rankserve_scorer_batch_requests_sum", "rankserve_scorer_batch_requests_count"):
+            values[name.rsplit("_", 1)[1]] = float(value)
+    calls = values.get("count", 0.0)
+    out["scorer_batches"] = {"wait_ms": args.gpu_batch_wait_ms, "calls": int(calls),
+                             "mean_requests_per_call": round(values.get("sum", 0.0) / calls, 2) if calls else None}
+    return out
 
 
 def section_fetch(iterations: int) -> dict[str, Any]:
@@ -459,6 +532,15 @@ def section_fetch(iterations: int) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
+    gpu_info: Any = None
+    if args.gpu:
+        from loadtest import bench_gpu
+
+        sections_arg = args.sections or ",".join(bench_gpu.GPU_DEFAULT_SECTIONS)
+        bench_gpu.check_sections({s.strip().replace("-", "_") for s in sections_arg.split(",") if s.strip()})
+        gpu_info = bench_gpu.preflight()  # before anything is built: refuses in one line without CUDA
+    else:
+        sections_arg = args.sections or ",".join(ALL_SECTIONS)
     # before numba or faiss load libgomp: its pools spin for milliseconds after each parallel region,
     # which on 2 cores takes CPU from the next method and counts in its CPU time (the service is
     # deployed with the same setting: TUNED_ENV)
@@ -469,6 +551,7 @@ def run(args: argparse.Namespace) -> int:
     from loadtest.bench_e2e import section_concurrency, section_memory, section_throughput
     from loadtest.bench_strategies import gsu_input, indexed_events, section_strategies, section_sweeps
     from loadtest.serving import ServerProcess, ingest, prepare_workload
+    from service.errors import BundleRejected
     from service.registry import ModelRegistry
     from service.retrieval import make_retriever
     from service.settings import Settings, available_cpus
@@ -476,16 +559,22 @@ def run(args: argparse.Namespace) -> int:
     w = Workload(items=args.items, users=args.users, history=args.history, candidates=args.candidates, k=args.k,
                  iterations=args.iterations, warmup=args.warmup)
     threads = args.threads or available_cpus()
-    sections = {s.strip().replace("-", "_") for s in args.sections.split(",") if s.strip()}
+    sections = {s.strip().replace("-", "_") for s in sections_arg.split(",") if s.strip()}
     unknown = sections - set(ALL_SECTIONS)
     if unknown:
         raise SystemExit(f"unknown sections {sorted(unknown)}; use {', '.join(ALL_SECTIONS)}")
     plots = args.plots or (args.out.parent if args.out else Path("bench-plots"))
     server_env = ({} if args.untuned else dict(TUNED_ENV)) | dict(kv.split("=", 1) for kv in args.server_env)
+    if gpu_info is not None:
+        from loadtest.bench_gpu import GPU_SERVER_ENV
+
+        server_env |= GPU_SERVER_ENV
     root = Path(tempfile.mkdtemp(prefix="rankserve-bench-"))
     report: dict[str, Any] = {"cpus": available_cpus(), "scorer_threads_in_process": threads,
                               "bench_omp_wait_policy": os.environ["OMP_WAIT_POLICY"],
                               "server_env": server_env, "loadavg_at_start": round(os.getloadavg()[0], 2)}
+    if gpu_info is not None:
+        report["gpu"] = gpu_info.describe()
     t0 = time.perf_counter()
     try:
         first = prepare_workload(root, w, args.data)
@@ -497,10 +586,25 @@ def run(args: argparse.Namespace) -> int:
         with EmbeddedValkey(EmbeddedConfig(data_dir=None, persistence="none")) as valkey:
             report["setup_s"]["ingest"] = round(ingest(valkey.url, first), 1)
             cfg = FeatureStoreConfig(url=valkey.url)
+            gpu_settings: dict[str, Any] = {}
+            if gpu_info is not None:
+                from loadtest.bench_gpu import GPU_SETTINGS
+
+                gpu_settings = dict(GPU_SETTINGS)
             settings = Settings(model_dir=first.model_dir, feature_store=cfg, scorer_threads=threads,
-                                poll_interval_s=0, max_candidates=max(1000, w.candidates))
-            registry = ModelRegistry(settings, lambda: make_retriever("exact"))
-            model = registry.load_version()
+                                poll_interval_s=0, max_candidates=max(1000, w.candidates), **gpu_settings)
+            registry = ModelRegistry(settings, lambda: make_retriever("exact", device=settings.retrieval_device
+                                                                     if gpu_info is not None else "cpu"))
+            try:
+                model = registry.load_version()
+            except BundleRejected as exc:
+                if gpu_info is None:
+                    raise
+                from loadtest.bench_gpu import GpuUnavailable
+
+                raise GpuUnavailable(
+                    f"GPU benchmark stopped: the bundle does not load on the GPU: {exc.message}"
+                ) from exc
             loop = asyncio.new_event_loop()
             fetch_store = create_store(cfg)
 
@@ -508,7 +612,12 @@ def run(args: argparse.Namespace) -> int:
                 return loop.run_until_complete(fetch_store.fetch(user, cands))
 
             if "retrieval" in sections:
-                report["retrieval"] = section_retrieval(model, fetch, reqs, w)
+                extra = None
+                if gpu_info is not None:
+                    from loadtest.bench_gpu import gpu_retrievers
+
+                    extra = gpu_retrievers()
+                report["retrieval"] = section_retrieval(model, fetch, reqs, w, extra)
             if "strategies" in sections:
                 inputs = []
                 for user, cands in reqs[:8]:
@@ -516,7 +625,11 @@ def run(args: argparse.Namespace) -> int:
                     inputs.append(gsu_input(model, res.sequence.before(w.request_time), res.item_index,
                                             res.category_index, w.request_time))
                 report["strategies"] = section_strategies(inputs, w.k, max(20, w.iterations // 4), 3, plots)
-            if "scoring" in sections:
+            if "scoring" in sections and gpu_info is not None:
+                from loadtest.bench_gpu import section_scoring_gpu
+
+                report["scoring"] = section_scoring_gpu(model, first.bundle_path, fetch, reqs, w, threads, root)
+            elif "scoring" in sections:
                 report["scoring"] = section_scoring(model, first.bundle_path, fetch, reqs, w, threads)
             if "sweeps" in sections:
                 report["sweeps"] = section_sweeps(
@@ -525,7 +638,12 @@ def run(args: argparse.Namespace) -> int:
             loop.run_until_complete(fetch_store.aclose())
             loop.close()
             if "in_process" in sections:
-                report["in_process"] = asyncio.run(section_inprocess(settings, reqs, w))
+                check = None
+                if gpu_info is not None:
+                    from loadtest.bench_gpu import check_inprocess
+
+                    check = check_inprocess
+                report["in_process"] = asyncio.run(section_inprocess(settings, reqs, w, check))
             bodies = [orjson.dumps({"user_id": u, "candidates": c, "top_n": w.top_n, "request_time": w.request_time})
                       for u, c in reqs]
             levels = [int(x) for x in args.levels.split(",") if x]
@@ -533,11 +651,18 @@ def run(args: argparse.Namespace) -> int:
             if {"transports", "throughput"} & sections:
                 with ServerProcess(first.model_dir, valkey.url, env=server_env, workers=args.workers,
                                    log_path=root / "server.log") as server:
+                    if gpu_info is not None:
+                        from loadtest.bench_gpu import check_server
+
+                        e2e["server_provider"] = check_server(server.base_url)
                     if "transports" in sections:
                         e2e["concurrency"] = section_concurrency(server, bodies, reqs, w.top_n, w.request_time,
                                                                  levels, args.level_requests)
                     if "throughput" in sections:
                         e2e["throughput"] = section_throughput(server, bodies, args.slo_ms, step_s=args.step_seconds)
+                if gpu_info is not None and "transports" in sections and args.gpu_batch_wait_ms > 0:
+                    e2e["concurrency_batched"] = section_concurrency_batched(
+                        first.model_dir, valkey.url, server_env, args, bodies, reqs, w, levels, root)
             report["e2e"] = e2e
             if "memory" in sections:
                 report["memory"] = section_memory(first.model_dir, valkey.url, bodies, server_env)
@@ -564,7 +689,10 @@ def run(args: argparse.Namespace) -> int:
             shutil.rmtree(root, ignore_errors=True)
     report["seconds"] = round(time.perf_counter() - t0, 1)
     text = json.dumps(report, indent=2, sort_keys=True)
+    table = markdown(report)
     if args.out:
         args.out.write_text(text)
-    sys.stdout.write(text + "\n\n" + markdown(report) + "\n")
+    if args.out_md:
+        args.out_md.write_text(table + "\n")
+    sys.stdout.write(text + "\n\n" + table + "\n")
     return 0

@@ -2,7 +2,10 @@
 
 `RankingService.rank(RankRequest) -> RankResponse`. REST and gRPC only decode, call and encode.
 The feature fetch is I/O on the event loop; retrieval and scoring are CPU work, run on a small
-dedicated thread pool so the loop keeps accepting and fetching meanwhile. A bounded number of
+dedicated thread pool so the loop keeps accepting and fetching meanwhile. With micro-batching on
+(`scorer_batch_wait_ms` > 0, meant for the CUDA provider) the pool builds each request's scorer
+inputs and `service.batching.ScoreBatcher` scores the inputs of concurrent requests in one call
+on its own thread; the pool then fuses each request's own rows. A bounded number of
 requests (`max_waiting_requests`, counted from arrival) may be in progress; beyond it the service
 answers "overloaded" at once, before any fetch, rather than letting queueing delay blow up the tail.
 """
@@ -23,7 +26,8 @@ import numpy.typing as npt
 from feature_store.codecs import Sequence
 from feature_store.errors import FeatureStoreError
 from feature_store.store import FetchResult, OnlineStore
-from service.errors import DeadlineExceeded, InvalidRequest, Overloaded, RankServeError
+from service.batching import BatcherClosed, ScoreBatcher
+from service.errors import DeadlineExceeded, InvalidRequest, ModelUnavailable, Overloaded, RankServeError
 from service.experiments.manager import ExperimentManager, Route
 from service.experiments.shadow import ShadowRunner
 from service.observability.logging_setup import arm_var, trace_id_var
@@ -104,9 +108,17 @@ class RankingService:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rank-cpu")
         self._in_progress = 0
         self.max_in_progress = settings.max_waiting_requests
+        # cross-request micro-batching of the scorer (off unless scorer_batch_wait_ms > 0)
+        self.batcher: ScoreBatcher | None = None
+        if settings.scorer_batch_wait_ms > 0:
+            self.batcher = ScoreBatcher(settings.scorer_batch_wait_ms / 1000, settings.scorer_batch_max_candidates,
+                                        on_batch=metrics.observe_scorer_batch)
 
     def close(self) -> None:
+        """Finish the queued CPU work, then score what waits in the batcher (drain) and stop its thread."""
         self._pool.shutdown(wait=True, cancel_futures=False)
+        if self.batcher is not None:
+            self.batcher.close()
 
     @property
     def cpu_queue_depth(self) -> int:
@@ -169,10 +181,45 @@ class RankingService:
         clock.lap("retrieve")
         probs = model.scorer.predict(inputs)
         clock.lap("score")
+        return self._fuse(model, probs, n, clock)
+
+    def _fuse(
+        self, model: LoadedModel, probs: npt.NDArray[np.float32], n: int, clock: StageClock
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64], npt.NDArray[np.float32]]:
         fused = model.fusion(probs)
         order = top_n(fused, n)
         clock.lap("fuse")
         return order, fused, probs
+
+    def _prepare(
+        self, model: LoadedModel, feats: Features, context: EncodedContext | None, request_ts: int, clock: StageClock
+    ) -> dict[str, np.ndarray]:
+        """Gather and retrieve (the pool's part of a batched request): the scorer inputs."""
+        history = feats.history.before(request_ts)
+        self.metrics.history_length.observe(len(history))
+        inputs = model.inputs(history, feats.user_index, feats.item_index, feats.category_index, request_ts,
+                              model.side_rows(feats, context))
+        clock.lap("retrieve")
+        return inputs
+
+    async def _compute_batched(
+        self, batcher: ScoreBatcher, model: LoadedModel, feats: Features, context: EncodedContext | None,
+        request_ts: int, n: int, clock: StageClock,
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64], npt.NDArray[np.float32]]:
+        """`_compute` with the scorer call shared: inputs on the pool, scoring in the batcher, fusion on the pool.
+
+        The pool is free while a request waits for its batch, so the next requests' inputs are built
+        meanwhile and join it. Cancelled (deadline) before its batch is taken, a request is left out of it.
+        """
+        loop = asyncio.get_running_loop()
+        inputs = await loop.run_in_executor(self._pool, self._prepare, model, feats, context, request_ts, clock)
+        try:
+            future = batcher.submit(model.scorer, inputs)
+        except BatcherClosed as exc:
+            raise ModelUnavailable("the service is shutting down; retry on another replica") from exc
+        probs = await asyncio.wrap_future(future)
+        clock.lap("score")  # the wait for the batch included
+        return await loop.run_in_executor(self._pool, self._fuse, model, probs, n, clock)
 
     async def rank(self, req: RankRequest) -> RankResponse:
         clock = StageClock(self.metrics)
@@ -248,10 +295,13 @@ class RankingService:
             clock.lap("fetch")
             loop = asyncio.get_running_loop()
             remaining = self.settings.request_timeout_s - (time.perf_counter() - started)
-            order, fused, probs = await asyncio.wait_for(
-                loop.run_in_executor(self._pool, self._compute, model, feats, context, request_ts, n, clock),
-                timeout=remaining,
+            batcher = self.batcher
+            work = (
+                self._compute_batched(batcher, model, feats, context, request_ts, n, clock)
+                if batcher is not None
+                else loop.run_in_executor(self._pool, self._compute, model, feats, context, request_ts, n, clock)
             )
+            order, fused, probs = await asyncio.wait_for(work, timeout=remaining)
         except TimeoutError as exc:
             raise DeadlineExceeded(f"ranking took longer than {self.settings.request_timeout_s}s") from exc
         finally:

@@ -57,13 +57,24 @@ class OnnxScorer:
         except Exception as exc:  # onnxruntime raises its own untyped errors for bad models
             raise BundleRejected(f"ONNX Runtime cannot load {path.name}: {exc}") from exc
         self.provider = self._session.get_providers()[0]
+        if provider == "cuda" and self.provider != "CUDAExecutionProvider":
+            # offered but not usable (e.g. CUDA or cuDNN libraries missing): ONNX Runtime fell back to CPU
+            raise BundleRejected(f"execution_provider=cuda but ONNX Runtime could not start CUDAExecutionProvider "
+                                 f"for {path.name} (the session runs on {self.provider}); see its log for the reason")
         self._names = [i.name for i in self._session.get_inputs()]
         if self._names != list(inputs):
             raise BundleRejected(f"{path.name} inputs {self._names} differ from the schema's scorer inputs "
                                  f"{list(inputs)}")
 
     def predict(self, inputs: Mapping[str, npt.NDArray[Any]]) -> F32:
-        out = self._session.run(None, {name: inputs[name] for name in self._names})[0]
+        feed = {name: inputs[name] for name in self._names}
+        if self._names and feed[self._names[0]].shape[0] == 1:
+            # ONNX Runtime computes a one-row batch with other kernels (matrix-vector) than the same row
+            # in a larger batch, and the last bits differ: scored as two identical rows, a candidate's
+            # scores do not depend on the batch it is scored in (service/batching.py concatenates requests)
+            feed = {name: np.concatenate([a, a], axis=0) for name, a in feed.items()}
+            return np.asarray(self._session.run(None, feed)[0][:1], dtype=np.float32)
+        out = self._session.run(None, feed)[0]
         return np.asarray(out, dtype=np.float32)
 
 

@@ -88,6 +88,16 @@ class Settings(BaseSettings):
     )
     execution_provider: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="ONNX Runtime provider")
     scorer_threads: int | None = Field(default=None, ge=1, description="intra-op threads (default: available CPUs)")
+    scorer_batch_wait_ms: float = Field(
+        default=0.0, ge=0, le=100,
+        description="cross-request micro-batching for the CUDA provider: how long the first request of a batch "
+        "waits for others to score with it in one call (0: off, each request scored alone; suggested <= 2)",
+    )
+    scorer_batch_max_candidates: int = Field(
+        default=4096, ge=1,
+        description="with scorer_batch_wait_ms > 0: candidates of one batched scorer call (a larger request is "
+        "scored alone)",
+    )
     poll_interval_s: float = Field(default=10.0, ge=0, description="scan MODEL_DIR for new versions (0: never)")
     verify_bundles: bool = Field(default=True, description="check every file's sha256 before loading")
 

@@ -89,6 +89,15 @@ class Metrics:
                                      multiprocess_mode="livemax")
         self.cpu_queue = Gauge("rankserve_cpu_queue_depth", "Requests waiting for or on the CPU executor", registry=r,
                                multiprocess_mode="livesum")
+        # cross-request micro-batching of the scorer (RANKSERVE_SCORER_BATCH_WAIT_MS > 0): one observation per call
+        self.scorer_batch_requests = Histogram(
+            "rankserve_scorer_batch_requests", "Requests scored together in one batched scorer call",
+            buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64), registry=r,
+        )
+        self.scorer_batch_candidates = Histogram(
+            "rankserve_scorer_batch_candidates", "Candidates of one batched scorer call",
+            buckets=(1, 50, 100, 200, 500, 1000, 2000, 4000, 8000, 16000), registry=r,
+        )
         self.item_cache = Counter("rankserve_item_cache_lookups_total", "Item-feature cache lookups by result "
                                   "(hit, miss)", ["result"], registry=r)
         self.unknown_users = Counter("rankserve_unknown_users_total", "Fetches of a user without a profile in the "
@@ -137,6 +146,11 @@ class Metrics:
             "rankserve_retrieval_fallback", "Searches an approximate strategy answered with exact instead, by reason "
             "(twin_v2: missing, stale, misaligned clustering; short history)", ["strategy", "reason"], registry=r,
         )
+
+    def observe_scorer_batch(self, requests: int, candidates: int) -> None:
+        """One batched scorer call (the batcher's `on_batch` hook; called from its thread)."""
+        self.scorer_batch_requests.observe(requests)
+        self.scorer_batch_candidates.observe(candidates)
 
     def sync_retrieval_fallbacks(self) -> None:
         """Add the fallbacks counted since the last call to the counter."""
