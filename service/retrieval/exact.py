@@ -118,8 +118,12 @@ class ExactRetriever(BaseRetriever):
         d = q.shape[1]
         n_sample_blocks, rank = _seed_plan(n_keys, k, block)
         n_blocks = -(-n_keys // block)
-        order = np.empty(n_keys, dtype=np.int64)
-        if kern.key_order(q, keys, order) > kern.ORDER_SHARE:
+        if n_blocks <= 2:  # nothing to skip: ordering the keys would cost more than it saves
+            order, share = np.arange(n_keys, dtype=np.int64), 0.0
+        else:
+            order = np.empty(n_keys, dtype=np.int64)
+            share = kern.key_order(q, keys, order)
+        if share > kern.ORDER_SHARE:
             # keys ordered along a dominant column (a bias): block bounds skip most blocks and the
             # first block's scores give the threshold, so the seed would cost more than it saves
             n_sample_blocks, rank = 0, 0
