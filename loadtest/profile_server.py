@@ -1,6 +1,6 @@
 """Where a serving process spends its CPU under load: py-spy on `rankserve serve`, stacks bucketed.
 
-    python -m loadtest.profile_server [--concurrency 8] [--seconds 20] [--out profile.txt]
+    python -m loadtest.profile_server [--concurrency 8] [--seconds 20] [--out profile.txt] [--no-native]
 
 Builds the standard workload (as `rankserve bench` does), starts one server with the tuned
 environment, drives closed-loop REST load, and records the server with `py-spy record --native
@@ -29,14 +29,16 @@ BUCKETS: list[tuple[str, tuple[str, ...]]] = [
     # before retrieval: the history's distinct rows are found with a kernel retrieval uses too
     ("assemble: table gathers, arrays", ("_history_rows",)),
     ("retrieve: exact kernel and distinct keys", ("topk_ip", "unique_rows", "expand_topk", "group_members",
-                                                  "pack_keys", "ExactRetriever", "DistinctKeys", "grouped.py")),
+                                                  "pack_keys", "ExactRetriever", "DistinctKeys", "grouped.py",
+                                                  "search_distinct")),
     ("assemble: cross features", ("cross_features",)),
+    ("assemble: target-attention pooling", ("_attention_pool",)),
     ("assemble: table gathers, arrays", ("scorer_inputs", "assemble.py")),
     ("fetch and decode (redis)", ("redis", "feature_store", "hiredis")),
     # before HTTP: the core's own code on the event loop runs inside the FastAPI endpoint's frames
     ("core: validate, fuse, top-N, response", ("service/core.py", "scoring.py", "experiments.py", "types.py")),
     ("HTTP and JSON (uvicorn, FastAPI, pydantic, orjson)", ("uvicorn", "starlette", "fastapi", "pydantic",
-                                                            "httptools", "orjson", "service/app.py", "schemas.py")),
+                                                            "httptools", "orjson", "service/transports/rest")),
     ("gRPC", ("grpc",)),
     ("asyncio event loop", ("asyncio", "base_events", "events.py")),
 ]
@@ -74,6 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rate", type=int, default=50, help="py-spy samples per second")
     p.add_argument("--users", type=int, default=64)
     p.add_argument("--out", type=Path, default=Path("profile.txt"), help="py-spy raw output")
+    p.add_argument("--no-native", action="store_true",
+                   help="Python frames only: py-spy then samples the CPU-pool thread reliably (with native "
+                        "frames it misses most of that thread's samples while numba or ONNX Runtime run)")
     args = p.parse_args(argv)
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
     import orjson
@@ -96,8 +101,8 @@ def main(argv: list[str] | None = None) -> int:
                     await closed_loop(call, args.concurrency, 4 * args.concurrency)
                     spy = await asyncio.create_subprocess_exec(
                         py_spy, "record", "-p", str(server.pids()[0]), "-o", str(args.out), "-d", str(args.seconds),
-                        "-r", str(args.rate), "--native", "-f", "raw", stdout=subprocess.DEVNULL,
-                        stderr=subprocess.DEVNULL)
+                        "-r", str(args.rate), "-f", "raw", *(() if args.no_native else ("--native",)),
+                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                     load = asyncio.create_task(closed_loop(call, args.concurrency, 1_000_000))
                     await spy.wait()
                     load.cancel()
