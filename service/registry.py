@@ -128,12 +128,16 @@ class LoadedModel:
         n_items = self.tables.item_key.shape[0]
         n_cats = self.tables.category_key.shape[0]
         now = int(time.time())
-        for length, n_cand in ((0, 1), (3, 7), (2 * self.retrieval.k + 5, 64)):
+        # empty, shorter than k, longer than k, and a long history that repeats its behaviours (the
+        # distinct-row path and the ordered exact scan): every kernel compiles here, not in a request
+        for length, n_cand, repeats in ((0, 1, 1), (3, 7, 1), (2 * self.retrieval.k + 5, 64, 1), (700, 64, 4)):
+            pick = np.tile(np.arange(length), repeats)
             hist = Sequence(
-                item=rng.integers(0, n_items, length),
-                category=rng.integers(0, n_cats, length),
-                action=rng.integers(0, self.spec.n_actions, length),
-                timestamp=np.sort(rng.integers(now - 30 * 86_400, now, length)),
+                item=rng.integers(0, n_items, length)[pick],
+                category=rng.integers(0, n_cats, length)[pick],
+                action=rng.integers(0, self.spec.n_actions, length)[pick],
+                # repeats within the last hour: one time-gap bucket, so the behaviours repeat exactly
+                timestamp=np.sort(rng.integers(now - (3000 if repeats > 1 else 30 * 86_400), now, length * repeats)),
             )
             probs = self.score(hist, 0, rng.integers(0, n_items, n_cand), rng.integers(0, n_cats, n_cand), now)
             if probs.shape != (n_cand, len(self.bundle.tasks)) or not np.all(np.isfinite(probs)):

@@ -157,6 +157,8 @@ def warm_up() -> float:
     keys = rng.standard_normal((3000, 17), dtype=np.float32) * np.float32(0.1)
     keys[:, -1] *= 100  # a dominant (bias) column: ordered keys and block bounds, the same compiled code
     retriever.search(rng.standard_normal((9, 17), dtype=np.float32), keys, 64)
+    # a history that repeats its behaviours: the distinct-key search and its expansion
+    retriever.search(rng.standard_normal((9, 17), dtype=np.float32), np.tile(keys[:600], (5, 1)), 64)
     elapsed = time.perf_counter() - t0
     log.info("retrieval kernels ready", extra={"seconds": round(elapsed, 3), "cache": exact_kernels().cache_enabled()})
     return elapsed
