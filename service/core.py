@@ -174,12 +174,7 @@ class RankingService:
         self, model: LoadedModel, feats: Features, context: EncodedContext | None, request_ts: int, n: int,
         clock: StageClock,
     ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64], npt.NDArray[np.float32]]:
-        history = feats.history.before(request_ts)
-        self.metrics.history_length.observe(len(history))
-        inputs = model.inputs(history, feats.user_index, feats.item_index, feats.category_index, request_ts,
-                              model.side_rows(feats, context))
-        clock.lap("retrieve")
-        probs = model.scorer.predict(inputs)
+        probs = model.scorer.predict(self._prepare(model, feats, context, request_ts, clock))
         clock.lap("score")
         return self._fuse(model, probs, n, clock)
 

@@ -20,14 +20,12 @@ from typing import Any
 
 import numpy as np
 
+from service.retrieval.kernels.grouped import _EMPTY, _GOLDEN, _U29
 from service.retrieval.kernels.topk_ip import _jit
 
-_EMPTY = np.int64(-1)
 # the pooling's dot products and sums may be reordered (vectorized): the result is still the same on
 # every call for the same inputs, and the export parity tolerance (1e-5) bounds the difference
 _REASSOCIATE = {"contract", "reassoc"}
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-_U29 = np.uint64(29)
 
 
 @_jit(inline="always")
