@@ -11,8 +11,10 @@ repeated more than `max_size` times) cut into chunks of consecutive events. Ever
 homogeneous in bias at the clustering time, so at serving the centroid of its augmented keys
 ranks it by bias first. The result, one cluster id per event, is stored beside the sequence
 (`feature_store.codecs`, key `rs:<ver>:{u<user>}:clu`) with a fingerprint of the four tables it
-depends on (`key_fingerprint`); at serving `service.retrieval.TwinV2Retriever` scores the
-clusters and searches the members of the best ones.
+depends on (`key_fingerprint`) and each cluster's centroid (mean augmented key at the clustering
+time); at serving `service.retrieval.TwinV2Retriever` scores the clusters and searches the
+members of the best ones. The streaming consumer gives each new event the id of its nearest
+centroid (`nearest_centroid`), so fresh behaviour is clustered without clustering again.
 
 faiss is imported lazily (it is in the serving install); numpy otherwise.
 """
@@ -248,16 +250,51 @@ class UserClusterer:
 
         `now`: the clustering time the gap buckets are taken at (default: the newest event's time).
         """
+        result = self._cluster(item, category, action, timestamp, now)
+        return None if result is None else (result[0], result[1])
+
+    def _cluster(self, item: I64, category: I64, action: I64, timestamp: I64, now: int | None,
+                 ) -> tuple[I32, int, F32] | None:
         if item.shape[0] < self.params.min_events:
             return None
         at = int(np.max(timestamp)) if now is None else int(now)
         bias = history_bias(self.action_bias, self.gap_bias, action, timestamp, at)
-        return cluster_parts(history_keys(self.item_key, self.category_key, item, category), bias, self.params)
+        keys = history_keys(self.item_key, self.category_key, item, category)
+        assign, n_clusters = cluster_parts(keys, bias, self.params)
+        return assign, n_clusters, centroids(np.column_stack([keys, bias]), assign, n_clusters)
 
     def encode(self, item: I64, category: I64, action: I64, timestamp: I64, now: int | None = None) -> bytes | None:
-        """The stored cluster value of a history (None when it is too short to cluster)."""
-        result = self.cluster(item, category, action, timestamp, now)
+        """The stored cluster value of a history, centroids included (None when it is too short to cluster)."""
+        result = self._cluster(item, category, action, timestamp, now)
         if result is None:
             return None
-        assign, n_clusters = result
-        return encode_clusters(assign, n_clusters, self.fingerprint)
+        assign, n_clusters, means = result
+        return encode_clusters(assign, n_clusters, self.fingerprint, means)
+
+    def event_vectors(self, item: I64, category: I64, action: I64) -> F32:
+        """Augmented keys [n, D] of new events: their GSU keys, and the bias of an event as old as
+        the clustering time (gap 0), the frame the stored centroids were computed in."""
+        zero_gap = np.zeros(action.shape[0], dtype=np.int64)
+        bias = history_bias(self.action_bias, self.gap_bias, action, zero_gap, 0)
+        return np.column_stack([history_keys(self.item_key, self.category_key, item, category), bias])
+
+
+def centroids(vectors: F32, assign: I32, n_clusters: int) -> F32:
+    """Mean of each cluster's rows [n_clusters, D] (float64 sums, float32 result)."""
+    sums = np.zeros((n_clusters, vectors.shape[1]), dtype=np.float64)
+    np.add.at(sums, assign, vectors)
+    counts = np.bincount(assign, minlength=n_clusters).astype(np.float64)
+    out: F32 = (sums / np.maximum(counts, 1.0)[:, None]).astype(np.float32)
+    return out
+
+
+def nearest_centroid(means: npt.NDArray[Any], vectors: npt.NDArray[Any],
+                     norms: npt.NDArray[np.float64] | None = None) -> I32:
+    """Index of the nearest (L2, in float64) row of `means` [C, D] for each row of `vectors` [n, D];
+    ties go to the lowest index. `norms`: the rows' squared norms, when the caller keeps them. A
+    new event joins the cluster whose members it is most like, keys and bias together (the
+    serving search splits a cluster by the current bias anyway)."""
+    m = np.asarray(means, dtype=np.float64)
+    sq = (m * m).sum(axis=1) if norms is None else norms
+    out: I32 = np.argmin(sq[None, :] - 2.0 * (np.asarray(vectors, dtype=np.float64) @ m.T), axis=1).astype(np.int32)
+    return out

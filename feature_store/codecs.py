@@ -19,18 +19,26 @@ order) then `N` float32 normalized values (numeric features, spec order): 4*(C+N
 when the group has none. The store does not know C and N (it is schema-agnostic); the service
 decodes the tails with the schema's widths. Every item of one version has the same tail length.
 
-Behaviour clusters (`twin_v2`, optional): a 16-byte header, then one u16 cluster id per event of
-the sequence, oldest first, for the oldest N events (events appended later have none):
+Behaviour clusters (`twin_v2`, optional): a header, the clusters' centroids, then one u16 cluster
+id per event of the sequence, oldest first, for the oldest N events (events appended without an
+id have none):
 
-    offset 0   4 bytes  magic b"RSC1"
-    offset 4   8 bytes  fingerprint of the GSU key and bias tables the clustering was computed with
-    offset 12  u16      number of clusters C (ids are 0..C-1)
-    offset 14  u16      reserved (0)
-    offset 16  u16[N]   cluster id of event 0..N-1
+    offset 0   4 bytes   magic b"RSC2"
+    offset 4   8 bytes   fingerprint of the GSU key and bias tables the clustering was computed with
+    offset 12  u16       number of clusters C (ids are 0..C-1)
+    offset 14  u16       centroid width D (the GSU key width plus the bias column)
+    offset 16  u32       stamp: the first 4 bytes of blake2b(centroids), names this clustering
+    offset 20  f32[C*D]  centroid of each cluster (mean augmented key at the clustering time)
+    then       u16[N]    cluster id of event 0..N-1
+
+The streaming consumer gives new events the id of their nearest centroid by appending to the
+ids. The older format b"RSC1" (a 16-byte header: magic, fingerprint, C, u16 0; then the ids) has
+no centroids; it is still read, and its appended events stay without an id until reclustered.
 """
 
 from __future__ import annotations
 
+import hashlib
 import operator
 from collections.abc import Sequence as SequenceABC
 from dataclasses import dataclass
@@ -45,8 +53,10 @@ SEQ_RECORD_SIZE = SEQ_RECORD.itemsize  # 12
 PROFILE_RECORD = np.dtype([("user", "<u4")])
 ITEM_RECORD = np.dtype([("item", "<u4"), ("category", "<u4")])
 MAX_CATEGORY_INDEX = (1 << 24) - 1
-CLUSTER_MAGIC = b"RSC1"
-CLUSTER_HEADER_SIZE = 16
+CLUSTER_MAGIC = b"RSC2"
+CLUSTER_MAGIC_V1 = b"RSC1"  # no centroids
+CLUSTER_HEADER_SIZE = 20
+CLUSTER_HEADER_SIZE_V1 = 16
 CLUSTER_ENTRY_SIZE = 2
 MAX_CLUSTERS = 0xFFFF
 FINGERPRINT_SIZE = 8
@@ -343,8 +353,25 @@ def _item_dtype(width: int) -> np.dtype[np.void]:
     return dt
 
 
-def encode_clusters(assignment: npt.ArrayLike, n_clusters: int, fingerprint: bytes) -> bytes:
-    """The stored value of a user's behaviour clusters (see the module doc): ids of the oldest events."""
+class ClusterHeader(NamedTuple):
+    """The fixed part of a stored clustering: what the ids are about, and where they start."""
+
+    fingerprint: bytes
+    n_clusters: int
+    width: int  # centroid width D; 0 for the old format, which stores no centroids
+    stamp: bytes  # names the centroids (b"" for the old format)
+    ids_offset: int  # bytes before the first cluster id
+
+
+def cluster_stamp(centroids: npt.NDArray[np.float32]) -> bytes:
+    """4 bytes naming a clustering's centroids: equal stamps, equal centroids (up to 2^-32)."""
+    return hashlib.blake2b(np.ascontiguousarray(centroids, dtype="<f4").tobytes(), digest_size=4).digest()
+
+
+def encode_clusters(assignment: npt.ArrayLike, n_clusters: int, fingerprint: bytes,
+                    centroids: npt.ArrayLike | None = None) -> bytes:
+    """The stored value of a user's behaviour clusters (see the module doc): ids of the oldest events,
+    after the `centroids` [n_clusters, D] (the old centroid-less format when None)."""
     a = np.asarray(assignment, dtype=np.int64)
     if a.ndim != 1:
         raise CodecError("cluster assignment must be 1-D")
@@ -354,20 +381,46 @@ def encode_clusters(assignment: npt.ArrayLike, n_clusters: int, fingerprint: byt
         raise CodecError(f"cluster ids must be in 0..{n_clusters - 1}")
     if len(fingerprint) != FINGERPRINT_SIZE:
         raise CodecError(f"fingerprint must have {FINGERPRINT_SIZE} bytes, got {len(fingerprint)}")
-    header = CLUSTER_MAGIC + fingerprint + int(n_clusters).to_bytes(2, "little") + bytes(2)
-    return header + a.astype("<u2").tobytes()
+    count = int(n_clusters).to_bytes(2, "little")
+    ids = a.astype("<u2").tobytes()
+    if centroids is None:
+        return CLUSTER_MAGIC_V1 + fingerprint + count + bytes(2) + ids
+    c = np.ascontiguousarray(centroids, dtype="<f4")
+    if c.ndim != 2 or c.shape[0] != n_clusters or not 0 < c.shape[1] <= 0xFFFF:
+        raise CodecError(f"centroids must be [{n_clusters}, D] with 0 < D <= 65535, got {list(c.shape)}")
+    width = int(c.shape[1]).to_bytes(2, "little")
+    return CLUSTER_MAGIC + fingerprint + count + width + cluster_stamp(c) + c.tobytes() + ids
+
+
+def decode_cluster_header(raw: bytes | bytearray | memoryview) -> ClusterHeader:
+    """The header of a stored clustering; `raw` needs only its first CLUSTER_HEADER_SIZE bytes."""
+    magic = bytes(raw[:4])
+    if magic == CLUSTER_MAGIC and len(raw) >= CLUSTER_HEADER_SIZE:
+        n_clusters = int.from_bytes(raw[12:14], "little")
+        width = int.from_bytes(raw[14:16], "little")
+        return ClusterHeader(bytes(raw[4:12]), n_clusters, width, bytes(raw[16:20]),
+                             CLUSTER_HEADER_SIZE + 4 * n_clusters * width)
+    if magic == CLUSTER_MAGIC_V1 and len(raw) >= CLUSTER_HEADER_SIZE_V1:
+        return ClusterHeader(bytes(raw[4:12]), int.from_bytes(raw[12:14], "little"), 0, b"", CLUSTER_HEADER_SIZE_V1)
+    raise CodecError("cluster value has no RSC2 or RSC1 header")
+
+
+def decode_centroids(header: ClusterHeader, block: bytes | bytearray | memoryview) -> npt.NDArray[np.float32]:
+    """The centroids [C, D] from the bytes after the header (at least C * D * 4 of them)."""
+    size = 4 * header.n_clusters * header.width
+    if header.width == 0 or len(block) < size:
+        raise CodecError(f"cluster value holds no centroids of {size} bytes")
+    return np.frombuffer(block, dtype="<f4", count=header.n_clusters * header.width).reshape(
+        header.n_clusters, header.width)
 
 
 def decode_clusters(raw: bytes | bytearray | memoryview) -> tuple[npt.NDArray[np.int32], int, bytes]:
     """(cluster id per covered event, number of clusters, fingerprint) of a stored value."""
-    if len(raw) < CLUSTER_HEADER_SIZE or bytes(raw[:4]) != CLUSTER_MAGIC:
-        raise CodecError("cluster value has no RSC1 header")
-    if (len(raw) - CLUSTER_HEADER_SIZE) % CLUSTER_ENTRY_SIZE:
-        raise CodecError(f"cluster value of {len(raw)} bytes is not a header plus u16 entries")
-    fingerprint = bytes(raw[4:12])
-    n_clusters = int.from_bytes(raw[12:14], "little")
-    ids = np.frombuffer(raw, dtype="<u2", offset=CLUSTER_HEADER_SIZE).astype(np.int32)
-    return ids, n_clusters, fingerprint
+    header = decode_cluster_header(raw)
+    if len(raw) < header.ids_offset or (len(raw) - header.ids_offset) % CLUSTER_ENTRY_SIZE:
+        raise CodecError(f"cluster value of {len(raw)} bytes is not a header and centroids plus u16 entries")
+    ids = np.frombuffer(raw, dtype="<u2", offset=header.ids_offset).astype(np.int32)
+    return ids, header.n_clusters, header.fingerprint
 
 
 def align_clusters(raw: bytes | None, stored_events: int, fetched_events: int) -> SequenceClusters | None:

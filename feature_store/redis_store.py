@@ -41,7 +41,7 @@ from feature_store import keys
 from feature_store.cache import ItemCache
 from feature_store.codecs import (
     CLUSTER_ENTRY_SIZE,
-    CLUSTER_HEADER_SIZE,
+    CLUSTER_HEADER_SIZE_V1,
     SEQ_RECORD_SIZE,
     CodecError,
     Sequence,
@@ -66,6 +66,7 @@ from feature_store.logs import RateLimitedLog
 from feature_store.store import (
     STATUS_COMPLETE,
     STATUS_DROPPING,
+    AppendCounts,
     FeatureStoreConfig,
     FetchCounts,
     FetchResult,
@@ -86,10 +87,20 @@ AnyClient = Redis | RedisCluster
 # concurrent appends never interleave between the APPEND and the trim. `clu`, the user's
 # behaviour clusters (same hash tag, so legal in Cluster), covers the oldest events: when the
 # trim drops n records, the script drops their n cluster ids too, so the ids stay aligned.
-# ARGV of both scripts starts: cap bytes, ttl, cluster header size, record size, cluster entry size.
+# ARGV of both scripts starts: cap bytes, ttl, old-format cluster header size, record size,
+# cluster entry size. `ids_offset` reads where a clustering's ids start from its header
+# (`codecs.decode_cluster_header`): after the 20-byte header and C x D float32 centroids.
 _APPEND_TRIM_LUA = """
 local cap, ttl = tonumber(ARGV[1]), tonumber(ARGV[2])
-local header, size, entry = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local header_v1, size, entry = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local function ids_offset(h)
+  if string.sub(h, 1, 4) == 'RSC2' then
+    local c = string.byte(h, 13) + 256 * string.byte(h, 14)
+    local d = string.byte(h, 15) + 256 * string.byte(h, 16)
+    return 20 + 4 * c * d
+  end
+  return header_v1
+end
 local function append_trim(seq, clu_key, payload)
   local len = redis.call('APPEND', seq, payload)
   if len > cap then
@@ -98,7 +109,8 @@ local function append_trim(seq, clu_key, payload)
     local clu = redis.call('GET', clu_key)
     if clu then
       local dropped = (len - cap) / size * entry
-      redis.call('SET', clu_key, string.sub(clu, 1, header) .. string.sub(clu, header + dropped + 1), 'KEEPTTL')
+      local start = ids_offset(clu)
+      redis.call('SET', clu_key, string.sub(clu, 1, start) .. string.sub(clu, start + dropped + 1), 'KEEPTTL')
     end
     len = cap
   end
@@ -118,9 +130,13 @@ APPEND_SCRIPT = _APPEND_TRIM_LUA + "return append_trim(KEYS[1], KEYS[2], ARGV[6]
 # user's newest applied ids, concatenated: a record whose hash is there already (a redelivered
 # entry, a producer's retry, a repeat inside the batch) is skipped, so an at-least-once stream
 # appends each event once. A plain string, not a sorted set: one GET and one SET a user instead
-# of five set commands and their allocations. KEYS: sequence, clusters, id hashes, per user.
-# ARGV 6: hashes kept per user, 7: their TTL in seconds, then per user: n, the n records, the
-# n hashes concatenated. Returns {appended, duplicates} per user, flat.
+# of five set commands and their allocations. Optionally each record also comes with a cluster
+# id (the nearest centroid of the clustering whose 20-byte header is given): the fresh records'
+# ids are appended to the clustering when it is still that clustering (same header) and covers
+# every event before the append, so ids and events stay aligned; otherwise the new events stay
+# without an id. KEYS: sequence, clusters, id hashes, per user. ARGV 6: hashes kept per user, 7:
+# their TTL in seconds, then per user: n, the n records, the n hashes concatenated, the cluster
+# header or "", the n u16 cluster ids or "". Returns {appended, duplicates, clustered} per user, flat.
 APPEND_ONCE_SCRIPT = _APPEND_TRIM_LUA + """
 local window, id_ttl = tonumber(ARGV[6]) * 8, tonumber(ARGV[7])
 local function seen_in(hashes, h)
@@ -137,13 +153,14 @@ local p = 8
 for u = 1, #KEYS / 3 do
   local seq, clu, evid = KEYS[3 * u - 2], KEYS[3 * u - 1], KEYS[3 * u]
   local n, payload, given = tonumber(ARGV[p]), ARGV[p + 1], ARGV[p + 2]
+  local clu_header, ids = ARGV[p + 3], ARGV[p + 4]
   local hashes = redis.call('GET', evid) or ''
   local fresh = 0
   local records, added = payload, given
   if n == 1 then  -- most users of a batch: no tables to build
     if not seen_in(hashes, given) then fresh = 1 end
   else
-    local parts, new, taken = {}, {}, {}
+    local parts, new, taken, kept = {}, {}, {}, {}
     for k = 1, n do
       local h = string.sub(given, k * 8 - 7, k * 8)
       if not taken[h] and not seen_in(hashes, h) then
@@ -151,19 +168,32 @@ for u = 1, #KEYS / 3 do
         fresh = fresh + 1
         parts[fresh] = string.sub(payload, (k - 1) * size + 1, k * size)
         new[fresh] = h
+        if ids ~= '' then kept[fresh] = string.sub(ids, (k - 1) * entry + 1, k * entry) end
       end
     end
-    if fresh < n then records, added = table.concat(parts), table.concat(new) end
+    if fresh < n then
+      records, added = table.concat(parts), table.concat(new)
+      if ids ~= '' then ids = table.concat(kept) end
+    end
   end
-  p = p + 3
+  p = p + 5
+  local clustered = 0
   if fresh > 0 then
+    if ids ~= '' and redis.call('GETRANGE', clu, 0, #clu_header - 1) == clu_header then
+      local covered = (redis.call('STRLEN', clu) - ids_offset(clu_header)) / entry
+      if covered * size == redis.call('STRLEN', seq) then
+        redis.call('APPEND', clu, ids)
+        clustered = fresh
+      end
+    end
     append_trim(seq, clu, records)
     hashes = hashes .. added
     if #hashes > window then hashes = string.sub(hashes, -window) end
     redis.call('SET', evid, hashes, 'EX', id_ttl)
   end
-  out[2 * u - 1] = fresh
-  out[2 * u] = n - fresh
+  out[3 * u - 2] = fresh
+  out[3 * u - 1] = n - fresh
+  out[3 * u] = clustered
 end
 return out
 """
@@ -776,7 +806,7 @@ class RedisOnlineStore(OnlineStore):
             payload = encode_sequence(events.item, events.category, events.action, events.timestamp)
         except CodecError as exc:
             raise FeatureStoreDataError(f"append for user {user_id}: {exc}") from exc
-        args: list[bytes | int] = [limit * SEQ_RECORD_SIZE, int(ttl_seconds or 0), CLUSTER_HEADER_SIZE,
+        args: list[bytes | int] = [limit * SEQ_RECORD_SIZE, int(ttl_seconds or 0), CLUSTER_HEADER_SIZE_V1,
                                    SEQ_RECORD_SIZE, CLUSTER_ENTRY_SIZE, payload]
         # APPEND is not idempotent: a lost reply could mean it was applied, so no retry here.
         # The error is still marked retriable; a caller that retries accepts at-least-once.
@@ -794,7 +824,7 @@ class RedisOnlineStore(OnlineStore):
         ttl_seconds: int | None = None,
         id_window: int = 1024,
         id_ttl_s: int = 86_400,
-    ) -> list[tuple[int, int]]:
+    ) -> list[AppendCounts]:
         limit = self.config.max_sequence_length if cap is None else int(cap)
         if limit < 1 or id_window < 1 or id_ttl_s < 1:
             raise ValueError("cap, id_window and id_ttl_s must be >= 1")
@@ -802,31 +832,38 @@ class RedisOnlineStore(OnlineStore):
             return []
         ver, _ = await self._read_version(version)
         sha = self._append_once_script.sha
-        fixed = (limit * SEQ_RECORD_SIZE, int(ttl_seconds or 0), CLUSTER_HEADER_SIZE, SEQ_RECORD_SIZE,
+        fixed = (limit * SEQ_RECORD_SIZE, int(ttl_seconds or 0), CLUSTER_HEADER_SIZE_V1, SEQ_RECORD_SIZE,
                  CLUSTER_ENTRY_SIZE, int(id_window), int(id_ttl_s))
-        # calls of (append index, user, records, ids): on a single node many users share a call, up
-        # to APPEND_ONCE_CHUNK events; in a Cluster each call holds one user (one slot)
-        calls: list[list[tuple[int, int, bytes, SequenceABC[bytes]]]] = [[]]
+        # calls of (append index, user, script arguments): on a single node many users share a
+        # call, up to APPEND_ONCE_CHUNK events; in a Cluster each call holds one user (one slot)
+        calls: list[list[tuple[int, int, tuple[Any, ...]]]] = [[]]
         events_in_call = 0
         for k, append in enumerate(appends):
-            ids, records = append.event_ids, append.records
+            ids, records, cluster_ids = append.event_ids, append.records, append.cluster_ids
             if len(records) != SEQ_RECORD_SIZE * len(ids):
                 raise ValueError(f"user {append.user_id}: {len(records)} record bytes for {len(ids)} event ids")
+            if cluster_ids and (len(cluster_ids) != CLUSTER_ENTRY_SIZE * len(ids) or not append.cluster_header):
+                raise ValueError(f"user {append.user_id}: {len(cluster_ids)} cluster id bytes for {len(ids)} events"
+                                 " (or no cluster header)")
+            header = append.cluster_header if cluster_ids else b""
             for lo in range(0, len(ids), APPEND_ONCE_CHUNK):
                 hi = min(lo + APPEND_ONCE_CHUNK, len(ids))
                 if calls[-1] and (self._cluster or events_in_call + hi - lo > APPEND_ONCE_CHUNK):
                     calls.append([])
                     events_in_call = 0
-                chunk = records if hi - lo == len(ids) else records[lo * SEQ_RECORD_SIZE : hi * SEQ_RECORD_SIZE]
-                calls[-1].append((k, append.user_id, chunk, ids[lo:hi]))
+                whole = hi - lo == len(ids)
+                chunk = records if whole else records[lo * SEQ_RECORD_SIZE : hi * SEQ_RECORD_SIZE]
+                chunk_ids = cluster_ids if whole else cluster_ids[lo * CLUSTER_ENTRY_SIZE : hi * CLUSTER_ENTRY_SIZE]
+                calls[-1].append((k, append.user_id, (
+                    hi - lo, chunk, b"".join(map(event_id_hash, ids[lo:hi])), header, chunk_ids)))
                 events_in_call += hi - lo
         commands: list[tuple[Any, ...]] = []
         for call in calls:
             key_args: list[Any] = []
             user_args: list[Any] = []
-            for _, uid, chunk, ids in call:
+            for _, uid, args in call:
                 key_args += keys.append_keys(ver, uid)
-                user_args += (len(ids), chunk, b"".join(map(event_id_hash, ids)))
+                user_args += args
             commands.append(("EVALSHA", sha, len(key_args), *key_args, *fixed, *user_args))
 
         async def op() -> list[Any]:
@@ -838,12 +875,14 @@ class RedisOnlineStore(OnlineStore):
 
         # Repeating the whole list after a failure is safe: applied ids are skipped.
         replies = await self._run(f"append events of {len(appends)} users", op)
-        appended, duplicates = [0] * len(appends), [0] * len(appends)  # flat: few objects per batch
+        counts = [[0, 0, 0] for _ in appends]
         for call, reply in zip(calls, replies, strict=True):
             for u, entry in enumerate(call):
-                appended[entry[0]] += int(reply[2 * u])
-                duplicates[entry[0]] += int(reply[2 * u + 1])
-        return list(zip(appended, duplicates, strict=True))
+                done = counts[entry[0]]
+                done[0] += int(reply[3 * u])
+                done[1] += int(reply[3 * u + 1])
+                done[2] += int(reply[3 * u + 2])
+        return [AppendCounts(*c) for c in counts]
 
     async def _load_script(self, script: str) -> None:
         if isinstance(self._client, RedisCluster):  # on every primary, through the clients the reads use

@@ -205,11 +205,27 @@ class FetchResult:
 
 class UserAppend(NamedTuple):
     """Streamed events of one user, oldest first: their sequence records (`codecs.encode_sequence`,
-    12 bytes each) and one event id per record. (A tuple: a consumer builds thousands per batch.)"""
+    12 bytes each) and one event id per record. (A tuple: a consumer builds thousands per batch.)
+
+    Optionally a `twin_v2` cluster id per record (u16 little-endian, `cluster_ids`) under the
+    header of the clustering they were computed from (`cluster_header`, the stored value's first
+    `codecs.CLUSTER_HEADER_SIZE` bytes): they are stored only while that clustering is in place
+    and covers every earlier event."""
 
     user_id: int
     records: bytes
     event_ids: SequenceABC[bytes]
+    cluster_header: bytes = b""
+    cluster_ids: bytes = b""
+
+
+class AppendCounts(NamedTuple):
+    """What `append_events_once` did for one user: events appended, duplicates skipped, and
+    appended events that got a cluster id."""
+
+    appended: int
+    duplicates: int
+    clustered: int = 0
 
 
 @dataclass
@@ -414,12 +430,12 @@ class OnlineStore(abc.ABC):
         ttl_seconds: int | None = None,
         id_window: int = 1024,
         id_ttl_s: int = 86_400,
-    ) -> list[tuple[int, int]]:
+    ) -> list[AppendCounts]:
         """`append_events` for many users in one round trip, each event id at most once per user.
 
         The store keeps each user's newest `id_window` applied ids (for `id_ttl_s` after the
         user's last append); an event whose id is among them is skipped. Safe to repeat after
-        any failure. Returns (appended, duplicates skipped) per user, in input order.
+        any failure. Returns what was done per user, in input order.
         """
 
     # -- lifecycle -----------------------------------------------------------------------------

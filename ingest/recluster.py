@@ -4,12 +4,15 @@
     rankserve recluster --bundle bundles/rank/3 --all --version v20240601
 
 The `twin_v2` retrieval strategy searches the clusters `rankserve ingest --cluster-bundle`
-stores beside each sequence. Events that `rankserve consume` appends later carry no cluster id:
-the retriever searches them for every candidate (recall kept, cost growing with their number).
-This command, run periodically (a CronJob, off the serving path), reads each user's stored
-sequence and clusters and clusters again, with the bundle's GSU tables exactly as ingest does,
-every user whose clustering no longer covers the whole sequence or was made with other tables
-(`--all`: every user). Histories too short to cluster lose a stale clustering.
+stores beside each sequence. Events that `rankserve consume --cluster-bundle` appends get the id
+of their nearest stored centroid; others (a consumer without the option, appends through the
+Python API, users whose clustering has no centroids) carry none, and the retriever searches
+them for every candidate (recall kept, cost growing with their number). This command, run
+periodically (a CronJob, off the serving path), reads each user's stored sequence and clusters
+and clusters again, with the bundle's GSU tables exactly as ingest does, every user whose
+clustering no longer covers the whole sequence, was made with other tables or has no centroids
+(`--all`: every user, which also re-partitions clusters that nearest-centroid ids have grown).
+Histories too short to cluster lose a stale clustering.
 
 Safe beside a running consumer: the write is a script that checks the sequence is the one the
 clustering was computed from (same length, same first record: an append changes the length, a
@@ -29,7 +32,7 @@ from typing import Any
 
 from feature_store import keys
 from feature_store.clusters import ClusterParams, UserClusterer
-from feature_store.codecs import SEQ_RECORD_SIZE, CodecError, decode_clusters, decode_sequence
+from feature_store.codecs import SEQ_RECORD_SIZE, CodecError, decode_cluster_header, decode_clusters, decode_sequence
 from feature_store.errors import FeatureStoreError, UserError, VersionNotFound
 from feature_store.redis_store import RedisOnlineStore, create_store
 from feature_store.store import FeatureStoreConfig
@@ -72,14 +75,16 @@ def user_of(sequence_key: bytes) -> int:
 
 
 def needs_clustering(raw_clusters: bytes | None, stored_events: int, fingerprint: bytes) -> bool:
-    """Whether a stored clustering misses events of its sequence, or was made with other tables."""
+    """Whether a stored clustering misses events of its sequence, was made with other tables, or
+    has no centroids (the old format, whose new events the consumer cannot give ids)."""
     if raw_clusters is None:
         return True
     try:
         ids, _, stored_fingerprint = decode_clusters(raw_clusters)
+        width = decode_cluster_header(raw_clusters).width
     except CodecError:
         return True
-    return stored_fingerprint != fingerprint or ids.shape[0] != stored_events
+    return stored_fingerprint != fingerprint or ids.shape[0] != stored_events or width == 0
 
 
 async def recluster(store: RedisOnlineStore, clusterer: UserClusterer, version: str, *, batch_users: int = 64,

@@ -11,10 +11,18 @@ Serving reads sequences from Redis on every request (no history cache), so an ap
 is in the history the next rank of that user searches. The user-item cross features the model
 reads are computed from that history at request time, so they follow without a write of
 their own. Item indices and categories come from the version's item rows (an item the store
-does not hold gets index 0, as ingest gives items outside the vocabulary); appended events
-carry no `twin_v2` cluster id until `rankserve recluster` (or the next `ingest
---cluster-bundle`) clusters the history again: the retriever searches such events for every
-candidate, so recall is kept and only the cost of searching them grows.
+does not hold gets index 0, as ingest gives items outside the vocabulary).
+
+`twin_v2` clusters (`--cluster-bundle`, the bundle the clustering was made with): each appended
+event of a user whose history is clustered gets the id of its nearest centroid (its GSU key and
+bias against the centroids stored with the clustering; no clustering on this path). The ids
+are written in the same script as the events, and only while the clustering read is still the
+stored one and covers every earlier event, so ids never misalign. Events of users without such
+a clustering (too short, made with other tables, or an old value without centroids), and all
+events when the option is not given, carry no id until `rankserve recluster` clusters the
+history again: the retriever searches them for every candidate, so recall is kept and only the
+cost of searching them grows. A periodic `rankserve recluster --all` refreshes clusterings that
+nearest-centroid assignment has grown.
 
 Ordering and ownership: a shard is owned by one consumer at a time (a lease key, renewed every
 third of `--lease-ms`), so each user's events, all in one shard, are applied in stream order.
@@ -32,7 +40,9 @@ the leases, exit 0.
 Metrics (Prometheus, `--metrics-port`): rankserve_consumer_events_total{outcome} (appended,
 duplicate, dead_letter), rankserve_consumer_batch_seconds, rankserve_consumer_lag{stream}
 (entries not yet delivered to the group, from XINFO GROUPS), rankserve_consumer_pending{stream},
-rankserve_consumer_shards_owned, rankserve_consumer_failed_batches_total.
+rankserve_consumer_shards_owned, rankserve_consumer_failed_batches_total,
+rankserve_consumer_cluster_ids_total{outcome} (with `--cluster-bundle`: assigned, no_clustering,
+stale, changed).
 """
 
 from __future__ import annotations
@@ -51,18 +61,33 @@ import time
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
+import numpy.typing as npt
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from feature_store import events as ev
-from feature_store.codecs import SEQ_RECORD_SIZE, CodecError, decode_item_values, encode_sequence
+from feature_store import keys
+from feature_store.clusters import UserClusterer, nearest_centroid
+from feature_store.codecs import (
+    CLUSTER_HEADER_SIZE,
+    CLUSTER_MAGIC,
+    SEQ_RECORD,
+    SEQ_RECORD_SIZE,
+    ClusterHeader,
+    CodecError,
+    cluster_stamp,
+    decode_centroids,
+    decode_cluster_header,
+    decode_item_values,
+    encode_sequence,
+)
 from feature_store.errors import FeatureStoreError, UserError
 from feature_store.logs import RateLimitedLog
 from feature_store.redis_store import RedisOnlineStore, create_store
 from feature_store.schema import SchemaError, SchemaSpec
-from feature_store.store import FeatureStoreConfig, UserAppend
+from feature_store.store import AppendCounts, FeatureStoreConfig, UserAppend
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +134,10 @@ class ConsumerMetrics:
         self.shards_owned = Gauge("rankserve_consumer_shards_owned", "shards this consumer holds", registry=r)
         self.failed_batches = Counter("rankserve_consumer_failed_batches", "steps that failed and will be retried",
                                       registry=r)
+        self.cluster_ids = Counter(
+            "rankserve_consumer_cluster_ids", "appended events by twin_v2 cluster id outcome: assigned, no_clustering "
+            "(none stored, or without centroids), stale (other GSU tables), changed (reclustered or not covering "
+            "the history when applied)", ["outcome"], registry=r)
 
 
 @dataclass
@@ -138,16 +167,19 @@ class _Prepared:
     dead: list[tuple[Any, ...]]
     acks: list[tuple[Any, ...]]
     read_at: float
+    cluster_outcomes: list[str] | None = None  # per append, with a clusterer: see `_assign_clusters`
 
 
 class StreamConsumer:
     """One member of the consumer group (see the module doc). `step()` does one batch; `run()` loops."""
 
     def __init__(self, store: RedisOnlineStore, config: ConsumerConfig | None = None,
-                 metrics: ConsumerMetrics | None = None) -> None:
+                 metrics: ConsumerMetrics | None = None, clusterer: UserClusterer | None = None) -> None:
         self.store = store
         self.config = config or ConsumerConfig()
         self.metrics = metrics or ConsumerMetrics()
+        self.clusterer = clusterer  # gives appended events their nearest centroid's id
+        self._centroids = CentroidCache()
         self.name = self.config.name.encode()
         self.owned: set[int] = set()
         self._to_claim: dict[int, bytes] = {}  # shard -> XAUTOCLAIM cursor still to walk
@@ -345,12 +377,15 @@ class StreamConsumer:
         state = await self._version_state()
         decoded, dead = await asyncio.to_thread(self._decode, state, entries)
         appends: list[UserAppend] = []
+        outcomes: list[str] | None = None
         if decoded:
             items = await self._resolve_items(state, {e[2] for e in decoded})
             appends = await asyncio.to_thread(user_appends, decoded, items)
+            if self.clusterer is not None:
+                appends, outcomes = await self._assign_clusters(state, self.clusterer, appends)
         acks = [("XACK", ev.stream_key(shard), ev.GROUP, *(eid for eid, _ in batch)) for shard, batch in entries
                 if batch]
-        return _Prepared(state, appends, dead, acks, time.perf_counter())
+        return _Prepared(state, appends, dead, acks, time.perf_counter(), outcomes)
 
     def _decode(self, state: _VersionState, entries: list[tuple[int, list[tuple[bytes, dict[bytes, bytes]]]]],
                 ) -> tuple[list[ev.DecodedEvent], list[tuple[Any, ...]]]:
@@ -373,8 +408,10 @@ class StreamConsumer:
             counts = await self.store.append_events_once(
                 batch.appends, version=state.version, cap=state.cap, id_window=self.config.id_window,
                 id_ttl_s=self.config.id_ttl_s)
-            result.appended += sum(a for a, _ in counts)
-            result.duplicates += sum(d for _, d in counts)
+            result.appended += sum(c.appended for c in counts)
+            result.duplicates += sum(c.duplicates for c in counts)
+            if batch.cluster_outcomes is not None:
+                self._count_cluster_ids(counts, batch.cluster_outcomes)
         if batch.dead:
             # Not safe to repeat blindly, but a repeat only duplicates a dead letter, never an event.
             await self.store.execute("write dead letters", batch.dead)
@@ -406,11 +443,64 @@ class StreamConsumer:
             log.info("appending streamed events to version %s", version, extra={"version": version})
         return self._state
 
-    async def _resolve_items(self, state: _VersionState, keys: set[int]) -> dict[int, int]:
+    async def _assign_clusters(self, state: _VersionState, clusterer: UserClusterer, appends: list[UserAppend],
+                               ) -> tuple[list[UserAppend], list[str]]:
+        """The appends with the nearest-centroid cluster id of each event, for users whose stored
+        clustering has centroids and was made with `clusterer`'s tables; and per append what
+        happened ("offered", "no_clustering", "stale", "changed"). One round trip reads every
+        user's clustering header; a second reads the centroids the cache does not hold."""
+        version = state.version
+        headers = await self.store.execute("read cluster headers", [
+            ("GETRANGE", keys.clusters_key(version, a.user_id), 0, CLUSTER_HEADER_SIZE - 1) for a in appends])
+        outcomes = ["offered"] * len(appends)
+        centroids: dict[int, Centroids] = {}  # append index -> its user's centroids, for this batch
+        to_read: list[tuple[int, bytes, ClusterHeader]] = []
+        for k, raw in enumerate(headers):
+            if len(raw) < CLUSTER_HEADER_SIZE or raw[:4] != CLUSTER_MAGIC:
+                outcomes[k] = "no_clustering"
+                continue
+            header = decode_cluster_header(raw)
+            if header.fingerprint != clusterer.fingerprint:
+                outcomes[k] = "stale"
+            else:
+                found = self._centroids.get(appends[k].user_id, raw)
+                if found is None:
+                    to_read.append((k, raw, header))
+                else:
+                    centroids[k] = found
+        if to_read:
+            blocks = await self.store.execute("read cluster centroids", [
+                ("GETRANGE", keys.clusters_key(version, appends[k].user_id), CLUSTER_HEADER_SIZE, h.ids_offset - 1)
+                for k, _, h in to_read])
+            for (k, raw, header), block in zip(to_read, blocks, strict=True):
+                try:
+                    means = decode_centroids(header, block)
+                except CodecError:
+                    means = None
+                if means is None or cluster_stamp(means) != header.stamp:
+                    outcomes[k] = "changed"  # reclustered between the two reads
+                else:
+                    centroids[k] = self._centroids.put(appends[k].user_id, raw, means)
+        if not centroids:
+            return appends, outcomes
+        return await asyncio.to_thread(_with_cluster_ids, clusterer, appends, headers, centroids), outcomes
+
+    def _count_cluster_ids(self, counts: list[AppendCounts], outcomes: list[str]) -> None:
+        tally = dict.fromkeys(("assigned", "no_clustering", "stale", "changed"), 0)
+        for done, outcome in zip(counts, outcomes, strict=True):
+            if outcome == "offered":  # the script stores the ids only while the clustering read is in place
+                tally["assigned"] += done.clustered
+                tally["changed"] += done.appended - done.clustered
+            else:
+                tally[outcome] += done.appended
+        for outcome, n in tally.items():
+            self.metrics.cluster_ids.labels(outcome).inc(n)
+
+    async def _resolve_items(self, state: _VersionState, wanted: set[int]) -> dict[int, int]:
         """Item key -> its stored index and category, packed (`index << 24 | category`: plain ints,
         so a million cached items are not a million objects for the garbage collector to walk)."""
         cache = state.items
-        missing = [k for k in keys if k not in cache]
+        missing = [k for k in wanted if k not in cache]
         if missing:
             values = await self.store.read_items(state.version, missing)
             index, category, found, _ = decode_item_values(values, missing)
@@ -420,7 +510,7 @@ class StreamConsumer:
             for k, p, f in zip(missing, packed, found.tolist(), strict=True):
                 if f:  # not cached when unknown: a catalogue upsert may add it
                     cache[k] = p
-        return {k: cache.get(k, 0) for k in keys}
+        return {k: cache.get(k, 0) for k in wanted}
 
     async def _update_lag(self) -> None:
         now = time.monotonic()
@@ -497,6 +587,60 @@ def tune_gc() -> None:
     gc.set_threshold(50_000, 20, 20)
 
 
+def _with_cluster_ids(clusterer: UserClusterer, appends: list[UserAppend], headers: list[bytes],
+                      centroids: dict[int, Centroids]) -> list[UserAppend]:
+    """`appends` with each event's nearest-centroid id for the appends in `centroids`."""
+    # The events' augmented keys in one pass for the whole batch; then per user, its centroids.
+    taken = sorted(centroids)
+    records = np.frombuffer(b"".join(appends[k].records for k in taken), dtype=SEQ_RECORD)
+    cat_action = records["cat_action"].astype(np.int64)
+    vectors = clusterer.event_vectors(records["item"].astype(np.int64), cat_action >> 8, cat_action & 0xFF)
+    out = list(appends)
+    start = 0
+    for k in taken:
+        append = appends[k]
+        n = len(append.event_ids)
+        ids = nearest_centroid(centroids[k].means, vectors[start : start + n], centroids[k].norms)
+        start += n
+        out[k] = append._replace(cluster_header=headers[k], cluster_ids=ids.astype("<u2").tobytes())
+    return out
+
+
+class Centroids(NamedTuple):
+    """A clustering's centroids in float64 and their squared norms (`nearest_centroid`'s inputs)."""
+
+    means: npt.NDArray[np.float64]
+    norms: npt.NDArray[np.float64]
+
+
+class CentroidCache:
+    """Centroids of recently seen users' clusterings, keyed by user and checked against the
+    stored header (whose stamp names the centroids), within a byte budget (cleared when full)."""
+
+    def __init__(self, max_bytes: int = 64 << 20) -> None:
+        self.max_bytes = max_bytes
+        self._entries: dict[int, tuple[bytes, Centroids]] = {}
+        self._bytes = 0
+
+    def get(self, user: int, header: bytes) -> Centroids | None:
+        """The user's centroids when cached for this very clustering (same header)."""
+        entry = self._entries.get(user)
+        return entry[1] if entry is not None and entry[0] == header else None
+
+    def put(self, user: int, header: bytes, means: npt.NDArray[np.float32]) -> Centroids:
+        m = means.astype(np.float64)
+        if self._bytes + m.nbytes > self.max_bytes:
+            self._entries.clear()
+            self._bytes = 0
+        old = self._entries.pop(user, None)
+        if old is not None:
+            self._bytes -= old[1].means.nbytes
+        entry = Centroids(m, (m * m).sum(axis=1))
+        self._entries[user] = (header, entry)
+        self._bytes += m.nbytes
+        return entry
+
+
 def user_appends(decoded: list[ev.DecodedEvent], items: dict[int, int]) -> list[UserAppend]:
     """The batch's events per user, each user's in entry order, encoded as sequence records at once
     (one numpy pass for the whole batch, not one per user). `items`: item key -> index << 24 | category."""
@@ -532,6 +676,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
     parser.add_argument("--timeout", type=float, default=2.0, help="seconds per Redis call, retries included")
     parser.add_argument("--name", default=None, help="consumer name (default host-pid-random)")
+    parser.add_argument("--cluster-bundle", default=None, metavar="BUNDLE",
+                        help="give appended events the twin_v2 cluster id of their nearest centroid, with this "
+                        "bundle's GSU tables (the bundle the histories were clustered with)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -543,13 +690,24 @@ def run(args: argparse.Namespace) -> int:
     store_config = FeatureStoreConfig.from_env(
         url=args.redis_url, cluster_nodes=args.cluster_nodes, read_timeout_s=args.timeout,
         request_timeout_s=args.timeout, connect_timeout_s=min(args.timeout, 5.0), item_cache_size=0)
+    clusterer = None
+    if args.cluster_bundle:
+        from ingest.bulk import clusterer_from_bundle
+
+        try:
+            clusterer = clusterer_from_bundle(args.cluster_bundle)
+        except (OSError, ValueError) as exc:
+            raise UserError(f"--cluster-bundle {args.cluster_bundle}: {exc}") from None
+        log.info("assigning twin_v2 cluster ids with %s (tables %s)", args.cluster_bundle,
+                 clusterer.fingerprint.hex())
     metrics = ConsumerMetrics()
     if args.metrics_port is not None:
         start_http_server(args.metrics_port, registry=metrics.registry)
-    return asyncio.run(_consume(store_config, config, metrics))
+    return asyncio.run(_consume(store_config, config, metrics, clusterer))
 
 
-async def _consume(store_config: FeatureStoreConfig, config: ConsumerConfig, metrics: ConsumerMetrics) -> int:
+async def _consume(store_config: FeatureStoreConfig, config: ConsumerConfig, metrics: ConsumerMetrics,
+                   clusterer: UserClusterer | None = None) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -558,7 +716,7 @@ async def _consume(store_config: FeatureStoreConfig, config: ConsumerConfig, met
     if not isinstance(store, RedisOnlineStore):
         raise UserError("rankserve consume needs the Redis feature store")
     async with store:
-        consumer = StreamConsumer(store, config, metrics)
+        consumer = StreamConsumer(store, config, metrics, clusterer)
         tune_gc()
         log.info("consuming %d event shards as %s", config.shards, config.name,
                  extra={"shards": config.shards, "consumer": config.name})

@@ -23,7 +23,7 @@ import pytest
 from feature_store.embedded import EmbeddedValkey, free_port
 from feature_store.redis_store import create_store
 from feature_store.store import EmbeddedConfig, FeatureStoreConfig
-from ingest.bulk import ingest_log
+from ingest.bulk import clusterer_from_bundle, ingest_log
 from tests.e2e.conftest import EVENTS_TOKEN, FEATURE_VERSION, REPO, Server, World, export_bundle, tiny_event_log
 
 SHARDS = "4"
@@ -35,20 +35,21 @@ def private_store(world: World) -> Iterator[str]:
 
         async def ingest() -> None:
             async with create_store(FeatureStoreConfig(url=valkey.url)) as store:
-                await ingest_log(store, tiny_event_log(world.schema), world.schema, FEATURE_VERSION, activate=True)
+                await ingest_log(store, tiny_event_log(world.schema), world.schema, FEATURE_VERSION, activate=True,
+                                 clusterer=clusterer_from_bundle(world.bundle_src))  # clusters the long user
 
         asyncio.run(ingest())
         yield valkey.url
 
 
 @pytest.fixture
-def consumer(private_store: str, tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], int, Path]]:
+def consumer(private_store: str, world: World, tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], int, Path]]:
     port = free_port()
     log_path = tmp_path / "consume.log"
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "service.cli", "consume", "--redis-url", private_store, "--shards", SHARDS,
-             "--metrics-port", str(port), "--lease-ms", "1000"],
+             "--metrics-port", str(port), "--lease-ms", "1000", "--cluster-bundle", str(world.bundle_src)],
             cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
         )
         try:
@@ -136,6 +137,9 @@ def test_posted_and_pushed_events_reach_the_next_rank(
         metrics = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
         return all(line in metrics for line in ('rankserve_consumer_events_total{outcome="appended"} 2.0',
                                                 'rankserve_consumer_events_total{outcome="duplicate"} 1.0',
+                                                # the long user's event joined its nearest cluster
+                                                'rankserve_consumer_cluster_ids_total{outcome="assigned"} 1.0',
+                                                'rankserve_consumer_cluster_ids_total{outcome="no_clustering"} 1.0',
                                                 "rankserve_consumer_shards_owned 4.0",
                                                 'rankserve_consumer_lag{stream="rs:ev:{s0}"}',
                                                 'rankserve_consumer_pending{stream="rs:ev:{s0}"}'))

@@ -9,7 +9,7 @@ import redis
 
 from feature_store import keys
 from feature_store.clusters import ClusterParams, UserClusterer, history_bias
-from feature_store.codecs import Sequence
+from feature_store.codecs import Sequence, decode_cluster_header
 from feature_store.redis_store import create_store
 from feature_store.schema import SchemaSpec
 from feature_store.store import OnlineStore
@@ -83,7 +83,7 @@ async def test_appends_keep_clusters_aligned(store: OnlineStore) -> None:
     np.testing.assert_array_equal(after.sequence.clusters.assignment[:280], ids[20:])
     assert (after.sequence.clusters.assignment[280:] == -1).all()  # appended after the clustering
     raw = await store.client.get(keys.clusters_key("app", user))  # type: ignore[attr-defined]
-    assert len(raw) == 16 + 2 * 280
+    assert len(raw) == decode_cluster_header(raw).ids_offset + 2 * 280  # centroids kept, 20 ids dropped
 
     # the retriever searches the clustered events by cluster and the appended ones always
     rng = np.random.default_rng(0)
@@ -175,3 +175,65 @@ async def test_recluster_covers_streamed_events_and_skips_a_sequence_that_change
                                              keys.clusters_key("rc", user), len(raw), raw[:12], b"stale")])
     assert written == [0]
     assert await store.client.get(keys.clusters_key("rc", user)) != b"stale"
+
+
+async def test_consumer_gives_streamed_events_their_nearest_centroid(store: OnlineStore, backend: Backend) -> None:
+    """`rankserve consume --cluster-bundle`: a clustered user's streamed events get the id of their
+    nearest stored centroid, in the same script as the append, trimmed in step with the sequence;
+    a clustering made with other tables, or one that stopped covering the history, gets none."""
+    from feature_store import events as ev
+    from feature_store.clusters import nearest_centroid
+    from feature_store.codecs import decode_centroids
+    from feature_store.redis_store import RedisOnlineStore
+    from ingest.stream import ConsumerConfig, StreamConsumer
+    from tests.integration.test_event_stream import SHARDS, drain, new_events, sync_client
+
+    assert isinstance(store, RedisOnlineStore)
+    events = make_events(n_users=4, min_events=200, max_events=260, seed=11)
+    schema = schema_from_log(events, SchemaSpec(max_sequence_length=300))
+    clusterer = _clusterer(schema.items.size, schema.categories.size)
+    await ingest_log(store, events, schema, "nc", activate=True, clusterer=clusterer)
+    users = [int(u) for u in np.unique(events.user_id)]
+    clustered, stale, uncovered = users[:2], users[2], users[3]
+    ingest_ids = {u: (await store.fetch(u, [], version="nc")).sequence for u in users}
+    other = _clusterer(schema.items.size + 1, schema.categories.size)  # other tables: another fingerprint
+    seq = ingest_ids[stale]
+    value = other.encode(seq.item, seq.category, seq.action, seq.timestamp)
+    await store.execute("stale", [("SET", keys.clusters_key("nc", stale), value)])
+    t0 = int(events.timestamp.max()) + 100
+    await store.append_events(uncovered, Sequence(np.array([1]), np.array([1]), np.array([0]), np.array([t0 - 1])),
+                              cap=300, version="nc")  # an append without an id: the clustering no longer covers
+
+    items = [int(i) for i in np.unique(events.item_id)[:9]]
+    per_user = 60  # 260 + 60 > 300: the oldest records and their ids are trimmed
+    sent = new_events(users, items, per_user=per_user, t0=t0, tag="nc")
+    producer = ev.EventProducer(sync_client(backend), shards=SHARDS)
+    producer.send(sent)
+    producer.send(sent[:10])  # redelivered: neither the events nor their ids go in twice
+    consumer = StreamConsumer(store, ConsumerConfig(shards=SHARDS, batch=50), clusterer=clusterer)
+    done = await drain(consumer)
+    assert (done.appended, done.duplicates) == (len(sent), 10)
+
+    for user in clustered:
+        got = (await store.fetch(user, [], version="nc")).sequence
+        raw = await store.execute("read", [("GET", keys.clusters_key("nc", user))])
+        header = decode_cluster_header(raw[0])
+        means = decode_centroids(header, raw[0][20:])
+        assert got.clusters is not None and (got.clusters.assignment >= 0).all()  # every event has an id
+        new = got.last(per_user)
+        want = nearest_centroid(means, clusterer.event_vectors(new.item, new.category, new.action))
+        np.testing.assert_array_equal(got.clusters.assignment[-per_user:], want)
+        before = ingest_ids[user]
+        assert before.clusters is not None
+        kept = len(got) - per_user  # the ingest's ids of the events the trim kept
+        np.testing.assert_array_equal(got.clusters.assignment[:kept], before.clusters.assignment[-kept:])
+        assert len(np.unique(want)) > 1  # the events went to several clusters, not one default
+    for user in (stale, uncovered):
+        got = (await store.fetch(user, [], version="nc")).sequence
+        assert got.clusters is not None and (got.clusters.assignment[-per_user:] == -1).all()
+
+    count = consumer.metrics.cluster_ids.labels
+    assert count("assigned")._value.get() == 2 * per_user
+    assert count("stale")._value.get() == per_user
+    assert count("changed")._value.get() == per_user  # offered for the uncovered user, refused by the script
+    assert count("no_clustering")._value.get() == 0

@@ -23,12 +23,18 @@ from feature_store.clusters import (
     history_bias,
     history_keys,
     key_fingerprint,
+    nearest_centroid,
 )
 from feature_store.codecs import (
+    CLUSTER_HEADER_SIZE,
+    ClusterHeader,
     CodecError,
     Sequence,
     SequenceClusters,
     align_clusters,
+    cluster_stamp,
+    decode_centroids,
+    decode_cluster_header,
     decode_clusters,
     encode_clusters,
 )
@@ -212,6 +218,60 @@ def test_cluster_value_exact_bytes_and_roundtrip() -> None:
         decode_clusters(b"XXXX" + bytes(12))
     with pytest.raises(CodecError):
         decode_clusters(raw + b"\x00")
+
+
+def test_cluster_value_with_centroids_exact_bytes_and_roundtrip() -> None:
+    means = np.array([[1.0, -2.0], [0.5, 0.25], [3.0, 4.0]], dtype=np.float32)
+    raw = encode_clusters([0, 2, 1, 2], 3, FP, means)
+    stamp = cluster_stamp(means)
+    assert raw == (b"RSC2" + FP + b"\x03\x00\x02\x00" + stamp + means.astype("<f4").tobytes()
+                   + b"\x00\x00\x02\x00\x01\x00\x02\x00")
+    header = decode_cluster_header(raw[:CLUSTER_HEADER_SIZE])  # the header alone is enough
+    assert header == ClusterHeader(FP, 3, 2, stamp, CLUSTER_HEADER_SIZE + 3 * 2 * 4)
+    np.testing.assert_array_equal(decode_centroids(header, raw[CLUSTER_HEADER_SIZE:]), means)
+    ids, n, fp = decode_clusters(raw)
+    assert ids.tolist() == [0, 2, 1, 2] and n == 3 and fp == FP
+    assert decode_cluster_header(encode_clusters([0], 1, FP)).width == 0  # the old format has no centroids
+    assert cluster_stamp(means + 1e-6) != stamp
+    with pytest.raises(CodecError):
+        encode_clusters([0, 1], 2, FP, means)  # 3 centroids for 2 clusters
+    with pytest.raises(CodecError):
+        decode_centroids(header, raw[CLUSTER_HEADER_SIZE : CLUSTER_HEADER_SIZE + 8])  # truncated
+    with pytest.raises(CodecError):
+        decode_clusters(raw[: CLUSTER_HEADER_SIZE + 4])  # cut inside the centroids
+
+
+def test_nearest_centroid_matches_brute_force_and_clusterer_centroids_are_member_means() -> None:
+    rng = np.random.default_rng([SEED, 31])
+    means = rng.standard_normal((37, 9)).astype(np.float32)
+    vectors = rng.standard_normal((200, 9)).astype(np.float32)
+    want = np.argmin(((vectors[:, None, :].astype(np.float64) - means[None].astype(np.float64)) ** 2).sum(-1), axis=1)
+    np.testing.assert_array_equal(nearest_centroid(means, vectors), want)
+    np.testing.assert_array_equal(nearest_centroid(means, means), np.arange(37))  # each centroid is its own nearest
+    tied = np.array([[0.0, 1.0], [0.0, 1.0]], dtype=np.float32)
+    assert nearest_centroid(tied, np.zeros((1, 2), dtype=np.float32)).tolist() == [0]  # a tie: the lowest id
+
+    item_key = rng.standard_normal((60, 8)).astype(np.float32)
+    cat_key = rng.standard_normal((7, 8)).astype(np.float32)
+    act_bias, gap_bias = _bias_tables(5)
+    clusterer = UserClusterer(item_key, cat_key, act_bias, gap_bias, ClusterParams(min_events=10, seed=1))
+    n = 400
+    item, category = rng.integers(0, 60, n), rng.integers(0, 7, n)
+    action, ts = rng.integers(0, 4, n), np.sort(rng.integers(0, 10 * 86_400, n))
+    value = clusterer.encode(item, category, action, ts)
+    assert value is not None
+    header = decode_cluster_header(value)
+    ids, n_clusters, _ = decode_clusters(value)
+    stored = decode_centroids(header, value[CLUSTER_HEADER_SIZE:])
+    augmented = np.column_stack([history_keys(item_key, cat_key, item, category),
+                                 history_bias(act_bias, gap_bias, action, ts, int(ts.max()))])
+    assert header.width == augmented.shape[1] == 9 and n_clusters == stored.shape[0]
+    for c in range(n_clusters):
+        np.testing.assert_allclose(stored[c], augmented[ids == c].mean(axis=0), rtol=1e-5, atol=1e-6)
+    # a new event is keyed like an event at the clustering time: its key, and the bias of gap 0
+    vec = clusterer.event_vectors(item[:5], category[:5], action[:5])
+    np.testing.assert_array_equal(vec[:, :8], augmented[:5, :8])
+    np.testing.assert_allclose(vec[:, 8], act_bias[action[:5]] + gap_bias[0], rtol=1e-6)
 
 
 def test_clusters_key_exact_bytes() -> None:
