@@ -483,6 +483,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stream-events", type=int, default=100_000, help="stream: events per throughput round")
     p.add_argument("--stream-rate", type=float, default=5000.0, help="stream: background events/s")
     p.add_argument("--stream-probes", type=int, default=200, help="stream: event-to-servable probes")
+    p.add_argument("--stream-population", type=int, default=100_000,
+                   help="stream: users the throughput events are drawn from (the workload's users among them)")
+    p.add_argument("--stream-cluster-ids", action="store_true",
+                   help="stream: cluster the workload's histories and alternate consumer rounds with and without "
+                   "nearest-centroid twin_v2 cluster ids")
+    p.add_argument("--stream-throughput-only", action="store_true",
+                   help="stream: the throughput part only (no server, no latency or serving rounds)")
     p.add_argument("--plots", type=Path, default=None, help="directory of the PNG plots (default: beside --out)")
     p.add_argument("--out", type=Path, help="also write the JSON report here")
     p.add_argument("--out-md", type=Path, help="also write the markdown table here")
@@ -681,7 +688,9 @@ def run(args: argparse.Namespace) -> int:
 
                 report["stream"] = section_stream(
                     root, w, first, valkey.url, bodies, server_env, rounds=args.stream_rounds,
-                    events=args.stream_events, rate=args.stream_rate, probes=args.stream_probes)
+                    events=args.stream_events, rate=args.stream_rate, probes=args.stream_probes,
+                    population=args.stream_population, cluster_ids=args.stream_cluster_ids,
+                    throughput_only=args.stream_throughput_only)
         if "fetch" in sections:
             report["fetch"] = section_fetch(max(100, w.iterations))
     finally:

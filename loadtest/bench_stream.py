@@ -9,6 +9,10 @@ Three measurements, each side by side in one run:
   and the floor reads the same entries in a group of its own (XREADGROUP, COUNT per shard as
   the consumer's batch) and appends one 12-byte record per event with a pipelined APPEND
   (redis-py, hiredis, no decoding) before XACK. Reported: events/s of each and floor / consumer.
+  With `cluster_ids`, the workload's histories are clustered first (`rankserve recluster`) and
+  the consumer's rounds alternate between plain appends and appends with nearest-centroid
+  `twin_v2` cluster ids (`--cluster-bundle`; before each such round, untimed, `recluster` covers
+  what the plain rounds appended, else the ids would be refused); both rates are reported.
 * event-to-servable latency: a `rankserve serve` and a `rankserve consume` process, a
   background producer (a process of its own) adding `rate` events/s for other users than the
   workload's, and probes: POST one event for a workload user to `/v1/events`, then rank that
@@ -113,13 +117,15 @@ async def _raw_floor(client: Any, n: int, count: int) -> float:
     return time.perf_counter() - t0
 
 
-def section_throughput(redis_url: str, source: EventSource, rounds: int, events: int, batch: int) -> dict[str, Any]:
+def section_throughput(redis_url: str, source: EventSource, rounds: int, events: int, batch: int,
+                       clusterer: Any = None) -> dict[str, Any]:
     import redis
     import redis.asyncio as aredis
 
     from feature_store import events as ev
     from feature_store.redis_store import RedisOnlineStore, create_store
     from feature_store.store import FeatureStoreConfig
+    from ingest.recluster import recluster
     from ingest.stream import ConsumerConfig, StreamConsumer, tune_gc
 
     sync = redis.Redis.from_url(redis_url, socket_timeout=30)
@@ -131,35 +137,55 @@ def section_throughput(redis_url: str, source: EventSource, rounds: int, events:
                                                 item_cache_size=0))
         assert isinstance(store, RedisOnlineStore)
         raw = aredis.Redis.from_url(redis_url, socket_timeout=30)
+        clustered_users = 0
+        version = await store.active_version()
+        assert version is not None
+        if clusterer is not None:
+            clustered_users = (await recluster(store, clusterer, version, all_users=True)).reclustered
         consumer = StreamConsumer(store, ConsumerConfig(shards=SHARDS, batch=batch, name="bench"))
         await consumer.rebalance(force=True)
         for _ in range(3):  # walk the (empty) pending lists of the fresh leases
             await consumer.step()
         tune_gc()  # as `rankserve consume` does (this process holds the bench's objects too: frozen alike)
         seconds: dict[str, list[float]] = {"consumer": [], "raw_floor": []}
+        if clusterer is not None:
+            seconds["consumer_cluster_ids"] = []
         try:
             for r in range(rounds):
                 _send(sync, source.batch(events))
-                order = ["consumer", "raw_floor"] if r % 2 == 0 else ["raw_floor", "consumer"]
+                # with cluster ids, the consumer's mode alternates every other round, so that each
+                # mode goes first against the floor as often as the other
+                mode = "consumer_cluster_ids" if clusterer is not None and r % 4 in (1, 2) else "consumer"
+                order = [mode, "raw_floor"] if r % 2 == 0 else ["raw_floor", mode]
                 for name in order:
-                    if name == "consumer":
-                        # the consumer sat idle through the other phases: renew its leases first
-                        await consumer.rebalance(force=True)
-                        seconds[name].append(await _consumer_drain(consumer, events))
-                    else:
+                    if name == "raw_floor":
                         seconds[name].append(await _raw_floor(raw, events, batch))
+                        continue
+                    consumer.clusterer = clusterer if name == "consumer_cluster_ids" else None
+                    if consumer.clusterer is not None:  # untimed: cover what the plain rounds appended
+                        await recluster(store, clusterer, version)
+                    # the consumer sat idle through the other phases: renew its leases first
+                    await consumer.rebalance(force=True)
+                    seconds[name].append(await _consumer_drain(consumer, events))
         finally:
             await consumer.close()
             await raw.aclose()
             await store.aclose()
-        rate = {k: events * len(v) / sum(v) for k, v in seconds.items()}
-        return {
+        rate = {k: events * len(v) / sum(v) for k, v in seconds.items() if v}
+        out = {
             "events_per_round": events, "rounds": rounds, "batch_per_shard": batch, "shards": SHARDS,
             "consumer_events_per_s": round(rate["consumer"]),
             "raw_floor_events_per_s": round(rate["raw_floor"]),
             "floor_over_consumer": round(rate["raw_floor"] / rate["consumer"], 3),
             "per_round_s": {k: [round(x, 3) for x in v] for k, v in seconds.items()},
         }
+        if "consumer_cluster_ids" in rate:
+            ids = consumer.metrics.cluster_ids.labels
+            out |= {"consumer_cluster_ids_events_per_s": round(rate["consumer_cluster_ids"]),
+                    "clustered_users": clustered_users,
+                    "cluster_ids": {k: int(ids(k)._value.get()) for k in ("assigned", "no_clustering", "stale",
+                                                                          "changed")}}
+        return out
 
     return asyncio.run(run())
 
@@ -244,11 +270,20 @@ async def _probe_latencies(server: ServerProcess, users: Sequence[int], items: S
 def section_stream(root: Path, w: Workload, first: PreparedWorkload, redis_url: str, bodies: Sequence[bytes],
                    server_env: dict[str, str], *, rounds: int = 6, events: int = 100_000, batch: int = 1000,
                    population: int = 100_000, rate: float = 5000.0, probes: int = 200,
-                   serve_requests: int = 150) -> dict[str, Any]:
+                   serve_requests: int = 150, cluster_ids: bool = False, throughput_only: bool = False,
+                   ) -> dict[str, Any]:
     """The three measurements of the module doc, against the workload's store at `redis_url`."""
     items = list(first.items) if isinstance(first.items, range) and len(first.items) < 2_000_000 else first.items
     source = EventSource(first.users, items, population, t0=w.request_time - 7200)
-    report: dict[str, Any] = {"throughput": section_throughput(redis_url, source, rounds, events, batch)}
+    clusterer = None
+    if cluster_ids:
+        from ingest.bulk import clusterer_from_bundle
+
+        clusterer = clusterer_from_bundle(first.bundle_path)
+    report: dict[str, Any] = {"throughput": section_throughput(redis_url, source, rounds, events, batch, clusterer)}
+    report["throughput"]["population"] = population
+    if throughput_only:
+        return report
     # The background load goes to users other than the workload's: a probe checks that its event
     # is the newest behaviour of its user, which a background event appended just after it would
     # hide; and the served histories stay the same whether the producer runs or not.
@@ -322,6 +357,10 @@ def markdown_rows(doc: dict[str, Any]) -> list[str]:
         f"| raw floor (XREADGROUP + pipelined APPEND), events/s | {t['raw_floor_events_per_s']:,} |",
         f"| floor / consumer | {t['floor_over_consumer']} |",
     ]
+    if "consumer_cluster_ids_events_per_s" in t:
+        rows.append(f"| one consumer with nearest-centroid cluster ids, events/s ({t['cluster_ids']['assigned']:,} "
+                    f"ids assigned, {t['clustered_users']} clustered users) | "
+                    f"{t['consumer_cluster_ids_events_per_s']:,} |")
     if "event_to_servable_ms" in doc:
         e = doc["event_to_servable_ms"]
         rows.append(f"| event-to-servable ms p50 / p99 (background {e['background_events_per_s']:,} events/s) | "

@@ -36,3 +36,25 @@ def test_bench_stream_section(tmp_path: Path) -> None:
     assert report["consumer_exit_code"] == 0
     for needle in ("one consumer, events/s appended", "floor / consumer", "event-to-servable", "idle / consuming"):
         assert needle in done.stdout
+
+
+def test_bench_stream_throughput_with_cluster_ids(tmp_path: Path) -> None:
+    """`--stream-cluster-ids`: the workload's histories are clustered, and the consumer's rounds
+    alternate with and without nearest-centroid ids; events of the clustered users get ids."""
+    out = tmp_path / "report.json"
+    cmd = [sys.executable, "-m", "service.cli", "bench", "--data", "generated", "--items", "3000", "--users", "6",
+           "--history", "300", "--candidates", "40", "--k", "16", "--sections", "stream", "--stream-rounds", "4",
+           "--stream-events", "2000", "--stream-population", "6", "--stream-cluster-ids", "--stream-throughput-only",
+           "--out", str(out)]
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=280, check=False)
+    assert done.returncode == 0, done.stderr[-4000:]
+    report = json.loads(out.read_text())["stream"]
+    assert set(report) == {"throughput"}
+    t = report["throughput"]
+    assert t["clustered_users"] == 6 and t["population"] == 6
+    assert len(t["per_round_s"]["consumer"]) == len(t["per_round_s"]["consumer_cluster_ids"]) == 2
+    assert t["consumer_cluster_ids_events_per_s"] > 0
+    # two rounds of 2,000 events for the 6 clustered users, each with an id
+    assert t["cluster_ids"] == {"assigned": 4000, "no_clustering": 0, "stale": 0, "changed": 0}
+    assert "nearest-centroid cluster ids" in done.stdout
