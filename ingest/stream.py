@@ -73,7 +73,6 @@ from feature_store.clusters import UserClusterer, nearest_centroid
 from feature_store.codecs import (
     CLUSTER_HEADER_SIZE,
     CLUSTER_MAGIC,
-    SEQ_RECORD,
     SEQ_RECORD_SIZE,
     ClusterHeader,
     CodecError,
@@ -81,6 +80,7 @@ from feature_store.codecs import (
     decode_centroids,
     decode_cluster_header,
     decode_item_values,
+    decode_sequence,
     encode_sequence,
 )
 from feature_store.errors import FeatureStoreError, UserError
@@ -592,9 +592,8 @@ def _with_cluster_ids(clusterer: UserClusterer, appends: list[UserAppend], heade
     """`appends` with each event's nearest-centroid id for the appends in `centroids`."""
     # The events' augmented keys in one pass for the whole batch; then per user, its centroids.
     taken = sorted(centroids)
-    records = np.frombuffer(b"".join(appends[k].records for k in taken), dtype=SEQ_RECORD)
-    cat_action = records["cat_action"].astype(np.int64)
-    vectors = clusterer.event_vectors(records["item"].astype(np.int64), cat_action >> 8, cat_action & 0xFF)
+    events = decode_sequence(b"".join(appends[k].records for k in taken))
+    vectors = clusterer.event_vectors(events.item, events.category, events.action)
     out = list(appends)
     start = 0
     for k in taken:
