@@ -450,8 +450,8 @@ class StreamConsumer:
         happened ("offered", "no_clustering", "stale", "changed"). One round trip reads every
         user's clustering header; a second reads the centroids the cache does not hold."""
         version = state.version
-        headers = await self.store.execute("read cluster headers", [
-            ("GETRANGE", keys.clusters_key(version, a.user_id), 0, CLUSTER_HEADER_SIZE - 1) for a in appends])
+        headers = await self.store.read_prefixes(
+            "read cluster headers", [keys.clusters_key(version, a.user_id) for a in appends], CLUSTER_HEADER_SIZE)
         outcomes = ["offered"] * len(appends)
         centroids: dict[int, Centroids] = {}  # append index -> its user's centroids, for this batch
         to_read: list[tuple[int, bytes, ClusterHeader]] = []

@@ -237,3 +237,14 @@ async def test_consumer_gives_streamed_events_their_nearest_centroid(store: Onli
     assert count("stale")._value.get() == per_user
     assert count("changed")._value.get() == per_user  # offered for the uncovered user, refused by the script
     assert count("no_clustering")._value.get() == 0
+
+
+async def test_read_prefixes_reads_the_head_of_each_value(store: OnlineStore) -> None:
+    from feature_store.redis_store import RedisOnlineStore
+
+    assert isinstance(store, RedisOnlineStore)
+    names = [keys.clusters_key("pre", u) for u in range(5000)]  # past one script call's keys on a single node
+    await store.execute("write", [("SET", k, b"%05d" % n * 5) for n, k in enumerate(names) if n % 3])
+    got = await store.read_prefixes("read", names, 7)
+    assert got == [b"" if n % 3 == 0 else (b"%05d" % n * 5)[:7] for n in range(5000)]
+    assert await store.read_prefixes("read", [], 7) == []
