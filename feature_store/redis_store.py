@@ -135,10 +135,13 @@ APPEND_SCRIPT = _APPEND_TRIM_LUA + "return append_trim(KEYS[1], KEYS[2], ARGV[6]
 # ids are appended to the clustering when it is still that clustering (same header) and covers
 # every event before the append, so ids and events stay aligned; otherwise the new events stay
 # without an id. KEYS: sequence, clusters, id hashes, per user. ARGV 6: hashes kept per user, 7:
-# their TTL in seconds, then per user: n, the n records, the n hashes concatenated, the cluster
-# header or "", the n u16 cluster ids or "". Returns {appended, duplicates, clustered} per user, flat.
+# their TTL in seconds, 8: 3 or 5 arguments per user, then per user: n, the n records, the n
+# hashes concatenated, and with 5: the cluster header or "", the n u16 cluster ids or "" (a call
+# without any id sends 3, which keeps the common call as small as it was). Returns, flat, per
+# user {appended, duplicates} and with 5 also the number of events stored with an id.
 APPEND_ONCE_SCRIPT = _APPEND_TRIM_LUA + """
 local window, id_ttl = tonumber(ARGV[6]) * 8, tonumber(ARGV[7])
+local stride = tonumber(ARGV[8])
 local function seen_in(hashes, h)
   local from = 1
   while true do
@@ -149,11 +152,12 @@ local function seen_in(hashes, h)
   end
 end
 local out = {}
-local p = 8
+local p = 9
 for u = 1, #KEYS / 3 do
   local seq, clu, evid = KEYS[3 * u - 2], KEYS[3 * u - 1], KEYS[3 * u]
   local n, payload, given = tonumber(ARGV[p]), ARGV[p + 1], ARGV[p + 2]
-  local clu_header, ids = ARGV[p + 3], ARGV[p + 4]
+  local clu_header, ids = '', ''
+  if stride == 5 then clu_header, ids = ARGV[p + 3], ARGV[p + 4] end
   local hashes = redis.call('GET', evid) or ''
   local fresh = 0
   local records, added = payload, given
@@ -176,7 +180,7 @@ for u = 1, #KEYS / 3 do
       if ids ~= '' then ids = table.concat(kept) end
     end
   end
-  p = p + 5
+  p = p + stride
   local clustered = 0
   if fresh > 0 then
     if ids ~= '' and redis.call('GETRANGE', clu, 0, #clu_header - 1) == clu_header then
@@ -191,9 +195,10 @@ for u = 1, #KEYS / 3 do
     if #hashes > window then hashes = string.sub(hashes, -window) end
     redis.call('SET', evid, hashes, 'EX', id_ttl)
   end
-  out[3 * u - 2] = fresh
-  out[3 * u - 1] = n - fresh
-  out[3 * u] = clustered
+  local at = (u - 1) * (stride == 5 and 3 or 2)  -- replies per user
+  out[at + 1] = fresh
+  out[at + 2] = n - fresh
+  if stride == 5 then out[at + 3] = clustered end
 end
 return out
 """
@@ -841,8 +846,10 @@ class RedisOnlineStore(OnlineStore):
             return []
         ver, _ = await self._read_version(version)
         sha = self._append_once_script.sha
+        with_ids = any(a.cluster_ids for a in appends)
+        stride = 5 if with_ids else 3
         fixed = (limit * SEQ_RECORD_SIZE, int(ttl_seconds or 0), CLUSTER_HEADER_SIZE_V1, SEQ_RECORD_SIZE,
-                 CLUSTER_ENTRY_SIZE, int(id_window), int(id_ttl_s))
+                 CLUSTER_ENTRY_SIZE, int(id_window), int(id_ttl_s), stride)
         # calls of (append index, user, script arguments): on a single node many users share a
         # call, up to APPEND_ONCE_CHUNK events; in a Cluster each call holds one user (one slot)
         calls: list[list[tuple[int, int, tuple[Any, ...]]]] = [[]]
@@ -863,8 +870,9 @@ class RedisOnlineStore(OnlineStore):
                 whole = hi - lo == len(ids)
                 chunk = records if whole else records[lo * SEQ_RECORD_SIZE : hi * SEQ_RECORD_SIZE]
                 chunk_ids = cluster_ids if whole else cluster_ids[lo * CLUSTER_ENTRY_SIZE : hi * CLUSTER_ENTRY_SIZE]
-                calls[-1].append((k, append.user_id, (
-                    hi - lo, chunk, b"".join(map(event_id_hash, ids[lo:hi])), header, chunk_ids)))
+                hashes = b"".join(map(event_id_hash, ids[lo:hi]))
+                calls[-1].append((k, append.user_id, (hi - lo, chunk, hashes, header, chunk_ids) if with_ids
+                                  else (hi - lo, chunk, hashes)))
                 events_in_call += hi - lo
         commands: list[tuple[Any, ...]] = []
         for call in calls:
@@ -884,14 +892,17 @@ class RedisOnlineStore(OnlineStore):
 
         # Repeating the whole list after a failure is safe: applied ids are skipped.
         replies = await self._run(f"append events of {len(appends)} users", op)
-        counts = [[0, 0, 0] for _ in appends]
+        n = len(appends)
+        appended, duplicates, clustered = [0] * n, [0] * n, [0] * n  # flat: few objects per batch
+        width = 3 if with_ids else 2
         for call, reply in zip(calls, replies, strict=True):
             for u, entry in enumerate(call):
-                done = counts[entry[0]]
-                done[0] += int(reply[3 * u])
-                done[1] += int(reply[3 * u + 1])
-                done[2] += int(reply[3 * u + 2])
-        return [AppendCounts(*c) for c in counts]
+                at = width * u
+                appended[entry[0]] += int(reply[at])
+                duplicates[entry[0]] += int(reply[at + 1])
+                if with_ids:
+                    clustered[entry[0]] += int(reply[at + 2])
+        return list(map(AppendCounts, appended, duplicates, clustered))
 
     async def _load_script(self, script: str) -> None:
         if isinstance(self._client, RedisCluster):  # on every primary, through the clients the reads use
