@@ -254,21 +254,23 @@ class UserClusterer:
         return None if result is None else (result[0], result[1])
 
     def _cluster(self, item: I64, category: I64, action: I64, timestamp: I64, now: int | None,
-                 ) -> tuple[I32, int, F32] | None:
+                 ) -> tuple[I32, int, F32, F32] | None:
+        """(ids, number of clusters, keys, bias at the clustering time), None when too short."""
         if item.shape[0] < self.params.min_events:
             return None
         at = int(np.max(timestamp)) if now is None else int(now)
         bias = history_bias(self.action_bias, self.gap_bias, action, timestamp, at)
         keys = history_keys(self.item_key, self.category_key, item, category)
         assign, n_clusters = cluster_parts(keys, bias, self.params)
-        return assign, n_clusters, centroids(np.column_stack([keys, bias]), assign, n_clusters)
+        return assign, n_clusters, keys, bias
 
     def encode(self, item: I64, category: I64, action: I64, timestamp: I64, now: int | None = None) -> bytes | None:
         """The stored cluster value of a history, centroids included (None when it is too short to cluster)."""
         result = self._cluster(item, category, action, timestamp, now)
         if result is None:
             return None
-        assign, n_clusters, means = result
+        assign, n_clusters, keys, bias = result
+        means = centroids(np.column_stack([keys, bias]), assign, n_clusters)
         return encode_clusters(assign, n_clusters, self.fingerprint, means)
 
     def event_vectors(self, item: I64, category: I64, action: I64) -> F32:

@@ -41,7 +41,9 @@ from feature_store import keys
 from feature_store.cache import ItemCache
 from feature_store.codecs import (
     CLUSTER_ENTRY_SIZE,
+    CLUSTER_HEADER_SIZE,
     CLUSTER_HEADER_SIZE_V1,
+    CLUSTER_MAGIC,
     SEQ_RECORD_SIZE,
     CodecError,
     Sequence,
@@ -89,15 +91,16 @@ AnyClient = Redis | RedisCluster
 # trim drops n records, the script drops their n cluster ids too, so the ids stay aligned.
 # ARGV of both scripts starts: cap bytes, ttl, old-format cluster header size, record size,
 # cluster entry size. `ids_offset` reads where a clustering's ids start from its header
-# (`codecs.decode_cluster_header`): after the 20-byte header and C x D float32 centroids.
+# (`codecs.decode_cluster_header`, whose magic and header size fill the placeholders): after the
+# header and C x D float32 centroids.
 _APPEND_TRIM_LUA = """
 local cap, ttl = tonumber(ARGV[1]), tonumber(ARGV[2])
 local header_v1, size, entry = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
 local function ids_offset(h)
-  if string.sub(h, 1, 4) == 'RSC2' then
+  if string.sub(h, 1, 4) == '$MAGIC' then
     local c = string.byte(h, 13) + 256 * string.byte(h, 14)
     local d = string.byte(h, 15) + 256 * string.byte(h, 16)
-    return 20 + 4 * c * d
+    return $HEADER + 4 * c * d
   end
   return header_v1
 end
@@ -120,7 +123,7 @@ local function append_trim(seq, clu_key, payload)
   end
   return len
 end
-"""
+""".replace("$MAGIC", CLUSTER_MAGIC.decode()).replace("$HEADER", str(CLUSTER_HEADER_SIZE))
 # KEYS: sequence, clusters; ARGV 6: the records.
 APPEND_SCRIPT = _APPEND_TRIM_LUA + "return append_trim(KEYS[1], KEYS[2], ARGV[6])\n"
 

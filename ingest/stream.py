@@ -72,7 +72,6 @@ from feature_store import keys
 from feature_store.clusters import UserClusterer, nearest_centroid
 from feature_store.codecs import (
     CLUSTER_HEADER_SIZE,
-    CLUSTER_MAGIC,
     SEQ_RECORD_SIZE,
     ClusterHeader,
     CodecError,
@@ -456,11 +455,13 @@ class StreamConsumer:
         centroids: dict[int, Centroids] = {}  # append index -> its user's centroids, for this batch
         to_read: list[tuple[int, bytes, ClusterHeader]] = []
         for k, raw in enumerate(headers):
-            if len(raw) < CLUSTER_HEADER_SIZE or raw[:4] != CLUSTER_MAGIC:
+            try:
+                header = decode_cluster_header(raw)
+            except CodecError:
+                header = None
+            if header is None or header.width == 0:  # none stored, or the old format without centroids
                 outcomes[k] = "no_clustering"
-                continue
-            header = decode_cluster_header(raw)
-            if header.fingerprint != clusterer.fingerprint:
+            elif header.fingerprint != clusterer.fingerprint:
                 outcomes[k] = "stale"
             else:
                 found = self._centroids.get(appends[k].user_id, raw)
