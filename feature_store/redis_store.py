@@ -20,16 +20,18 @@ share its retry, deadline and cluster-routing state; the clients it builds are i
 
 from __future__ import annotations
 
+import array
 import asyncio
 import dataclasses
 import hashlib
 import json
 import logging
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from collections.abc import Sequence as SequenceABC
 from functools import partial
-from typing import Any, TypeVar, cast
+from typing import Any, NamedTuple, TypeVar, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -138,13 +140,19 @@ APPEND_SCRIPT = _APPEND_TRIM_LUA + "return append_trim(KEYS[1], KEYS[2], ARGV[6]
 # ids are appended to the clustering when it is still that clustering (same header) and covers
 # every event before the append, so ids and events stay aligned; otherwise the new events stay
 # without an id. KEYS: sequence, clusters, id hashes, per user. ARGV 6: hashes kept per user, 7:
-# their TTL in seconds, 8: 3 or 5 arguments per user, then per user: n, the n records, the n
-# hashes concatenated, and with 5: the cluster header or "", the n u16 cluster ids or "" (a call
-# without any id sends 3, which keeps the common call as small as it was). Returns, flat, per
-# user {appended, duplicates} and with 5 also the number of events stored with an id.
+# their TTL in seconds, 8: "1" when cluster ids follow, else "0"; then the call's users' data
+# packed in a few strings, in KEYS order (thousands of small arguments cost the server more to
+# parse than the script's own work): 9: each user's event count n (u16 little-endian), 10: the
+# records, 11: the event id hashes, and with ids 12: each user's cluster header (all zero bytes:
+# none) and 13: one u16 id per event (ignored for a user without a header). Returns, flat, per
+# user {appended, duplicates} and with ids also the number of events stored with an id.
 APPEND_ONCE_SCRIPT = _APPEND_TRIM_LUA + """
 local window, id_ttl = tonumber(ARGV[6]) * 8, tonumber(ARGV[7])
-local stride = tonumber(ARGV[8])
+local with_ids = ARGV[8] == '1'
+local counts, records_all, hashes_all = ARGV[9], ARGV[10], ARGV[11]
+local headers, ids_all, header_size = '', '', $HEADER
+if with_ids then headers, ids_all = ARGV[12], ARGV[13] end
+local no_header = string.rep('\\0', header_size)
 local function seen_in(hashes, h)
   local from = 1
   while true do
@@ -155,12 +163,20 @@ local function seen_in(hashes, h)
   end
 end
 local out = {}
-local p = 9
+local at_record, at_hash, at_id = 0, 0, 0
 for u = 1, #KEYS / 3 do
   local seq, clu, evid = KEYS[3 * u - 2], KEYS[3 * u - 1], KEYS[3 * u]
-  local n, payload, given = tonumber(ARGV[p]), ARGV[p + 1], ARGV[p + 2]
+  local n = string.byte(counts, 2 * u - 1) + 256 * string.byte(counts, 2 * u)
+  local payload = string.sub(records_all, at_record + 1, at_record + n * size)
+  local given = string.sub(hashes_all, at_hash + 1, at_hash + n * 8)
+  at_record, at_hash = at_record + n * size, at_hash + n * 8
   local clu_header, ids = '', ''
-  if stride == 5 then clu_header, ids = ARGV[p + 3], ARGV[p + 4] end
+  if with_ids then
+    clu_header = string.sub(headers, (u - 1) * header_size + 1, u * header_size)
+    if clu_header == no_header then clu_header = ''
+    else ids = string.sub(ids_all, at_id + 1, at_id + n * entry) end
+    at_id = at_id + n * entry
+  end
   local hashes = redis.call('GET', evid) or ''
   local fresh = 0
   local records, added = payload, given
@@ -183,10 +199,9 @@ for u = 1, #KEYS / 3 do
       if ids ~= '' then ids = table.concat(kept) end
     end
   end
-  p = p + stride
   local clustered = 0
   if fresh > 0 then
-    if ids ~= '' and redis.call('GETRANGE', clu, 0, #clu_header - 1) == clu_header then
+    if ids ~= '' and redis.call('GETRANGE', clu, 0, header_size - 1) == clu_header then
       local covered = (redis.call('STRLEN', clu) - ids_offset(clu_header)) / entry
       if covered * size == redis.call('STRLEN', seq) then
         redis.call('APPEND', clu, ids)
@@ -198,13 +213,14 @@ for u = 1, #KEYS / 3 do
     if #hashes > window then hashes = string.sub(hashes, -window) end
     redis.call('SET', evid, hashes, 'EX', id_ttl)
   end
-  local at = (u - 1) * (stride == 5 and 3 or 2)  -- replies per user
-  out[at + 1] = fresh
-  out[at + 2] = n - fresh
-  if stride == 5 then out[at + 3] = clustered end
+  if with_ids then
+    out[3 * u - 2], out[3 * u - 1], out[3 * u] = fresh, n - fresh, clustered
+  else
+    out[2 * u - 1], out[2 * u] = fresh, n - fresh
+  end
 end
 return out
-"""
+""".replace("$HEADER", str(CLUSTER_HEADER_SIZE))
 
 
 # The first ARGV[1] bytes of each key's value: `RedisOnlineStore.read_prefixes` on a single node.
@@ -222,6 +238,53 @@ def event_id_hash(event_id: bytes) -> bytes:
 
 
 APPEND_ONCE_CHUNK = 1000  # events per user entry, and per call on a single node (about a millisecond of Lua)
+
+
+class EncodedAppends(NamedTuple):
+    """`RedisOnlineStore.encode_appends`' script calls: the commands, per call the index of the
+    append each user entry came from (a user with more than APPEND_ONCE_CHUNK events spans
+    entries), the number of appends, and whether cluster ids were sent."""
+
+    commands: list[tuple[Any, ...]]
+    owners: list[list[int]]
+    users: int
+    with_ids: bool
+
+
+class _AppendCall:
+    """One script call's user entries, gathered into the script's packed arguments."""
+
+    _NO_HEADER = bytes(CLUSTER_HEADER_SIZE)
+
+    def __init__(self, with_ids: bool) -> None:
+        self.with_ids = with_ids
+        self.owners: list[int] = []
+        self.keys: list[bytes] = []
+        self.counts = array.array("H")
+        self.events = 0
+        self.records: list[bytes] = []
+        self.event_ids: list[bytes] = []
+        self.headers: list[bytes] = []
+        self.cluster_ids: list[bytes] = []
+
+    def add(self, owner: int, user_keys: tuple[bytes, bytes, bytes], event_ids: SequenceABC[bytes],
+            records: bytes, header: bytes, cluster_ids: bytes) -> None:
+        n = len(event_ids)
+        self.owners.append(owner)
+        self.keys += user_keys
+        self.counts.append(n)
+        self.events += n
+        self.records.append(records)
+        self.event_ids += event_ids
+        if self.with_ids:
+            self.headers.append(header or self._NO_HEADER)
+            self.cluster_ids.append(cluster_ids or bytes(CLUSTER_ENTRY_SIZE * n))
+
+    def packed(self) -> tuple[bytes, ...]:
+        if sys.byteorder != "little":
+            self.counts.byteswap()
+        common = (self.counts.tobytes(), b"".join(self.records), b"".join(map(event_id_hash, self.event_ids)))
+        return (*common, b"".join(self.headers), b"".join(self.cluster_ids)) if self.with_ids else common
 
 # Item caches are per version; more than a couple are alive only around a version switch.
 _MAX_ITEM_CACHES = 4
@@ -842,69 +905,82 @@ class RedisOnlineStore(OnlineStore):
         id_window: int = 1024,
         id_ttl_s: int = 86_400,
     ) -> list[AppendCounts]:
-        limit = self.config.max_sequence_length if cap is None else int(cap)
-        if limit < 1 or id_window < 1 or id_ttl_s < 1:
-            raise ValueError("cap, id_window and id_ttl_s must be >= 1")
         if not appends:
             return []
         ver, _ = await self._read_version(version)
-        sha = self._append_once_script.sha
+        return await self.apply_appends(self.encode_appends(
+            appends, ver, cap=cap, ttl_seconds=ttl_seconds, id_window=id_window, id_ttl_s=id_ttl_s))
+
+    def encode_appends(
+        self,
+        appends: SequenceABC[UserAppend],
+        version: str,
+        *,
+        cap: int | None = None,
+        ttl_seconds: int | None = None,
+        id_window: int = 1024,
+        id_ttl_s: int = 86_400,
+    ) -> EncodedAppends:
+        """`append_events_once`'s script calls for `appends`, built without I/O, so a caller can
+        build the next batch's (in a worker thread) while the last one is being applied."""
+        ver = self._checked_version(version)
+        limit = self.config.max_sequence_length if cap is None else int(cap)
+        if limit < 1 or id_window < 1 or id_ttl_s < 1:
+            raise ValueError("cap, id_window and id_ttl_s must be >= 1")
         with_ids = any(a.cluster_ids for a in appends)
-        stride = 5 if with_ids else 3
         fixed = (limit * SEQ_RECORD_SIZE, int(ttl_seconds or 0), CLUSTER_HEADER_SIZE_V1, SEQ_RECORD_SIZE,
-                 CLUSTER_ENTRY_SIZE, int(id_window), int(id_ttl_s), stride)
-        # calls of (append index, user, script arguments): on a single node many users share a
-        # call, up to APPEND_ONCE_CHUNK events; in a Cluster each call holds one user (one slot)
-        calls: list[list[tuple[int, int, tuple[Any, ...]]]] = [[]]
-        events_in_call = 0
+                 CLUSTER_ENTRY_SIZE, int(id_window), int(id_ttl_s), b"1" if with_ids else b"0")
+        # calls of user entries: on a single node many users share a call, up to
+        # APPEND_ONCE_CHUNK events; in a Cluster each call holds one user (one slot)
+        calls: list[_AppendCall] = [_AppendCall(with_ids)]
         for k, append in enumerate(appends):
             ids, records, cluster_ids = append.event_ids, append.records, append.cluster_ids
             if len(records) != SEQ_RECORD_SIZE * len(ids):
                 raise ValueError(f"user {append.user_id}: {len(records)} record bytes for {len(ids)} event ids")
-            if cluster_ids and (len(cluster_ids) != CLUSTER_ENTRY_SIZE * len(ids) or not append.cluster_header):
+            if cluster_ids and (len(cluster_ids) != CLUSTER_ENTRY_SIZE * len(ids)
+                                or len(append.cluster_header) != CLUSTER_HEADER_SIZE):
                 raise ValueError(f"user {append.user_id}: {len(cluster_ids)} cluster id bytes for {len(ids)} events"
-                                 " (or no cluster header)")
-            header = append.cluster_header if cluster_ids else b""
+                                 f" (or a cluster header not of {CLUSTER_HEADER_SIZE} bytes)")
+            user_keys = keys.append_keys(ver, append.user_id)
             for lo in range(0, len(ids), APPEND_ONCE_CHUNK):
                 hi = min(lo + APPEND_ONCE_CHUNK, len(ids))
-                if calls[-1] and (self._cluster or events_in_call + hi - lo > APPEND_ONCE_CHUNK):
-                    calls.append([])
-                    events_in_call = 0
+                call = calls[-1]
+                if call.owners and (self._cluster or call.events + hi - lo > APPEND_ONCE_CHUNK):
+                    call = _AppendCall(with_ids)
+                    calls.append(call)
                 whole = hi - lo == len(ids)
-                chunk = records if whole else records[lo * SEQ_RECORD_SIZE : hi * SEQ_RECORD_SIZE]
-                chunk_ids = cluster_ids if whole else cluster_ids[lo * CLUSTER_ENTRY_SIZE : hi * CLUSTER_ENTRY_SIZE]
-                hashes = b"".join(map(event_id_hash, ids[lo:hi]))
-                calls[-1].append((k, append.user_id, (hi - lo, chunk, hashes, header, chunk_ids) if with_ids
-                                  else (hi - lo, chunk, hashes)))
-                events_in_call += hi - lo
-        commands: list[tuple[Any, ...]] = []
-        for call in calls:
-            key_args: list[Any] = []
-            user_args: list[Any] = []
-            for _, uid, args in call:
-                key_args += keys.append_keys(ver, uid)
-                user_args += args
-            commands.append(("EVALSHA", sha, len(key_args), *key_args, *fixed, *user_args))
+                call.add(k, user_keys, ids if whole else ids[lo:hi],
+                         records if whole else records[lo * SEQ_RECORD_SIZE : hi * SEQ_RECORD_SIZE],
+                         append.cluster_header if cluster_ids else b"",
+                         cluster_ids[lo * CLUSTER_ENTRY_SIZE : hi * CLUSTER_ENTRY_SIZE])
+        sha = self._append_once_script.sha
+        commands = [("EVALSHA", sha, len(call.keys), *call.keys, *fixed, *call.packed()) for call in calls]
+        return EncodedAppends(commands, [call.owners for call in calls], len(appends), with_ids)
+
+    async def apply_appends(self, encoded: EncodedAppends) -> list[AppendCounts]:
+        """Send the script calls `encode_appends` built (one round trip); what was done per append."""
+        if not encoded.commands:
+            return []
 
         async def op() -> list[Any]:
             try:
-                return await self._execute(commands)
+                return await self._execute(encoded.commands)
             except rex.NoScriptError:  # a restarted or new server: load it everywhere, then repeat
                 await self._load_script(APPEND_ONCE_SCRIPT)
-                return await self._execute(commands)
+                return await self._execute(encoded.commands)
 
         # Repeating the whole list after a failure is safe: applied ids are skipped.
-        replies = await self._run(f"append events of {len(appends)} users", op)
-        n = len(appends)
+        replies = await self._run(f"append events of {encoded.users} users", op)
+        n = encoded.users
         appended, duplicates, clustered = [0] * n, [0] * n, [0] * n  # flat: few objects per batch
-        width = 3 if with_ids else 2
-        for call, reply in zip(calls, replies, strict=True):
-            for u, entry in enumerate(call):
+        width = 3 if encoded.with_ids else 2
+        for owners, reply in zip(encoded.owners, replies, strict=True):
+            for u, k in enumerate(owners):
                 at = width * u
-                appended[entry[0]] += int(reply[at])
-                duplicates[entry[0]] += int(reply[at + 1])
-                if with_ids:
-                    clustered[entry[0]] += int(reply[at + 2])
+                appended[k] += int(reply[at])
+                duplicates[k] += int(reply[at + 1])
+                if encoded.with_ids:
+                    clustered[k] += int(reply[at + 2])
         return list(map(AppendCounts, appended, duplicates, clustered))
 
     async def _load_script(self, script: str) -> None:

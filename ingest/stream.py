@@ -84,7 +84,7 @@ from feature_store.codecs import (
 )
 from feature_store.errors import FeatureStoreError, UserError
 from feature_store.logs import RateLimitedLog
-from feature_store.redis_store import RedisOnlineStore, create_store
+from feature_store.redis_store import EncodedAppends, RedisOnlineStore, create_store
 from feature_store.schema import SchemaError, SchemaSpec
 from feature_store.store import AppendCounts, FeatureStoreConfig, UserAppend
 
@@ -161,8 +161,7 @@ class _VersionState:
 class _Prepared:
     """A batch read and decoded, to be applied by the next step."""
 
-    state: _VersionState
-    appends: list[UserAppend]
+    appends: EncodedAppends | None  # the batch's script calls (`RedisOnlineStore.encode_appends`)
     dead: list[tuple[Any, ...]]
     acks: list[tuple[Any, ...]]
     read_at: float
@@ -275,10 +274,11 @@ class StreamConsumer:
     # -- one step ------------------------------------------------------------------------------
 
     async def step(self) -> StepResult:
-        """Rebalance when due; read the next batch from the shards held, and apply the batch read
-        by the step before while this one is decoded in a worker thread, so the consumer's CPU
-        work overlaps the server's script work. A step that reads nothing applies the last batch.
-        Batches are applied one after the other in read order, so each user's events keep theirs.
+        """Rebalance when due; apply the batch read by the step before while the next batch is
+        read and decoded, so the consumer's reads and CPU work overlap the server's script work.
+        A step that reads nothing applies the last batch. Batches are applied one after the
+        other in read order, so each user's events keep theirs; a batch's acknowledgements ride
+        on the first read after its appends succeeded.
         """
         result = StepResult()
         try:
@@ -287,15 +287,15 @@ class StreamConsumer:
                 await self.rebalance()
             if not self.owned and self._pending is None:
                 return result
-            entries = await self._read() if self.owned else []
-            result.read = sum(len(batch) for _, batch in entries)
             pending, self._pending = self._pending, None
             commit = asyncio.create_task(self._commit(pending, result)) if pending is not None else None
             try:
+                entries = await self._read() if self.owned else []
+                result.read = sum(len(batch) for _, batch in entries)
                 prepared = await self._prepare(entries) if result.read else None
             finally:
                 if commit is not None:
-                    await commit  # its failure is this step's: the prepared batch is dropped below
+                    await commit  # its failure is this step's: the batch just read is dropped below
             self._pending = prepared
             if not result.read and self._acks:  # idle: no next read to carry them soon
                 await self.flush_acks()
@@ -382,9 +382,14 @@ class StreamConsumer:
             appends = await asyncio.to_thread(user_appends, decoded, items)
             if self.clusterer is not None:
                 appends, outcomes = await self._assign_clusters(state, self.clusterer, appends)
+        encoded = None
+        if appends:  # the script calls too, off the event loop, while the last batch is applied
+            encoded = await asyncio.to_thread(
+                self.store.encode_appends, appends, state.version, cap=state.cap, id_window=self.config.id_window,
+                id_ttl_s=self.config.id_ttl_s)
         acks = [("XACK", ev.stream_key(shard), ev.GROUP, *(eid for eid, _ in batch)) for shard, batch in entries
                 if batch]
-        return _Prepared(state, appends, dead, acks, time.perf_counter(), outcomes)
+        return _Prepared(encoded, dead, acks, time.perf_counter(), outcomes)
 
     def _decode(self, state: _VersionState, entries: list[tuple[int, list[tuple[bytes, dict[bytes, bytes]]]]],
                 ) -> tuple[list[ev.DecodedEvent], list[tuple[Any, ...]]]:
@@ -402,11 +407,8 @@ class StreamConsumer:
     async def _commit(self, batch: _Prepared, result: StepResult) -> None:
         """Apply a prepared batch. Its acknowledgements ride on the next read (or `close()`): only
         after the appends succeeded, so a failure leaves the entries pending."""
-        state = batch.state
-        if batch.appends:
-            counts = await self.store.append_events_once(
-                batch.appends, version=state.version, cap=state.cap, id_window=self.config.id_window,
-                id_ttl_s=self.config.id_ttl_s)
+        if batch.appends is not None:
+            counts = await self.store.apply_appends(batch.appends)
             result.appended += sum(c.appended for c in counts)
             result.duplicates += sum(c.duplicates for c in counts)
             if batch.cluster_outcomes is not None:
