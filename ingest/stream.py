@@ -4,7 +4,7 @@
 
 Reads the shard streams of `feature_store.events` in one consumer group and appends each
 user's events to the user's sequence in the ACTIVE feature-set version, in one round trip per
-batch, applied while the next batch is decoded (`OnlineStore.append_events_once`: the capped
+batch, applied while the next batch is read and decoded (`OnlineStore.append_events_once`: the capped
 atomic append, plus the hashes of each user's newest applied event ids, so a redelivered entry
 or a producer's retry is not appended twice).
 Serving reads sequences from Redis on every request (no history cache), so an appended event
