@@ -20,13 +20,11 @@ share its retry, deadline and cluster-routing state; the clients it builds are i
 
 from __future__ import annotations
 
-import array
 import asyncio
 import dataclasses
 import hashlib
 import json
 import logging
-import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from collections.abc import Sequence as SequenceABC
@@ -260,7 +258,7 @@ class _AppendCall:
         self.with_ids = with_ids
         self.owners: list[int] = []
         self.keys: list[bytes] = []
-        self.counts = array.array("H")
+        self.counts: list[int] = []
         self.events = 0
         self.records: list[bytes] = []
         self.event_ids: list[bytes] = []
@@ -281,9 +279,8 @@ class _AppendCall:
             self.cluster_ids.append(cluster_ids or bytes(CLUSTER_ENTRY_SIZE * n))
 
     def packed(self) -> tuple[bytes, ...]:
-        if sys.byteorder != "little":
-            self.counts.byteswap()
-        common = (self.counts.tobytes(), b"".join(self.records), b"".join(map(event_id_hash, self.event_ids)))
+        common = (np.array(self.counts, dtype="<u2").tobytes(), b"".join(self.records),
+                  b"".join(map(event_id_hash, self.event_ids)))
         return (*common, b"".join(self.headers), b"".join(self.cluster_ids)) if self.with_ids else common
 
 # Item caches are per version; more than a couple are alive only around a version switch.
@@ -932,7 +929,7 @@ class RedisOnlineStore(OnlineStore):
                  CLUSTER_ENTRY_SIZE, int(id_window), int(id_ttl_s), b"1" if with_ids else b"0")
         # calls of user entries: on a single node many users share a call, up to
         # APPEND_ONCE_CHUNK events; in a Cluster each call holds one user (one slot)
-        calls: list[_AppendCall] = [_AppendCall(with_ids)]
+        calls: list[_AppendCall] = []
         for k, append in enumerate(appends):
             ids, records, cluster_ids = append.event_ids, append.records, append.cluster_ids
             if len(records) != SEQ_RECORD_SIZE * len(ids):
@@ -944,10 +941,9 @@ class RedisOnlineStore(OnlineStore):
             user_keys = keys.append_keys(ver, append.user_id)
             for lo in range(0, len(ids), APPEND_ONCE_CHUNK):
                 hi = min(lo + APPEND_ONCE_CHUNK, len(ids))
+                if not calls or self._cluster or calls[-1].events + hi - lo > APPEND_ONCE_CHUNK:
+                    calls.append(_AppendCall(with_ids))
                 call = calls[-1]
-                if call.owners and (self._cluster or call.events + hi - lo > APPEND_ONCE_CHUNK):
-                    call = _AppendCall(with_ids)
-                    calls.append(call)
                 whole = hi - lo == len(ids)
                 call.add(k, user_keys, ids if whole else ids[lo:hi],
                          records if whole else records[lo * SEQ_RECORD_SIZE : hi * SEQ_RECORD_SIZE],

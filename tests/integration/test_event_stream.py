@@ -92,6 +92,30 @@ async def test_streamed_events_are_appended_in_order_once(store: OnlineStore, ba
     await c.close()
 
 
+async def test_a_user_with_more_events_than_one_script_call_takes(store: OnlineStore) -> None:
+    """2,500 events of one user span three script calls (APPEND_ONCE_CHUNK each) beside another
+    user's; a repeat in a later call than its first copy (within the newest 1,024 ids) is still
+    skipped, and the counts add up per user."""
+    from feature_store.codecs import encode_sequence
+    from feature_store.redis_store import APPEND_ONCE_CHUNK
+    from feature_store.store import UserAppend
+
+    assert isinstance(store, RedisOnlineStore)
+    events, _ = await ingested(store)
+    big, small = (int(u) for u in np.unique(events.user_id)[:2])
+    n = 2 * APPEND_ONCE_CHUNK + 500
+    times = np.arange(1_800_000_000, 1_800_000_000 + n)
+    ids = [b"big-%d" % k for k in range(n)]
+    ids[-1] = ids[APPEND_ONCE_CHUNK + 500]  # the last event repeats one from the second call
+    appends = [UserAppend(small, encode_sequence([1], [1], [0], [times[0]]), [b"small-0"]),
+               UserAppend(big, encode_sequence(np.ones(n, np.int64), np.ones(n, np.int64), np.zeros(n, np.int64),
+                                               times), ids)]
+    counts = await store.append_events_once(appends, cap=n)
+    assert [(c.appended, c.duplicates) for c in counts] == [(1, 0), (n - 1, 1)]
+    got = (await store.fetch(big, [], max_sequence_length=n)).sequence
+    np.testing.assert_array_equal(got.timestamp[-(n - 1):], times[:-1])
+
+
 async def test_malformed_entries_go_to_dead_letters_and_the_rest_is_applied(
     store: OnlineStore, backend: Backend
 ) -> None:
