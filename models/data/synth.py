@@ -27,8 +27,9 @@ unchanged):
   affinity gives each brand one segment that loves it; a user's segment is mostly the one that
   loves the house brand of the user's strongest interest, where users buy most, so a segment's
   users buy its loved brands more often than others.
-- Context of each event: the device (ios, android, web; one per user and calendar day, UTC) and
-  the hour of day (UTC, from the timestamp).
+- Context of each event: the device (ios, android, web; one per user and calendar day, UTC),
+  the hour of day (UTC, from the timestamp) and the price band of the listing the event came
+  from (`any`, or `band1`..`band5` when the user browsed a price-filtered listing).
 - The planted context signal: (behaviour, device) is distributed as if each user-day's device
   were drawn first (DEVICE_PRIOR: ios 25%, android 55%, web 20%) and each event were a buy with
   the behaviour's buy probability times a device x price factor (`device_multiplier`): ios
@@ -43,6 +44,12 @@ unchanged):
   day so that a training sample (one per user, item and day, with the context of its first
   event) carries the device of its buy. A model without the context can only guess the device
   from the same day's earlier buys in the history.
+- The planted engagement signal: 80% of events come from a listing filtered to one of five price
+  bands (quintiles of the catalogue's standardized log price) and always touch an item of that
+  band; the other 20% come from an unfiltered listing (`any`). The band is drawn after the
+  behaviour, per event (`_context_chunk`), so the item draws are unchanged. A request's band
+  says which items it can engage with at all, a signal on every task that ids and histories
+  cannot carry (a session's category only loosely fixes its items' prices).
 
 Output: one `.npy` per EventLog column (narrow dtypes) and per context column (`device.npy`,
 `hour.npy`, uint8), `user_offsets.npy`, the catalogue (`catalogue_item.npy`,
@@ -77,11 +84,12 @@ from models.data.events import EventLog
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2  # 2: items.csv, users.csv, the context columns and the spec files
-READABLE_VERSIONS = (1, 2)  # a version-1 set has the same behaviour columns and no side features
+FORMAT_VERSION = 3  # 2: items.csv, users.csv, the context columns and the spec files; 3: + price_band
+READABLE_VERSIONS = (1, 2, 3)  # a version-1 set has the same behaviour columns and no side features
 META_FILE = "meta.json"
 COLUMNS = ("user_id", "item_id", "category_id", "action", "timestamp")
-CONTEXT_COLUMNS = ("device", "hour")  # per event, uint8 .npy files beside COLUMNS
+CONTEXT_COLUMNS = ("device", "hour", "price_band")  # per event, uint8 .npy files beside COLUMNS
+CONTEXT_COLUMNS_V2 = ("device", "hour")  # what a version-2 set has
 ITEMS_FILE, USERS_FILE = "items.csv", "users.csv"
 SPEC_FILE, SPEC_NOSIDE_FILE = "spec.yaml", "spec_noside.yaml"
 CHUNK_EVENTS = 1 << 22  # events generated per vectorized step (~0.5 GB of temporaries)
@@ -122,6 +130,9 @@ DEVICE_PRIOR = (0.25, 0.55, 0.20)  # of a user-day's device in the planted model
 DEVICE_EFFECT = (0.0, -6.0, 0.0)
 DEVICE_PRICE_SIGN = (1.0, 0.0, -1.0)
 DEVICE_PRICE_SLOPE = 8.0
+PRICE_BANDS = ("any", "band1", "band2", "band3", "band4", "band5")  # price_band.npy holds the index
+PRICE_BAND_EDGES = (-0.8416, -0.2533, 0.2533, 0.8416)  # standard normal quintiles of the standardized log price
+P_UNFILTERED = 0.2  # share of events from a listing without a price filter (band "any")
 
 
 @dataclass(frozen=True)
@@ -325,6 +336,7 @@ class _Items:
     z: npt.NDArray[np.float64]  # standardized log price (over the whole catalogue)
     device_factor: npt.NDArray[np.float64]  # [n + 1, 3] device_multiplier(z)
     price_bucket: npt.NDArray[np.int64]  # 0 cheap, 1 mid, 2 expensive
+    price_band: npt.NDArray[np.int64]  # 1..5: the price quintile, as the index into PRICE_BANDS
 
 
 @dataclass(frozen=True, eq=False)
@@ -351,7 +363,8 @@ def _items(p: SynthParams, cat: _Catalogue) -> _Items:
     price = np.maximum(np.round(np.exp(log_price), 2), 0.01)
     lp = np.log(price)
     z = (lp - lp[1:].mean()) / lp[1:].std()
-    return _Items(n_extra, category, house, brand, price, z, device_multiplier(z), _price_bucket(z))
+    band = np.searchsorted(np.asarray(PRICE_BAND_EDGES), z).astype(np.int64) + 1
+    return _Items(n_extra, category, house, brand, price, z, device_multiplier(z), _price_bucket(z), band)
 
 
 def _affinity(p: SynthParams) -> _Affinity:
@@ -398,8 +411,9 @@ def _context_chunk(
     p_buy: npt.NDArray[np.float64],
     p_rest: npt.NDArray[np.float64],
     chunk: int,
-) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.uint8]]:
-    """The device (one per user and calendar day, UTC) and the hour of day (UTC) of each event of a chunk.
+) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.uint8], npt.NDArray[np.uint8]]:
+    """The device (one per user and calendar day, UTC), the hour of day (UTC) and the price band
+    of the listing of each event of a chunk.
 
     The behaviour is already drawn. A user-day's device is drawn from its posterior given the
     day's actions under the model "device ~ DEVICE_PRIOR, then each event is a buy with
@@ -407,7 +421,9 @@ def _context_chunk(
     click". The multipliers average 1 over the prior, so that model gives every event the
     behaviour's own action probabilities: (behaviour, device) is distributed (nearly: the model
     also couples the events of a day) as if drawn from it, and the behaviour columns stay
-    exactly as they were. Its own generator per chunk; chunks hold whole users.
+    exactly as they were. The price band is the event's item's own band, except for a
+    P_UNFILTERED share of events drawn as unfiltered ("any"). Own generators per chunk; chunks
+    hold whole users.
     """
     rng = np.random.default_rng([p.seed, SIDE_STREAM, 3, chunk])
     user, ts = cols["user_id"], cols["timestamp"]
@@ -425,7 +441,9 @@ def _context_chunk(
     day_device = np.argmax(day_ll + rng.gumbel(size=day_ll.shape), axis=1)
     device = np.repeat(day_device, np.diff(np.r_[starts, n])).astype(np.uint8)
     hour = ((ts % 86_400) // 3_600).astype(np.uint8)
-    return device, hour
+    unfiltered = np.random.default_rng([p.seed, SIDE_STREAM, 4, chunk]).random(n) < P_UNFILTERED
+    price_band = np.where(unfiltered, 0, items.price_band[cols["item_id"]]).astype(np.uint8)
+    return device, hour, price_band
 
 
 def _price_bucket(z: npt.NDArray[np.float64]) -> npt.NDArray[np.int64]:
@@ -457,7 +475,7 @@ def spec_document(side: bool = True) -> dict[str, Any]:
                                 "numeric": [{"name": "price", "log1p": True}]}
         doc["user_features"] = {"path": USERS_FILE, "key": "user_id", "categorical": ["segment"],
                                 "numeric": ["age"]}
-        doc["context_features"] = {"categorical": ["device"], "numeric": ["hour"]}
+        doc["context_features"] = {"categorical": ["device", "price_band"], "numeric": ["hour"]}
     return doc
 
 
@@ -503,6 +521,7 @@ def generate(params: SynthParams, out: str | Path, progress: bool = True) -> dic
         "timestamp": _narrow(END_TS),
         "device": np.dtype(np.uint8),
         "hour": np.dtype(np.uint8),
+        "price_band": np.dtype(np.uint8),
     }
     files = {
         c: np.lib.format.open_memmap(d / f"{c}.npy", mode="w+", dtype=dtypes[c], shape=(total,))
@@ -514,6 +533,7 @@ def generate(params: SynthParams, out: str | Path, progress: bool = True) -> dic
     # Planted-signal tallies: (device, price tercile) and (loved pair or not) -> [events, buys].
     by_device_price = np.zeros((len(DEVICES), 3, 2), dtype=np.int64)
     by_affinity = np.zeros((2, 2), dtype=np.int64)
+    by_price_band = np.zeros(len(PRICE_BANDS), dtype=np.int64)
 
     u0, chunk = 0, 0
     with tqdm(total=total, unit="ev", unit_scale=True, file=sys.stderr, disable=not progress, desc="synth") as bar:
@@ -521,7 +541,7 @@ def generate(params: SynthParams, out: str | Path, progress: bool = True) -> dic
             # Whole users per chunk, as many as fit in CHUNK_EVENTS (at least one).
             u1 = max(int(np.searchsorted(offsets, offsets[u0] + CHUNK_EVENTS, side="right")) - 1, u0 + 1)
             cols, p_buy, p_rest = _generate_chunk(params, cat, users, u0, u1, chunk)
-            cols["device"], cols["hour"] = _context_chunk(params, items, cols, p_buy, p_rest, chunk)
+            cols["device"], cols["hour"], cols["price_band"] = _context_chunk(params, items, cols, p_buy, p_rest, chunk)
             lo, hi = int(offsets[u0]), int(offsets[u1])
             for c, f in files.items():
                 f[lo:hi] = cols[c]
@@ -532,6 +552,7 @@ def generate(params: SynthParams, out: str | Path, progress: bool = True) -> dic
             by_device_price += np.bincount(cell, minlength=by_device_price.size).reshape(by_device_price.shape)
             loved = affinity.loved[items.brand[cols["item_id"]]] == segment[cols["user_id"] - 1]
             by_affinity += np.bincount(loved * 2 + is_buy, minlength=4).reshape(2, 2)
+            by_price_band += np.bincount(cols["price_band"], minlength=len(PRICE_BANDS))
             bar.update(hi - lo)
             u0, chunk = u1, chunk + 1
     for f in files.values():
@@ -586,6 +607,9 @@ def generate(params: SynthParams, out: str | Path, progress: bool = True) -> dic
             },
             "buy_rate_loved_brand": rate(by_affinity[1]),
             "buy_rate_other_brand": rate(by_affinity[0]),
+            "price_band_share": {
+                band: round(float(c / max(total, 1)), 5) for band, c in zip(PRICE_BANDS, by_price_band, strict=True)
+            },
         },
         "dtypes": {c: dt.str for c, dt in dtypes.items()},
         "chunks": chunk,
@@ -614,8 +638,9 @@ def load_synthetic(
     """The set as an EventLog (already sorted and unique). With `max_users`, a deterministic
     random subset of users whose rows alone are read from the memory-mapped columns.
 
-    `context`: the context columns to load (`device` as text, `hour` as float64), default all
-    the set has; pass `()` to skip them. A set written before side features has none.
+    `context`: the context columns to load (`device` and `price_band` as text, `hour` as
+    float64), default all the set has; pass `()` to skip them. A set written before side
+    features has none, one written before price bands has device and hour.
     """
     d = Path(directory)
     try:
@@ -629,13 +654,13 @@ def load_synthetic(
     version = meta.get("format_version")
     if version not in READABLE_VERSIONS:
         raise ValueError(f"{d}: synthetic format version {version} is not one of {list(READABLE_VERSIONS)}")
-    available = CONTEXT_COLUMNS if version >= 2 else ()
+    available = CONTEXT_COLUMNS if version >= 3 else CONTEXT_COLUMNS_V2 if version == 2 else ()
     wanted = tuple(available if context is None else context)
     missing = [c for c in wanted if c not in available]
     if missing:
         raise ValueError(
             f"{d}: no context column(s) {missing} in this synthetic set (it has {list(available)}); "
-            "regenerate it with `rankserve synth` for device and hour"
+            "regenerate it with `rankserve synth` for device, hour and price_band"
         )
     n_users = offsets.shape[0] - 1
     if max_users is None or max_users >= n_users:
@@ -647,8 +672,8 @@ def load_synthetic(
     ctx: dict[str, npt.NDArray[Any]] = {}
     for name in wanted:
         raw = np.load(d / f"{name}.npy", mmap_mode="r")[rows]
-        if name == "device":
-            ctx[name] = np.asarray(DEVICES, dtype=object)[raw]
+        if name in ("device", "price_band"):
+            ctx[name] = np.asarray(DEVICES if name == "device" else PRICE_BANDS, dtype=object)[raw]
         else:
             ctx[name] = np.asarray(raw, dtype=np.float64)
     return EventLog(

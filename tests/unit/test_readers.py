@@ -542,7 +542,7 @@ def test_synthetic_presets_with_and_without_side_features(tmp_path: Path) -> Non
     a, b = load_spec_dataset(side, base), load_spec_dataset(noside, base)
     np.testing.assert_array_equal(a.events.item_id, b.events.item_id)
     np.testing.assert_array_equal(a.events.action, b.events.action)
-    assert set(a.events.context) == {"device", "hour"} and b.events.context == {}
+    assert set(a.events.context) == {"device", "hour", "price_band"} and b.events.context == {}
     assert a.events.context["device"].dtype == object and a.users is not None and len(a.users) == 6
     assert a.items is not None and len(a.items) > 80  # the catalogue's extra items, without events
     assert b.catalogue is not None and b.catalogue[0].shape[0] == 80

@@ -18,6 +18,7 @@ from models.data.synth import (
     DEVICES,
     ITEMS_FILE,
     META_FILE,
+    PRICE_BANDS,
     SPEC_FILE,
     SPEC_NOSIDE_FILE,
     USERS_FILE,
@@ -173,6 +174,23 @@ def test_buys_are_on_the_device_that_owns_the_price(synth_dir: Path) -> None:
     assert on_owner[~buy].mean() < 0.45
 
 
+def test_planted_price_band(synth_dir: Path) -> None:
+    """A filtered event's band is its item's price quintile; a P_UNFILTERED share is unfiltered ("any")."""
+    items = synth._items(PARAMS, synth._catalogue(PARAMS))
+    item, band = np.load(synth_dir / "item_id.npy"), np.load(synth_dir / "price_band.npy")
+    assert band.dtype == np.uint8 and band.max() < len(PRICE_BANDS)
+    filtered = band > 0
+    assert abs(1.0 - filtered.mean() - synth.P_UNFILTERED) < 0.01
+    np.testing.assert_array_equal(band[filtered], items.price_band[item[filtered]])
+    # the bands are quintiles of the catalogue: every band holds a fair share of the events
+    share = np.bincount(band[filtered], minlength=len(PRICE_BANDS))[1:] / filtered.sum()
+    assert (share > 0.08).all()
+    recorded = json.loads((synth_dir / META_FILE).read_text())["side"]["price_band_share"]
+    counted = np.bincount(band, minlength=len(PRICE_BANDS)) / band.shape[0]
+    assert list(recorded) == list(PRICE_BANDS)
+    np.testing.assert_allclose(list(recorded.values()), counted, atol=1e-5)
+
+
 def test_segment_brand_affinity_shows_in_buy_rates(synth_dir: Path) -> None:
     meta = json.loads((synth_dir / META_FILE).read_text())["side"]
     assert meta["buy_rate_loved_brand"] > 1.2 * meta["buy_rate_other_brand"]
@@ -180,24 +198,25 @@ def test_segment_brand_affinity_shows_in_buy_rates(synth_dir: Path) -> None:
 
 def test_load_synthetic_context(synth_dir: Path) -> None:
     log = load_synthetic(synth_dir)
-    assert set(log.context) == {"device", "hour"}
-    assert log.context["device"].dtype == object and set(log.context["device"][:1000]) <= set(DEVICES)
-    codes = np.load(synth_dir / "device.npy")
-    np.testing.assert_array_equal(log.context["device"], np.asarray(DEVICES, dtype=object)[codes])
+    assert set(log.context) == {"device", "hour", "price_band"}
+    for name, values in (("device", DEVICES), ("price_band", PRICE_BANDS)):
+        assert log.context[name].dtype == object and set(log.context[name][:1000]) <= set(values)
+        codes = np.load(synth_dir / f"{name}.npy")
+        np.testing.assert_array_equal(log.context[name], np.asarray(values, dtype=object)[codes])
     assert log.context["hour"].dtype == np.float64
     np.testing.assert_array_equal(log.context["hour"], (log.timestamp % 86_400) // 3_600)
     assert load_synthetic(synth_dir, context=()).context == {}
     assert set(load_synthetic(synth_dir, context=["hour"]).context) == {"hour"}
     sub = load_synthetic(synth_dir, max_users=7, seed=2)
     mask = np.isin(log.user_id, np.unique(sub.user_id))
-    for name in ("device", "hour"):
+    for name in ("device", "hour", "price_band"):
         np.testing.assert_array_equal(sub.context[name], log.context[name][mask])
     with pytest.raises(ValueError, match="no context column"):
         load_synthetic(synth_dir, context=["weather"])
 
 
 def test_a_set_without_side_features_still_loads(synth_dir: Path, tmp_path: Path) -> None:
-    """A set written before side features (format 1): the behaviour, no context."""
+    """Sets written before side features (format 1: no context) and before price bands (format 2: device, hour)."""
     for name in (*COLUMNS, "user_offsets", "catalogue_item", "catalogue_category"):
         (tmp_path / f"{name}.npy").write_bytes((synth_dir / f"{name}.npy").read_bytes())
     meta = json.loads((synth_dir / META_FILE).read_text())
@@ -206,6 +225,13 @@ def test_a_set_without_side_features_still_loads(synth_dir: Path, tmp_path: Path
     assert log.context == {} and len(log) == meta["counts"]["events"]
     with pytest.raises(ValueError, match="regenerate"):
         load_synthetic(tmp_path, context=["device"])
+    # format 2: device and hour, no price band
+    for name in ("device", "hour"):
+        (tmp_path / f"{name}.npy").write_bytes((synth_dir / f"{name}.npy").read_bytes())
+    (tmp_path / META_FILE).write_text(json.dumps({**meta, "format_version": 2}))
+    assert set(load_synthetic(tmp_path).context) == {"device", "hour"}
+    with pytest.raises(ValueError, match="regenerate"):
+        load_synthetic(tmp_path, context=["price_band"])
     (tmp_path / META_FILE).write_text(json.dumps({**meta, "format_version": 99}))
     with pytest.raises(ValueError, match="format version 99"):
         load_synthetic(tmp_path)
@@ -228,7 +254,7 @@ def test_specs_validate(synth_dir: Path) -> None:
     assert [d.name for d in spec.user_features.categorical] == ["segment"]
     assert [d.name for d in spec.user_features.numeric] == ["age"]
     assert spec.context_features is not None
-    assert [d.name for d in spec.context_features.categorical] == ["device"]
+    assert [d.name for d in spec.context_features.categorical] == ["device", "price_band"]
     assert [d.name for d in spec.context_features.numeric] == ["hour"]
     plain = FeatureSpec.load(synth_dir / SPEC_NOSIDE_FILE)
     assert plain.item_features is None and plain.user_features is None and plain.context_features is None
@@ -245,6 +271,6 @@ def test_spec_reads_the_side_tables(synth_dir: Path) -> None:
     assert data.items is not None and data.users is not None
     meta = json.loads((synth_dir / META_FILE).read_text())
     assert len(data.items) == meta["counts"]["catalogue_items"] and len(data.users) == PARAMS.users
-    assert set(data.events.context) == {"device", "hour"} and len(data.events) == meta["counts"]["events"]
+    assert set(data.events.context) == {"device", "hour", "price_band"} and len(data.events) == meta["counts"]["events"]
     plain, _ = preset_spec(f"synthetic-noside:{synth_dir}")
     assert plain.context_features is None and plain.item_features is None
