@@ -20,12 +20,15 @@ Three measurements, each side by side in one run:
   before the POST to the rank that shows it.
 * serving while consuming: REST p50 / p99 at concurrency 1 with the standard requests, rounds
   alternating between the producer off (idle) and on at `rate` events/s (consumer running in
-  both); the ratio of p99s.
+  both); the ratio of p99s, and the cores each process used in each phase (the server with its
+  workers, the consumer, Valkey from its INFO, the producer, the whole machine), which is what
+  tells where a p99 rise comes from on a machine all of them share.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import multiprocessing
 import subprocess
 import sys
@@ -209,6 +212,57 @@ def _produce(redis_url: str, source: EventSource, rate: float, stop: Any, sent: 
     seconds.value += time.perf_counter() - t0
 
 
+class CpuMeter:
+    """CPU seconds of named processes (with their children) and of a Redis server (INFO cpu), read
+    at the start and end of each phase and summed per phase; `cores()` is CPU seconds / wall."""
+
+    def __init__(self, redis_url: str, pids: dict[str, int]) -> None:
+        import psutil
+        import redis
+
+        self._psutil = psutil
+        self._redis = redis.Redis.from_url(redis_url, socket_timeout=10)
+        self._pids = dict(pids)
+        self._cpu: dict[str, dict[str, float]] = {}
+        self._wall: dict[str, float] = {}
+
+    def _process_cpu(self, pid: int) -> float:
+        try:
+            proc = self._psutil.Process(pid)
+            total = sum(proc.cpu_times()[:2])
+            for child in proc.children(recursive=True):
+                with contextlib.suppress(self._psutil.Error):
+                    total += sum(child.cpu_times()[:2])
+            return float(total)
+        except self._psutil.Error:
+            return 0.0
+
+    def _snapshot(self, extra: dict[str, int]) -> dict[str, float]:
+        info = self._redis.info("cpu")
+        out = {name: self._process_cpu(pid) for name, pid in (self._pids | extra).items()}
+        out["valkey"] = float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+        machine = self._psutil.cpu_times()
+        out["machine"] = float(sum(machine) - machine.idle - getattr(machine, "iowait", 0.0))
+        return out
+
+    @contextlib.contextmanager
+    def phase(self, name: str, extra: dict[str, int] | None = None) -> Any:
+        """Count the block's CPU seconds and wall time into phase `name`; `extra`: processes of this phase only."""
+        extra = extra or {}
+        before, t0 = self._snapshot(extra), time.perf_counter()
+        try:
+            yield
+        finally:
+            after, wall = self._snapshot(extra), time.perf_counter() - t0
+            acc = self._cpu.setdefault(name, {})
+            for key, value in after.items():
+                acc[key] = acc.get(key, 0.0) + max(value - before.get(key, value), 0.0)
+            self._wall[name] = self._wall.get(name, 0.0) + wall
+
+    def cores(self) -> dict[str, dict[str, float]]:
+        return {phase: {k: round(v / self._wall[phase], 3) for k, v in acc.items()} for phase, acc in self._cpu.items()}
+
+
 class BackgroundProducer:
     """XADDs `rate` events/s in batches every 20 ms from a process of its own (a thread of the
     bench would hold the GIL the load generator's latency measurements need), until stopped."""
@@ -227,6 +281,10 @@ class BackgroundProducer:
         self._proc = self._ctx.Process(target=_produce, args=self._args, daemon=True)
         self._proc.start()
         return self
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
 
     def stop(self) -> None:
         self._stop.set()
@@ -305,8 +363,10 @@ def section_stream(root: Path, w: Workload, first: PreparedWorkload, redis_url: 
                 producer.stop()
             report["event_to_servable_ms"] = latency_summary(lat) | {
                 "background_events_per_s": round(producer.achieved_rate)}
+            assert server.proc is not None
+            meter = CpuMeter(redis_url, {"server": server.proc.pid, "consumer": consumer.pid})
             report["serving_while_consuming"] = _serving_rounds(server, bodies, redis_url, background, rate, rounds,
-                                                                serve_requests)
+                                                                serve_requests, meter)
     finally:
         consumer.terminate()
         report["consumer_exit_code"] = consumer.wait(60)
@@ -315,7 +375,7 @@ def section_stream(root: Path, w: Workload, first: PreparedWorkload, redis_url: 
 
 
 def _serving_rounds(server: ServerProcess, bodies: Sequence[bytes], redis_url: str, source: EventSource,
-                    rate: float, rounds: int, requests: int) -> dict[str, Any]:
+                    rate: float, rounds: int, requests: int, meter: CpuMeter) -> dict[str, Any]:
     async def measure() -> list[float]:
         pool = HttpPool("127.0.0.1", server.http_port)
         try:
@@ -329,12 +389,14 @@ def _serving_rounds(server: ServerProcess, bodies: Sequence[bytes], redis_url: s
     for r in range(rounds):
         for phase in (["idle", "consuming"] if r % 2 == 0 else ["consuming", "idle"]):
             if phase == "idle":
-                lat[phase] += asyncio.run(measure())
+                with meter.phase(phase):
+                    lat[phase] += asyncio.run(measure())
                 continue
             producer = BackgroundProducer(redis_url, source, rate).start()
             time.sleep(1.0)  # the consumer at its steady pace before measuring
             try:
-                lat[phase] += asyncio.run(measure())
+                with meter.phase(phase, {"producer": producer.pid or 0}):
+                    lat[phase] += asyncio.run(measure())
             finally:
                 producer.stop()
             achieved.append(producer.achieved_rate)
@@ -343,7 +405,7 @@ def _serving_rounds(server: ServerProcess, bodies: Sequence[bytes], redis_url: s
         "p99_ratio": round(summary["consuming"]["p99"] / summary["idle"]["p99"], 3),
         "p50_ratio": round(summary["consuming"]["p50"] / summary["idle"]["p50"], 3),
         "background_events_per_s": round(float(np.mean(achieved))) if achieved else 0,
-        "rounds": rounds, "requests_per_round": requests,
+        "rounds": rounds, "requests_per_round": requests, "cores": meter.cores(),
     }
 
 
@@ -369,4 +431,7 @@ def markdown_rows(doc: dict[str, Any]) -> list[str]:
         s = doc["serving_while_consuming"]
         rows.append(f"| REST c=1 p99 idle / consuming ({s['background_events_per_s']:,} events/s) | "
                     f"{s['idle']['p99']} / {s['consuming']['p99']} ms (ratio {s['p99_ratio']}) |")
+        for phase, cores in s.get("cores", {}).items():
+            used = ", ".join(f"{k} {v}" for k, v in cores.items())
+            rows.append(f"| cores used, {phase} | {used} |")
     return rows

@@ -33,8 +33,15 @@ def test_bench_stream_section(tmp_path: Path) -> None:
     serving = report["serving_while_consuming"]
     assert serving["idle"]["n"] == serving["consuming"]["n"] == 2 * 150
     assert serving["background_events_per_s"] > 0
+    cores = serving["cores"]
+    assert set(cores) == {"idle", "consuming"} and "producer" in cores["consuming"] and "producer" not in cores["idle"]
+    for phase in cores.values():  # each process used some CPU, none more than the machine did
+        assert {"server", "consumer", "valkey", "machine"} <= set(phase)
+        assert phase["server"] > 0 and phase["consumer"] > 0 and phase["valkey"] > 0
+        assert phase["server"] <= phase["machine"] + 0.05
     assert report["consumer_exit_code"] == 0
-    for needle in ("one consumer, events/s appended", "floor / consumer", "event-to-servable", "idle / consuming"):
+    for needle in ("one consumer, events/s appended", "floor / consumer", "event-to-servable", "idle / consuming",
+                   "cores used, consuming"):
         assert needle in done.stdout
 
 
