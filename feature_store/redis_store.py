@@ -355,6 +355,11 @@ class RedisOnlineStore(OnlineStore):
         return "embedded" if self._embedded is not None else "single"
 
     @property
+    def call_deadline_s(self) -> float:
+        """Seconds one call may take, retries included (a blocking read must wait less)."""
+        return self._retry.deadline_s
+
+    @property
     def embedded(self) -> Any:
         """The EmbeddedValkey this store started (None unless in embedded mode)."""
         return self._embedded

@@ -102,7 +102,8 @@ class ConsumerConfig:
 
     shards: int = ev.DEFAULT_SHARDS
     batch: int = 1000  # entries read per shard and step
-    poll_interval_s: float = 0.005  # pause after a step that found nothing
+    poll_interval_s: float = 0.005  # pause after a step that found nothing (when it could not block)
+    block_ms: int = 100  # an idle consumer's read waits this long for new entries (single node; 0: poll)
     lease_ms: int = 10_000  # a dead consumer's shards are taken over after this long
     id_window: int = 1024  # applied event ids kept per user
     id_ttl_s: int = 86_400  # ... for this long after the user's last append
@@ -111,8 +112,8 @@ class ConsumerConfig:
 
     def __post_init__(self) -> None:
         ev.check_shards(self.shards)
-        if self.batch < 1 or self.lease_ms < 100 or self.poll_interval_s < 0:
-            raise ValueError("batch must be >= 1, lease_ms >= 100 and poll_interval_s >= 0")
+        if self.batch < 1 or self.lease_ms < 100 or self.poll_interval_s < 0 or self.block_ms < 0:
+            raise ValueError("batch must be >= 1, lease_ms >= 100, poll_interval_s >= 0 and block_ms >= 0")
 
 
 class ConsumerMetrics:
@@ -147,6 +148,7 @@ class StepResult:
     appended: int = 0
     duplicates: int = 0
     dead_letters: int = 0
+    waited: bool = False  # its read blocked until entries came or `block_ms` passed
 
 
 @dataclass
@@ -188,6 +190,13 @@ class StreamConsumer:
         self._groups_made: set[int] = set()
         self._state: _VersionState | None = None
         self._errors = RateLimitedLog(log, 10.0)
+        # An idle consumer waits in one XREADGROUP BLOCK over its shards instead of polling, which
+        # costs the consumer and Redis CPU beside the servers. One command reads one node, so a
+        # Cluster (shards on several nodes) polls; the wait stays well inside a call's deadline
+        # and between lease renewals.
+        self._block_ms = (0 if store.mode == "cluster" else
+                          min(self.config.block_ms, int(store.call_deadline_s * 1000 / 4), self.config.lease_ms // 4))
+        self._idle = False  # the last step read nothing: the next read may block
 
     # -- ownership -----------------------------------------------------------------------------
 
@@ -290,8 +299,9 @@ class StreamConsumer:
             pending, self._pending = self._pending, None
             commit = asyncio.create_task(self._commit(pending, result)) if pending is not None else None
             try:
-                entries = await self._read() if self.owned else []
+                entries, result.waited = await self._read() if self.owned else ([], False)
                 result.read = sum(len(batch) for _, batch in entries)
+                self._idle = result.read == 0
                 prepared = await self._prepare(entries) if result.read else None
             finally:
                 if commit is not None:
@@ -323,8 +333,9 @@ class StreamConsumer:
         if pending is not None:
             await self._commit(pending, result if result is not None else StepResult())
 
-    async def _read(self) -> list[tuple[int, list[tuple[bytes, dict[bytes, bytes]]]]]:
-        """(shard, entries) of this step: pending entries being claimed first, else new ones."""
+    async def _read(self) -> tuple[list[tuple[int, list[tuple[bytes, dict[bytes, bytes]]]]], bool]:
+        """(shard, entries) of this step: pending entries being claimed first, else new ones; and
+        whether the read blocked (after an idle step, on a single node)."""
         count = self.config.batch
         if self._to_claim:
             shards = sorted(self._to_claim)
@@ -342,8 +353,15 @@ class StreamConsumer:
                     self._to_claim[shard] = cursor
                 entries = [(eid, fields) for eid, fields in claimed if fields is not None]
                 out.append((shard, entries))
-            return out
+            return out, False
         shards = sorted(self.owned)
+        if self._idle and self._block_ms:
+            keys = [ev.stream_key(s) for s in shards]
+            block = ("XREADGROUP", "GROUP", ev.GROUP, self.name, "COUNT", count, "BLOCK", self._block_ms,
+                     "STREAMS", *keys, *([">"] * len(keys)))
+            (reply,) = await self._send_with_acks("read events", [block], retry=False)
+            by_key = {bytes(key): list(batch) for key, batch in reply or []}
+            return [(s, by_key.get(k, [])) for s, k in zip(shards, keys, strict=True)], True
         commands = [("XREADGROUP", "GROUP", ev.GROUP, self.name, "COUNT", count, "STREAMS", ev.stream_key(s), ">")
                     for s in shards]
         # Not repeated after a failure the command may have reached Redis through (retry=False):
@@ -353,7 +371,7 @@ class StreamConsumer:
         out = []
         for shard, reply in zip(shards, replies, strict=True):
             out.append((shard, list(reply[0][1]) if reply else []))
-        return out
+        return out, False
 
     async def _send_with_acks(self, what: str, commands: list[tuple[Any, ...]], retry: bool = True) -> list[Any]:
         """`commands` after the XACKs owed (one round trip); their replies. XACK is safe to repeat."""
@@ -550,7 +568,7 @@ class StreamConsumer:
                     self.metrics.failed_batches.inc()
                     self._errors.warning("event log unreachable; retrying", error=str(exc))
                     result, pause = StepResult(), max(pause, 0.5)
-                if result.read == 0:
+                if result.read == 0 and not result.waited:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(stop.wait(), pause)
         finally:

@@ -92,6 +92,36 @@ async def test_streamed_events_are_appended_in_order_once(store: OnlineStore, ba
     await c.close()
 
 
+async def test_an_idle_consumer_waits_in_a_blocking_read(store: OnlineStore, backend: Backend) -> None:
+    """After a step that read nothing, a consumer on one node waits in XREADGROUP BLOCK (no
+    polling) and what arrives meanwhile is read and appended; a Cluster's consumer polls."""
+    events, _ = await ingested(store)
+    users = [int(u) for u in np.unique(events.user_id)[:4]]
+    items = [int(i) for i in np.unique(events.item_id)[:3]]
+    sent = new_events(users, items, per_user=5, t0=1_800_000_000, tag="w")
+    c = consumer(store)
+    await c.rebalance(force=True)
+    first = await c.step()
+    assert first.read == 0 and not first.waited  # the first empty read does not wait
+
+    async def produce_soon() -> None:
+        await asyncio.sleep(0.05)
+        await asyncio.to_thread(ev.EventProducer(sync_client(backend), shards=SHARDS).send, sent)
+
+    producing = asyncio.create_task(produce_soon())
+    total = StepResult()
+    for _ in range(200):
+        step = await c.step()
+        assert step.waited == (backend.name != "cluster" and total.read == 0)
+        total.read += step.read
+        total.appended += step.appended
+        if producing.done() and total.read == len(sent) and step.read == 0:
+            break
+    await producing
+    assert (total.read, total.appended) == (len(sent), len(sent))
+    await c.close()
+
+
 async def test_a_user_with_more_events_than_one_script_call_takes(store: OnlineStore) -> None:
     """2,500 events of one user span three script calls (APPEND_ONCE_CHUNK each) beside another
     user's; a repeat in a later call than its first copy (within the newest 1,024 ids) is still
@@ -168,7 +198,7 @@ async def test_a_dead_consumers_shards_and_pending_entries_pass_to_a_live_one(
     # walks the shards' pending lists, empty here; the next one delivers new entries)
     read = 0
     for _ in range(3):
-        read += sum(len(batch) for _, batch in await first._read())
+        read += sum(len(batch) for _, batch in (await first._read())[0])
     assert read > 0
 
     second = consumer(store, lease_ms=300, name="second")
