@@ -59,9 +59,9 @@ import signal
 import socket
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -89,10 +89,12 @@ from feature_store.schema import SchemaError, SchemaSpec
 from feature_store.store import AppendCounts, FeatureStoreConfig, UserAppend
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 _RENEW = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end return 0"
 _RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
 _ITEM_CACHE_MAX = 2_000_000  # resolved items kept per version (index and category); cleared when full
+_INLINE_ENTRIES = 128  # a batch this small is decoded and encoded on the event loop, not in a thread
 _CATEGORY_BITS = 24  # a category index is below 2^24 (`codecs.MAX_CATEGORY_INDEX`)
 
 
@@ -361,6 +363,15 @@ class StreamConsumer:
                      "STREAMS", *keys, *([">"] * len(keys)))
             (reply,) = await self._send_with_acks("read events", [block], retry=False)
             by_key = {bytes(key): list(batch) for key, batch in reply or []}
+            more = count - max((len(batch) for batch in by_key.values()), default=count)
+            if more > 0:
+                # Woken by the first entry of a burst (a producer's pipeline of XADDs): the rest
+                # is there by now and joins this batch instead of costing a step of its own.
+                (reply,) = await self._send_with_acks("read events", [
+                    ("XREADGROUP", "GROUP", ev.GROUP, self.name, "COUNT", more, "STREAMS", *keys, *([">"] * len(keys)))
+                ], retry=False)
+                for key, batch in reply or []:
+                    by_key.setdefault(bytes(key), []).extend(batch)
             return [(s, by_key.get(k, [])) for s, k in zip(shards, keys, strict=True)], True
         commands = [("XREADGROUP", "GROUP", ev.GROUP, self.name, "COUNT", count, "STREAMS", ev.stream_key(s), ">")
                     for s in shards]
@@ -388,26 +399,32 @@ class StreamConsumer:
         await self._send_with_acks("acknowledge events", [])
 
     async def _prepare(self, entries: list[tuple[int, list[tuple[bytes, dict[bytes, bytes]]]]]) -> _Prepared:
-        """A batch decoded into the store's appends, its dead letters and its acknowledgements.
-        The CPU work runs in a worker thread, so the event loop meanwhile sends the previous
-        batch's appends and waits for them."""
+        """A batch decoded into the store's appends (the script calls built), its dead letters and
+        its acknowledgements. The CPU work of a large batch runs in a worker thread, so the event
+        loop meanwhile sends the previous batch's appends and waits for them; a small batch's runs
+        inline, where it costs less than the hops to a thread and back."""
         state = await self._version_state()
-        decoded, dead = await asyncio.to_thread(self._decode, state, entries)
-        appends: list[UserAppend] = []
+        small = sum(len(batch) for _, batch in entries) <= _INLINE_ENTRIES
+        decoded, dead = await _cpu(small, self._decode, state, entries)
+        encoded = None
         outcomes: list[str] | None = None
         if decoded:
             items = await self._resolve_items(state, {e[2] for e in decoded})
-            appends = await asyncio.to_thread(user_appends, decoded, items)
-            if self.clusterer is not None:
+            if self.clusterer is None:
+                encoded = await _cpu(small, lambda: self._encode(state, user_appends(decoded, items)))
+            else:
+                appends = await _cpu(small, user_appends, decoded, items)
                 appends, outcomes = await self._assign_clusters(state, self.clusterer, appends)
-        encoded = None
-        if appends:  # the script calls too, off the event loop, while the last batch is applied
-            encoded = await asyncio.to_thread(
-                self.store.encode_appends, appends, state.version, cap=state.cap, id_window=self.config.id_window,
-                id_ttl_s=self.config.id_ttl_s)
+                encoded = await _cpu(small, self._encode, state, appends)
         acks = [("XACK", ev.stream_key(shard), ev.GROUP, *(eid for eid, _ in batch)) for shard, batch in entries
                 if batch]
         return _Prepared(encoded, dead, acks, time.perf_counter(), outcomes)
+
+    def _encode(self, state: _VersionState, appends: list[UserAppend]) -> EncodedAppends | None:
+        if not appends:
+            return None
+        return self.store.encode_appends(appends, state.version, cap=state.cap, id_window=self.config.id_window,
+                                         id_ttl_s=self.config.id_ttl_s)
 
     def _decode(self, state: _VersionState, entries: list[tuple[int, list[tuple[bytes, dict[bytes, bytes]]]]],
                 ) -> tuple[list[ev.DecodedEvent], list[tuple[Any, ...]]]:
@@ -585,6 +602,11 @@ class StreamConsumer:
         except FeatureStoreError as exc:
             log.warning("could not release the shards; they pass on when the leases expire: %s", exc)
         self.metrics.shards_owned.set(0)
+
+
+async def _cpu(inline: bool, fn: Callable[..., T], *args: Any) -> T:
+    """`fn(*args)` here, or in a worker thread (off the event loop)."""
+    return fn(*args) if inline else await asyncio.to_thread(fn, *args)
 
 
 def _pairs(group: Any) -> Iterable[tuple[Any, Any]]:

@@ -258,6 +258,7 @@ class CpuMeter:
         self._pids = dict(pids)
         self._cpu: dict[str, dict[str, float]] = {}
         self._wall: dict[str, float] = {}
+        self._commands: dict[str, dict[str, float]] = {}  # phase -> Valkey command -> CPU seconds
 
     def _process_cpu(self, pid: int) -> float:
         try:
@@ -269,6 +270,10 @@ class CpuMeter:
             return float(total)
         except self._psutil.Error:
             return 0.0
+
+    def _command_seconds(self) -> dict[str, float]:
+        stats = self._redis.info("commandstats")
+        return {name.removeprefix("cmdstat_"): float(v["usec"]) / 1e6 for name, v in stats.items()}
 
     def _snapshot(self, extra: dict[str, int]) -> dict[str, float]:
         info = self._redis.info("cpu")
@@ -282,11 +287,15 @@ class CpuMeter:
     def phase(self, name: str, extra: dict[str, int] | None = None) -> Any:
         """Count the block's CPU seconds and wall time into phase `name`; `extra`: processes of this phase only."""
         extra = extra or {}
+        commands_before = self._command_seconds()
         before, t0 = self._snapshot(extra), time.perf_counter()
         try:
             yield
         finally:
             after, wall = self._snapshot(extra), time.perf_counter() - t0
+            spent = self._commands.setdefault(name, {})
+            for command, seconds in self._command_seconds().items():
+                spent[command] = spent.get(command, 0.0) + seconds - commands_before.get(command, 0.0)
             acc = self._cpu.setdefault(name, {})
             for key, value in after.items():
                 acc[key] = acc.get(key, 0.0) + max(value - before.get(key, value), 0.0)
@@ -294,6 +303,14 @@ class CpuMeter:
 
     def cores(self) -> dict[str, dict[str, float]]:
         return {phase: {k: round(v / self._wall[phase], 3) for k, v in acc.items()} for phase, acc in self._cpu.items()}
+
+    def valkey_commands(self, top: int = 6) -> dict[str, dict[str, float]]:
+        """Per phase, the Valkey commands that took the most of its time (cores: seconds / wall)."""
+        out = {}
+        for phase, spent in self._commands.items():
+            ranked = sorted(spent.items(), key=lambda kv: -kv[1])[:top]
+            out[phase] = {k: round(v / self._wall[phase], 4) for k, v in ranked if v > 0}
+        return out
 
 
 class BackgroundProducer:
@@ -448,6 +465,7 @@ def _serving_rounds(server: ServerProcess, bodies: Sequence[bytes], redis_url: s
         "p50_ratio": round(summary["consuming"]["p50"] / summary["idle"]["p50"], 3),
         "background_events_per_s": round(float(np.mean(achieved))) if achieved else 0,
         "rounds": rounds, "requests_per_round": requests, "cores": meter.cores(),
+        "valkey_command_cores": meter.valkey_commands(),
     }
 
 
