@@ -35,10 +35,12 @@ def test_bench_stream_section(tmp_path: Path) -> None:
     assert serving["background_events_per_s"] > 0
     cores = serving["cores"]
     assert set(cores) == {"idle", "consuming"} and "producer" in cores["consuming"] and "producer" not in cores["idle"]
-    for phase in cores.values():  # each process used some CPU, none more than the machine did
+    for phase in cores.values():  # the server and its Valkey worked in both phases, within the machine's CPU
         assert {"server", "consumer", "valkey", "machine"} <= set(phase)
-        assert phase["server"] > 0 and phase["consumer"] > 0 and phase["valkey"] > 0
+        assert phase["server"] > 0 and phase["valkey"] > 0 and phase["consumer"] >= 0
         assert phase["server"] <= phase["machine"] + 0.05
+    assert cores["consuming"]["consumer"] > 0  # an idle consumer waits in a blocking read: maybe 0 there
+    assert serving["valkey_command_cores"]["consuming"]["evalsha"] > 0  # the append script ran
     assert report["consumer_exit_code"] == 0
     for needle in ("one consumer, events/s appended", "floor / consumer", "event-to-servable", "idle / consuming",
                    "cores used, consuming"):
