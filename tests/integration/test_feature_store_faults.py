@@ -14,7 +14,7 @@ from feature_store.redis_store import create_store
 from feature_store.schema import SchemaSpec
 from feature_store.store import OnlineStore
 from ingest.bulk import ingest_log, schema_from_log
-from tests.integration.conftest import TEST_STORE_SETTINGS, Backend, make_events
+from tests.integration.conftest import CONTRACT_TIMEOUTS, TEST_STORE_SETTINGS, Backend, make_events
 
 pytestmark = pytest.mark.fault
 
@@ -22,9 +22,16 @@ DEADLINE = float(str(TEST_STORE_SETTINGS["request_timeout_s"]))
 SLACK = 0.5  # scheduling noise on a loaded 2-core machine
 
 
-async def load(store: OnlineStore) -> tuple[int, list[int]]:
+async def load(backend: Backend) -> tuple[int, list[int]]:
+    """Ingest a small data set through a store of its own with the contract tests' generous
+    deadline: the setup is not what these tests time, and on a loaded machine the 1 s deadline
+    of the store under test may not cover it."""
     events = make_events(n_users=4, min_events=500, max_events=2000)
-    await ingest_log(store, events, schema_from_log(events, SchemaSpec()), "v1", activate=True)
+    setup = create_store(backend.store_config(**CONTRACT_TIMEOUTS))
+    try:
+        await ingest_log(setup, events, schema_from_log(events, SchemaSpec()), "v1", activate=True)
+    finally:
+        await setup.aclose()
     return int(events.user_id[0]), np.unique(events.item_id)[:300].tolist()
 
 
@@ -41,7 +48,7 @@ async def timed_fetch(store: OnlineStore, user: int, items: list[int]) -> tuple[
 async def test_kill_during_fetch_then_restart(fault_backend: Backend) -> None:
     store = create_store(fault_backend.store_config())
     try:
-        user, items = await load(store)
+        user, items = await load(fault_backend)
         assert (await store.fetch(user, items)).found.all()
 
         # Fetches in flight while the server is SIGKILLed.
@@ -70,7 +77,7 @@ async def test_kill_during_fetch_then_restart(fault_backend: Backend) -> None:
             assert isinstance(exc, FeatureStoreError)
             await asyncio.sleep(0.2)
         assert exc is None, f"store did not recover after restart: {exc!r}"
-        await load(store)  # the restarted server lost its data (no persistence): write it again
+        await load(fault_backend)  # the restarted server lost its data (no persistence): write it again
         result = await store.fetch(user, items)
         assert result.user_index is not None and result.found.all()
     finally:
@@ -80,7 +87,7 @@ async def test_kill_during_fetch_then_restart(fault_backend: Backend) -> None:
 async def test_hung_server_times_out_then_recovers(fault_backend: Backend) -> None:
     store = create_store(fault_backend.store_config(item_cache_size=0))
     try:
-        user, items = await load(store)
+        user, items = await load(fault_backend)
         fault_backend.freeze()
         try:
             elapsed, exc = await timed_fetch(store, user, items)
@@ -127,7 +134,7 @@ async def test_cluster_slot_migration_is_followed(cluster_backend: Backend, monk
     cluster_backend.flush()
     store = create_store(cluster_backend.store_config())
     try:
-        user, items = await load(store)
+        user, items = await load(cluster_backend)
         before = await store.fetch(user, items)
         slot = key_slot(keys.profile_key("v1", user))
         clients = [redis.Redis(port=p) for p in cluster_backend.ports]
