@@ -24,6 +24,7 @@ This module is pure (no I/O) apart from `EventProducer`, the blocking Python hel
 
 from __future__ import annotations
 
+import itertools
 import zlib
 from collections.abc import Mapping
 from collections.abc import Sequence as SequenceABC
@@ -190,8 +191,12 @@ class EventProducer:
             return []
         pipe = self.client.pipeline(transaction=False)
         for event in events:
-            fields = event.fields()
-            pipe.xadd(stream_key(shard_of(fields[FIELD_USER], self.shards)), fields,
-                      maxlen=self.maxlen, approximate=True)
+            pipe.execute_command(*self.xadd_command(event))
         return [bytes(r) if not isinstance(r, str) else r.encode() for r in pipe.execute()]
+
+    def xadd_command(self, event: StreamEvent) -> tuple[Any, ...]:
+        """The XADD that logs `event`: to its user's shard stream, trimmed to about `maxlen`."""
+        fields = event.fields()
+        return ("XADD", stream_key(shard_of(fields[FIELD_USER], self.shards)), "MAXLEN", "~", self.maxlen, "*",
+                *itertools.chain.from_iterable(fields.items()))
 

@@ -359,22 +359,18 @@ class StreamConsumer:
         shards = sorted(self.owned)
         if self._idle and self._block_ms:
             keys = [ev.stream_key(s) for s in shards]
-            block = ("XREADGROUP", "GROUP", ev.GROUP, self.name, "COUNT", count, "BLOCK", self._block_ms,
-                     "STREAMS", *keys, *([">"] * len(keys)))
-            (reply,) = await self._send_with_acks("read events", [block], retry=False)
+            (reply,) = await self._send_with_acks("read events", [self._read_new(keys, count, self._block_ms)],
+                                                  retry=False)
             by_key = {bytes(key): list(batch) for key, batch in reply or []}
             more = count - max((len(batch) for batch in by_key.values()), default=count)
             if more > 0:
                 # Woken by the first entry of a burst (a producer's pipeline of XADDs): the rest
                 # is there by now and joins this batch instead of costing a step of its own.
-                (reply,) = await self._send_with_acks("read events", [
-                    ("XREADGROUP", "GROUP", ev.GROUP, self.name, "COUNT", more, "STREAMS", *keys, *([">"] * len(keys)))
-                ], retry=False)
+                (reply,) = await self._send_with_acks("read events", [self._read_new(keys, more)], retry=False)
                 for key, batch in reply or []:
                     by_key.setdefault(bytes(key), []).extend(batch)
             return [(s, by_key.get(k, [])) for s, k in zip(shards, keys, strict=True)], True
-        commands = [("XREADGROUP", "GROUP", ev.GROUP, self.name, "COUNT", count, "STREAMS", ev.stream_key(s), ">")
-                    for s in shards]
+        commands = [self._read_new([ev.stream_key(s)], count) for s in shards]
         # Not repeated after a failure the command may have reached Redis through (retry=False):
         # a repeated XREADGROUP ">" would read the entries after those the lost reply delivered,
         # leaving those pending, unapplied, behind newer ones. The failed step claims them instead.
@@ -383,6 +379,12 @@ class StreamConsumer:
         for shard, reply in zip(shards, replies, strict=True):
             out.append((shard, list(reply[0][1]) if reply else []))
         return out, False
+
+    def _read_new(self, streams: list[bytes], count: int, block_ms: int = 0) -> tuple[Any, ...]:
+        """XREADGROUP of up to `count` new entries per stream, waiting up to `block_ms` if any."""
+        wait = ("BLOCK", block_ms) if block_ms else ()
+        return ("XREADGROUP", "GROUP", ev.GROUP, self.name, "COUNT", count, *wait, "STREAMS", *streams,
+                *([">"] * len(streams)))
 
     async def _send_with_acks(self, what: str, commands: list[tuple[Any, ...]], retry: bool = True) -> list[Any]:
         """`commands` after the XACKs owed (one round trip); their replies. XACK is safe to repeat."""

@@ -203,12 +203,11 @@ def _produce(redis_url: str, source: EventSource, rate: float, prebuild_s: float
     a load generator's own CPU is not what the measurement is about, and on a machine the server
     shares it would otherwise count against serving. Later batches are encoded as they go.
     """
-    import itertools
     import os
 
     import redis
 
-    from feature_store.events import DEFAULT_STREAM_MAXLEN, FIELD_USER, shard_of, stream_key
+    from feature_store.events import EventProducer
 
     client = redis.Redis.from_url(redis_url, socket_timeout=10)
     conn: Any = client.connection_pool.get_connection()  # redis-py's Connection is untyped
@@ -216,12 +215,10 @@ def _produce(redis_url: str, source: EventSource, rate: float, prebuild_s: float
     per_tick = max(1, round(rate * tick))
     prefix = f"b{os.getpid()}-{time.time_ns()}-"  # unique over producer starts: no id is a duplicate
 
+    xadds = EventProducer(client, shards=SHARDS)
+
     def encoded() -> bytes:
-        commands = []
-        for event in source.batch(per_tick, prefix):
-            fields = event.fields()
-            commands.append(("XADD", stream_key(shard_of(fields[FIELD_USER], SHARDS)), "MAXLEN", "~",
-                             DEFAULT_STREAM_MAXLEN, "*", *itertools.chain.from_iterable(fields.items())))
+        commands = [xadds.xadd_command(event) for event in source.batch(per_tick, prefix)]
         return b"".join(bytes(part) for part in conn.pack_commands(commands))
 
     ahead = [encoded() for _ in range(max(1, round(prebuild_s / tick)))]
