@@ -320,7 +320,7 @@ def eager_scorer(bundle_path: Path) -> Any:
 
     manifest = json.loads((bundle_path / "manifest.json").read_text())
     schema = FeatureSchema.load(bundle_path / "schema")
-    scorer = Scorer(ModelConfig(**manifest["model"]["config"]), schema.spec)
+    scorer = Scorer(ModelConfig.from_dict(manifest["model"]["config"]), schema.spec)
     scripted = torch.jit.load(str(bundle_path / "scorer.torchscript.pt"))  # type: ignore[no-untyped-call]
     scorer.load_state_dict(scripted.state_dict())
     scorer.eval()

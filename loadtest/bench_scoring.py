@@ -91,7 +91,7 @@ def run_bench(batches: list[int], iterations: int, threads: int) -> dict[str, An
         manifest = json.loads((bundle / "manifest.json").read_text())
         schema = FeatureSchema.load(bundle / "schema")
         sizes = schema.vocab_sizes()
-        shapes = RankingModel(ModelConfig(**manifest["model"]["config"]), schema.spec, sizes["user"],
+        shapes = RankingModel(ModelConfig.from_dict(manifest["model"]["config"]), schema.spec, sizes["user"],
                               sizes["item"], sizes["category"])  # only for the parity batch's id ranges
         eager = eager_scorer(bundle)
         session = _session(bundle / "scorer.onnx", threads)

@@ -48,7 +48,7 @@ def load_run(run_dir: str | Path) -> tuple[RankingModel, FeatureSchema, dict[str
                        "train one with `rankserve train --out DIR`")
     config = json.loads((run / "config.json").read_text())
     schema = FeatureSchema.load(run / "schema", mmap=False)
-    model_cfg = ModelConfig(**config["model"])
+    model_cfg = ModelConfig.from_dict(config["model"])
     sizes = schema.vocab_sizes()
     model = RankingModel(model_cfg, schema.spec, sizes["user"], sizes["item"], sizes["category"])
     model.load_state_dict(torch.load(run / "checkpoint.pt", weights_only=True))

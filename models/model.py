@@ -50,6 +50,11 @@ class ModelConfig:
     tower_dims: list[int] = field(default_factory=lambda: [64, 32])
     weekday_dim: int = 4
     side_dim: int = 8  # embedding width of each categorical side feature (user, item, context)
+    # Side features as fields of one width (numeric ones soft-bucketed) and their pairwise dot
+    # products into the towers: a context x item-attribute match is one product, not a function
+    # the MLP has to discover. Configs written before it existed load without it.
+    side_interactions: bool = True
+    numeric_buckets: int = 16  # soft buckets of a numeric side feature's embedding
     sparse_embeddings: bool = False  # SparseAdam on the big tables (million-item catalogues)
 
     def __post_init__(self) -> None:
@@ -60,6 +65,11 @@ class ModelConfig:
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, object]) -> ModelConfig:
+        """The config a run or bundle recorded; one recorded before side interactions has none."""
+        return cls(**{"side_interactions": False, **d})  # type: ignore[arg-type]
 
 
 def _mlp(dims: list[int]) -> nn.Sequential:
@@ -86,6 +96,35 @@ class SmallEmbedding(nn.Module):
         if not torch.is_grad_enabled():  # GSU, inference, export: a plain gather, same values
             return torch.nn.functional.embedding(idx, self.weight)
         return torch.nn.functional.one_hot(idx, self.rows).to(self.weight.dtype) @ self.weight
+
+
+class NumericEmbedding(nn.Module):
+    """Each numeric feature as a soft mixture of learned bucket embeddings (AutoDis).
+
+    Bucket h of feature f has logit a_fh·x + b_fh. Initialized to a_h = s·c_h, b_h = -s·c_h²/2,
+    the softmax equals that of -s/2·(x - c_h)²: Gaussian soft buckets at centres c_h over the
+    normalized range, which training then moves. No lookup, so it exports as MatMul/Softmax.
+    """
+
+    def __init__(self, n_features: int, n_buckets: int, dim: int) -> None:
+        super().__init__()
+        centres = torch.linspace(-2.5, 2.5, n_buckets)
+        sharpness = 1.0 / float(centres[1] - centres[0]) ** 2 if n_buckets > 1 else 1.0
+        self.slope = nn.Parameter((sharpness * centres).repeat(n_features, 1))
+        self.bias = nn.Parameter((-sharpness * centres**2 / 2).repeat(n_features, 1))
+        self.buckets = nn.Parameter(torch.randn(n_features, n_buckets, dim) * 0.05)
+
+    def forward(self, values: Tensor) -> Tensor:
+        """[B, F] normalized values -> [B, F, dim]."""
+        weights = torch.softmax(values.unsqueeze(-1) * self.slope + self.bias, dim=-1)  # [B, F, H]
+        return torch.matmul(weights.transpose(0, 1), self.buckets).transpose(0, 1)
+
+
+def pairwise_dots(fields: Tensor) -> Tensor:
+    """[B, F, d] -> [B, F(F-1)/2]: the dot product of every pair of fields, i < j (slices, no gather)."""
+    gram = torch.matmul(fields, fields.transpose(1, 2))
+    n = fields.shape[1]
+    return torch.cat([gram[:, i, i + 1 :] for i in range(n - 1)], dim=-1)
 
 
 class TargetAttention(nn.Module):
@@ -308,9 +347,17 @@ class Scorer(nn.Module):
         if self.n_side_ids:
             self.side_emb = nn.Embedding(spec.side.table_rows, cfg.side_dim)
             nn.init.normal_(self.side_emb.weight, std=0.05)
+        n_fields = self.n_side_ids + self.n_side_values
+        self.numeric_emb: NumericEmbedding | None = None
+        n_interaction_inputs = 0
+        if cfg.side_interactions and n_fields > 1:
+            if self.n_side_values:
+                self.numeric_emb = NumericEmbedding(self.n_side_values, cfg.numeric_buckets, cfg.side_dim)
+            n_interaction_inputs = self.n_side_values * cfg.side_dim + n_fields * (n_fields - 1) // 2
+        self.side_interactions = n_interaction_inputs > 0
         in_dim = (
             cfg.repr_dim * 5 + cfg.user_dim + n_dense + cfg.weekday_dim + spec.n_cross_features
-            + self.n_side_ids * cfg.side_dim + self.n_side_values
+            + self.n_side_ids * cfg.side_dim + self.n_side_values + n_interaction_inputs
         )
         self.heads = HEADS[cfg.heads](in_dim, self.n_tasks, cfg)
 
@@ -343,11 +390,21 @@ class Scorer(nn.Module):
             self.dense_norm(user_dense),
             self.weekday_emb(weekday),
         ]
+        fields: list[Tensor] = []
         if self.side_emb is not None:
             side_ids = side[0]
-            parts.append(self.side_emb(side_ids).reshape(side_ids.shape[0], self.n_side_ids * self.cfg.side_dim))
+            id_fields = self.side_emb(side_ids)  # [B, n_ids, side_dim]
+            parts.append(id_fields.reshape(side_ids.shape[0], self.n_side_ids * self.cfg.side_dim))
+            fields.append(id_fields)
         if self.n_side_values:
-            parts.append(side[-1])
+            side_values = side[-1]
+            parts.append(side_values)
+            if self.numeric_emb is not None:
+                value_fields = self.numeric_emb(side_values)  # [B, n_values, side_dim]
+                parts.append(value_fields.reshape(side_values.shape[0], self.n_side_values * self.cfg.side_dim))
+                fields.append(value_fields)
+        if self.side_interactions:
+            parts.append(pairwise_dots(torch.cat(fields, dim=1)))
         logits = self.heads(torch.cat(parts, dim=-1))
         if not self.cfg.esmm:
             return torch.sigmoid(logits)

@@ -219,6 +219,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="embedding width of each categorical side feature")
     p.add_argument("--no-side-features", action="store_true",
                    help="train without the spec's user, item and context features (to measure what they add)")
+    p.add_argument("--no-side-interactions", action="store_true",
+                   help="side features only concatenated into the towers, without their pairwise dot products")
     p.add_argument("--sparse", action="store_true", help="sparse embedding gradients (large catalogues)")
     p.add_argument("--no-baselines", action="store_true", help="skip training the DIN-short baseline")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (e.g. in CI logs)")
@@ -269,6 +271,7 @@ def run(args: argparse.Namespace) -> int:
         attn_dim=args.attn_dim,
         repr_dim=args.repr_dim,
         side_dim=args.side_dim,
+        side_interactions=not args.no_side_interactions,
         sparse_embeddings=args.sparse,
     )
     variants = [("", model_cfg)]

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from export.parity import parity_batch, random_batch
 from feature_store.schema import SCORER_INPUTS, FeatureSchema
-from models.model import RankingModel, TargetAttention, esmm_probs
+from models.model import ModelConfig, NumericEmbedding, RankingModel, TargetAttention, esmm_probs, pairwise_dots
 from tests.helpers import side_schema, tiny_model, tiny_schema
 
 
@@ -227,3 +227,43 @@ def test_side_features_train_one_step(groups: tuple[str, ...], kinds: tuple[str,
     batch.side_ids, batch.side_values = None, None
     with pytest.raises(ValueError, match="has no side_"):
         model(batch)
+
+
+def test_numeric_embedding_starts_as_gaussian_soft_buckets() -> None:
+    """At initialization bucket h's weight is softmax_h(-(x - c_h)^2 / (2 spacing^2)) over even centres."""
+    emb = NumericEmbedding(n_features=2, n_buckets=6, dim=3)
+    x = torch.tensor([[-3.0, 0.1], [0.7, 2.4]])
+    centres = torch.linspace(-2.5, 2.5, 6)
+    spacing = float(centres[1] - centres[0])
+    weights = torch.softmax(-((x.unsqueeze(-1) - centres) ** 2) / (2 * spacing**2), dim=-1)
+    expected = torch.einsum("bfh,fhd->bfd", weights, emb.buckets)
+    torch.testing.assert_close(emb(x), expected, atol=1e-5, rtol=0)
+    # the nearest centre carries the most weight
+    assert int(weights[1, 0].argmax()) == int((centres - 0.7).abs().argmin())
+
+
+def test_pairwise_dots_are_every_pair_once() -> None:
+    fields = torch.randn(4, 5, 3, generator=torch.Generator().manual_seed(1))
+    got = pairwise_dots(fields)
+    expected = torch.stack(
+        [(fields[:, i] * fields[:, j]).sum(-1) for i in range(5) for j in range(i + 1, 5)], dim=-1
+    )
+    torch.testing.assert_close(got, expected)
+
+
+def test_side_interactions_widen_the_towers_and_old_configs_load_without_them() -> None:
+    schema = side_schema()
+    spec = schema.spec
+    model = tiny_model(schema)
+    assert model.scorer.side_interactions and model.scorer.numeric_emb is not None
+    n_fields = spec.side.n_ids + spec.side.n_values
+    cfg = model.cfg
+    plain = RankingModel(ModelConfig(**{**cfg.to_dict(), "side_interactions": False}), spec, 3, 3, 3)
+    assert plain.scorer.numeric_emb is None and not plain.scorer.side_interactions
+    widths = [next(m for m in s.heads.modules() if isinstance(m, torch.nn.Linear)).in_features
+              for s in (model.scorer, plain.scorer)]
+    assert widths[0] - widths[1] == spec.side.n_values * cfg.side_dim + n_fields * (n_fields - 1) // 2
+    recorded = cfg.to_dict()
+    del recorded["side_interactions"]  # a config recorded before side interactions existed
+    assert not ModelConfig.from_dict(recorded).side_interactions
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg
