@@ -11,7 +11,15 @@ from torch import Tensor
 
 from export.parity import parity_batch, random_batch
 from feature_store.schema import SCORER_INPUTS, FeatureSchema
-from models.model import ModelConfig, NumericEmbedding, RankingModel, TargetAttention, esmm_probs, pairwise_dots
+from models.model import (
+    ModelConfig,
+    NumericEmbedding,
+    RankingModel,
+    TargetAttention,
+    esmm_probs,
+    pair_indices,
+    pairwise_dots,
+)
 from tests.helpers import side_schema, tiny_model, tiny_schema
 
 
@@ -244,7 +252,7 @@ def test_numeric_embedding_starts_as_gaussian_soft_buckets() -> None:
 
 def test_pairwise_dots_are_every_pair_once() -> None:
     fields = torch.randn(4, 5, 3, generator=torch.Generator().manual_seed(1))
-    got = pairwise_dots(fields)
+    got = pairwise_dots(fields, *pair_indices(5))
     expected = torch.stack(
         [(fields[:, i] * fields[:, j]).sum(-1) for i in range(5) for j in range(i + 1, 5)], dim=-1
     )
