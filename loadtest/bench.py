@@ -488,6 +488,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stream-cluster-ids", action="store_true",
                    help="stream: cluster the workload's histories and alternate consumer rounds with and without "
                    "nearest-centroid twin_v2 cluster ids")
+    p.add_argument("--stream-consumer-nice", type=int, default=0,
+                   help="stream: start the serving rounds' consumer with `--nice N` (a lower CPU priority than the "
+                   "server's, as the pods' CPU requests give it in Kubernetes)")
     p.add_argument("--stream-throughput-only", action="store_true",
                    help="stream: the throughput part only (no server, no latency or serving rounds)")
     p.add_argument("--plots", type=Path, default=None, help="directory of the PNG plots (default: beside --out)")
@@ -690,7 +693,7 @@ def run(args: argparse.Namespace) -> int:
                     root, w, first, valkey.url, bodies, server_env, rounds=args.stream_rounds,
                     events=args.stream_events, rate=args.stream_rate, probes=args.stream_probes,
                     population=args.stream_population, cluster_ids=args.stream_cluster_ids,
-                    throughput_only=args.stream_throughput_only)
+                    throughput_only=args.stream_throughput_only, consumer_nice=args.stream_consumer_nice)
         if "fetch" in sections:
             report["fetch"] = section_fetch(max(100, w.iterations))
     finally:

@@ -268,6 +268,10 @@ class CpuMeter:
         except self._psutil.Error:
             return 0.0
 
+    def nice(self, name: str) -> int:
+        """The scheduling priority of process `name` as the kernel reports it (0: the default)."""
+        return int(self._psutil.Process(self._pids[name]).nice())
+
     def _command_seconds(self) -> dict[str, float]:
         stats = self._redis.info("commandstats")
         return {name.removeprefix("cmdstat_"): float(v["usec"]) / 1e6 for name, v in stats.items()}
@@ -385,7 +389,7 @@ def section_stream(root: Path, w: Workload, first: PreparedWorkload, redis_url: 
                    server_env: dict[str, str], *, rounds: int = 6, events: int = 100_000, batch: int = 1000,
                    population: int = 100_000, rate: float = 5000.0, probes: int = 200,
                    serve_requests: int = 150, cluster_ids: bool = False, throughput_only: bool = False,
-                   ) -> dict[str, Any]:
+                   consumer_nice: int = 0) -> dict[str, Any]:
     """The three measurements of the module doc, against the workload's store at `redis_url`."""
     items = list(first.items) if isinstance(first.items, range) and len(first.items) < 2_000_000 else first.items
     source = EventSource(first.users, items, population, t0=w.request_time - 7200)
@@ -407,7 +411,7 @@ def section_stream(root: Path, w: Workload, first: PreparedWorkload, redis_url: 
     consume_log = (root / "consume.log").open("wb")
     consumer = subprocess.Popen(
         [sys.executable, "-m", "service.cli", "consume", "--redis-url", redis_url, "--shards", str(SHARDS),
-         "--lease-ms", "3000"], cwd=REPO, stdout=consume_log, stderr=subprocess.STDOUT)
+         "--lease-ms", "3000", "--nice", str(consumer_nice)], cwd=REPO, stdout=consume_log, stderr=subprocess.STDOUT)
     try:
         with ServerProcess(first.model_dir, redis_url, env=env, log_path=root / "stream-server.log") as server:
             producer = BackgroundProducer(redis_url, background, rate)
@@ -421,8 +425,9 @@ def section_stream(root: Path, w: Workload, first: PreparedWorkload, redis_url: 
                 "background_events_per_s": round(producer.achieved_rate)}
             assert server.proc is not None
             meter = CpuMeter(redis_url, {"server": server.proc.pid, "consumer": consumer.pid})
-            report["serving_while_consuming"] = _serving_rounds(server, bodies, redis_url, background, rate, rounds,
-                                                                serve_requests, meter)
+            serving = _serving_rounds(server, bodies, redis_url, background, rate, rounds, serve_requests, meter)
+            # the priority the consumer runs at, as the kernel reports it (not merely as requested)
+            report["serving_while_consuming"] = serving | {"consumer_nice": meter.nice("consumer")}
     finally:
         consumer.terminate()
         report["consumer_exit_code"] = consumer.wait(60)
@@ -486,7 +491,8 @@ def markdown_rows(doc: dict[str, Any]) -> list[str]:
                     f"{e['p50']} / {e['p99']} |")
     if "serving_while_consuming" in doc:
         s = doc["serving_while_consuming"]
-        rows.append(f"| REST c=1 p99 idle / consuming ({s['background_events_per_s']:,} events/s) | "
+        nice = f", consumer at nice {s['consumer_nice']}" if s.get("consumer_nice") else ""
+        rows.append(f"| REST c=1 p99 idle / consuming ({s['background_events_per_s']:,} events/s{nice}) | "
                     f"{s['idle']['p99']} / {s['consuming']['p99']} ms (ratio {s['p99_ratio']}) |")
         for phase, cores in s.get("cores", {}).items():
             used = ", ".join(f"{k} {v}" for k, v in cores.items())

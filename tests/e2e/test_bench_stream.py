@@ -21,7 +21,8 @@ def test_bench_stream_section(tmp_path: Path) -> None:
     out = tmp_path / "report.json"
     cmd = [sys.executable, "-m", "service.cli", "bench", "--data", "generated", "--items", "3000", "--users", "6",
            "--history", "300", "--candidates", "40", "--k", "16", "--sections", "stream", "--stream-rounds", "2",
-           "--stream-events", "3000", "--stream-rate", "500", "--stream-probes", "5", "--out", str(out)]
+           "--stream-events", "3000", "--stream-rate", "500", "--stream-probes", "5", "--stream-consumer-nice", "5",
+           "--out", str(out)]
     env = {**os.environ, "TMPDIR": str(tmp_path)}
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=280, check=False)
     assert done.returncode == 0, done.stderr[-4000:]
@@ -33,6 +34,7 @@ def test_bench_stream_section(tmp_path: Path) -> None:
     serving = report["serving_while_consuming"]
     assert serving["idle"]["n"] == serving["consuming"]["n"] == 2 * 150
     assert serving["background_events_per_s"] > 0
+    assert serving["consumer_nice"] == 5  # `consume --nice 5`, as the kernel reports the process
     cores = serving["cores"]
     assert set(cores) == {"idle", "consuming"} and "producer" in cores["consuming"] and "producer" not in cores["idle"]
     for phase in cores.values():  # the server and its Valkey worked in both phases, within the machine's CPU
@@ -43,6 +45,7 @@ def test_bench_stream_section(tmp_path: Path) -> None:
     assert serving["valkey_command_cores"]["consuming"]["evalsha"] > 0  # the append script ran
     assert report["consumer_exit_code"] == 0
     for needle in ("one consumer, events/s appended", "floor / consumer", "event-to-servable", "idle / consuming",
+                   "consumer at nice 5",
                    "cores used, consuming"):
         assert needle in done.stdout
 

@@ -113,3 +113,8 @@ def test_evaluate_reads_the_action_map_from_the_run(tmp_path: Path, capsys: pyte
     capsys.readouterr()
     assert cli_main(["evaluate", "--run", str(run), "--max-queries", "50"]) == 0  # no --action-map needed
     assert "AUC" in capsys.readouterr().out
+
+
+def test_consume_refuses_a_priority_out_of_range() -> None:
+    done = rankserve("consume", "--nice", "25", "--redis-url", "redis://127.0.0.1:1")
+    assert done.returncode == 2 and "--nice must be 0-19" in done.stderr and "Traceback" not in done.stderr
