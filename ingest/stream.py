@@ -720,9 +720,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
     parser.add_argument("--timeout", type=float, default=2.0, help="seconds per Redis call, retries included")
     parser.add_argument("--name", default=None, help="consumer name (default host-pid-random)")
-    parser.add_argument("--nice", type=int, default=int(os.environ.get("RANKSERVE_CONSUMER_NICE", 0)),
+    parser.add_argument("--nice", type=int, default=0,
                         help="lower the consumer's CPU priority by this much (0-19) so that a server sharing its "
-                        "cores comes first ($RANKSERVE_CONSUMER_NICE; in Kubernetes the pods' CPU requests do this)")
+                        "cores comes first (in Kubernetes the pods' CPU requests do this)")
     parser.add_argument("--cluster-bundle", default=None, metavar="BUNDLE",
                         help="give appended events the twin_v2 cluster id of their nearest centroid, with this "
                         "bundle's GSU tables (the bundle the histories were clustered with)")
