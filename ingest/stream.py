@@ -198,7 +198,6 @@ class StreamConsumer:
         # and between lease renewals.
         self._block_ms = (0 if store.mode == "cluster" else
                           min(self.config.block_ms, int(store.call_deadline_s * 1000 / 4), self.config.lease_ms // 4))
-        self._idle = False  # the last step read nothing: the next read may block
 
     # -- ownership -----------------------------------------------------------------------------
 
@@ -303,13 +302,12 @@ class StreamConsumer:
             try:
                 entries, result.waited = await self._read() if self.owned else ([], False)
                 result.read = sum(len(batch) for _, batch in entries)
-                self._idle = result.read == 0
                 prepared = await self._prepare(entries) if result.read else None
             finally:
                 if commit is not None:
                     await commit  # its failure is this step's: the batch just read is dropped below
             self._pending = prepared
-            if not result.read and self._acks:  # idle: no next read to carry them soon
+            if not result.read and self._acks:  # idle (a blocking read waited): no next read to carry them soon
                 await self.flush_acks()
         except (FeatureStoreError, SchemaError, CodecError) as exc:
             self._pending = None  # read, not applied: pending in the group, claimed back below
@@ -337,7 +335,7 @@ class StreamConsumer:
 
     async def _read(self) -> tuple[list[tuple[int, list[tuple[bytes, dict[bytes, bytes]]]]], bool]:
         """(shard, entries) of this step: pending entries being claimed first, else new ones; and
-        whether the read blocked (after an idle step, on a single node)."""
+        whether the read could block (new entries, on a single node)."""
         count = self.config.batch
         if self._to_claim:
             shards = sorted(self._to_claim)
@@ -357,16 +355,20 @@ class StreamConsumer:
                 out.append((shard, entries))
             return out, False
         shards = sorted(self.owned)
-        if self._idle and self._block_ms:
+        if self._block_ms:
+            # One XREADGROUP BLOCK over all shards: it returns at once when entries are there, and
+            # otherwise waits for them, so a consumer that keeps up with its producers costs one
+            # read per burst instead of a read that finds nothing before each wait.
             keys = [ev.stream_key(s) for s in shards]
             (reply,) = await self._send_with_acks("read events", [self._read_new(keys, count, self._block_ms)],
                                                   retry=False)
             by_key = {bytes(key): list(batch) for key, batch in reply or []}
-            more = count - max((len(batch) for batch in by_key.values()), default=count)
-            if more > 0:
-                # Woken by the first entry of a burst (a producer's pipeline of XADDs): the rest
-                # is there by now and joins this batch instead of costing a step of its own.
-                (reply,) = await self._send_with_acks("read events", [self._read_new(keys, more)], retry=False)
+            if count > 1 and sum(len(batch) for batch in by_key.values()) == 1:
+                # Woken by the first entry of a burst: Redis serves a blocked reader after the
+                # first command of a producer's pipeline of XADDs, so the rest is there by now and
+                # joins this batch instead of costing a step of its own.
+                (reply,) = await self._send_with_acks("read events", [self._read_new(keys, count - 1)],
+                                                      retry=False)
                 for key, batch in reply or []:
                     by_key.setdefault(bytes(key), []).extend(batch)
             return [(s, by_key.get(k, [])) for s, k in zip(shards, keys, strict=True)], True

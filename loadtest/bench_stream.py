@@ -146,7 +146,9 @@ def section_throughput(redis_url: str, source: EventSource, rounds: int, events:
         assert version is not None
         if clusterer is not None:
             clustered_users = (await recluster(store, clusterer, version, all_users=True)).reclustered
-        consumer = StreamConsumer(store, ConsumerConfig(shards=SHARDS, batch=batch, name="bench"))
+        # block_ms=1: the step that applies a round's last batch reads an empty stream, and its
+        # wait (100 ms by default) would count into the round's time
+        consumer = StreamConsumer(store, ConsumerConfig(shards=SHARDS, batch=batch, block_ms=1, name="bench"))
         await consumer.rebalance(force=True)
         for _ in range(3):  # walk the (empty) pending lists of the fresh leases
             await consumer.step()
@@ -256,6 +258,7 @@ class CpuMeter:
         self._cpu: dict[str, dict[str, float]] = {}
         self._wall: dict[str, float] = {}
         self._commands: dict[str, dict[str, float]] = {}  # phase -> Valkey command -> CPU seconds
+        self._calls: dict[str, dict[str, float]] = {}  # phase -> Valkey command -> calls
 
     def _process_cpu(self, pid: int) -> float:
         try:
@@ -272,9 +275,10 @@ class CpuMeter:
         """The scheduling priority of process `name` as the kernel reports it (0: the default)."""
         return int(self._psutil.Process(self._pids[name]).nice())
 
-    def _command_seconds(self) -> dict[str, float]:
+    def _command_stats(self) -> dict[str, tuple[float, int]]:
+        """Valkey command -> (CPU seconds, calls) so far (commands run by scripts included)."""
         stats = self._redis.info("commandstats")
-        return {name.removeprefix("cmdstat_"): float(v["usec"]) / 1e6 for name, v in stats.items()}
+        return {name.removeprefix("cmdstat_"): (float(v["usec"]) / 1e6, int(v["calls"])) for name, v in stats.items()}
 
     def _snapshot(self, extra: dict[str, int]) -> dict[str, float]:
         info = self._redis.info("cpu")
@@ -288,15 +292,18 @@ class CpuMeter:
     def phase(self, name: str, extra: dict[str, int] | None = None) -> Any:
         """Count the block's CPU seconds and wall time into phase `name`; `extra`: processes of this phase only."""
         extra = extra or {}
-        commands_before = self._command_seconds()
+        commands_before = self._command_stats()
         before, t0 = self._snapshot(extra), time.perf_counter()
         try:
             yield
         finally:
             after, wall = self._snapshot(extra), time.perf_counter() - t0
             spent = self._commands.setdefault(name, {})
-            for command, seconds in self._command_seconds().items():
-                spent[command] = spent.get(command, 0.0) + seconds - commands_before.get(command, 0.0)
+            calls = self._calls.setdefault(name, {})
+            for command, (seconds, n) in self._command_stats().items():
+                seconds_before, n_before = commands_before.get(command, (0.0, 0))
+                spent[command] = spent.get(command, 0.0) + seconds - seconds_before
+                calls[command] = calls.get(command, 0) + n - n_before
             acc = self._cpu.setdefault(name, {})
             for key, value in after.items():
                 acc[key] = acc.get(key, 0.0) + max(value - before.get(key, value), 0.0)
@@ -311,6 +318,14 @@ class CpuMeter:
         for phase, spent in self._commands.items():
             ranked = sorted(spent.items(), key=lambda kv: -kv[1])[:top]
             out[phase] = {k: round(v / self._wall[phase], 4) for k, v in ranked if v > 0}
+        return out
+
+    def valkey_calls(self, top: int = 8) -> dict[str, dict[str, float]]:
+        """Per phase, the Valkey commands called most often (calls per second of the phase's wall)."""
+        out = {}
+        for phase, calls in self._calls.items():
+            ranked = sorted(calls.items(), key=lambda kv: -kv[1])[:top]
+            out[phase] = {k: round(v / self._wall[phase], 1) for k, v in ranked if v > 0}
         return out
 
 
@@ -467,7 +482,7 @@ def _serving_rounds(server: ServerProcess, bodies: Sequence[bytes], redis_url: s
         "p50_ratio": round(summary["consuming"]["p50"] / summary["idle"]["p50"], 3),
         "background_events_per_s": round(float(np.mean(achieved))) if achieved else 0,
         "rounds": rounds, "requests_per_round": requests, "cores": meter.cores(),
-        "valkey_command_cores": meter.valkey_commands(),
+        "valkey_command_cores": meter.valkey_commands(), "valkey_calls_per_s": meter.valkey_calls(),
     }
 
 
