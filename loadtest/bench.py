@@ -482,6 +482,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stream-rounds", type=int, default=6, help="stream: alternating rounds of each comparison")
     p.add_argument("--stream-events", type=int, default=100_000, help="stream: events per throughput round")
     p.add_argument("--stream-rate", type=float, default=5000.0, help="stream: background events/s")
+    p.add_argument("--stream-control-cores", type=float, default=0.0,
+                   help="stream: add a control phase to the serving rounds, beside a process that keeps this many "
+                   "cores busy (0-1) without events or Redis work")
     p.add_argument("--stream-serve-requests", type=int, default=150,
                    help="stream: REST requests per serving round (each phase gets rounds x this many)")
     p.add_argument("--stream-probes", type=int, default=200, help="stream: event-to-servable probes")
@@ -696,7 +699,7 @@ def run(args: argparse.Namespace) -> int:
                     events=args.stream_events, rate=args.stream_rate, probes=args.stream_probes,
                     population=args.stream_population, cluster_ids=args.stream_cluster_ids,
                     throughput_only=args.stream_throughput_only, consumer_nice=args.stream_consumer_nice,
-                    serve_requests=args.stream_serve_requests)
+                    serve_requests=args.stream_serve_requests, control_cores=args.stream_control_cores)
         if "fetch" in sections:
             report["fetch"] = section_fetch(max(100, w.iterations))
     finally:

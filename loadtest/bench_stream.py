@@ -22,7 +22,10 @@ Three measurements, each side by side in one run:
   alternating between the producer off (idle) and on at `rate` events/s (consumer running in
   both); the ratio of p99s, and the cores each process used in each phase (the server with its
   workers, the consumer, Valkey from its INFO, the producer, the whole machine), which is what
-  tells where a p99 rise comes from on a machine all of them share.
+  tells where a p99 rise comes from on a machine all of them share. With `control_cores`, a
+  third phase runs beside a process that keeps that many cores busy in slices every 20 ms
+  without events or Redis work (consumer idle): the control that separates what the event log
+  costs serving from what any such load on the same cores does.
 """
 
 from __future__ import annotations
@@ -371,6 +374,48 @@ class BackgroundProducer:
         return self._sent.value / self._seconds.value if self._seconds.value else 0.0
 
 
+def _burn(cores: float, stop: Any) -> None:
+    """The control phase's process: busy `cores` x 20 ms of every 20 ms (Python arithmetic, no I/O)."""
+    busy, tick = cores * 0.02, 0.02
+    next_at = time.perf_counter()
+    while not stop.is_set():
+        end = time.perf_counter() + busy
+        spins = 0
+        while time.perf_counter() < end:
+            spins += 1
+        next_at += tick
+        pause = next_at - time.perf_counter()
+        if pause > 0:
+            time.sleep(pause)
+
+
+class CpuBurner:
+    """A process of its own that keeps `cores` of CPU busy in slices every 20 ms, as a consumer
+    and its Redis work do at a steady event rate, but without touching Redis: the control that
+    tells what any such load on the same cores does to serving."""
+
+    def __init__(self, cores: float) -> None:
+        if not 0 < cores < 1:
+            raise ValueError(f"control cores must be in (0, 1), got {cores}")
+        ctx = multiprocessing.get_context("spawn")
+        self._stop = ctx.Event()
+        self._proc = ctx.Process(target=_burn, args=(cores, self._stop), daemon=True)
+
+    def start(self) -> CpuBurner:
+        self._proc.start()
+        return self
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._proc.join(30)
+        if self._proc.exitcode != 0:
+            raise RuntimeError(f"the control burner exited with code {self._proc.exitcode}")
+
+
 async def _probe_latencies(server: ServerProcess, users: Sequence[int], items: Sequence[int], probes: int,
                            request_time: int) -> list[float]:
     pool = HttpPool("127.0.0.1", server.http_port)
@@ -404,8 +449,10 @@ def section_stream(root: Path, w: Workload, first: PreparedWorkload, redis_url: 
                    server_env: dict[str, str], *, rounds: int = 6, events: int = 100_000, batch: int = 1000,
                    population: int = 100_000, rate: float = 5000.0, probes: int = 200,
                    serve_requests: int = 150, cluster_ids: bool = False, throughput_only: bool = False,
-                   consumer_nice: int = 0) -> dict[str, Any]:
+                   consumer_nice: int = 0, control_cores: float = 0.0) -> dict[str, Any]:
     """The three measurements of the module doc, against the workload's store at `redis_url`."""
+    if control_cores and not 0 < control_cores < 1:
+        raise ValueError(f"control cores must be in (0, 1), got {control_cores}")
     items = list(first.items) if isinstance(first.items, range) and len(first.items) < 2_000_000 else first.items
     source = EventSource(first.users, items, population, t0=w.request_time - 7200)
     clusterer = None
@@ -440,7 +487,8 @@ def section_stream(root: Path, w: Workload, first: PreparedWorkload, redis_url: 
                 "background_events_per_s": round(producer.achieved_rate)}
             assert server.proc is not None
             meter = CpuMeter(redis_url, {"server": server.proc.pid, "consumer": consumer.pid})
-            serving = _serving_rounds(server, bodies, redis_url, background, rate, rounds, serve_requests, meter)
+            serving = _serving_rounds(server, bodies, redis_url, background, rate, rounds, serve_requests, meter,
+                                      control_cores)
             # the priority the consumer runs at, as the kernel reports it (not merely as requested)
             report["serving_while_consuming"] = serving | {"consumer_nice": meter.nice("consumer")}
     finally:
@@ -451,7 +499,11 @@ def section_stream(root: Path, w: Workload, first: PreparedWorkload, redis_url: 
 
 
 def _serving_rounds(server: ServerProcess, bodies: Sequence[bytes], redis_url: str, source: EventSource,
-                    rate: float, rounds: int, requests: int, meter: CpuMeter) -> dict[str, Any]:
+                    rate: float, rounds: int, requests: int, meter: CpuMeter,
+                    control_cores: float = 0.0) -> dict[str, Any]:
+    """Rounds of `requests` REST requests at concurrency 1 in each phase, the phases' order
+    rotating every round: idle, consuming (the producer at `rate`), and with `control_cores` > 0
+    a control phase beside a `CpuBurner` of that many cores (consumer idle, no producer)."""
     async def measure() -> list[float]:
         pool = HttpPool("127.0.0.1", server.http_port)
         try:
@@ -460,13 +512,23 @@ def _serving_rounds(server: ServerProcess, bodies: Sequence[bytes], redis_url: s
             await pool.close()
         return result.latencies_ms
 
-    lat: dict[str, list[float]] = {"idle": [], "consuming": []}
+    phases = ["idle", "consuming"] + (["control"] if control_cores else [])
+    lat: dict[str, list[float]] = {phase: [] for phase in phases}
     achieved: list[float] = []
     for r in range(rounds):
-        for phase in (["idle", "consuming"] if r % 2 == 0 else ["consuming", "idle"]):
+        # the order rotates, so that each phase comes first as often as the others
+        for phase in phases[r % len(phases):] + phases[: r % len(phases)]:
             if phase == "idle":
                 with meter.phase(phase):
                     lat[phase] += asyncio.run(measure())
+                continue
+            if phase == "control":
+                burner = CpuBurner(control_cores).start()
+                try:
+                    with meter.phase(phase, {"burner": burner.pid or 0}):
+                        lat[phase] += asyncio.run(measure())
+                finally:
+                    burner.stop()
                 continue
             producer = BackgroundProducer(redis_url, source, rate, prebuild_s=10.0).start()
             time.sleep(1.0)  # the consumer at its steady pace before measuring
@@ -477,7 +539,12 @@ def _serving_rounds(server: ServerProcess, bodies: Sequence[bytes], redis_url: s
                 producer.stop()
             achieved.append(producer.achieved_rate)
     summary = {k: latency_summary(v) for k, v in lat.items()}
-    return summary | {
+    control = {}
+    if control_cores:
+        control = {"control_cores": control_cores,
+                   "control_p99_ratio": round(summary["control"]["p99"] / summary["idle"]["p99"], 3),
+                   "control_p50_ratio": round(summary["control"]["p50"] / summary["idle"]["p50"], 3)}
+    return summary | control | {
         "p99_ratio": round(summary["consuming"]["p99"] / summary["idle"]["p99"], 3),
         "p50_ratio": round(summary["consuming"]["p50"] / summary["idle"]["p50"], 3),
         "background_events_per_s": round(float(np.mean(achieved))) if achieved else 0,
@@ -509,6 +576,9 @@ def markdown_rows(doc: dict[str, Any]) -> list[str]:
         nice = f", consumer at nice {s['consumer_nice']}" if s.get("consumer_nice") else ""
         rows.append(f"| REST c=1 p99 idle / consuming ({s['background_events_per_s']:,} events/s{nice}) | "
                     f"{s['idle']['p99']} / {s['consuming']['p99']} ms (ratio {s['p99_ratio']}) |")
+        if "control" in s:
+            rows.append(f"| REST c=1 p99 idle / beside {s['control_cores']} cores of plain CPU work (control, no "
+                        f"events) | {s['idle']['p99']} / {s['control']['p99']} ms (ratio {s['control_p99_ratio']}) |")
         for phase, cores in s.get("cores", {}).items():
             used = ", ".join(f"{k} {v}" for k, v in cores.items())
             rows.append(f"| cores used, {phase} | {used} |")

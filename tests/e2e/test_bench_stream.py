@@ -22,7 +22,7 @@ def test_bench_stream_section(tmp_path: Path) -> None:
     cmd = [sys.executable, "-m", "service.cli", "bench", "--data", "generated", "--items", "3000", "--users", "6",
            "--history", "300", "--candidates", "40", "--k", "16", "--sections", "stream", "--stream-rounds", "2",
            "--stream-events", "3000", "--stream-rate", "500", "--stream-probes", "5", "--stream-consumer-nice", "5",
-           "--stream-serve-requests", "40", "--out", str(out)]
+           "--stream-serve-requests", "40", "--stream-control-cores", "0.1", "--out", str(out)]
     env = {**os.environ, "TMPDIR": str(tmp_path)}
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=280, check=False)
     assert done.returncode == 0, done.stderr[-4000:]
@@ -32,11 +32,14 @@ def test_bench_stream_section(tmp_path: Path) -> None:
     assert t["consumer_events_per_s"] > 0 and t["raw_floor_events_per_s"] > 0
     assert report["event_to_servable_ms"]["n"] == 5 and report["event_to_servable_ms"]["p99"] > 0
     serving = report["serving_while_consuming"]
-    assert serving["idle"]["n"] == serving["consuming"]["n"] == 2 * 40
+    assert serving["idle"]["n"] == serving["consuming"]["n"] == serving["control"]["n"] == 2 * 40
+    assert serving["control_cores"] == 0.1 and serving["control_p99_ratio"] > 0
     assert serving["background_events_per_s"] > 0
     assert serving["consumer_nice"] == 5  # `consume --nice 5`, as the kernel reports the process
     cores = serving["cores"]
-    assert set(cores) == {"idle", "consuming"} and "producer" in cores["consuming"] and "producer" not in cores["idle"]
+    assert set(cores) == {"idle", "consuming", "control"}
+    assert "producer" in cores["consuming"] and "producer" not in cores["idle"] and "burner" in cores["control"]
+    assert cores["control"]["burner"] > 0  # the control's CPU work ran
     for phase in cores.values():  # the server and its Valkey worked in both phases, within the machine's CPU
         assert {"server", "consumer", "valkey", "machine"} <= set(phase)
         assert phase["server"] > 0 and phase["valkey"] > 0 and phase["consumer"] >= 0
@@ -46,7 +49,7 @@ def test_bench_stream_section(tmp_path: Path) -> None:
     assert serving["valkey_calls_per_s"]["consuming"]["xreadgroup"] > 0
     assert report["consumer_exit_code"] == 0
     for needle in ("one consumer, events/s appended", "floor / consumer", "event-to-servable", "idle / consuming",
-                   "consumer at nice 5",
+                   "consumer at nice 5", "plain CPU work (control",
                    "cores used, consuming"):
         assert needle in done.stdout
 
