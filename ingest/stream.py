@@ -150,7 +150,7 @@ class StepResult:
     appended: int = 0
     duplicates: int = 0
     dead_letters: int = 0
-    waited: bool = False  # its read blocked until entries came or `block_ms` passed
+    waited: bool = False  # its read was a blocking one: it returned when entries were there or after `block_ms`
 
 
 @dataclass

@@ -317,18 +317,18 @@ class CpuMeter:
 
     def valkey_commands(self, top: int = 6) -> dict[str, dict[str, float]]:
         """Per phase, the Valkey commands that took the most of its time (cores: seconds / wall)."""
-        out = {}
-        for phase, spent in self._commands.items():
-            ranked = sorted(spent.items(), key=lambda kv: -kv[1])[:top]
-            out[phase] = {k: round(v / self._wall[phase], 4) for k, v in ranked if v > 0}
-        return out
+        return self._top_per_second(self._commands, top, 4)
 
     def valkey_calls(self, top: int = 8) -> dict[str, dict[str, float]]:
         """Per phase, the Valkey commands called most often (calls per second of the phase's wall)."""
+        return self._top_per_second(self._calls, top, 1)
+
+    def _top_per_second(self, totals: dict[str, dict[str, float]], top: int,
+                        digits: int) -> dict[str, dict[str, float]]:
         out = {}
-        for phase, calls in self._calls.items():
-            ranked = sorted(calls.items(), key=lambda kv: -kv[1])[:top]
-            out[phase] = {k: round(v / self._wall[phase], 1) for k, v in ranked if v > 0}
+        for phase, by_command in totals.items():
+            ranked = sorted(by_command.items(), key=lambda kv: -kv[1])[:top]
+            out[phase] = {k: round(v / self._wall[phase], digits) for k, v in ranked if v > 0}
         return out
 
 
