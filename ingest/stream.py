@@ -307,7 +307,7 @@ class StreamConsumer:
                 if commit is not None:
                     await commit  # its failure is this step's: the batch just read is dropped below
             self._pending = prepared
-            if not result.read and self._acks:  # idle (a blocking read waited): no next read to carry them soon
+            if not result.read and self._acks:  # idle: the next read may come late (a caller stepping by hand, a poll)
                 await self.flush_acks()
         except (FeatureStoreError, SchemaError, CodecError) as exc:
             self._pending = None  # read, not applied: pending in the group, claimed back below
