@@ -27,7 +27,7 @@ import numpy.typing as npt
 
 from feature_store.clusters import key_fingerprint
 from feature_store.codecs import Sequence, SequenceClusters, decode_side
-from feature_store.schema import SchemaSpec, history_features, time_gap_bucket, weekday
+from feature_store.schema import SchemaSpec, history_features, weekday
 from feature_store.spec import SideFeatures
 from service.retrieval import RetrievalContext, Retriever
 from service.retrieval.base import DistinctKeys
@@ -112,59 +112,56 @@ class HistoryRows:
     """Every behaviour's scorer rows, stored once per distinct (item, category, event).
 
     `key` [D, A + H] and `rep` [D, R] are the distinct rows; `group` [L] is the distinct row of
-    every behaviour and `first` [D] the first behaviour of each distinct row (D = L and `group`
-    the identity when the history is short or barely repeats).
+    every behaviour and `first` [D] the first behaviour of each distinct row (the identity when no
+    behaviour repeats). `gsu_keys` [D, A + 1] are the distinct rows' GSU keys (no rows when the
+    bundle retrieves nothing); `item` and `category` [L] the history's ids clamped to the tables.
     """
 
     key: F32
     rep: F32
     group: I64
     first: I64
+    gsu_keys: F32
+    item: I64
+    category: I64
 
 
-def _history_rows(tables: Tables, item: I64, category: I64, event: I64) -> HistoryRows:
-    """Every behaviour's scorer rows: keys [L, A + H] and representations [L, R], once per distinct triple.
+def _history_rows(tables: Tables, settings: RetrievalSettings, history: Sequence, request_ts: int) -> HistoryRows:
+    """Every behaviour's scorer rows and GSU keys, once per distinct triple (`kernels.history.history_rows`).
 
     A row is the item row plus the category row, with the behaviour's event (action and time-gap
-    bucket, code `event`) folded in as `TargetAttention.behaviours` does: the event's per-head
-    bias as H extra key columns, its embedding added to the representation, in the model's float
-    order (so the rows are bit-identical to its). Lifelong histories repeat the same (item,
-    category, event) many times (60-80% of a 10,000-event synthetic history), so the rows are
-    built once per distinct triple (a hash pass, `kernels.history.distinct_behaviours`): that reads the
-    million-row tables once per distinct triple, and retrieval searches the distinct keys
-    (`DistinctKeys`) without expanding them. With few repeats, one row per behaviour.
+    bucket) folded in as `TargetAttention.behaviours` does: the event's per-head bias as H extra
+    key columns, its embedding added to the representation, in the model's float order (so the
+    rows are bit-identical to its). The GSU key folds the GSU's per-behaviour bias into one extra
+    column: [k/√d_h, b_act[a] + b_gap[g]]. Lifelong histories repeat the same (item, category,
+    event) many times (60-80% of a 10,000-event synthetic history), so one pass finds the distinct
+    triples and reads the million-row tables once per triple; retrieval searches the distinct keys
+    (`DistinctKeys`) without expanding them.
     """
-    length = int(item.shape[0])
-    if length >= 64:
-        from service.retrieval.kernels import history as kernels  # loads (or compiles) on first use
+    from service.retrieval.kernels import history as kernels  # loads (or compiles) on first use
 
-        group = np.empty(length, dtype=np.int64)
-        first = np.empty(length, dtype=np.int64)
-        item_slot = np.empty(length, dtype=np.int64)
-        items = np.empty(length, dtype=np.int64)
-        n_distinct, n_items = kernels.distinct_behaviours(item, category, event, group, first, item_slot, items)
-        if 4 * n_distinct <= 3 * length:  # at least a quarter repeat: the pass pays for itself
-            pick = first[:n_distinct]
-            # each distinct item's rows read once from the million-row tables (a third fewer reads
-            # than once per triple on a synthetic history), then the small tables' rows added
-            slot = item_slot[:n_distinct]
-            item_key, item_repr = tables.item_key[items[:n_items]], tables.item_repr[items[:n_items]]
-            key, rep = _rows(tables, item_key[slot], item_repr[slot], category[pick], event[pick])
-            return HistoryRows(key, rep, group, pick)
-    key, rep = _rows(tables, tables.item_key[item], tables.item_repr[item], category, event)
-    identity = np.arange(length, dtype=np.int64)
-    return HistoryRows(key, rep, identity, identity)
-
-
-def _rows(tables: Tables, item_key: F32, item_repr: F32, category: I64, event: I64) -> tuple[F32, F32]:
-    """The rows of behaviours whose item rows are given, with their category and event rows added (`_history_rows`)."""
+    length = len(history)
     a_dim, n_heads = tables.item_key.shape[1], tables.event_key_bias.shape[1]
-    key = np.empty((item_key.shape[0], a_dim + n_heads), dtype=np.float32)
-    np.add(item_key, tables.category_key[category], out=key[:, :a_dim])
-    key[:, a_dim:] = tables.event_key_bias[event]
-    rep: F32 = item_repr + tables.category_repr[category]
-    rep += tables.event_repr[event]
-    return key, rep
+    item = np.empty(length, dtype=np.int64)
+    category = np.empty(length, dtype=np.int64)
+    group = np.empty(length, dtype=np.int64)
+    first = np.empty(length, dtype=np.int64)
+    key = np.empty((length, a_dim + n_heads), dtype=np.float32)
+    rep = np.empty((length, tables.item_repr.shape[1]), dtype=np.float32)
+    gsu_keys = np.empty((length if settings.use_retrieval else 0, a_dim + 1), dtype=np.float32)
+    n_distinct = int(kernels.history_rows(
+        np.ascontiguousarray(history.item, dtype=np.int64), np.ascontiguousarray(history.category, dtype=np.int64),
+        np.ascontiguousarray(history.action, dtype=np.int64), np.ascontiguousarray(history.timestamp, dtype=np.int64),
+        int(request_ts), settings.time_gap_buckets, tables.item_key, tables.item_repr, tables.category_key,
+        tables.category_repr, tables.event_key_bias, tables.event_repr, tables.gsu_action_bias, tables.gsu_gap_bias,
+        np.float32(1.0 / math.sqrt(settings.head_dim)), item, category, group, first, key, rep, gsu_keys,
+    ))
+    if n_distinct < 0:
+        j = -1 - n_distinct
+        raise IndexError(f"behaviour {j} has action code {int(history.action[j])}, which the bundle's "
+                         f"{tables.gsu_action_bias.shape[0]} actions do not have: the store holds another schema")
+    return HistoryRows(key[:n_distinct], rep[:n_distinct], group, first[:n_distinct],
+                       gsu_keys[:n_distinct], item, category)
 
 
 def _cross_features(hist_item: I64, hist_action: npt.NDArray[np.integer], hist_ts: npt.NDArray[np.integer],
@@ -298,25 +295,18 @@ def scorer_inputs(
     """
     n_cand = int(cand_item.shape[0])
     cand_item, cand_category = tables.clamp_rows(cand_item, cand_category)
-    h_item, h_cat = tables.clamp_rows(history.item, history.category)
-    length = h_item.shape[0]
-    gap = time_gap_bucket(request_ts - history.timestamp, settings.time_gap_buckets)
+    length = len(history)
     # gather the history's rows once: candidates retrieve overlapping behaviours, and indexing a
-    # cache-resident [L, R] array is far cheaper than B*k random reads of the million-row tables
-    event = history.action * settings.time_gap_buckets + gap  # row of the bundle's event tables
-    rows = _history_rows(tables, h_item, h_cat, event)  # distinct rows [D, A + H], [D, R]
+    # cache-resident [D, R] array is far cheaper than B*k random reads of the million-row tables
+    rows = _history_rows(tables, settings, history, request_ts)
     query = np.ascontiguousarray(tables.item_query[cand_item] + tables.category_query[cand_category],
                                  dtype=np.float32)  # [B, A]
     a_dim = query.shape[1]
     if settings.use_retrieval and length:
-        # the GSU keys of the distinct rows: the bias column is a function of the event, so of the row
-        keys_aug = np.empty((rows.key.shape[0], a_dim + 1), dtype=np.float32)
-        np.multiply(rows.key[:, :a_dim], np.float32(1.0 / math.sqrt(settings.head_dim)), out=keys_aug[:, :a_dim])
-        keys_aug[:, a_dim] = tables.gsu_action_bias[history.action[rows.first]] + tables.gsu_gap_bias[gap[rows.first]]
         queries_aug = np.ones((n_cand, a_dim + 1), dtype=np.float32)
         queries_aug[:, :a_dim] = query
-        _, idx = _retrieve(retriever, queries_aug, DistinctKeys(keys_aug, rows.group, rows.first), settings.k, h_cat,
-                           cand_category, user_index, history.clusters, tables)
+        _, idx = _retrieve(retriever, queries_aug, DistinctKeys(rows.gsu_keys, rows.group, rows.first), settings.k,
+                           rows.category, cand_category, user_index, history.clusters, tables)
         # each slot's distinct row, -1 for padding (a history shorter than k)
         retrieved = np.take(rows.group, idx) if length >= settings.k else np.where(idx >= 0, rows.group[idx], -1)
         long_pooled, long_attended = _attention_pool(rows, retrieved, query)
@@ -334,7 +324,7 @@ def scorer_inputs(
         "cand_repr": np.ascontiguousarray(
             tables.item_repr[cand_item] + tables.category_repr[cand_category], dtype=np.float32
         ),
-        "cand_cross": _cross_features(h_item, history.action, history.timestamp, cand_item, request_ts, n_actions),
+        "cand_cross": _cross_features(rows.item, history.action, history.timestamp, cand_item, request_ts, n_actions),
         "long_pooled": long_pooled,
         "long_attended": long_attended,
         "short_pooled": short_pooled,

@@ -56,7 +56,9 @@ def test_attention_pool_kernel_is_the_model_pooling(shared: bool) -> None:
     if not shared:
         picked[1] = -1  # a candidate with nothing to attend
     identity = np.arange(n_rows)
-    got_pooled, got_attended = _attention_pool(HistoryRows(key, rep, identity, identity), picked, query)
+    none = np.zeros(0, dtype=np.int64)
+    rows = HistoryRows(key, rep, identity, identity, np.zeros((0, a_dim + 1), np.float32), none, none)
+    got_pooled, got_attended = _attention_pool(rows, picked, query)
 
     full = np.broadcast_to(picked, (n_cand, slots))
     mask = torch.from_numpy((full >= 0).astype(np.float32))
@@ -67,3 +69,17 @@ def test_attention_pool_kernel_is_the_model_pooling(shared: bool) -> None:
     assert np.array_equal(got_attended, want_attended.numpy())
     if not shared:
         assert not got_pooled[1].any() and got_attended[1, 0] == 0
+
+
+def test_gap_bucket_kernel_is_the_numpy_definition() -> None:
+    """The integer bucket in the history kernel equals `time_gap_bucket`'s float log2, on and around every
+    boundary, for every gap two u32 timestamps can have."""
+    from feature_store.schema import time_gap_bucket
+    from service.retrieval.kernels.history import _gap_bucket
+
+    for n_buckets in (1, 2, 7, 16, 40):
+        boundaries = [3600 * ((1 << b) - 1) for b in range(n_buckets + 2)]
+        gaps = sorted({min(max(g + d, 0), 2**32 - 1) for g in boundaries for d in (-1, 0, 1)} | {1, 3599, 10**9})
+        want = time_gap_bucket(np.array(gaps), n_buckets)
+        got = [_gap_bucket(g, n_buckets) for g in gaps]
+        assert got == want.tolist(), n_buckets

@@ -27,6 +27,7 @@ from feature_store.schema import (
     weekday,
 )
 from models.model import Batch, RankingModel
+from service import assemble
 from service.assemble import RetrievalSettings, Tables, scorer_inputs
 from tests.helpers import side_feature_spec, side_schema, tiny_model, tiny_schema
 
@@ -183,15 +184,22 @@ def test_serving_path_matches_pytorch(length: int, use_retrieval: bool, tmp_path
     np.testing.assert_allclose(served, expected, atol=1e-5, rtol=0)
 
 
-def direct_rows(
-    tables: Tables, item: np.ndarray, category: np.ndarray, event: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """The folded behaviour rows gathered per behaviour, with no dedup: the reference."""
+def direct_rows(tables: Tables, settings: RetrievalSettings, hist: Sequence, ts: int) -> assemble.HistoryRows:
+    """The folded behaviour rows and GSU keys in numpy, gathered per behaviour with no dedup: the reference."""
+    item, category = tables.clamp_rows(hist.item, hist.category)
+    gap = time_gap_bucket(ts - hist.timestamp, settings.time_gap_buckets)
+    event = hist.action * settings.time_gap_buckets + gap
     key = np.concatenate([tables.item_key[item] + tables.category_key[category], tables.event_key_bias[event]], axis=1)
-    return key, tables.item_repr[item] + tables.category_repr[category] + tables.event_repr[event]
+    rep = tables.item_repr[item] + tables.category_repr[category] + tables.event_repr[event]
+    a_dim = tables.item_key.shape[1]
+    gsu = np.empty((item.shape[0], a_dim + 1), dtype=np.float32)
+    gsu[:, :a_dim] = key[:, :a_dim] * np.float32(1.0 / np.sqrt(settings.head_dim))
+    gsu[:, a_dim] = tables.gsu_action_bias[hist.action] + tables.gsu_gap_bias[gap]
+    identity = np.arange(item.shape[0])
+    return assemble.HistoryRows(key, rep, identity, identity, gsu, item, category)
 
 
-@pytest.mark.parametrize(("length", "distinct_items"), [(2_000, 25), (500, 300), (63, 5), (64, 5), (1, 1)])
+@pytest.mark.parametrize(("length", "distinct_items"), [(2_000, 25), (500, 300), (63, 5), (64, 5), (1, 1), (0, 1)])
 def test_history_rows_are_bit_identical_to_direct_gathers(
     exported: tuple[RankingModel, FeatureSchema, Path],
     length: int,
@@ -199,11 +207,10 @@ def test_history_rows_are_bit_identical_to_direct_gathers(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Building rows once per distinct (item, category, event) changes no bit of any scorer input."""
-    import service.assemble as assemble
-
     _model, schema, path = exported
     bundle = open_bundle(path)
     tables = Tables.from_dict(bundle.tables)
+    settings = RetrievalSettings.from_manifest(bundle.retrieval, schema.spec.time_gap_buckets)
     rng = np.random.default_rng(length)
     ts = 1_700_000_000
     pool = rng.choice(schema.items.size, distinct_items, replace=False)
@@ -211,32 +218,43 @@ def test_history_rows_are_bit_identical_to_direct_gathers(
         item=rng.choice(pool, length),
         category=rng.integers(0, 3, length),  # a revisited item may come with another category
         action=rng.integers(0, 4, length),
-        timestamp=np.sort(rng.integers(ts - 90 * 86_400, ts, length)),
+        # a few events within the hour (gap bucket 0), so triples repeat
+        timestamp=np.sort(np.concatenate([rng.integers(ts - 90 * 86_400, ts, length - length // 4),
+                                          rng.integers(ts - 3000, ts, length // 4)])),
     )
     hist.item[:3] = schema.items.size + 5  # past the table: clamped to the OOV row
-    item, category = tables.clamp_rows(hist.item, hist.category)
-    event = rng.integers(0, tables.event_repr.shape[0], length)
-    rows = assemble._history_rows(tables, item, category, event)
-    assert rows.key.dtype == rows.rep.dtype == np.float32
+    hist.category[3:4] = -2
+    rows = assemble._history_rows(tables, settings, hist, ts)
+    want = direct_rows(tables, settings, hist, ts)
+    assert rows.key.dtype == rows.rep.dtype == rows.gsu_keys.dtype == np.float32
     assert rows.key.shape[0] == rows.rep.shape[0] == rows.first.shape[0] <= length == rows.group.shape[0]
-    key, rep = rows.key[rows.group], rows.rep[rows.group]
-    assert np.array_equal(key, direct_rows(tables, item, category, event)[0])
-    assert np.array_equal(rep, direct_rows(tables, item, category, event)[1])
+    if length >= 500:
+        assert rows.first.shape[0] < length, "the case must repeat behaviours"
+    for name in ("key", "rep", "gsu_keys"):
+        assert np.array_equal(getattr(rows, name)[rows.group], getattr(want, name)), name
+    assert np.array_equal(rows.item, want.item) and np.array_equal(rows.category, want.category)
+    assert np.array_equal(rows.group[rows.first], np.arange(rows.first.shape[0]))
 
     from service.retrieval import make_retriever
 
-    settings = RetrievalSettings.from_manifest(bundle.retrieval, schema.spec.time_gap_buckets)
     cands, cand_cats = rng.integers(0, schema.items.size, 30), rng.integers(0, schema.categories.size, 30)
     args = (tables, settings, make_retriever("exact"), hist, 7, cands, cand_cats, ts)
     served = scorer_inputs(*args)
-    def every_row(tables: Tables, item: np.ndarray, category: np.ndarray, event: np.ndarray) -> assemble.HistoryRows:
-        identity = np.arange(item.shape[0])
-        return assemble.HistoryRows(*direct_rows(tables, item, category, event), identity, identity)
-
-    monkeypatch.setattr(assemble, "_history_rows", every_row)
+    monkeypatch.setattr(assemble, "_history_rows", direct_rows)
     direct = scorer_inputs(*args)
     for name in SCORER_INPUTS:
         assert served[name].dtype == direct[name].dtype and np.array_equal(served[name], direct[name]), name
+
+
+def test_history_with_an_action_past_the_bundle_is_refused(exported: tuple[RankingModel, FeatureSchema, Path]) -> None:
+    _model, schema, path = exported
+    bundle = open_bundle(path)
+    tables = Tables.from_dict(bundle.tables)
+    settings = RetrievalSettings.from_manifest(bundle.retrieval, schema.spec.time_gap_buckets)
+    hist = Sequence(item=np.array([1, 2]), category=np.array([1, 1]), action=np.array([0, 9]),
+                    timestamp=np.array([10, 20]))
+    with pytest.raises(IndexError, match="behaviour 1 has action code 9"):
+        assemble._history_rows(tables, settings, hist, 30)
 
 
 def test_bundle_reader_does_not_import_torch(exported: tuple[RankingModel, FeatureSchema, Path]) -> None:
