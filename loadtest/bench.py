@@ -322,7 +322,10 @@ def eager_scorer(bundle_path: Path) -> Any:
     schema = FeatureSchema.load(bundle_path / "schema")
     scorer = Scorer(ModelConfig.from_dict(manifest["model"]["config"]), schema.spec)
     scripted = torch.jit.load(str(bundle_path / "scorer.torchscript.pt"))  # type: ignore[no-untyped-call]
-    scorer.load_state_dict(scripted.state_dict())
+    # the TorchScript file also holds the module's non-persistent buffers (constants the module
+    # builds itself, not weights): copy only what the eager module keeps in its state
+    kept = scorer.state_dict()
+    scorer.load_state_dict({name: value for name, value in scripted.state_dict().items() if name in kept})
     scorer.eval()
     return scorer
 

@@ -257,6 +257,26 @@ def test_history_with_an_action_past_the_bundle_is_refused(exported: tuple[Ranki
         assemble._history_rows(tables, settings, hist, 30)
 
 
+def test_the_benchmarks_eager_scorer_is_the_bundles(exported: tuple[RankingModel, FeatureSchema, Path]) -> None:
+    """`loadtest.bench.eager_scorer` rebuilds the bundle's scorer from its TorchScript weights."""
+    from loadtest.bench import eager_scorer
+    from service.retrieval import make_retriever
+
+    _model, schema, path = exported
+    bundle = open_bundle(path)
+    rng = np.random.default_rng(5)
+    ts = 1_700_000_000
+    hist = Sequence(item=rng.integers(0, schema.items.size, 40), category=rng.integers(0, 3, 40),
+                    action=rng.integers(0, 4, 40), timestamp=np.sort(rng.integers(ts - 86_400, ts, 40)))
+    settings = RetrievalSettings.from_manifest(bundle.retrieval, schema.spec.time_gap_buckets)
+    inputs = scorer_inputs(Tables.from_dict(bundle.tables), settings, make_retriever("exact"), hist, 7,
+                           rng.integers(0, schema.items.size, 12), rng.integers(0, 3, 12), ts)
+    with torch.inference_mode():
+        eager = eager_scorer(path)(*(torch.from_numpy(inputs[n]) for n in SCORER_INPUTS)).numpy()
+    sess = ort.InferenceSession(str(bundle.scorer_path("onnx")), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(eager, sess.run(None, {n: inputs[n] for n in SCORER_INPUTS})[0], atol=1e-5, rtol=0)
+
+
 def test_bundle_reader_does_not_import_torch(exported: tuple[RankingModel, FeatureSchema, Path]) -> None:
     _model, _schema, path = exported
     code = (
