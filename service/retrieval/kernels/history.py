@@ -94,36 +94,52 @@ def attention_logits(key: Any, rows: Any, query: Any, n_heads: int, logits: Any,
     rows; rows [N, K] holds each candidate's rows (N = B, or N = 1: the same rows for every
     candidate), -1 for padding, whose logit is -inf; query [B, A]; q̃_bh is head h's part of
     query b scaled by 1/√(A / H). logits [B, H, K]; attended [B, 1] is 1 when any row is real.
-    The exponentials are left to numpy, whose exp is vectorized (a scalar expf per weight cost
-    more than the rest of the pooling).
+    The candidate's rows are copied transposed ([A + H, K], once when they are shared), so the
+    dot products run across the slots: each logit's own operations stay in the scalar order
+    (bit-identical results) while the slots fill the vector lanes. The exponentials are left to
+    numpy, whose exp is vectorized (a scalar expf per weight cost more than the rest of the pooling).
     """
     n_cand, a_dim = query.shape
     n_slots = rows.shape[1]
+    n_cols = key.shape[1]
     dh = a_dim // n_heads
     scale = np.float32(1.0 / math.sqrt(dh))
     qs = np.empty(a_dim, np.float32)
+    key_t = np.empty((n_cols, n_slots), np.float32)
+    shared = rows.shape[0] == 1
+    n_real = 0
     for b in range(n_cand):
-        r = rows[0] if rows.shape[0] == 1 else rows[b]
-        for c in range(a_dim):
-            qs[c] = query[b, c] * scale
-        n_real = 0
-        for h in range(n_heads):
-            top = np.float32(-np.inf)
+        r = rows[0] if shared else rows[b]
+        if b == 0 or not shared:
+            n_real = 0
             for j in range(n_slots):
                 g = r[j]
-                if g < 0:
-                    logits[b, h, j] = -np.inf
-                    continue
-                acc = np.float32(0.0)
-                for c in range(h * dh, (h + 1) * dh):
-                    acc += key[g, c] * qs[c]
-                acc += key[g, a_dim + h]
-                logits[b, h, j] = acc
-                top = max(top, acc)
-                n_real += 1
+                if g >= 0:
+                    n_real += 1
+                    for c in range(n_cols):
+                        key_t[c, j] = key[g, c]
+                else:  # padding (its logit is -inf): no row to read, an empty history has none
+                    for c in range(n_cols):
+                        key_t[c, j] = 0.0
+        for c in range(a_dim):
+            qs[c] = query[b, c] * scale
+        for h in range(n_heads):
+            out = logits[b, h]
+            out[:] = 0.0
+            for c in range(h * dh, (h + 1) * dh):
+                q = qs[c]
+                for j in range(n_slots):
+                    out[j] += key_t[c, j] * q
+            top = np.float32(-np.inf)
+            for j in range(n_slots):
+                if r[j] < 0:
+                    out[j] = -np.inf
+                else:
+                    out[j] += key_t[a_dim + h, j]
+                    top = max(top, out[j])
             if n_real:
                 for j in range(n_slots):
-                    logits[b, h, j] -= top
+                    out[j] -= top
         attended[b, 0] = 1.0 if n_real else 0.0
 
 
