@@ -538,7 +538,7 @@ def _serving_rounds(server: ServerProcess, bodies: Sequence[bytes], redis_url: s
     summary = {k: latency_summary(v) for k, v in lat.items()}
 
     def ratio(phase: str, q: str) -> float:
-        return round(summary[phase][q] / summary["idle"][q], 3)
+        return round(float(summary[phase][q]) / float(summary["idle"][q]), 3)
 
     control = {}
     if control_cores:

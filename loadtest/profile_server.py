@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import contextlib
+import os
 import shutil
 import subprocess
 import sys
@@ -27,13 +29,13 @@ IDLE = ("epoll_wait", "PyThread_acquire_lock_timed", "pthread_cond_wait", "pthre
 BUCKETS: list[tuple[str, tuple[str, ...]]] = [
     ("score (ONNX Runtime)", ("onnxruntime", "OnnxScorer.predict")),
     # before retrieval: the history's distinct rows are found with a kernel retrieval uses too
-    ("assemble: table gathers, arrays", ("_history_rows",)),
+    ("assemble: history rows and table gathers", ("_history_rows",)),
     ("retrieve: exact kernel and distinct keys", ("topk_ip", "unique_rows", "expand_topk", "group_members",
                                                   "pack_keys", "ExactRetriever", "DistinctKeys", "grouped.py",
                                                   "search_distinct")),
     ("assemble: cross features", ("cross_features",)),
     ("assemble: target-attention pooling", ("_attention_pool",)),
-    ("assemble: table gathers, arrays", ("scorer_inputs", "assemble.py")),
+    ("assemble: history rows and table gathers", ("scorer_inputs", "assemble.py")),
     ("fetch and decode (redis)", ("redis", "feature_store", "hiredis")),
     # before HTTP: the core's own code on the event loop runs inside the FastAPI endpoint's frames
     ("core: validate, fuse, top-N, response", ("service/core.py", "scoring.py", "experiments.py", "types.py")),
@@ -62,6 +64,26 @@ def summarize(raw: Path) -> dict[str, float]:
     return {name: round(100.0 * n / max(busy, 1), 1) for name, n in counts.most_common()} | {"busy_samples": busy}
 
 
+def thread_cpu_seconds(pid: int) -> dict[int, float]:
+    """CPU seconds (user + system) of each thread of `pid`, from /proc."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[int, float] = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+            out[int(tid)] = (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+def per_thread_ms(before: dict[int, float], after: dict[int, float], pid: int, requests: int) -> dict[str, float]:
+    """CPU ms per request: the event-loop (main) thread, the busiest other thread (the CPU pool), the rest."""
+    spent = {tid: (after[tid] - before.get(tid, 0.0)) * 1000 / requests for tid in after}
+    loop_ms = spent.pop(pid, 0.0)
+    busiest = max(spent.values(), default=0.0)
+    return {"event-loop thread": round(loop_ms, 2), "CPU-pool thread": round(busiest, 2),
+            "other threads": round(sum(spent.values()) - busiest, 2)}
+
+
 def main(argv: list[str] | None = None) -> int:
     from feature_store.embedded import EmbeddedValkey
     from feature_store.store import EmbeddedConfig
@@ -76,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rate", type=int, default=50, help="py-spy samples per second")
     p.add_argument("--users", type=int, default=64)
     p.add_argument("--out", type=Path, default=Path("profile.txt"), help="py-spy raw output")
+    p.add_argument("--thread-requests", type=int, default=500,
+                   help="requests of the per-thread CPU phase after the profile (0: none)")
     p.add_argument("--no-native", action="store_true",
                    help="Python frames only: py-spy then samples the CPU-pool thread reliably (with native "
                         "frames it misses most of that thread's samples while numba or ONNX Runtime run)")
@@ -84,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     import orjson
 
     root = Path(tempfile.mkdtemp(prefix="rankserve-profile-"))
+    threads: dict[str, float] = {}
     try:
         w = Workload(users=args.users)
         prepared = prepare_workload(root, w, "auto")
@@ -106,6 +131,11 @@ def main(argv: list[str] | None = None) -> int:
                     load = asyncio.create_task(closed_loop(call, args.concurrency, 1_000_000))
                     await spy.wait()
                     load.cancel()
+                    if args.thread_requests:  # without py-spy attached: its sampling costs the server CPU
+                        pid = server.pids()[0]
+                        before = thread_cpu_seconds(pid)
+                        await closed_loop(call, args.concurrency, args.thread_requests)
+                        threads.update(per_thread_ms(before, thread_cpu_seconds(pid), pid, args.thread_requests))
                     await pool.close()
 
                 asyncio.run(drive())
@@ -115,6 +145,10 @@ def main(argv: list[str] | None = None) -> int:
     sys.stdout.write(f"py-spy raw stacks: {args.out}\n")
     for name, share in shares.items():
         sys.stdout.write(f"{share:>8} {name}\n" if name != "busy_samples" else f"busy samples: {share}\n")
+    if threads:
+        sys.stdout.write(f"server CPU ms per request at concurrency {args.concurrency}, per thread "
+                         f"({args.thread_requests} requests): "
+                         + ", ".join(f"{name} {ms}" for name, ms in threads.items()) + "\n")
     return 0
 
 
