@@ -37,7 +37,7 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Coroutine, Generator
+from collections.abc import Generator
 from pathlib import Path
 from typing import Any
 
@@ -82,29 +82,10 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if settings.workers > 1:
         return supervise(settings)
-    return run_loop(serve(settings), settings.event_loop)
+    return asyncio.run(serve(settings))
 
 
 # -- one serving process ---------------------------------------------------------------------------
-
-
-def run_loop(main: Coroutine[Any, Any, int], event_loop: str) -> int:
-    """Run `main` on uvloop ("uvloop", or "auto" when it is installed) or on asyncio's own loop.
-
-    uvloop's libuv loop costs the serving thread about a millisecond less per ranked request than
-    asyncio's selector loop (socket writes, callbacks, timers); gRPC's asyncio server runs on either.
-    """
-    factory: Callable[[], asyncio.AbstractEventLoop] | None = None
-    if event_loop != "asyncio":
-        try:
-            import uvloop
-        except ImportError:
-            if event_loop == "uvloop":
-                raise
-        else:
-            factory = uvloop.new_event_loop
-    with asyncio.Runner(loop_factory=factory) as runner:
-        return runner.run(main)
 
 
 class _HttpServer(uvicorn.Server):
@@ -208,7 +189,7 @@ def _nodelay(sock: socket.socket) -> socket.socket:
 
 def _worker_main(settings: Settings, http_socket: socket.socket, log_level: str, control_dir: Path) -> None:
     configure_logging(log_level, settings.json_logs)
-    sys.exit(run_loop(serve(settings, http_socket, reuse_port=True, control_dir=control_dir), settings.event_loop))
+    sys.exit(asyncio.run(serve(settings, http_socket, reuse_port=True, control_dir=control_dir)))
 
 
 def _shared_dir() -> tuple[Path, Path, Path]:

@@ -130,9 +130,6 @@ class Settings(BaseSettings):
     http_port: int = Field(default=8000, ge=0, le=65535)
     grpc_port: int = Field(default=50051, ge=0, le=65535, description="0 disables gRPC")
     workers: int = Field(default=1, ge=1, description="uvicorn worker processes")
-    event_loop: Literal["auto", "uvloop", "asyncio"] = Field(
-        default="auto", description="the serving event loop: uvloop when installed (auto), or asyncio's own"
-    )
     drain_timeout_s: float = Field(default=10.0, ge=0, description="graceful shutdown deadline")
 
     # experiments and admin
