@@ -19,6 +19,7 @@ user without a tail and items the store does not hold get the encoded defaults o
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -286,21 +287,27 @@ def scorer_inputs(
     *,
     spec: SchemaSpec = DEFAULT_SPEC,
     side: SideRows | None = None,
+    lap: Callable[[str], None] | None = None,
 ) -> dict[str, npt.NDArray[np.generic]]:
     """Inputs for scoring `cand_item` for one user; `history` holds only events before `request_ts`.
 
     `spec` is the bundle's schema (its actions size the derived features; its side features add
     `side_ids` / `side_values`, from `side` or, without it, the defaults). The result holds exactly
-    `spec.scorer_inputs`.
+    `spec.scorer_inputs`. `lap(part)`, when given, is called as each part ends (a benchmark's timer).
     """
+    lap = lap or _no_lap
     n_cand = int(cand_item.shape[0])
     cand_item, cand_category = tables.clamp_rows(cand_item, cand_category)
     length = len(history)
     # gather the history's rows once: candidates retrieve overlapping behaviours, and indexing a
     # cache-resident [D, R] array is far cheaper than B*k random reads of the million-row tables
     rows = _history_rows(tables, settings, history, request_ts)
+    lap("history rows")
     query = np.ascontiguousarray(tables.item_query[cand_item] + tables.category_query[cand_category],
                                  dtype=np.float32)  # [B, A]
+    cand_repr = np.ascontiguousarray(tables.item_repr[cand_item] + tables.category_repr[cand_category],
+                                     dtype=np.float32)
+    lap("candidate rows")
     a_dim = query.shape[1]
     if settings.use_retrieval and length:
         queries_aug = np.ones((n_cand, a_dim + 1), dtype=np.float32)
@@ -309,22 +316,25 @@ def scorer_inputs(
                            rows.category, cand_category, user_index, history.clusters, tables)
         # each slot's distinct row, -1 for padding (a history shorter than k)
         retrieved = np.take(rows.group, idx) if length >= settings.k else np.where(idx >= 0, rows.group[idx], -1)
+        lap("retrieval")
         long_pooled, long_attended = _attention_pool(rows, retrieved, query)
     else:  # no long-term retrieval (DIN-short bundles) or an empty history: nothing attended
         long_pooled, long_attended = _attention_pool(rows, np.full((1, 1), -1, dtype=np.int64), query)
+    lap("pooling, retrieved rows")
 
     # the most recent behaviours, identical for every candidate
     s = min(settings.short_length, length)
     recent = rows.group[length - s : length].reshape(1, s) if s else np.full((1, 1), -1, dtype=np.int64)
     short_pooled, short_attended = _attention_pool(rows, np.ascontiguousarray(recent), query)
+    lap("pooling, recent rows")
+    cand_cross = _cross_features(rows.item, history.action, history.timestamp, cand_item, request_ts, spec.n_actions)
+    lap("cross features")
 
     user_row = user_index if 0 <= user_index < tables.user_repr.shape[0] else 0
     n_actions = spec.n_actions
     inputs: dict[str, npt.NDArray[np.generic]] = {
-        "cand_repr": np.ascontiguousarray(
-            tables.item_repr[cand_item] + tables.category_repr[cand_category], dtype=np.float32
-        ),
-        "cand_cross": _cross_features(rows.item, history.action, history.timestamp, cand_item, request_ts, n_actions),
+        "cand_repr": cand_repr,
+        "cand_cross": cand_cross,
         "long_pooled": long_pooled,
         "long_attended": long_attended,
         "short_pooled": short_pooled,
@@ -335,4 +345,9 @@ def scorer_inputs(
     }
     if spec.side.n_ids or spec.side.n_values:
         inputs.update(side_inputs(spec.side, side, n_cand))
+    lap("user features, side features")
     return inputs
+
+
+def _no_lap(part: str) -> None:
+    """`scorer_inputs`' lap when no one times it."""

@@ -108,12 +108,13 @@ class LoadedModel:
 
     def inputs(
         self, history: Sequence, user_index: int, item: np.ndarray, category: np.ndarray, request_ts: int,
-        side: SideRows | None = None,
+        side: SideRows | None = None, lap: Callable[[str], None] | None = None,
     ) -> dict[str, np.ndarray]:
-        """Gather and retrieve: the scorer inputs for one request (side features: `side`, else the defaults)."""
+        """Gather and retrieve: the scorer inputs for one request (side features: `side`, else the defaults;
+        `lap`: `scorer_inputs`' timer hook)."""
         return scorer_inputs(
             self.tables, self.retrieval, self.retriever, history, user_index, item, category, request_ts,
-            spec=self.spec, side=side,
+            spec=self.spec, side=side, lap=lap,
         )
 
     def score(
