@@ -11,6 +11,9 @@ bound the end-to-end difference).
 sample builder uses) computed with one hash pass over the history instead of a sort: the same
 float64 arithmetic, rounded to float32 at the same point, so the values are bit-identical
 (tests/unit/test_assembly_kernels.py checks them against the numpy definition).
+
+`history_rows` builds the history's scorer rows and GSU keys once per distinct (item, category,
+event) in one pass, bit-identical to the numpy gathers it replaced (tests/unit/test_export.py).
 """
 
 from __future__ import annotations
@@ -178,53 +181,6 @@ def attention_sum(rep: Any, rows: Any, weights: Any, pooled: Any) -> None:
 def _mix(h: Any, word: Any) -> Any:
     h = (h ^ np.uint64(word)) * _GOLDEN
     return h ^ (h >> _U29)
-
-
-@_jit()
-def distinct_behaviours(item: Any, category: Any, event: Any, group: Any, first: Any, item_slot: Any,
-                        items: Any) -> Any:
-    """The distinct (item, category, event) triples of a history, and the distinct items among them.
-
-    Writes group[j] = triple id of behaviour j (ids in order of first appearance), first[g] = the
-    first behaviour of triple g, item_slot[g] = the id of triple g's item among the distinct items
-    (ids in order of first appearance) and items[s] = that item. Returns (triples, items) counts.
-    Open addressing on a hash of the values, compared exactly on a hash match.
-    """
-    n = item.shape[0]
-    size = 1
-    while size < 2 * n:
-        size *= 2
-    mask = np.uint64(size - 1)
-    triple_table = np.full(size, _EMPTY, np.int64)
-    item_table = np.full(size, _EMPTY, np.int64)
-    n_triples = 0
-    n_items = 0
-    for j in range(n):
-        it, cat, ev = item[j], category[j], event[j]
-        s = _mix(_mix(_mix(np.uint64(3), it), cat), ev) & mask
-        while True:
-            g = triple_table[s]
-            if g == _EMPTY:
-                triple_table[s] = n_triples
-                group[j] = n_triples
-                first[n_triples] = j
-                # a new triple: find (or add) its item
-                t = _slot(it, mask)
-                while item_table[t] != _EMPTY and items[item_table[t]] != it:
-                    t = (t + np.uint64(1)) & mask
-                if item_table[t] == _EMPTY:
-                    item_table[t] = n_items
-                    items[n_items] = it
-                    n_items += 1
-                item_slot[n_triples] = item_table[t]
-                n_triples += 1
-                break
-            f = first[g]
-            if item[f] == it and category[f] == cat and event[f] == ev:
-                group[j] = g
-                break
-            s = (s + np.uint64(1)) & mask
-    return n_triples, n_items
 
 
 @_jit()
