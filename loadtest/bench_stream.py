@@ -509,32 +509,35 @@ def _serving_rounds(server: ServerProcess, bodies: Sequence[bytes], redis_url: s
             await pool.close()
         return result.latencies_ms
 
-    phases = ["idle", "consuming"] + (["control"] if control_cores else [])
-    lat: dict[str, list[float]] = {phase: [] for phase in phases}
     achieved: list[float] = []
-    for r in range(rounds):
-        # the order rotates, so that each phase comes first as often as the others
-        for phase in phases[r % len(phases):] + phases[: r % len(phases)]:
-            if phase == "idle":
-                with meter.phase(phase):
-                    lat[phase] += asyncio.run(measure())
-                continue
-            if phase == "control":
-                burner = CpuBurner(control_cores).start()
-                try:
-                    with meter.phase(phase, {"burner": burner.pid or 0}):
-                        lat[phase] += asyncio.run(measure())
-                finally:
-                    burner.stop()
-                continue
+
+    @contextlib.contextmanager
+    def beside(phase: str) -> Any:
+        """The phase's background process while the block runs, and its pid for the meter."""
+        if phase == "idle":
+            yield {}
+        elif phase == "control":
+            burner = CpuBurner(control_cores).start()
+            try:
+                yield {"burner": burner.pid or 0}
+            finally:
+                burner.stop()
+        else:
             producer = BackgroundProducer(redis_url, source, rate, prebuild_s=10.0).start()
             time.sleep(1.0)  # the consumer at its steady pace before measuring
             try:
-                with meter.phase(phase, {"producer": producer.pid or 0}):
-                    lat[phase] += asyncio.run(measure())
+                yield {"producer": producer.pid or 0}
             finally:
                 producer.stop()
             achieved.append(producer.achieved_rate)
+
+    phases = ["idle", "consuming"] + (["control"] if control_cores else [])
+    lat: dict[str, list[float]] = {phase: [] for phase in phases}
+    for r in range(rounds):
+        # the order rotates, so that each phase comes first as often as the others
+        for phase in phases[r % len(phases):] + phases[: r % len(phases)]:
+            with beside(phase) as extra, meter.phase(phase, extra):
+                lat[phase] += asyncio.run(measure())
     summary = {k: latency_summary(v) for k, v in lat.items()}
 
     def ratio(phase: str, q: str) -> float:

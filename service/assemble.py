@@ -327,11 +327,11 @@ def scorer_inputs(
     recent = rows.group[length - s : length].reshape(1, s) if s else np.full((1, 1), -1, dtype=np.int64)
     short_pooled, short_attended = _attention_pool(rows, np.ascontiguousarray(recent), query)
     lap("pooling, recent rows")
-    cand_cross = _cross_features(rows.item, history.action, history.timestamp, cand_item, request_ts, spec.n_actions)
+    n_actions = spec.n_actions
+    cand_cross = _cross_features(rows.item, history.action, history.timestamp, cand_item, request_ts, n_actions)
     lap("cross features")
 
     user_row = user_index if 0 <= user_index < tables.user_repr.shape[0] else 0
-    n_actions = spec.n_actions
     inputs: dict[str, npt.NDArray[np.generic]] = {
         "cand_repr": cand_repr,
         "cand_cross": cand_cross,
