@@ -32,10 +32,11 @@ acquires a shard first claims its pending entries (XAUTOCLAIM): those a dead own
 never acknowledged are applied again (the event ids make that harmless), then it reads new
 entries. A failed batch is not acknowledged and is claimed again on the next step.
 
-Malformed entries (missing fields, unknown action, a bad id or time) go to the dead-letter
-stream `rs:ev:dead` with the reason, the shard and the entry's fields, and are acknowledged;
-the consumer carries on. SIGTERM / SIGINT: finish the batch in flight, acknowledge it, release
-the leases, exit 0.
+Malformed events (missing fields, unknown action, a bad id or time) go to the dead-letter
+stream `rs:ev:dead` with the reason, the shard, the entry id and the event (the entry's fields,
+or for one event of a packed entry its index and JSON); the rest of a packed entry is applied,
+and the entry is acknowledged. The consumer carries on. SIGTERM / SIGINT: finish the batch in
+flight, acknowledge it, release the leases, exit 0.
 
 Metrics (Prometheus, `--metrics-port`): rankserve_consumer_events_total{outcome} (appended,
 duplicate, dead_letter), rankserve_consumer_batch_seconds, rankserve_consumer_lag{stream}
@@ -103,7 +104,7 @@ class ConsumerConfig:
     """How one consumer reads the event log (see the module doc)."""
 
     shards: int = ev.DEFAULT_SHARDS
-    batch: int = 1000  # entries read per shard and step
+    batch: int = 1000  # events read per shard and step, about (see `StreamConsumer._read`)
     poll_interval_s: float = 0.005  # pause after a step that found nothing (when it could not block)
     block_ms: int = 100  # an idle consumer's read waits this long for new entries (single node; 0: poll)
     lease_ms: int = 10_000  # a dead consumer's shards are taken over after this long
@@ -146,7 +147,7 @@ class ConsumerMetrics:
 class StepResult:
     """What one step did."""
 
-    read: int = 0
+    read: int = 0  # events read (an entry that is not a JSON array of events counts as one)
     appended: int = 0
     duplicates: int = 0
     dead_letters: int = 0
@@ -169,6 +170,7 @@ class _Prepared:
     dead: list[tuple[Any, ...]]
     acks: list[tuple[Any, ...]]
     read_at: float
+    events: int  # events read: decoded and dead-lettered
     cluster_outcomes: list[str] | None = None  # per append, with a clusterer: see `_assign_clusters`
 
 
@@ -187,6 +189,7 @@ class StreamConsumer:
         self._to_claim: dict[int, bytes] = {}  # shard -> XAUTOCLAIM cursor still to walk
         self._acks: list[tuple[Any, ...]] = []  # XACKs of applied entries, sent with the next read
         self._pending: _Prepared | None = None  # read and decoded, applied by the next step
+        self._events_per_entry = 1.0  # in the last batch: how many entries a read of `batch` events takes
         self._rebalanced = 0.0
         self._lag_checked = 0.0
         self._groups_made: set[int] = set()
@@ -301,8 +304,11 @@ class StreamConsumer:
             commit = asyncio.create_task(self._commit(pending, result)) if pending is not None else None
             try:
                 entries, result.waited = await self._read() if self.owned else ([], False)
-                result.read = sum(len(batch) for _, batch in entries)
-                prepared = await self._prepare(entries) if result.read else None
+                read_entries = sum(len(batch) for _, batch in entries)
+                prepared = await self._prepare(entries) if read_entries else None
+                if prepared is not None:
+                    result.read = prepared.events
+                    self._events_per_entry = max(1.0, prepared.events / read_entries)
             finally:
                 if commit is not None:
                     await commit  # its failure is this step's: the batch just read is dropped below
@@ -335,8 +341,10 @@ class StreamConsumer:
 
     async def _read(self) -> tuple[list[tuple[int, list[tuple[bytes, dict[bytes, bytes]]]]], bool]:
         """(shard, entries) of this step: pending entries being claimed first, else new ones; and
-        whether the read could block (new entries, on a single node)."""
-        count = self.config.batch
+        whether the read could block (new entries, on a single node). A read takes the entries
+        that held `batch` events in the last batch: entries hold 1 to 128 events, and a count of
+        entries alone would let a batch of packed entries grow 128 times."""
+        count = max(1, round(self.config.batch / self._events_per_entry))
         if self._to_claim:
             shards = sorted(self._to_claim)
             commands: list[tuple[Any, ...]] = [
@@ -422,7 +430,7 @@ class StreamConsumer:
                 encoded = await _cpu(small, self._encode, state, appends)
         acks = [("XACK", ev.stream_key(shard), ev.GROUP, *(eid for eid, _ in batch)) for shard, batch in entries
                 if batch]
-        return _Prepared(encoded, dead, acks, time.perf_counter(), outcomes)
+        return _Prepared(encoded, dead, acks, time.perf_counter(), len(decoded) + len(dead), outcomes)
 
     def _encode(self, state: _VersionState, appends: list[UserAppend]) -> EncodedAppends | None:
         if not appends:
@@ -434,13 +442,11 @@ class StreamConsumer:
                 ) -> tuple[list[ev.DecodedEvent], list[tuple[Any, ...]]]:
         decoded: list[ev.DecodedEvent] = []
         dead: list[tuple[Any, ...]] = []
-        decode = state.decoder.decode
+        decode_into = state.decoder.decode_into
         for shard, batch in entries:
             for entry_id, fields in batch:
-                try:
-                    decoded.append(decode(fields))
-                except ev.EventError as exc:
-                    dead.append(self._dead_letter(shard, entry_id, fields, str(exc)))
+                for error in decode_into(fields, decoded):
+                    dead.append(self._dead_letter(shard, entry_id, fields, error))
         return decoded, dead
 
     async def _commit(self, batch: _Prepared, result: StepResult) -> None:
@@ -464,10 +470,16 @@ class StreamConsumer:
         self.metrics.events.labels("duplicate").inc(result.duplicates)
         self.metrics.events.labels("dead_letter").inc(result.dead_letters)
 
-    def _dead_letter(self, shard: int, entry_id: bytes, fields: dict[bytes, bytes], reason: str) -> tuple[Any, ...]:
-        flat = [part for k, v in fields.items() for part in (b"f." + k, v)]
+    def _dead_letter(self, shard: int, entry_id: bytes, fields: dict[bytes, bytes], error: ev.EventError,
+                     ) -> tuple[Any, ...]:
+        """The dead letter of an event: the entry's fields (`f.<name>`), or for one event of a
+        packed entry its place (`index`) and JSON (`f.e`); and the reason."""
+        if error.index is None:
+            flat = [part for k, v in fields.items() for part in (b"f." + k, v)]
+        else:
+            flat = [b"index", str(error.index).encode(), b"f." + ev.FIELD_EVENTS, error.event or b""]
         return ("XADD", ev.DEAD_LETTER_KEY, "MAXLEN", "~", self.config.dead_letter_maxlen, "*",
-                b"shard", str(shard).encode(), b"entry", entry_id, *flat, b"reason", reason.encode())
+                b"shard", str(shard).encode(), b"entry", entry_id, *flat, b"reason", str(error).encode())
 
     async def _version_state(self) -> _VersionState:
         version = await self.store.active_version()
@@ -716,7 +728,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(default $REDIS_CLUSTER_NODES)")
     parser.add_argument("--shards", type=int, default=int(os.environ.get("RANKSERVE_EVENT_SHARDS", ev.DEFAULT_SHARDS)),
                         help="shard streams of the event log; the producers' count ($RANKSERVE_EVENT_SHARDS)")
-    parser.add_argument("--batch", type=int, default=1000, help="entries read per shard and step")
+    parser.add_argument("--batch", type=int, default=1000, help="events read per shard and step (about)")
     parser.add_argument("--lease-ms", type=int, default=10_000,
                         help="shard lease: a dead consumer's shards pass on after this long")
     parser.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")

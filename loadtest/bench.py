@@ -485,6 +485,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stream-rounds", type=int, default=6, help="stream: alternating rounds of each comparison")
     p.add_argument("--stream-events", type=int, default=100_000, help="stream: events per throughput round")
     p.add_argument("--stream-rate", type=float, default=5000.0, help="stream: background events/s")
+    p.add_argument("--stream-producer-batch", type=int, default=1000,
+                   help="stream: events per producer send in the throughput rounds (one packed entry per shard a "
+                        "send; 1000 is the most one POST /v1/events takes)")
     p.add_argument("--stream-control-cores", type=float, default=0.0,
                    help="stream: add a control phase to the serving rounds, beside a process that keeps this many "
                    "cores busy (0-1) without events or Redis work")
@@ -702,7 +705,8 @@ def run(args: argparse.Namespace) -> int:
                     events=args.stream_events, rate=args.stream_rate, probes=args.stream_probes,
                     population=args.stream_population, cluster_ids=args.stream_cluster_ids,
                     throughput_only=args.stream_throughput_only, consumer_nice=args.stream_consumer_nice,
-                    serve_requests=args.stream_serve_requests, control_cores=args.stream_control_cores)
+                    serve_requests=args.stream_serve_requests, control_cores=args.stream_control_cores,
+                    producer_batch=args.stream_producer_batch)
         if "fetch" in sections:
             report["fetch"] = section_fetch(max(100, w.iterations))
     finally:

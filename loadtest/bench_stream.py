@@ -4,11 +4,13 @@ Three measurements, each side by side in one run:
 
 * throughput: one in-process `StreamConsumer` against the raw floor, in alternating rounds.
   Each round XADDs `events` new events (users drawn from `population` users, the workload's
-  ingested users among them; items from the catalogue) to the shard streams; then the
+  ingested users among them; items from the catalogue) to the shard streams, with
+  `EventProducer` sends of `producer_batch` events (packed entries, one per shard a send); then the
   consumer drains them (decode, resolve items, the once-per-id capped append, acknowledge),
   and the floor reads the same entries in a group of its own (XREADGROUP, COUNT per shard as
-  the consumer's batch) and appends one 12-byte record per event with a pipelined APPEND
-  (redis-py, hiredis, no decoding) before XACK. Reported: events/s of each and floor / consumer.
+  the entries of the consumer's batch) and appends one 12-byte record per event to its user's key
+  with a pipelined APPEND (redis-py, hiredis; the packed JSON parsed by orjson for the users,
+  nothing else decoded) before XACK. Reported: events/s of each and floor / consumer.
   With `cluster_ids`, the workload's histories are clustered first (`rankserve recluster`) and
   the consumer's rounds alternate between plain appends and appends with nearest-centroid
   `twin_v2` cluster ids (`--cluster-bundle`; before each such round, untimed, `recluster` covers
@@ -81,12 +83,15 @@ class EventSource:
         return out
 
 
-def _send(client: Any, events: list[Any], chunk: int = 2000) -> None:
+def _send(client: Any, events: list[Any], chunk: int = 2000) -> int:
+    """Send `events` with `EventProducer` in chunks; returns how many entries hold them."""
     from feature_store.events import EventProducer
 
     producer = EventProducer(client, shards=SHARDS)
+    entries = 0
     for k in range(0, len(events), chunk):
-        producer.send(events[k : k + chunk])
+        entries += len(set(producer.send(events[k : k + chunk])))
+    return entries
 
 
 async def _consumer_drain(consumer: Any, n: int) -> float:
@@ -116,16 +121,18 @@ async def _raw_floor(client: Any, n: int, count: int) -> float:
         for reply in replies:
             for key, entries in reply or ():
                 for _, fields in entries:
-                    pipe.append(b"rsbench:raw:{u" + fields[b"u"] + b"}", RECORD)
+                    # the packed entry's users, with the C JSON parser and nothing else
+                    for row in orjson.loads(fields[b"e"]):
+                        pipe.append(b"rsbench:raw:{u%d}" % row[1], RECORD)
+                        read += 1
                 if entries:
                     pipe.xack(key, RAW_GROUP, *(eid for eid, _ in entries))
-                read += len(entries)
         await pipe.execute()
     return time.perf_counter() - t0
 
 
 def section_throughput(redis_url: str, source: EventSource, rounds: int, events: int, batch: int,
-                       clusterer: Any = None) -> dict[str, Any]:
+                       clusterer: Any = None, producer_batch: int = 1000) -> dict[str, Any]:
     import redis
     import redis.asyncio as aredis
 
@@ -157,18 +164,21 @@ def section_throughput(redis_url: str, source: EventSource, rounds: int, events:
             await consumer.step()
         tune_gc()  # as `rankserve consume` does (this process holds the bench's objects too: frozen alike)
         seconds: dict[str, list[float]] = {"consumer": [], "raw_floor": []}
+        entries = 0
         if clusterer is not None:
             seconds["consumer_cluster_ids"] = []
         try:
             for r in range(rounds):
-                _send(sync, source.batch(events))
+                entries = _send(sync, source.batch(events), chunk=producer_batch)
                 # with cluster ids, the consumer's mode alternates every other round, so that each
                 # mode goes first against the floor as often as the other
                 mode = "consumer_cluster_ids" if clusterer is not None and r % 4 in (1, 2) else "consumer"
                 order = [mode, "raw_floor"] if r % 2 == 0 else ["raw_floor", mode]
                 for name in order:
                     if name == "raw_floor":
-                        seconds[name].append(await _raw_floor(raw, events, batch))
+                        # the entries the consumer's reads of `batch` events take
+                        count = max(1, round(batch * entries / events))
+                        seconds[name].append(await _raw_floor(raw, events, count))
                         continue
                     consumer.clusterer = clusterer if name == "consumer_cluster_ids" else None
                     if consumer.clusterer is not None:  # untimed: cover what the plain rounds appended
@@ -183,6 +193,7 @@ def section_throughput(redis_url: str, source: EventSource, rounds: int, events:
         rate = {k: events * len(v) / sum(v) for k, v in seconds.items() if v}
         out = {
             "events_per_round": events, "rounds": rounds, "batch_per_shard": batch, "shards": SHARDS,
+            "producer_batch": producer_batch, "events_per_entry": round(events / max(1, entries), 1),
             "consumer_events_per_s": round(rate["consumer"]),
             "raw_floor_events_per_s": round(rate["raw_floor"]),
             "floor_over_consumer": round(rate["raw_floor"] / rate["consumer"], 3),
@@ -222,9 +233,9 @@ def _produce(redis_url: str, source: EventSource, rate: float, prebuild_s: float
 
     xadds = EventProducer(client, shards=SHARDS)
 
-    def encoded() -> bytes:
-        commands = [xadds.xadd_command(event) for event in source.batch(per_tick, prefix)]
-        return b"".join(bytes(part) for part in conn.pack_commands(commands))
+    def encoded() -> tuple[bytes, int]:
+        commands, _ = xadds.xadd_commands(source.batch(per_tick, prefix))
+        return b"".join(bytes(part) for part in conn.pack_commands(commands)), len(commands)
 
     ahead = [encoded() for _ in range(max(1, round(prebuild_s / tick)))]
     ready.set()
@@ -233,8 +244,9 @@ def _produce(redis_url: str, source: EventSource, rate: float, prebuild_s: float
     k = 0
     try:
         while not stop.is_set():
-            conn.send_packed_command([ahead[k] if k < len(ahead) else encoded()])
-            for _ in range(per_tick):
+            packed, replies = ahead[k] if k < len(ahead) else encoded()
+            conn.send_packed_command([packed])
+            for _ in range(replies):
                 conn.read_response()
             k += 1
             sent.value += per_tick
@@ -446,7 +458,8 @@ def section_stream(root: Path, w: Workload, first: PreparedWorkload, redis_url: 
                    server_env: dict[str, str], *, rounds: int = 6, events: int = 100_000, batch: int = 1000,
                    population: int = 100_000, rate: float = 5000.0, probes: int = 200,
                    serve_requests: int = 150, cluster_ids: bool = False, throughput_only: bool = False,
-                   consumer_nice: int = 0, control_cores: float = 0.0) -> dict[str, Any]:
+                   consumer_nice: int = 0, control_cores: float = 0.0, producer_batch: int = 1000,
+                   ) -> dict[str, Any]:
     """The three measurements of the module doc, against the workload's store at `redis_url`."""
     if control_cores and not 0 < control_cores < 1:  # checked before the long set-up, not at the first control phase
         raise ValueError(f"control cores must be in (0, 1), got {control_cores}")
@@ -457,7 +470,8 @@ def section_stream(root: Path, w: Workload, first: PreparedWorkload, redis_url: 
         from ingest.bulk import clusterer_from_bundle
 
         clusterer = clusterer_from_bundle(first.bundle_path)
-    report: dict[str, Any] = {"throughput": section_throughput(redis_url, source, rounds, events, batch, clusterer)}
+    report: dict[str, Any] = {"throughput": section_throughput(redis_url, source, rounds, events, batch, clusterer,
+                                                               producer_batch)}
     report["throughput"]["population"] = population
     if throughput_only:
         return report
@@ -561,7 +575,8 @@ def markdown_rows(doc: dict[str, Any]) -> list[str]:
     rows = [
         "| stream measurement | value |",
         "|---|---|",
-        f"| one consumer, events/s appended | {t['consumer_events_per_s']:,} |",
+        f"| one consumer, events/s appended ({t['events_per_entry']} events per entry) | "
+        f"{t['consumer_events_per_s']:,} |",
         f"| raw floor (XREADGROUP + pipelined APPEND), events/s | {t['raw_floor_events_per_s']:,} |",
         f"| floor / consumer | {t['floor_over_consumer']} |",
     ]

@@ -26,7 +26,8 @@ from service.settings import Settings
 
 
 class EventIntake:
-    """Validates event batches and writes them to the shard streams, one round trip per node."""
+    """Validates event batches and writes them to the shard streams as packed entries, one round
+    trip per node."""
 
     def __init__(self, settings: Settings, registry: ModelRegistry, store: OnlineStore) -> None:
         self.settings = settings
@@ -42,19 +43,16 @@ class EventIntake:
         limit = self.settings.max_events_per_request
         if not 0 < len(events) <= limit:
             raise InvalidRequest(f"events must hold 1..{limit} events, got {len(events)}")
-        maxlen = self.settings.event_stream_maxlen
-        commands: list[tuple[Any, ...]] = []
+        canonical: list[ev.StreamEvent] = []
         for k, event in enumerate(events):
             try:
                 ev.check_event(event, spec.actions, spec.id_types)
             except ev.EventError as exc:
                 raise InvalidRequest(f"events[{k}]: {exc}") from None
-            user = _canonical(event.user_id, spec.id_types[0])
-            fields = ev.StreamEvent(event.event_id, user, _canonical(event.item_id, spec.id_types[1]),
-                                    event.action, event.timestamp).fields()
-            flat = [part for pair in fields.items() for part in pair]
-            commands.append(("XADD", ev.stream_key(ev.shard_of(str(user), self.shards)), "MAXLEN", "~", maxlen, "*",
-                             *flat))
+            canonical.append(ev.StreamEvent(event.event_id, _canonical(event.user_id, spec.id_types[0]),
+                                            _canonical(event.item_id, spec.id_types[1]), event.action,
+                                            event.timestamp))
+        commands, _ = ev.xadd_commands(canonical, self.shards, self.settings.event_stream_maxlen)
         return commands
 
     async def push(self, events: Sequence[ev.StreamEvent]) -> int:
@@ -63,11 +61,11 @@ class EventIntake:
             raise NotFound("the event log needs the Redis feature store")
         commands = self._commands(events)
         try:
-            # A retry may write an entry twice; the consumer skips the repeated event id.
-            await self.store.execute(f"write {len(commands)} events", commands)
+            # A retry may write an entry twice; the consumer skips the repeated event ids.
+            await self.store.execute(f"write {len(events)} events in {len(commands)} entries", commands)
         except FeatureStoreError as exc:
             raise StoreUnavailable(f"the event log did not take the batch ({exc}); send it again") from exc
-        return len(commands)
+        return len(events)
 
 
 def _canonical(value: int | str, id_type: str) -> int | str:

@@ -1,15 +1,17 @@
 """The event log and `rankserve consume`, against every backend (embedded Valkey, redis-server, Cluster).
 
-Events go in through `EventProducer` (plain XADDs, as any producer would), a `StreamConsumer`
+Events go in through `EventProducer` (packed entries) or plain one-event XADDs, a `StreamConsumer`
 steps until the streams are drained, and the users' sequences are read back from the store.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import numpy as np
+import orjson
 import pytest
 import redis
 from redis.cluster import ClusterNode, RedisCluster
@@ -112,9 +114,12 @@ async def test_an_idle_consumer_waits_in_a_blocking_read(store: OnlineStore, bac
 
     producing = asyncio.create_task(produce_soon())
     total = StepResult()
-    for _ in range(200):
+    deadline = time.monotonic() + 60  # a bound on the loop, not a timing goal: it ends when all is read
+    while time.monotonic() < deadline:
         step = await c.step()
         assert step.waited == (backend.name != "cluster")
+        if backend.name == "cluster" and not step.read:
+            await asyncio.sleep(0.01)  # a Cluster's consumer polls: give the producer its turn
         if step.read and not total.read and backend.name != "cluster":
             assert step.read == len(sent)  # the whole burst in the step that woke
         total.read += step.read
@@ -182,6 +187,39 @@ async def test_malformed_entries_go_to_dead_letters_and_the_rest_is_applied(
     assert int(got.timestamp[-1]) == good.timestamp
     # every entry acknowledged: nothing pending in the group
     assert client.xpending(shard_key, ev.GROUP)["pending"] == 0
+    await c.close()
+
+
+async def test_a_packed_entrys_bad_events_are_dead_letters_and_its_good_ones_are_applied_in_order(
+    store: OnlineStore, backend: Backend
+) -> None:
+    events, _ = await ingested(store)
+    user = int(events.user_id[0])
+    item = int(events.item_id[0])
+    client = sync_client(backend)
+    shard = ev.shard_of(str(user), SHARDS)
+    rows: list[list[object]] = [
+        ["p-1", user, item, "click", 1_800_000_001],
+        ["p-2", user, item, "teleport", 1_800_000_002],
+        ["p-3", str(user), str(item), "buy", 1_800_000_003],  # ids as integer text read as integers
+        ["p-4", user, item, "buy", "soon"],
+        ["p-1", user, item, "click", 1_800_000_001],  # a repeat inside the entry: appended once
+        ["p-5", user, item, "fav", 1_800_000_005],
+    ]
+    entry = client.xadd(ev.stream_key(shard), {ev.FIELD_EVENTS: orjson.dumps(rows)})
+    broken = client.xadd(ev.stream_key(shard), {ev.FIELD_EVENTS: b"[[\"p-6\","})
+
+    c = consumer(store)
+    done = await drain(c)
+    assert (done.read, done.appended, done.duplicates, done.dead_letters) == (7, 3, 1, 3)
+    got = (await store.fetch(user, [], max_sequence_length=CAP)).sequence
+    np.testing.assert_array_equal(got.timestamp[-3:], [1_800_000_001, 1_800_000_003, 1_800_000_005])
+    letters = [dict(fields) for _, fields in client.xrange(ev.DEAD_LETTER_KEY)]
+    assert [(f[b"entry"], f.get(b"index")) for f in letters] == [(entry, b"1"), (entry, b"3"), (broken, None)]
+    assert orjson.loads(letters[0][b"f.e"]) == rows[1] and b"action 'teleport'" in letters[0][b"reason"]
+    assert orjson.loads(letters[1][b"f.e"]) == rows[3] and b"t must be integer" in letters[1][b"reason"]
+    assert letters[2][b"f.e"] == b'[["p-6",' and letters[2][b"reason"] == b"e is not a JSON array of events"
+    assert client.xpending(ev.stream_key(shard), ev.GROUP)["pending"] == 0
     await c.close()
 
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import numpy as np
+import orjson
 import pytest
 
 from feature_store import events as ev
@@ -46,6 +48,93 @@ def test_decode_reads_an_entry_as_requests_read_ids() -> None:
 def test_decode_names_what_is_wrong(fields: dict[str, str], reason: str) -> None:
     with pytest.raises(ev.EventError, match=re.escape(reason)):
         ev.EntryDecoder(ACTIONS, ("int", "int")).decode(entry(**fields))
+
+
+def packed(*rows: object) -> dict[bytes, bytes]:
+    return {ev.FIELD_EVENTS: orjson.dumps(list(rows))}
+
+
+def test_a_packed_entry_decodes_as_its_events_one_by_one() -> None:
+    ints = ev.EntryDecoder(ACTIONS, ("int", "int"))
+    out: list[ev.DecodedEvent] = []
+    assert ints.decode_into(packed(["e1", 42, 7, "buy", 1_700_000_000], ["e2", "43", "8", "click", 5]), out) == []
+    # each as its one-event entry reads: JSON integers and integer text alike
+    assert out == [ints.decode(entry()), ints.decode(entry(id="e2", u="43", i="8", a="click", t="5"))]
+    strings = ev.EntryDecoder(ACTIONS, ("string", "string"))
+    out = []
+    assert strings.decode_into(packed(["e1", "alice", 42, "buy", 1]), out) == []
+    assert out[0][1:3] == tuple(int(x) for x in stable_id_hash(["alice", "42"]))
+    # a one-event entry through the same door
+    out = []
+    assert ints.decode_into(entry(), out) == [] and out == [ints.decode(entry())]
+
+
+@pytest.mark.parametrize(
+    ("row", "reason"),
+    [
+        (["e", 1, 2, "click"], "an event must be [id, user, item, action, t]"),
+        ({"id": "e"}, "an event must be [id, user, item, action, t]"),
+        ([7, 1, 2, "click", 5], "id must be a string"),
+        (["x" * 129, 1, 2, "click", 5], "id must have 1-128 bytes"),
+        (["", 1, 2, "click", 5], "id must have 1-128 bytes"),
+        (["e", 1, 2, "teleport", 5], "action 'teleport' is not one of"),
+        (["e", 1, 2, None, 5], "action None is not one of"),
+        (["e", 1, 2, "click", "soon"], "t must be integer unix seconds"),
+        (["e", 1, 2, "click", 1.5], "t must be integer unix seconds"),
+        (["e", 1, 2, "click", 1 << 32], "t must be in 0.."),
+        (["e", "alice", 2, "click", 5], "not an integer"),
+        (["e", -3, 2, "click", 5], "outside 0..2^63-1"),
+        (["e", 1, 1 << 63, "click", 5], "outside 0..2^63-1"),
+        (["e", 1, 1 << 70, "click", 5], "i must be an integer in 0..2^63-1 or a string"),
+        (["e", 1.5, 2, "click", 5], "u must be an integer in 0..2^63-1 or a string, got 1.5"),
+        (["e", True, 2, "click", 5], "u must be an integer in 0..2^63-1 or a string, got True"),
+        (["e", 1, 2, "click", float("nan")], "t must be integer unix seconds"),
+    ],
+)
+def test_a_packed_entrys_bad_event_is_named_and_the_others_decode(row: object, reason: str) -> None:
+    good = ["ok", 1, 2, "click", 5]
+    fields = {ev.FIELD_EVENTS: json.dumps([good, row, good]).encode()}  # the standard encoder: 1 << 70 too
+    out: list[ev.DecodedEvent] = []
+    errors = ev.EntryDecoder(ACTIONS, ("int", "int")).decode_into(fields, out)
+    assert len(out) == 2 and [e.index for e in errors] == [1]
+    assert reason in str(errors[0]), str(errors[0])
+    kept = json.loads(errors[0].event or b"")  # the dead letter keeps the event
+    if row in (["e", 1, 2, "teleport", 5], ["x" * 129, 1, 2, "click", 5], {"id": "e"}):
+        assert kept == row  # as sent
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [(b"[[", "e is not a JSON array of events"), (b"\xff", "e is not a JSON array of events"),
+     (b"{}", "e must be a JSON array of 1-128 events"), (b"[]", "e must be a JSON array of 1-128 events"),
+     (orjson.dumps([["e", 1, 2, "click", 5]] * 129), "e must be a JSON array of 1-128 events")],
+)
+def test_an_entry_that_is_not_an_array_of_events_is_one_dead_letter(raw: bytes, reason: str) -> None:
+    out: list[ev.DecodedEvent] = []
+    errors = ev.EntryDecoder(ACTIONS, ("int", "int")).decode_into({ev.FIELD_EVENTS: raw}, out)
+    assert out == [] and len(errors) == 1 and errors[0].index is None
+    assert reason in str(errors[0])
+
+
+def test_xadd_commands_pack_each_shards_events_in_order() -> None:
+    events = [ev.StreamEvent(f"e{k}", k % 5, k, "click", k) for k in range(300)]
+    commands, command_of = ev.xadd_commands(events, 3, maxlen=5000)
+    unpacked: dict[bytes, list[list[object]]] = {}
+    for command in commands:
+        assert command[:7] == ("XADD", command[1], "MAXLEN", "~", 5000, "*", ev.FIELD_EVENTS)
+        rows = orjson.loads(command[7])
+        assert 0 < len(rows) <= ev.MAX_EVENTS_PER_ENTRY
+        unpacked.setdefault(command[1], []).extend(rows)
+    assert sum(len(rows) for rows in unpacked.values()) == len(events)
+    for key, rows in unpacked.items():
+        # every event in its user's shard, in input order
+        assert {ev.stream_key(ev.shard_of(str(row[1]), 3)) for row in rows} == {key}
+        assert [row[0] for row in rows] == sorted((row[0] for row in rows), key=lambda e: int(str(e)[1:]))
+    for k, event in enumerate(events):
+        assert event.row() in orjson.loads(commands[command_of[k]][7])
+    # the standard encoder where orjson refuses: the consumer dead-letters the event, the send goes through
+    (big,), _ = ev.xadd_commands([ev.StreamEvent("b", 1 << 70, 2, "click", 5)], 3, maxlen=5000)
+    assert json.loads(big[7])[0][1] == 1 << 70
 
 
 def test_check_event_is_the_producers_validation() -> None:
