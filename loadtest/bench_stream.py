@@ -85,12 +85,14 @@ class EventSource:
 
 def _send(client: Any, events: list[Any], chunk: int = 2000) -> int:
     """Send `events` with `EventProducer` in chunks; returns how many entries hold them."""
-    from feature_store.events import EventProducer
+    from feature_store.events import EventProducer, shard_of
 
     producer = EventProducer(client, shards=SHARDS)
     entries = 0
     for k in range(0, len(events), chunk):
-        entries += len(set(producer.send(events[k : k + chunk])))
+        part = events[k : k + chunk]
+        # an entry id is unique within its stream only
+        entries += len({(shard_of(str(e.user_id), SHARDS), i) for e, i in zip(part, producer.send(part), strict=True)})
     return entries
 
 
