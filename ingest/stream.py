@@ -95,7 +95,7 @@ T = TypeVar("T")
 _RENEW = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end return 0"
 _RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
 _ITEM_CACHE_MAX = 2_000_000  # resolved items kept per version (index and category); cleared when full
-_INLINE_ENTRIES = 128  # a batch this small is decoded and encoded on the event loop, not in a thread
+_INLINE_EVENTS = 128  # a batch this small is decoded and encoded on the event loop, not in a thread
 _CATEGORY_BITS = 24  # a category index is below 2^24 (`codecs.MAX_CATEGORY_INDEX`)
 
 
@@ -416,7 +416,8 @@ class StreamConsumer:
         loop meanwhile sends the previous batch's appends and waits for them; a small batch's runs
         inline, where it costs less than the hops to a thread and back."""
         state = await self._version_state()
-        small = sum(len(batch) for _, batch in entries) <= _INLINE_ENTRIES
+        # events per entry as in the last batch: a few packed entries can be a large batch
+        small = sum(len(batch) for _, batch in entries) * self._events_per_entry <= _INLINE_EVENTS
         decoded, dead = await _cpu(small, self._decode, state, entries)
         encoded = None
         outcomes: list[str] | None = None

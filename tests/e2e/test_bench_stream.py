@@ -44,8 +44,9 @@ def test_bench_stream_section(tmp_path: Path) -> None:
         assert {"server", "consumer", "valkey", "machine"} <= set(phase)
         assert phase["server"] > 0 and phase["valkey"] > 0 and phase["consumer"] >= 0
         assert phase["server"] <= phase["machine"] + 0.05
-    assert cores["consuming"]["consumer"] > 0  # an idle consumer waits in a blocking read: maybe 0 there
-    assert serving["valkey_command_cores"]["consuming"]["evalsha"] > 0  # the append script ran
+    # the consumer worked while consuming: its append script and reads ran (its own CPU at this size
+    # can stay below one clock tick of /proc over a phase, so it is not what tells)
+    assert serving["valkey_command_cores"]["consuming"]["evalsha"] > 0
     assert serving["valkey_calls_per_s"]["consuming"]["xreadgroup"] > 0
     assert report["consumer_exit_code"] == 0
     for needle in ("one consumer, events/s appended", "floor / consumer", "event-to-servable", "idle / consuming",
