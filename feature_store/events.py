@@ -20,8 +20,8 @@ An entry holds one event or several:
 * several events of one shard (what rankserve's producers write): one field `e`, a JSON array
   of up to 128 events `[id, user, item, action, t]` in order, ids as JSON integers or strings,
   `t` a JSON integer. Stream commands (XADD, XREADGROUP, XACK, the pending list) cost Redis
-  about as much per entry as per event, so a packed entry halves the event log's share of
-  Redis CPU per event; each event is still checked, deduplicated and dead-lettered on its own.
+  about as much per entry as per event, so packing cuts their share of Redis CPU per event
+  several times over; each event is still checked, deduplicated and dead-lettered on its own.
 
 The shard of a user is `crc32(user id text) % shards`: every producer of one deployment must
 use the same shard count (`RANKSERVE_EVENT_SHARDS`), because ordering per user holds within a
