@@ -111,8 +111,9 @@ class StreamEvent:
         return [self.event_id, self.user_id, self.item_id, self.action, int(self.timestamp)]
 
 
-def xadd_commands(events: SequenceABC[StreamEvent], shards: int, maxlen: int) -> tuple[list[tuple[Any, ...]],
-                                                                                       list[int]]:
+def xadd_commands(
+    events: SequenceABC[StreamEvent], shards: int, maxlen: int
+) -> tuple[list[tuple[Any, ...]], list[int]]:
     """The XADDs that log `events` as packed entries, one per shard and up to
     `MAX_EVENTS_PER_ENTRY` events, each user's events in input order; and for each event the
     index of its command. A user's shard is that of its id text as `StreamEvent.fields` writes it.
