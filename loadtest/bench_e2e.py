@@ -29,14 +29,15 @@ from loadtest.serving import ServerProcess, memory_rollup
 TUNED_ENV = {"OMP_WAIT_POLICY": "PASSIVE", "RANKSERVE_SCORER_THREADS": "1"}
 
 
+def stat_cpu_seconds(stat: Path) -> float:
+    """utime + stime (seconds) from a `/proc/<pid>/stat` or `/proc/<pid>/task/<tid>/stat` file."""
+    fields = stat.read_text().rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def cpu_seconds(pids: Sequence[int]) -> float:
     """utime + stime of the processes (seconds)."""
-    tick = os.sysconf("SC_CLK_TCK")
-    total = 0.0
-    for pid in pids:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        total += (int(fields[11]) + int(fields[12])) / tick
-    return total
+    return sum(stat_cpu_seconds(Path(f"/proc/{pid}/stat")) for pid in pids)
 
 
 def _grpc_stub(target: str) -> tuple[Any, Any, Any]:

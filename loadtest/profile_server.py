@@ -66,12 +66,12 @@ def summarize(raw: Path) -> dict[str, float]:
 
 def thread_cpu_seconds(pid: int) -> dict[int, float]:
     """CPU seconds (user + system) of each thread of `pid`, from /proc."""
-    tick = os.sysconf("SC_CLK_TCK")
+    from loadtest.bench_e2e import stat_cpu_seconds
+
     out: dict[int, float] = {}
     for tid in os.listdir(f"/proc/{pid}/task"):
-        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
-            fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
-            out[int(tid)] = (int(fields[11]) + int(fields[12])) / tick
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):  # a thread that ended meanwhile
+            out[int(tid)] = stat_cpu_seconds(Path(f"/proc/{pid}/task/{tid}/stat"))
     return out
 
 
