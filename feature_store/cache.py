@@ -9,9 +9,10 @@ without side features), zero pages until written, a fraction of what an LRU of d
 in every worker process (docs/PERFORMANCE.md). The value size is given, or taken from the first
 value put (the store's caches: it does not know the schema's side-feature widths).
 
-Staleness: an entry serves for `ttl_seconds` after it was put, so a value rewritten in Redis
-(`rankserve ingest --upsert-items`) reaches a running server within the TTL of the store's
-`item_cache_ttl_s` (default 60 s) plus the fetch that put the old value.
+Staleness: an entry serves for `ttl_seconds` after it was put. A value rewritten in Redis by
+`rankserve ingest --upsert-items` is also announced on the version's item change log, and the
+store drops the announced ids (`invalidate`) when it reads the log (`item_changes_poll_s`); the
+TTL (`item_cache_ttl_s`, default 60 s) is the bound when the log cannot be read.
 
 It is 2-way set-associative: an id hashes (multiplicatively) to a set of two slots; a put takes
 the id's own slot, else a free or expired one, else the one written longer ago. On a Zipf stream
@@ -164,6 +165,17 @@ class ItemCache:
             self.value_size = size
             self._values = np.zeros((self._keys.shape[0], size), dtype=np.uint8)
             self._void = np.dtype((np.void, size))
+
+    def invalidate(self, keys: Sequence[int] | np.ndarray) -> int:
+        """Drop the entries of `keys` (ids not held are ignored); the number of live entries dropped."""
+        if not self.enabled or len(keys) == 0:
+            return 0
+        ids = np.asarray(keys, dtype=np.int64)
+        now = self._clock()
+        slots, hit = self._lookup(ids, now)
+        held = np.unique(slots[hit])
+        self._expires[held] = 0.0  # never-written slots expire at 0 too: the slot is free again
+        return int(held.shape[0])
 
     def get(self, key: int) -> tuple[bool, bytes | None]:
         """(found, value)."""

@@ -3,8 +3,9 @@
     rs:<ver>:{u<user>}:seq    lifelong behaviour sequence (12-byte records, oldest first)
     rs:<ver>:{u<user>}:prof   user profile (u32 user index, then the user's side tail)
     rs:<ver>:{u<user>}:clu    behaviour clusters of the sequence (twin_v2; optional, see codecs)
-    rs:<ver>:{u<user>}:evid   ids of the user's newest streamed events (sorted set; the consumer's dedupe)
+    rs:<ver>:{u<user>}:evid   8-byte hashes of the user's newest applied streamed event ids (the consumer's dedupe)
     rs:<ver>:i:<item>         item features (u32 item index, u32 category index, then the side tail)
+    rs:<ver>:item-changes     stream of the item ids upserts rewrote (servers drop them from their item caches)
     rs:meta:<ver>             JSON meta of one feature-set version (schema hash, counts, status)
     rs:meta:<ver>:schema      JSON of the schema the version was ingested with (hash and spec)
     rs:versions               SET of all version names that have a meta key
@@ -103,6 +104,11 @@ def schema_key(version: str) -> bytes:
     """`rs:meta:<ver>:schema`: beside the meta key (versions hold no colon, so no other meta key
     is a prefix of it), outside the version's data prefix like the meta."""
     return f"{KEY_PREFIX}:meta:{version}:schema".encode()
+
+
+def item_changes_key(version: str) -> bytes:
+    """`rs:<ver>:item-changes`: the stream an upsert announces its rewritten item ids on."""
+    return f"{KEY_PREFIX}:{version}:item-changes".encode()
 
 
 def version_match_pattern(version: str) -> bytes:

@@ -286,6 +286,33 @@ class _AppendCall:
 # Item caches are per version; more than a couple are alive only around a version switch.
 _MAX_ITEM_CACHES = 4
 
+# The item change log (`keys.item_changes_key`): each upsert batch adds entries of up to
+# ITEM_CHANGES_IDS_PER_ENTRY int64 ids (little-endian, field `ids`), and each XADD trims the
+# entries older than ITEM_CHANGES_RETENTION_S (MINID, by the stream ids' millisecond clock). A
+# store that has not read a log for half that time no longer trusts it to hold everything it
+# missed and empties that version's item cache instead.
+ITEM_CHANGES_IDS_PER_ENTRY = 4096
+ITEM_CHANGES_RETENTION_S = 600.0
+_ITEM_CHANGES_PER_READ = 64  # entries per XREAD; a read that returns this many is followed by another
+_ITEM_CHANGES_MAX_READS = 16  # reads per version and call: the rest waits for the next call
+
+
+def item_change_commands(version: str, item_ids: SequenceABC[int]) -> list[tuple[Any, ...]]:
+    """The XADDs that announce `item_ids` as rewritten on `version`'s item change log."""
+    ids = np.asarray(item_ids, dtype="<i8")
+    key = keys.item_changes_key(version)
+    oldest_kept = int((time.time() - ITEM_CHANGES_RETENTION_S) * 1000)
+    return [("XADD", key, "MINID", "~", oldest_kept, "*", b"ids", ids[k : k + ITEM_CHANGES_IDS_PER_ENTRY].tobytes())
+            for k in range(0, ids.shape[0], ITEM_CHANGES_IDS_PER_ENTRY)]
+
+
+def decode_item_change(fields: dict[bytes, bytes]) -> npt.NDArray[np.int64]:
+    """The item ids of one item change log entry (none from an entry not written by `item_change_commands`)."""
+    raw = fields.get(b"ids", b"")
+    if len(raw) % 8:
+        return np.zeros(0, dtype=np.int64)
+    return np.frombuffer(raw, dtype="<i8").astype(np.int64)
+
 
 def never_sent(exc: BaseException) -> bool:
     """Whether a redis-py error says the connection could not be made, so no command was sent.
@@ -299,13 +326,13 @@ def never_sent(exc: BaseException) -> bool:
 
 def routing_key(command: tuple[Any, ...]) -> Any:
     """The key a single-slot command is routed by: its first key (EVAL's after the key count,
-    XREADGROUP's after STREAMS, XGROUP's and XINFO's after the subcommand), else its first argument."""
+    XREAD's and XREADGROUP's after STREAMS, XGROUP's and XINFO's after the subcommand), else its first argument."""
     name = command[0].upper() if isinstance(command[0], str) else command[0].decode().upper()
     if name in ("EVALSHA", "EVAL"):
         return command[3]
     if name in ("XGROUP", "XINFO"):
         return command[2]
-    if name == "XREADGROUP":
+    if name in ("XREADGROUP", "XREAD"):
         return command[[str(part).upper() for part in command].index("STREAMS") + 1]
     return command[1]
 
@@ -322,6 +349,8 @@ class RedisOnlineStore(OnlineStore):
         self._append_script = client.register_script(APPEND_SCRIPT)
         self._append_once_script = client.register_script(APPEND_ONCE_SCRIPT)
         self._item_caches: dict[str, ItemCache] = {}
+        # per version: the id of the last item change read, and when the log was last read
+        self._change_cursors: dict[str, tuple[bytes, float]] = {}
         self._counts = FetchCounts()
         self._cluster_errors = RateLimitedLog(log, 10.0)  # one line every 10 s, not one per fetch
         self._node_clients: dict[str, Redis] = {}  # cluster mode: plain clients per node, for reads
@@ -544,6 +573,7 @@ class RedisOnlineStore(OnlineStore):
 
         await self._run("forget version", forget)
         self._item_caches.pop(version, None)
+        self._change_cursors.pop(version, None)
         log.info("dropped feature-set version %s", version, extra={"keys_removed": removed})
         return removed
 
@@ -590,7 +620,11 @@ class RedisOnlineStore(OnlineStore):
         cache = self._item_caches.get(version)
         if cache is None:
             if len(self._item_caches) >= _MAX_ITEM_CACHES:
-                self._item_caches.pop(next(iter(self._item_caches)))
+                self._change_cursors.pop(oldest := next(iter(self._item_caches)), None)
+                self._item_caches.pop(oldest)
+            # a new cache starts without a change log cursor: the next read of the log finds
+            # where it stands (and empties what the cache took meanwhile)
+            self._change_cursors.pop(version, None)
             # value size from the first value: item records plus the version's side tails
             cache = ItemCache(self.config.item_cache_size, self.config.item_cache_ttl_s, None)
             self._item_caches[version] = cache
@@ -758,6 +792,43 @@ class RedisOnlineStore(OnlineStore):
     def fetch_counts(self) -> FetchCounts:
         return dataclasses.replace(self._counts)
 
+    async def follow_item_changes(self) -> int:
+        dropped = 0
+        for version, cache in list(self._item_caches.items()):
+            if cache.enabled:
+                dropped += await self._follow_item_changes(version, cache)
+        self._counts.item_cache_invalidations += dropped
+        return dropped
+
+    async def _follow_item_changes(self, version: str, cache: ItemCache) -> int:
+        key = keys.item_changes_key(version)
+        what = f"read the item change log of version {version!r}"
+        cursor, read_at = self._change_cursors.get(version, (b"", 0.0))
+        if not cursor or time.monotonic() - read_at > ITEM_CHANGES_RETENTION_S / 2:
+            # Where the log stands is unknown (a cache filled before the first read), or entries
+            # this store has not read may have been trimmed: start at the newest entry, and drop
+            # whatever the cache holds, which may predate announcements never to be read.
+            (newest,) = await self._run(what, partial(self._execute, [("XREVRANGE", key, "+", "-", "COUNT", 1)]))
+            if cursor:
+                self._counts.item_cache_resets += 1
+                log.warning("item change log of version %s not read for %.0f s: item cache emptied", version,
+                            time.monotonic() - read_at, extra={"version": version})
+            self._change_cursors[version] = (newest[0][0] if newest else b"0-0", time.monotonic())
+            cache.clear()
+            return 0
+        dropped = 0
+        for _ in range(_ITEM_CHANGES_MAX_READS):
+            (read,) = await self._run(what, partial(self._execute, [
+                ("XREAD", "COUNT", _ITEM_CHANGES_PER_READ, "STREAMS", key, cursor)]))
+            entries = read[0][1] if read else []
+            for entry_id, fields in entries:
+                dropped += cache.invalidate(decode_item_change(fields))
+                cursor = entry_id
+            self._change_cursors[version] = (cursor, time.monotonic())
+            if len(entries) < _ITEM_CHANGES_PER_READ:
+                break
+        return dropped
+
     async def ping(self) -> float:
         start = time.perf_counter()
         if isinstance(self._client, RedisCluster):
@@ -823,7 +894,9 @@ class RedisOnlineStore(OnlineStore):
         # Whole-value SETs are idempotent, so retrying a half-applied batch is safe.
         await self._run(f"write {len(user_ids)} users", partial(self._execute, commands))
 
-    async def write_items(self, version: str, item_ids: SequenceABC[int], values: SequenceABC[bytes]) -> None:
+    async def write_items(
+        self, version: str, item_ids: SequenceABC[int], values: SequenceABC[bytes], *, announce: bool = False
+    ) -> None:
         version = self._checked_version(version)
         if len(item_ids) != len(values):
             raise ValueError("item_ids and values must have equal length")
@@ -834,6 +907,12 @@ class RedisOnlineStore(OnlineStore):
         else:
             commands = [("MSET", *(part for pair in zip(key_list, values, strict=True) for part in pair))]
         await self._run(f"write {len(item_ids)} items", partial(self._execute, commands))
+        if announce and len(item_ids):
+            # Only once the values are written (in a Cluster they lie on other nodes than the
+            # log): a server that reads the announcement and drops its entry reads the new value.
+            # Repeating an XADD after a lost reply announces twice, which is harmless.
+            await self._run(f"announce {len(item_ids)} changed items",
+                            partial(self._execute, item_change_commands(version, item_ids)))
 
     async def write_profiles(
         self, version: str, user_ids: SequenceABC[int], profiles: SequenceABC[bytes], ttl_seconds: int | None = None

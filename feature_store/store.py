@@ -84,6 +84,11 @@ class FeatureStoreConfig(BaseModel):
 
     item_cache_size: int = Field(default=200_000, ge=0, description="item-feature cache entries (0 disables)")
     item_cache_ttl_s: float = Field(default=60.0, gt=0, description="item-feature cache TTL")
+    item_changes_poll_s: float = Field(
+        default=0.25, ge=0,
+        description="read the item change log this often and drop the items upserts rewrote from the item cache "
+        "(0: off; the TTL alone then bounds how long an upserted item is served stale)",
+    )
     max_sequence_length: int = Field(default=10_000, ge=0, description="newest events read per fetch")
     read_clusters: bool = Field(
         default=True,
@@ -237,6 +242,8 @@ class FetchCounts:
     unknown_items: int = 0  # candidates without item features
     item_cache_hits: int = 0
     item_cache_misses: int = 0  # lookups the item cache sent on to Redis (0 both while it is off)
+    item_cache_invalidations: int = 0  # cached items dropped because an upsert announced them
+    item_cache_resets: int = 0  # item caches emptied because their change log lost entries unread
 
 
 @dataclass
@@ -389,8 +396,12 @@ class OnlineStore(abc.ABC):
         `clusters`, also each user's behaviour clusters (None: delete a stale one)."""
 
     @abc.abstractmethod
-    async def write_items(self, version: str, item_ids: SequenceABC[int], values: SequenceABC[bytes]) -> None:
-        """SET each item's feature value, pipelined."""
+    async def write_items(
+        self, version: str, item_ids: SequenceABC[int], values: SequenceABC[bytes], *, announce: bool = False
+    ) -> None:
+        """SET each item's feature value, pipelined; with `announce`, then add the ids to the
+        version's item change log, so running servers drop them from their item caches (the
+        upsert path: a bulk load writes items no server has cached)."""
 
     @abc.abstractmethod
     async def write_profiles(
@@ -437,6 +448,12 @@ class OnlineStore(abc.ABC):
         user's last append); an event whose id is among them is skipped. Safe to repeat after
         any failure. Returns what was done per user, in input order.
         """
+
+    async def follow_item_changes(self) -> int:
+        """Read the item change logs of the versions this store caches items of, and drop the
+        items announced since the last call from the caches; the number of cached items dropped.
+        A store without an item cache has nothing to do."""
+        return 0
 
     # -- lifecycle -----------------------------------------------------------------------------
 

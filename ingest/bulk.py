@@ -40,10 +40,12 @@ the version does not hold yet gets a new value: its index from the schema's voca
 unknown), for an item the category from the file's category column if it has one, else 0; a new
 user gets a profile and no sequence. Only values that change are written; the command reports
 how many rows were read, written, new and unchanged. Running servers see an upserted user
-profile on their next request (profiles are not cached), an upserted item within the item
-cache's TTL (`item_cache_ttl_s`, default 60 s: `feature_store/cache.py` keeps an entry for its
-TTL after the fetch that put it). The version's meta is not touched (its `updated` time keeps
-meaning "ingest end" for the staleness alert).
+profile on their next request (profiles are not cached). The ids of rewritten items are
+announced on the version's item change log once written, and each server drops them from its
+item cache when it next reads the log (`item_changes_poll_s`, default 0.25 s); the cache's TTL
+(`item_cache_ttl_s`, default 60 s) bounds what a server that cannot read the log serves. The
+version's meta is not touched (its `updated` time keeps meaning "ingest end" for the staleness
+alert).
 
 Sharded loads: `--shard I/N` (0 <= I < N, `--version` required) writes only the users and the
 items whose int64 key `shard_of` puts in shard I (blake2b of the key's 8 little-endian bytes,
@@ -919,7 +921,7 @@ async def _write_changed(
         out_values.append(value)
     if out_ids:
         if items:
-            await store.write_items(version, out_ids, out_values)
+            await store.write_items(version, out_ids, out_values, announce=True)
         else:
             await store.write_profiles(version, out_ids, out_values)
     stats.written += len(out_ids)

@@ -23,6 +23,7 @@ from datetime import datetime
 
 from export.bundle import Bundle
 from feature_store.errors import FeatureStoreError
+from feature_store.logs import RateLimitedLog
 from feature_store.redis_store import create_store
 from feature_store.store import FetchCounts, OnlineStore, StoredSchema, StoreHealth
 from service.background import run_every
@@ -139,6 +140,7 @@ class ServingCore:
         self._synced_swaps = 0
         self._synced_refused = 0
         self._synced_counts = FetchCounts()
+        self._change_log_errors = RateLimitedLog(log, 30.0)  # polled 4 times a second: one line per 30 s
         self._feature_set_updated: float | None = None  # the active version's ingest end, from the health check
         self.control = control  # workers of one pod: admin reloads reach all of them through it
         self._seen_reloads: dict[ReloadKind, str] = {}
@@ -178,6 +180,9 @@ class ServingCore:
         """Start the background work: initial load, then the poller; the readiness monitor."""
         self._tasks.append(asyncio.create_task(self._load_then_poll(), name="model-loader"))
         self._tasks.append(asyncio.create_task(self._monitor_readiness(), name="readiness-monitor"))
+        follower = run_every("item-change-follower", self.settings.feature_store.item_changes_poll_s,
+                             self.follow_item_changes, self._stop)
+        self._tasks.append(asyncio.create_task(follower, name="item-change-follower"))
 
     async def _load_then_poll(self) -> None:
         await self.schema_hash.refresh()
@@ -204,6 +209,14 @@ class ServingCore:
     async def _monitor_readiness(self) -> None:
         await run_every("readiness-monitor", READINESS_INTERVAL_S, self.check_readiness, self._stop,
                         first_at_once=True)
+
+    async def follow_item_changes(self) -> None:
+        """Drop the items upserts rewrote from the store's item caches (one read of the change logs)."""
+        try:
+            await self.store.follow_item_changes()
+        except FeatureStoreError as exc:  # Redis away: the next tick reads on from the same entry
+            self._change_log_errors.warning("could not read the item change log; cached items stay until their TTL",
+                                            error=str(exc))
 
     def begin_drain(self) -> None:
         """Shutting down: report not ready from now on (load balancers stop sending traffic)."""
@@ -356,6 +369,8 @@ class ServingCore:
         delta = {f.name: getattr(counts, f.name) - getattr(last, f.name) for f in fields(FetchCounts)}
         m.item_cache.labels("hit").inc(max(0, delta["item_cache_hits"]))
         m.item_cache.labels("miss").inc(max(0, delta["item_cache_misses"]))
+        m.item_cache_dropped.labels("changed").inc(max(0, delta["item_cache_invalidations"]))
+        m.item_cache_resets.inc(max(0, delta["item_cache_resets"]))
         m.unknown_users.inc(max(0, delta["unknown_users"]))
         m.unknown_items.inc(max(0, delta["unknown_items"]))
         m.sync_retrieval_fallbacks()

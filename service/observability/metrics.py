@@ -100,6 +100,10 @@ class Metrics:
         )
         self.item_cache = Counter("rankserve_item_cache_lookups_total", "Item-feature cache lookups by result "
                                   "(hit, miss)", ["result"], registry=r)
+        self.item_cache_dropped = Counter("rankserve_item_cache_dropped_total", "Cached items dropped before their "
+                                          "TTL, by reason (changed: an upsert announced them)", ["reason"], registry=r)
+        self.item_cache_resets = Counter("rankserve_item_cache_resets_total", "Item caches emptied because their "
+                                         "change log had not been read for half its retention", registry=r)
         self.unknown_users = Counter("rankserve_unknown_users_total", "Fetches of a user without a profile in the "
                                      "feature store", registry=r)
         self.unknown_items = Counter("rankserve_unknown_items_total", "Candidates without item features in the "

@@ -13,8 +13,9 @@ service's assembly together.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,7 @@ from feature_store.redis_store import create_store
 from feature_store.schema import FeatureSchema, SchemaSpec, Vocabulary
 from feature_store.spec import SideFeatures, encode_context, stable_id_hash
 from feature_store.store import EmbeddedConfig, FeatureStoreConfig
-from ingest.bulk import ingest_log
+from ingest.bulk import ingest_log, upsert_items
 from models.data.events import EventLog, SideTable
 from service.assemble import RetrievalSettings, SideRows, Tables, scorer_inputs
 from service.retrieval import make_retriever
@@ -122,7 +123,9 @@ def side_world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SideWorld]:
                                  catalogue=(item_ids, item_cats))
 
         asyncio.run(ingest())
-        server = Server(bundle.parent.parent, valkey.url, root / "server.log").start()
+        # an hour's item cache TTL: an upserted item served anew can only have come through the change log
+        server = Server(bundle.parent.parent, valkey.url, root / "server.log",
+                        env={"RANKSERVE_FEATURE_STORE__ITEM_CACHE_TTL_S": "3600"}).start()
         try:
             server.wait_ready()
             yield SideWorld(server, bundle, valkey.url, users, items, dict(zip(item_ids.tolist(),
@@ -259,3 +262,48 @@ def test_integer_ids_of_a_string_id_model_are_their_text(side_world: SideWorld) 
     assert scores["7int"] == pytest.approx(scores["7str"])
     bad = rank(side_world, {"user_id": user_name(0), "candidates": ["sku-1", ""]})
     assert bad.status_code == 422 and "candidates[1]" in bad.json()["error"]["message"], bad.text
+
+
+def test_an_upserted_item_is_served_without_waiting_for_the_cache_ttl(side_world: SideWorld) -> None:
+    """The running server drops an upserted item from its item cache when it reads the change log,
+    and scores it on the new row; upserting the old row back restores the old scores."""
+    target = item_name(3)
+    row = int(np.flatnonzero(side_world.items.ids == int(stable_id_hash([target])[0]))[0])
+    context = {"device": "web", "hour": 8}
+    body = {"user_id": user_name(0), "candidates": CANDIDATES, "top_n": len(CANDIDATES), "context": context,
+            "request_time": NOW}
+
+    def served() -> dict[str, float]:
+        resp = rank(side_world, body)
+        assert resp.status_code == 200, resp.text
+        return {it["item_id"]: it["score"] for it in resp.json()["items"]}
+
+    def upsert(items: SideTable) -> None:
+        async def run() -> None:
+            async with create_store(FeatureStoreConfig(url=side_world.redis_url)) as store:
+                await upsert_items(store, open_bundle(side_world.bundle).schema, items)
+        asyncio.run(run())
+
+    def served_once_changed(old: dict[str, float]) -> dict[str, float]:
+        deadline = time.monotonic() + 60.0  # read 4 times a second; far inside the hour's TTL
+        while (now := served())[target] == old[target]:
+            assert time.monotonic() < deadline, "the upsert was not served: " + side_world.server.logs()[-2000:]
+            time.sleep(0.1)
+        return now
+
+    original = served()
+    columns = {k: v.copy() for k, v in side_world.items.columns.items()}
+    columns["brand"][row], columns["price"][row] = "b5", float(columns["price"][row]) * 20 + 100
+    changed_items = SideTable(side_world.items.ids, columns)
+    upsert(SideTable(changed_items.ids[row : row + 1], {k: v[row : row + 1] for k, v in columns.items()}))
+
+    changed = served_once_changed(original)
+    _, fused = expected_scores(replace(side_world, items=changed_items), user_name(0), CANDIDATES, context, NOW)
+    for j, item in enumerate(CANDIDATES):
+        assert changed[item] == pytest.approx(float(fused[j]), rel=1e-5, abs=1e-6)
+    assert all(changed[item] == original[item] for item in CANDIDATES if item != target)
+
+    upsert(SideTable(side_world.items.ids[row : row + 1],
+                     {k: v[row : row + 1] for k, v in side_world.items.columns.items()}))
+    restored = served_once_changed(changed)
+    assert restored == pytest.approx(original, rel=1e-6)

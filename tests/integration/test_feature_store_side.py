@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from feature_store import keys
+from feature_store import keys, redis_store
 from feature_store.codecs import decode_side, encode_items
 from feature_store.errors import FeatureStoreDataError, VersionConflict
 from feature_store.redis_store import create_store
@@ -304,3 +304,57 @@ def test_spec_of_a_run_or_bundle_directory(side_set: tuple[Path, Dataset, Featur
     shutil.copyfile(d / "spec.yaml", bundle / "spec.yaml")
     carried = bulk.spec_of_directory(bundle, d)
     assert carried is not None and carried[0].name == "side-test" and carried[1] == d
+
+
+async def test_an_upsert_drops_the_rewritten_items_from_running_servers_caches(
+    backend: Backend, store: OnlineStore, side_set: tuple[Path, Dataset, FeatureSchema], tmp_path: Path
+) -> None:
+    """`store` plays a running server (its item cache warm), a second store the upsert command."""
+    _, dataset, schema = side_set
+    await ingest_dataset(store, dataset, schema, "k1", activate=True)
+    changed, untouched = item_raw("sku-2"), item_raw("sku-3")
+    assert await store.follow_item_changes() == 0  # no item cache yet: nothing to follow
+    await store.fetch(1, [changed, untouched])
+    # the first read finds where the log stands and empties what the cache took before it
+    assert await store.follow_item_changes() == 0
+    before = await store.fetch(1, [changed, untouched])
+
+    items_csv = tmp_path / "items.csv"
+    items_csv.write_text("item_id,brand,price\nsku-2,initech,12.5\n")
+    async with create_store(backend.store_config()) as writer:
+        stats = await upsert_items(writer, schema, read_upsert_table(items_csv, dataset.spec, schema, "items"))
+    assert stats.written == 1
+    stale = await store.fetch(1, [changed, untouched])  # not yet read: the cached value
+    np.testing.assert_array_equal(stale.item_side, before.item_side)
+
+    assert await store.follow_item_changes() == 1  # sku-2 only: an unchanged row is not written or announced
+    counts = store.fetch_counts()
+    after = await store.fetch(1, [changed, untouched])
+    assert store.fetch_counts().item_cache_misses - counts.item_cache_misses == 1
+    ids, values = decode_side(after.item_side[:1], *widths(schema.spec.side.item))
+    want_ids, want_values = schema.spec.side.item.encode_rows({"brand": ["initech"], "price": [12.5]}, 1)
+    np.testing.assert_array_equal(ids, want_ids)
+    np.testing.assert_array_equal(values, want_values)
+    np.testing.assert_array_equal(after.item_side[1], before.item_side[1])
+    assert await store.follow_item_changes() == 0  # each entry is read once
+    assert (store.fetch_counts().item_cache_invalidations, store.fetch_counts().item_cache_resets) == (1, 0)
+
+
+async def test_a_change_log_left_unread_for_half_its_retention_empties_the_cache(
+    store: OnlineStore, side_set: tuple[Path, Dataset, FeatureSchema], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Entries older than the retention are trimmed: a store that has not read the log for half of
+    it cannot know what it missed, so it serves nothing it cached before."""
+    monkeypatch.setattr(redis_store, "ITEM_CHANGES_RETENTION_S", 0.4)
+    _, dataset, schema = side_set
+    await ingest_dataset(store, dataset, schema, "k2", activate=True)
+    wanted = [item_raw("sku-2"), item_raw("sku-3")]
+    await store.fetch(1, wanted)
+    await store.follow_item_changes()
+    await store.fetch(1, wanted)
+    await asyncio.sleep(0.3)
+    assert await store.follow_item_changes() == 0
+    assert store.fetch_counts().item_cache_resets == 1
+    counts = store.fetch_counts()
+    await store.fetch(1, wanted)
+    assert store.fetch_counts().item_cache_misses - counts.item_cache_misses == 2

@@ -117,3 +117,22 @@ def test_value_size_from_the_first_value() -> None:
     assert cache.get(2) == (True, wide) and cache.get(3) == (False, None)
     cache.put(4, b"")  # an empty value never fixes nor enters the cache
     assert cache.get(4) == (False, None)
+
+
+def test_invalidate_drops_only_the_given_ids() -> None:
+    clock = FakeClock()
+    cache = ItemCache(1024, 60.0, 8, clock=clock)
+    cache.put_many([(1, rec(1)), (2, rec(2)), (3, None)])
+    assert cache.invalidate([2, 3, 99]) == 2  # 99 is not held: ignored
+    assert cache.get(1) == (True, rec(1))
+    assert cache.get(2) == (False, None) and cache.get(3) == (False, None)
+    assert len(cache) == 1
+    cache.put(2, rec(20))  # the freed slot takes the new value
+    assert cache.get(2) == (True, rec(20))
+    clock.now += 61.0  # an expired entry is not held: nothing to drop
+    assert cache.invalidate(np.array([1, 2], dtype=np.int64)) == 0
+
+
+def test_invalidate_on_a_disabled_cache_does_nothing() -> None:
+    cache = ItemCache(0, 60.0, 8)
+    assert cache.invalidate([1, 2]) == 0

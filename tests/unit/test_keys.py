@@ -25,6 +25,7 @@ def test_item_and_version_keys_exact_bytes() -> None:
     assert keys.ACTIVE_KEY == b"rs:active"
     assert keys.VERSIONS_KEY == b"rs:versions"
     assert keys.version_match_pattern("v1") == b"rs:v1:*"
+    assert keys.item_changes_key("v1") == b"rs:v1:item-changes"  # a version's key: dropped with it
 
 
 def test_a_users_keys_share_one_cluster_slot() -> None:
