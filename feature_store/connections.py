@@ -6,10 +6,14 @@ Single node (`single_client`, TCP, TLS or a unix socket from the URL) and Cluste
 
 from __future__ import annotations
 
+import asyncio
+import socket
 from collections.abc import Callable
 from typing import Any, cast
 from urllib.parse import unquote, urlsplit
 
+from redis import exceptions as rex
+from redis._parsers.base import BaseParser
 from redis.asyncio import ConnectionPool, Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.connection import AbstractConnection, Connection, SSLConnection, UnixDomainSocketConnection
@@ -24,8 +28,12 @@ try:
     import hiredis
 
     _hiredis_pack = hiredis.pack_command
-except ImportError:  # hiredis is in the serving install; without it redis-py's packer is used
+except ImportError:  # hiredis is in the serving install; without it redis-py's packer and reader are used
     _hiredis_pack = None
+
+
+def hiredis_missing() -> bool:
+    return _hiredis_pack is None
 
 
 class _HiredisPackMixin:
@@ -157,3 +165,176 @@ def node_client(config: FeatureStoreConfig, host: str, port: int) -> Redis:
         **options,
     )
     return Redis(connection_pool=pool)
+
+
+class _ReplyProtocol(asyncio.Protocol):
+    """One connection of `LeanReads`: a pipeline of commands out, its replies parsed by hiredis
+    straight from the socket's chunks (redis-py's asyncio client copies them through a
+    StreamReader and reads reply by reply). One call at a time."""
+
+    def __init__(self) -> None:
+        self.reader = hiredis.Reader()
+        self.transport: asyncio.Transport | None = None
+        self.lost: Exception | None = None
+        self._waiter: asyncio.Future[list[Any]] | None = None
+        self._want = 0
+        self._replies: list[Any] = []
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.reader.feed(data)
+        while True:
+            reply = self.reader.gets()
+            if reply is False:
+                break
+            self._replies.append(reply)
+        waiter = self._waiter
+        if len(self._replies) > self._want or waiter is None:  # a reply nobody asked for: out of step
+            self._fail(rex.InvalidResponse("unexpected reply from the server"))
+        elif len(self._replies) == self._want and not waiter.done():
+            waiter.set_result(self._replies)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._fail(rex.ConnectionError(f"connection closed by the server{f': {exc}' if exc else ''}"))
+
+    def _fail(self, exc: Exception) -> None:
+        self.lost = self.lost or exc
+        if self.transport is not None:
+            self.transport.close()
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_exception(exc)
+
+    async def call(self, packed: bytes, n_replies: int) -> list[Any]:
+        if self.lost is not None:
+            raise self.lost
+        assert self.transport is not None
+        self._replies, self._want = [], n_replies
+        self._waiter = asyncio.get_running_loop().create_future()
+        self.transport.write(packed)
+        try:
+            return await self._waiter
+        finally:
+            self._waiter = None
+
+
+class LeanReads:
+    """Pipelined reads on a single node through `_ReplyProtocol` connections, for the fetch.
+
+    The same server, credentials, database and timeouts as the redis-py client built from the
+    same URL (TCP or a unix socket; a TLS URL reads through redis-py, see `lean_reads_for`).
+    Replies come back as redis-py's pipeline gives them for GET, GETRANGE, STRLEN and MGET;
+    an error reply raises redis-py's exception for it (BusyLoadingError for LOADING, ...).
+    A call cut off by a timeout or a cancellation closes its connection (its replies would
+    arrive later, out of step); at most `max_connections` are open, beyond that a call raises
+    MaxConnectionsError, which the store retries like any connection error.
+    """
+
+    def __init__(self, connection: dict[str, Any], *, connect_timeout_s: float, read_timeout_s: float,
+                 max_connections: int) -> None:
+        self._connection = connection
+        self._connect_timeout_s = connect_timeout_s
+        self._read_timeout_s = read_timeout_s
+        self._max_connections = max_connections
+        self._idle: list[_ReplyProtocol] = []
+        self._open = 0
+        self._closed = False
+
+    @property
+    def address(self) -> str:
+        c = self._connection
+        return str(c["path"]) if "path" in c else f"{c.get('host', 'localhost')}:{c.get('port', 6379)}"
+
+    async def _connect(self) -> _ReplyProtocol:
+        loop = asyncio.get_running_loop()
+        c = self._connection
+        try:
+            async with asyncio.timeout(self._connect_timeout_s):
+                if "path" in c:
+                    _, proto = await loop.create_unix_connection(_ReplyProtocol, c["path"])
+                else:
+                    _, proto = await loop.create_connection(_ReplyProtocol, c.get("host", "localhost"),
+                                                            int(c.get("port", 6379)))
+                    sock = proto.transport.get_extra_info("socket") if proto.transport is not None else None
+                    if sock is not None:
+                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+                setup: list[tuple[Any, ...]] = []
+                if c.get("password"):
+                    setup.append(("AUTH", *([c["username"]] if c.get("username") else []), c["password"]))
+                if c.get("db"):
+                    setup.append(("SELECT", int(c["db"])))
+                if setup:
+                    try:
+                        _raise_errors(await proto.call(b"".join(map(hiredis.pack_command, setup)), len(setup)))
+                    except BaseException:  # refused credentials, a timeout: not a connection to keep
+                        if proto.transport is not None:
+                            proto.transport.close()
+                        raise
+        except TimeoutError as exc:  # the words the store's `never_sent` looks for: nothing was sent
+            raise rex.TimeoutError(f"Timeout connecting to server {self.address}") from exc
+        except OSError as exc:
+            raise rex.ConnectionError(f"Error {exc.errno} connecting to {self.address}. {exc.strerror}") from exc
+        return proto
+
+    async def execute(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """The replies of `commands`, sent as one pipeline on one connection."""
+        if self._closed:
+            raise rex.ConnectionError("the store is closed")
+        packed = b"".join(map(hiredis.pack_command, commands))
+        conn = None
+        while self._idle and conn is None:
+            conn = self._idle.pop()
+            if conn.lost is not None:  # closed while idle (a restarted server)
+                self._open -= 1
+                conn = None
+        if conn is None:
+            if self._open >= self._max_connections:
+                raise rex.MaxConnectionsError(f"all {self._max_connections} connections to {self.address} are busy")
+            self._open += 1
+            try:
+                conn = await self._connect()
+            except BaseException:
+                self._open -= 1
+                raise
+        replies: list[Any] | None = None
+        try:
+            async with asyncio.timeout(self._read_timeout_s):
+                replies = await conn.call(packed, len(commands))
+        except TimeoutError as exc:
+            raise rex.TimeoutError(f"Timeout reading from {self.address}") from exc
+        finally:
+            if replies is not None and conn.lost is None and not self._closed:
+                self._idle.append(conn)
+            else:
+                self._open -= 1
+                if conn.transport is not None:
+                    conn.transport.close()
+        _raise_errors(replies)
+        return replies
+
+    def close(self) -> None:
+        self._closed = True
+        for conn in self._idle:
+            if conn.transport is not None:
+                conn.transport.close()
+        self._idle.clear()
+
+
+def _raise_errors(replies: list[Any]) -> None:
+    """Raise redis-py's exception for the first error reply, as its pipeline does."""
+    for reply in replies:
+        if isinstance(reply, hiredis.ReplyError):
+            raise cast(Exception, BaseParser.parse_error(str(reply)))  # type: ignore[no-untyped-call]
+
+
+def lean_reads_for(client: Redis, config: FeatureStoreConfig) -> LeanReads | None:
+    """`LeanReads` to the node `client` talks to, with its credentials; None for a TLS URL
+    (those reads stay with redis-py, whose TLS settings come from the URL) or without hiredis."""
+    pool = client.connection_pool
+    if hiredis_missing() or pool.connection_class not in (FastConnection, FastUnixDomainSocketConnection):
+        return None
+    keep = ("host", "port", "path", "db", "username", "password")
+    return LeanReads({k: v for k, v in pool.connection_kwargs.items() if k in keep and v is not None},
+                     connect_timeout_s=config.connect_timeout_s, read_timeout_s=config.read_timeout_s,
+                     max_connections=config.pool_size)

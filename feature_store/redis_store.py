@@ -53,7 +53,7 @@ from feature_store.codecs import (
     decode_sequence,
     encode_sequence,
 )
-from feature_store.connections import cluster_client, node_client, single_client
+from feature_store.connections import cluster_client, lean_reads_for, node_client, single_client
 from feature_store.embedded import EmbeddedValkey
 from feature_store.errors import (
     FeatureStoreConfigError,
@@ -354,6 +354,8 @@ class RedisOnlineStore(OnlineStore):
         self._counts = FetchCounts()
         self._cluster_errors = RateLimitedLog(log, 10.0)  # one line every 10 s, not one per fetch
         self._node_clients: dict[str, Redis] = {}  # cluster mode: plain clients per node, for reads
+        # single node: the fetch's own connections (redis-py's reader is most of a fetch's client CPU)
+        self._lean = None if self._cluster or not config.lean_reads else lean_reads_for(cast(Redis, client), config)
         self._valid_versions: set[str] = set()
         self._active: str | None = None
         self._active_checked = 0.0
@@ -741,7 +743,7 @@ class RedisOnlineStore(OnlineStore):
                 commands.extend(("GET", key) for key in miss_keys)
             else:
                 commands.append(("MGET", *miss_keys))
-        replies = await self._run("fetch", partial(self._execute, commands))
+        replies = await self._run("fetch", partial(self._lean.execute if self._lean else self._execute, commands))
         pos = 0
         if refresh_active:
             self._set_active(replies[0])
@@ -1099,6 +1101,8 @@ class RedisOnlineStore(OnlineStore):
         if self._closed:
             return
         self._closed = True
+        if self._lean is not None:
+            self._lean.close()
         try:
             if isinstance(self._client, RedisCluster):
                 await self._client.aclose()

@@ -95,6 +95,11 @@ class FeatureStoreConfig(BaseModel):
         description="also read the behaviour clusters (twin_v2) in the fetch's round trip: 2 bytes per event when "
         "an ingest stored them, a nil reply otherwise",
     )
+    lean_reads: bool = Field(
+        default=True,
+        description="single node, TCP or unix socket: send the fetch's pipeline on the store's own connections "
+        "and parse its replies with hiredis as they arrive (false: through redis-py, as every other call)",
+    )
     active_refresh_interval_s: float = Field(default=5.0, gt=0, description="re-read the active pointer this often")
     version: str | None = Field(default=None, description="pin this feature-set version instead of the active one")
 
