@@ -341,6 +341,16 @@ def decode_item_values(values: SequenceABC[bytes | None], ids: SequenceABC[int] 
     return ItemValues(rec["item"].astype(np.int64), rec["category"].astype(np.int64), found, rec["side"].copy())
 
 
+def decode_item_rows(rows: npt.NDArray[np.uint8], found: npt.NDArray[np.bool_]) -> ItemValues:
+    """`decode_item_values` of values laid out as rows [n, 8 + side width] (all-zero rows where not
+    `found`), as the item cache holds them: no Python object per item."""
+    width = rows.shape[1] - ITEM_RECORD.itemsize
+    if width < 0 or width % SIDE_ENTRY_SIZE:
+        raise CodecError(f"item rows of {rows.shape[1]} bytes: expected 8 plus whole 4-byte side entries")
+    rec = np.ascontiguousarray(rows).view(_item_dtype(width)).reshape(rows.shape[0])
+    return ItemValues(rec["item"].astype(np.int64), rec["category"].astype(np.int64), found.copy(), rec["side"].copy())
+
+
 _ITEM_DTYPES: dict[int, np.dtype[np.void]] = {}
 
 

@@ -46,8 +46,10 @@ from feature_store.codecs import (
     CLUSTER_MAGIC,
     SEQ_RECORD_SIZE,
     CodecError,
+    ItemValues,
     Sequence,
     align_clusters,
+    decode_item_rows,
     decode_item_values,
     decode_profile_value,
     decode_sequence,
@@ -295,6 +297,31 @@ ITEM_CHANGES_IDS_PER_ENTRY = 4096
 ITEM_CHANGES_RETENTION_S = 600.0
 _ITEM_CHANGES_PER_READ = 64  # entries per XREAD; a read that returns this many is followed by another
 _ITEM_CHANGES_MAX_READS = 16  # reads per version and call: the rest waits for the next call
+
+
+def _merge_items(ids: list[int], rows: npt.NDArray[np.uint8] | None, held: npt.NDArray[np.bool_],
+                 missing: list[int], fetched: list[bytes | None]) -> ItemValues:
+    """The decoded values of `ids`: the item cache's `rows` (`ItemCache.get_rows`), with the
+    values fetched for the `missing` positions decoded into them."""
+    if rows is None or len(missing) == len(ids):  # nothing cached to decode as rows
+        values: list[bytes | None] = [None] * len(ids)
+        for p, value in zip(missing, fetched, strict=True):
+            values[p] = value
+        return decode_item_values(values, ids)
+    out = decode_item_rows(rows, held)
+    if missing:
+        got = decode_item_values(fetched, [ids[p] for p in missing])
+        at = np.asarray(missing, dtype=np.intp)
+        if got.found.any() and got.side.shape[1] != out.side.shape[1]:
+            # fetched values of another size than the cached ones: the reference decoder names the item
+            values = [bytes(row) if h else None for row, h in zip(rows, held.tolist(), strict=True)]
+            for p, value in zip(missing, fetched, strict=True):
+                values[p] = value
+            return decode_item_values(values, ids)
+        out.item[at], out.category[at], out.found[at] = got.item, got.category, got.found
+        if got.found.any():
+            out.side[at] = got.side
+    return out
 
 
 def item_change_commands(version: str, item_ids: SequenceABC[int]) -> list[tuple[Any, ...]]:
@@ -716,13 +743,14 @@ class RedisOnlineStore(OnlineStore):
         ids: list[int] = item_ids.tolist() if isinstance(item_ids, np.ndarray) else list(item_ids)
         ver, refresh_active = await self._read_version(version)
         cache = self._item_cache(ver)
+        rows: npt.NDArray[np.uint8] | None = None
         if cache.enabled and ids:
-            values, missing = cache.get_many(ids)
+            rows, held, missing = cache.get_rows(ids)
             self._counts.item_cache_hits += len(ids) - len(missing)
             self._counts.item_cache_misses += len(missing)
             miss_keys = keys.item_keys(ver, [ids[p] for p in missing] if len(missing) < len(ids) else ids)
         else:
-            values, missing = [], list(range(len(ids)))
+            held, missing = np.zeros(len(ids), dtype=bool), list(range(len(ids)))
             miss_keys = keys.item_keys(ver, ids)
         prof_key = keys.profile_key(ver, user_id)
         seq_key = keys.sequence_key(ver, user_id)
@@ -760,16 +788,12 @@ class RedisOnlineStore(OnlineStore):
                 pos += 2
                 if raw_clusters is not None:
                     sequence = self._with_clusters(sequence, raw_clusters, int(stored), user_id, ver)
+            fetched: list[bytes | None] = []
             if miss_keys:
                 fetched = replies[pos:] if cluster else replies[pos]
-                if len(missing) == len(ids):  # cold cache or cache off: the replies are the values
-                    values = fetched
-                else:
-                    for p, value in zip(missing, fetched, strict=True):
-                        values[p] = value
                 if cache.enabled:
                     cache.put_many(zip((ids[p] for p in missing), fetched, strict=True))
-            item_index, category_index, found, item_side = decode_item_values(values, ids)
+            item_index, category_index, found, item_side = _merge_items(ids, rows, held, missing, fetched)
         except CodecError as exc:
             raise FeatureStoreDataError(f"fetch of user {user_id} in version {ver!r}: {exc}") from exc
         if user_index is None:

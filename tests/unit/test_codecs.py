@@ -11,6 +11,7 @@ from feature_store.codecs import (
     SEQ_RECORD_SIZE,
     CodecError,
     Sequence,
+    decode_item_rows,
     decode_item_values,
     decode_items,
     decode_profile,
@@ -212,3 +213,25 @@ def test_side_roundtrip_property(n: int, c: int, m: int, data: st.DataObject) ->
 def test_sequence_empty_and_last() -> None:
     s = Sequence.empty()
     assert len(s) == 0 and len(s.last(5)) == 0
+
+
+def test_item_rows_decode_as_the_values_do_and_merge_with_fetched_ones() -> None:
+    from feature_store.redis_store import _merge_items
+
+    tails = encode_side(np.array([[1, 2], [3, 4], [5, 6]]), np.array([[0.5], [1.5], [2.5]]))
+    values: list[bytes | None] = list(encode_items([10, 20, 30], [1, 2, 3], tails))
+    width = len(values[0] or b"")
+    rows = np.zeros((4, width), dtype=np.uint8)
+    held = np.array([True, False, True, False])
+    rows[0], rows[2] = np.frombuffer(values[0] or b"", np.uint8), np.frombuffer(values[2] or b"", np.uint8)
+    want = decode_item_values([values[0], None, values[2], None])
+    for got, expected in zip(decode_item_rows(rows, held), want, strict=True):
+        np.testing.assert_array_equal(got, expected)
+
+    # positions 1 and 3 missed the cache: one fetched value, one absent in the store
+    merged = _merge_items([5, 6, 7, 8], rows, held, [1, 3], [values[1], None])
+    for got, expected in zip(merged, decode_item_values([values[0], values[1], values[2], None]), strict=True):
+        np.testing.assert_array_equal(got, expected)
+    untailed = encode_items([40], [4])[0]  # another size than the cached rows: named, as by the decoders
+    with pytest.raises(CodecError, match="item 8"):
+        _merge_items([5, 6, 7, 8], rows, held, [3], [untailed])

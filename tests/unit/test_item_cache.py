@@ -136,3 +136,19 @@ def test_invalidate_drops_only_the_given_ids() -> None:
 def test_invalidate_on_a_disabled_cache_does_nothing() -> None:
     cache = ItemCache(0, 60.0, 8)
     assert cache.invalidate([1, 2]) == 0
+
+
+def test_get_rows_matches_get_many() -> None:
+    cache = ItemCache(1024, 60.0, None)
+    rows, held, missing = cache.get_rows([1, 2])
+    assert rows is None and held.tolist() == [False, False] and missing == [0, 1]
+    cache.put_many([(1, rec(1)), (3, None)])  # the first value fixes the size
+    keys = [3, 2, 1, 1, 7]
+    values, want_missing = cache.get_many(keys)
+    rows, held, missing = cache.get_rows(keys)
+    assert rows is not None and missing == want_missing == [1, 4]
+    assert held.tolist() == [v is not None for v in values]
+    assert [bytes(r) if h else None for r, h in zip(rows, held, strict=True)] == values
+    assert not rows[~held].any()  # nothing but zeros where no value is held
+    rows[2] = 0  # a copy: the caller cannot change the cache
+    assert cache.get(1) == (True, rec(1))
