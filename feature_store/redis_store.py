@@ -7,9 +7,9 @@ length aligns the stored cluster ids with the newest events read), and one MGET 
 the in-process cache does not hold. In Cluster mode the user's keys share a slot (hash tag);
 all commands, items as one GET per key, are grouped by node with the slot map and sent as one
 plain pipeline per node, concurrently: one round trip per node. On a single node the fetch's
-pipeline goes over the store's own hiredis-parsed connections (`connections.LeanReads`). When the cached active pointer
-is due for a refresh, its GET rides in the same pipeline, so no request pays an extra round trip
-for it.
+pipeline goes over the store's own hiredis-parsed connections (`connections.LeanReads`). When
+the cached active pointer is due for a refresh, its GET rides in the same pipeline, so no
+request pays an extra round trip for it.
 
 Failures: redis-py's own retries are switched off; `_run` retries connection and timeout errors
 only, with exponential backoff and full jitter, bounded by `retry_attempts` and by the
