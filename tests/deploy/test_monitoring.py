@@ -27,8 +27,8 @@ RULES = MONITORING / "rules.yaml"
 DASHBOARD = MONITORING / "grafana-dashboard.json"
 RULES_TEST = REPO / "tests" / "deploy" / "promtool" / "rules_test.yaml"
 ALERTS = {"RankserveHighP99Latency", "RankserveHighDegradedShare", "RankserveNoModelLoaded", "RankserveBundleRefused",
-          "RankserveFeatureSetTooOld", "RankserveConsumerLagGrowing", "RankserveConsumerBatchesFailing",
-          "RankserveConsumerDeadLetters"}
+          "RankserveFeatureSetTooOld", "RankserveItemChangeLogUnread", "RankserveConsumerLagGrowing",
+          "RankserveConsumerBatchesFailing", "RankserveConsumerDeadLetters"}
 PANELS = {"Request rate", "Latency p50 per stage", "Latency p99 per stage", "Degraded share", "Arm shares",
           "Shadow agreement", "Errors by code"}
 
