@@ -113,21 +113,12 @@ class ItemCache:
 
     def get_many(self, keys: Sequence[int]) -> tuple[list[bytes | None], list[int]]:
         """(values in key order, positions of the misses). A miss's value slot is None."""
-        n = len(keys)
-        if not self.enabled or n == 0:
-            self.misses += n
-            return [None] * n, list(range(n))
-        ids = np.asarray(keys, dtype=np.int64)
-        slots, hit = self._lookup(ids, self._clock())
-        present = np.flatnonzero(hit & ~self._absent[slots])
-        out = np.full(n, None, dtype=object)
-        if present.size:
+        rows, held, missing = self.get_rows(keys)
+        out = np.full(len(keys), None, dtype=object)
+        if rows is not None and held.any():
             # a void view turns each record row into one bytes object in C, no Python loop per entry
-            out[present] = self._values[slots[present]].view(self._void).ravel().tolist()
+            out[held] = rows[held].view(self._void).ravel().tolist()
         values: list[bytes | None] = out.tolist()
-        missing = np.flatnonzero(~hit).tolist()
-        self.misses += len(missing)
-        self.hits += n - len(missing)
         return values, missing
 
     def get_rows(self, keys: Sequence[int]) -> tuple[np.ndarray | None, np.ndarray, list[int]]:

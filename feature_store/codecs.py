@@ -305,9 +305,6 @@ def decode_items(values: SequenceABC[bytes | None], ids: SequenceABC[int] | None
     return ItemValues(rec["item"].astype(np.int64), rec["category"].astype(np.int64), found, rows[:, head:].copy())
 
 
-_ITEM_MISS = bytes(ITEM_RECORD.itemsize)
-
-
 def decode_item_values(values: SequenceABC[bytes | None], ids: SequenceABC[int] | None = None) -> ItemValues:
     """Same result as `decode_items`, with one join and one `frombuffer` instead of a per-item copy.
 
@@ -322,33 +319,25 @@ def decode_item_values(values: SequenceABC[bytes | None], ids: SequenceABC[int] 
     found = np.fromiter(map(operator.is_not, values, repeat(None)), dtype=bool, count=n)
     # The set of lengths catches mixed sizes, the total (below) catches empty values.
     sizes = set(map(len, filter(None, values)))
-    if not sizes or sizes == {head}:  # no side tails: the record alone
-        joined = b"".join([_ITEM_MISS if v is None else v for v in values])
-        if len(joined) != n * head:
-            return decode_items(values, ids)
-        rec = np.frombuffer(joined, dtype=ITEM_RECORD)
-        return ItemValues(
-            rec["item"].astype(np.int64), rec["category"].astype(np.int64), found, np.zeros((n, 0), dtype=np.uint8)
-        )
-    size = next(iter(sizes))
+    size = next(iter(sizes)) if sizes else head  # nothing found: records alone, no side tails
     if len(sizes) > 1 or size < head or (size - head) % SIDE_ENTRY_SIZE:
         return decode_items(values, ids)
     miss = bytes(size)
     joined = b"".join([miss if v is None else v for v in values])
     if len(joined) != n * size:
         return decode_items(values, ids)
-    rec = np.frombuffer(joined, dtype=_item_dtype(size - head))
-    return ItemValues(rec["item"].astype(np.int64), rec["category"].astype(np.int64), found, rec["side"].copy())
+    return decode_item_rows(np.frombuffer(joined, dtype=np.uint8).reshape(n, size), found)
 
 
 def decode_item_rows(rows: npt.NDArray[np.uint8], found: npt.NDArray[np.bool_]) -> ItemValues:
     """`decode_item_values` of values laid out as rows [n, 8 + side width] (all-zero rows where not
-    `found`), as the item cache holds them: no Python object per item."""
+    `found`, which the result keeps as its own), as the item cache holds them: no Python object
+    per item."""
     width = rows.shape[1] - ITEM_RECORD.itemsize
     if width < 0 or width % SIDE_ENTRY_SIZE:
         raise CodecError(f"item rows of {rows.shape[1]} bytes: expected 8 plus whole 4-byte side entries")
     rec = np.ascontiguousarray(rows).view(_item_dtype(width)).reshape(rows.shape[0])
-    return ItemValues(rec["item"].astype(np.int64), rec["category"].astype(np.int64), found.copy(), rec["side"].copy())
+    return ItemValues(rec["item"].astype(np.int64), rec["category"].astype(np.int64), found, rec["side"].copy())
 
 
 _ITEM_DTYPES: dict[int, np.dtype[np.void]] = {}

@@ -32,10 +32,6 @@ except ImportError:  # hiredis is in the serving install; without it redis-py's 
     _hiredis_pack = None
 
 
-def hiredis_missing() -> bool:
-    return _hiredis_pack is None
-
-
 class _HiredisPackMixin:
     """Pack commands with hiredis' C packer, as redis-py's *sync* client already does.
 
@@ -332,7 +328,7 @@ def lean_reads_for(client: Redis, config: FeatureStoreConfig) -> LeanReads | Non
     """`LeanReads` to the node `client` talks to, with its credentials; None for a TLS URL
     (those reads stay with redis-py, whose TLS settings come from the URL) or without hiredis."""
     pool = client.connection_pool
-    if hiredis_missing() or pool.connection_class not in (FastConnection, FastUnixDomainSocketConnection):
+    if _hiredis_pack is None or pool.connection_class not in (FastConnection, FastUnixDomainSocketConnection):
         return None
     keep = ("host", "port", "path", "db", "username", "password")
     return LeanReads({k: v for k, v in pool.connection_kwargs.items() if k in keep and v is not None},

@@ -248,7 +248,7 @@ class FetchCounts:
     item_cache_hits: int = 0
     item_cache_misses: int = 0  # lookups the item cache sent on to Redis (0 both while it is off)
     item_cache_invalidations: int = 0  # cached items dropped because an upsert announced them
-    item_cache_resets: int = 0  # item caches emptied because their change log lost entries unread
+    item_cache_resets: int = 0  # item caches emptied because their change log went unread for half its retention
 
 
 @dataclass

@@ -37,7 +37,7 @@ ITEMS = 500
 
 
 async def measure(url: str, rounds: int, poll_s: float) -> dict[str, Any]:
-    config = FeatureStoreConfig(mode="single", url=url, item_changes_poll_s=poll_s)
+    config = FeatureStoreConfig(mode="single", url=url)  # the follower below runs at `poll_s`
     server: OnlineStore = create_store(config)
     writer: OnlineStore = create_store(config)
     ids = list(range(1, ITEMS + 1))
