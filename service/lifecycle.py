@@ -136,6 +136,8 @@ class ServingCore:
         self._listeners: list[ReadinessListener] = []
         self._load_lock = asyncio.Lock()
         self._last_ready: bool | None = None
+        # set once the first model load was tried (loaded or not): workers sharing ports wait for it
+        self.first_load_attempted = asyncio.Event()
         self._draining = False
         self._synced_swaps = 0
         self._synced_refused = 0
@@ -185,22 +187,25 @@ class ServingCore:
         self._tasks.append(asyncio.create_task(follower, name="item-change-follower"))
 
     async def _load_then_poll(self) -> None:
-        await self.schema_hash.refresh()
         try:
-            async with self._load_lock:
-                model = await asyncio.to_thread(self.registry.load_version)
-            log.info("initial model loaded and warmed up", extra={"model": model.key})
-        except (ModelUnavailable, BundleRejected) as exc:
-            log.error("no model loaded at startup; watching %s for one", self.settings.model_dir,
-                      extra={"reason": exc.message})
-        if self.experiments.configured:
-            with contextlib.suppress(ExperimentsRejected):  # logged; not ready until a valid file is in place
-                await self.experiments.reload()
-            self._tasks.append(asyncio.create_task(self.experiments.poll(self._stop), name="experiments-poller"))
-        if self.control is not None:
-            follower = run_every("reload-follower", CONTROL_INTERVAL_S, self.follow_reloads, self._stop)
-            self._tasks.append(asyncio.create_task(follower, name="reload-follower"))
-        await self.check_readiness()
+            await self.schema_hash.refresh()
+            try:
+                async with self._load_lock:
+                    model = await asyncio.to_thread(self.registry.load_version)
+                log.info("initial model loaded and warmed up", extra={"model": model.key})
+            except (ModelUnavailable, BundleRejected) as exc:
+                log.error("no model loaded at startup; watching %s for one", self.settings.model_dir,
+                          extra={"reason": exc.message})
+            if self.experiments.configured:
+                with contextlib.suppress(ExperimentsRejected):  # logged; not ready until a valid file is in place
+                    await self.experiments.reload()
+                self._tasks.append(asyncio.create_task(self.experiments.poll(self._stop), name="experiments-poller"))
+            if self.control is not None:
+                follower = run_every("reload-follower", CONTROL_INTERVAL_S, self.follow_reloads, self._stop)
+                self._tasks.append(asyncio.create_task(follower, name="reload-follower"))
+            await self.check_readiness()
+        finally:  # a worker waiting for this to take traffic must not wait forever on an unexpected error
+            self.first_load_attempted.set()
         await self.registry.poll(self._stop)
 
     def _experiments_changed(self, experiments: Experiments) -> None:

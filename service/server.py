@@ -1,8 +1,10 @@
 """`rankserve serve`: REST (uvicorn) and gRPC (grpcio aio) in one process, on one event loop.
 
-Both transports share one `ServingCore` (store, registry, ranking service). They start listening
-before the model is loaded, so `/livez` answers during a long load while `/readyz` and gRPC
-health stay NOT ready until the model is loaded and warmed up.
+Both transports share one `ServingCore` (store, registry, ranking service). A single process
+starts listening before the model is loaded, so `/livez` answers during a long load while
+`/readyz` and gRPC health stay NOT ready until the model is loaded and warmed up. A worker of
+several (below) takes connections only once its first load was tried: its siblings may already
+report the pod ready, and it would answer its share of the traffic with 503.
 
 SIGTERM / SIGINT: readiness turns false, both transports stop accepting at once, in-flight
 requests get `drain_timeout_s` to finish, then the core closes (poller, CPU pool, store) and the
@@ -39,13 +41,16 @@ import tempfile
 import time
 from collections.abc import Generator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
 from pydantic import ValidationError
 
 from service.observability.logging_setup import configure_logging
 from service.settings import Settings
+
+if TYPE_CHECKING:
+    from service.lifecycle import ServingCore
 
 log = logging.getLogger("rankserve.server")
 
@@ -138,8 +143,12 @@ async def serve(
         return 1
     grpc_server: GrpcServer | None = None
     code = 0
+    stop_task = asyncio.create_task(stop.wait(), name="stop-signal")
     try:
         config = _uvicorn_config(settings, create_app(core=core))
+        await core.start()
+        if reuse_port and not await _first_load_or_stop(core, stop_task):
+            return 0
         try:
             sock = _nodelay(http_socket or config.bind_socket())
             if settings.grpc_port:
@@ -149,9 +158,7 @@ async def serve(
                       extra={"http_port": settings.http_port, "grpc_port": settings.grpc_port})
             return 1
         http = _HttpServer(config)
-        await core.start()
         http_task = asyncio.create_task(http.serve(sockets=[sock]), name="http")
-        stop_task = asyncio.create_task(stop.wait(), name="stop-signal")
         done, _ = await asyncio.wait({http_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
         if http_task in done:
             log.error("HTTP server exited unexpectedly", extra={"error": repr(http_task.exception())})
@@ -159,17 +166,33 @@ async def serve(
         else:
             log.info("shutting down: draining in-flight requests", extra={"drain_timeout_s": settings.drain_timeout_s})
         core.begin_drain()
-        stop_task.cancel()
         http.should_exit = True
         started = time.monotonic()
         grpc_stop = [grpc_server.stop(settings.drain_timeout_s)] if grpc_server else []
         await asyncio.gather(http_task, *grpc_stop, return_exceptions=True)
         log.info("transports stopped", extra={"seconds": round(time.monotonic() - started, 3)})
     finally:
+        stop_task.cancel()
         await core.aclose()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
     return code
+
+
+async def _first_load_or_stop(core: ServingCore, stop_task: asyncio.Task[Any]) -> bool:
+    """Wait until `core` has tried its first model load; False if a stop signal came first.
+
+    For one of several workers sharing the ports: a worker still loading would answer its share
+    of the traffic with 503 while its siblings' /readyz already says the pod is ready. Until it
+    accepts, the kernel hands new connections to the others (or holds them in the backlog).
+    """
+    loaded = asyncio.create_task(core.first_load_attempted.wait(), name="first-load")
+    await asyncio.wait({loaded, stop_task}, return_when=asyncio.FIRST_COMPLETED)
+    if loaded.done():
+        return True
+    loaded.cancel()
+    log.info("stopped before the first model load finished")
+    return False
 
 
 def _nodelay(sock: socket.socket) -> socket.socket:

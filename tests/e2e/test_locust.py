@@ -28,7 +28,9 @@ def _rows(stats_csv: Path) -> dict[tuple[str, str], dict[str, str]]:
 def test_bounded_locust_run_has_no_failures(world: World, make_server: Any, tmp_path: Path) -> None:
     model_dir = tmp_path / "models"
     export_bundle(world, model_dir)
-    server = make_server(model_dir, RANKSERVE_MAX_CANDIDATES="1000")
+    # the harness counts a degraded answer as a failure; on a loaded 2-core machine a fetch can miss
+    # the 100 ms production budget, which the fault tests cover: here it must not decide the run
+    server = make_server(model_dir, RANKSERVE_MAX_CANDIDATES="1000", RANKSERVE_FETCH_BUDGET_S="2.0")
     server.wait_ready()
     population = tmp_path / "population.json"
     write_population(population, [int(u) for u in world.schema.users.ids], [int(i) for i in world.schema.items.ids])
@@ -43,7 +45,7 @@ def test_bounded_locust_run_has_no_failures(world: World, make_server: Any, tmp_
         "--csv", str(out / "run"), "--html", str(out / "run.html"), "RestUser", "GrpcUser",
     ]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=RUN_TIME_S + 90, check=False)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:] + server.logs()[-3000:]
     rows = _rows(out / "run_stats.csv")
     total = rows[("", "Aggregated")]
     assert int(total["Failure Count"]) == 0, total
@@ -68,7 +70,7 @@ def test_request_bound_stops_the_run(world: World, make_server: Any, tmp_path: P
         "--rs-max-requests", "30", "--csv", str(tmp_path / "b"), "RestUser",
     ]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=100, check=False)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:] + server.logs()[-3000:]
     total = _rows(tmp_path / "b_stats.csv")[("", "Aggregated")]
     assert 30 <= int(total["Request Count"]) <= 40, total  # in-flight requests of the 2 users may finish
 

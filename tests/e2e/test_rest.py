@@ -341,13 +341,17 @@ def test_two_workers_share_both_ports(make_server: Any, world: World, tmp_path: 
     export_bundle(world, model_dir)
     server = make_server(model_dir, RANKSERVE_WORKERS="2")
     server.wait_ready(timeout=120)
-    streak, deadline = 0, time.monotonic() + 60
-    while streak < 10 and time.monotonic() < deadline:  # both workers ready (new connection each time)
-        ok = httpx.get(server.base_url + "/readyz", headers={"Connection": "close"}).status_code == 200
-        streak = streak + 1 if ok else 0
+    # From the first ready answer on, every request is answered in full, also while the other
+    # worker is still loading: a worker takes no connection before its first load is over.
     body = {"user_id": world.long_user, "candidates": world.known_items[:5]}
+    statuses: list[int] = []
+    deadline = time.monotonic() + 120
+    while server.logs().count("initial model loaded") < 2 and time.monotonic() < deadline:
+        statuses.append(rank(server, body, headers={"Connection": "close"}).status_code)
+    assert server.logs().count("initial model loaded") == 2, server.logs()[-4000:]
     for _ in range(10):  # a new connection each time: the kernel hands them to either worker
-        assert rank(server, body, headers={"Connection": "close"}).status_code == 200
+        statuses.append(rank(server, body, headers={"Connection": "close"}).status_code)
+    assert set(statuses) == {200}, statuses
     with grpc.insecure_channel(server.grpc_target) as channel:
         reply = pb2_grpc.RankerStub(channel).Rank(pb2.RankRequest(**body), timeout=10)
     assert reply.model == "tiny/1" and len(reply.items) == 5
