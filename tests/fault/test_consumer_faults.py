@@ -181,6 +181,26 @@ class ConsumerProc:
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(timeout=30)
 
+    def stop_holding(self, client: Any, timeout: float = 30.0) -> int:
+        """SIGSTOP this consumer at a moment it holds entries delivered and not acknowledged, and
+        return how many (0: it held none each time it was stopped within `timeout`; it runs on then).
+
+        Stopped, it cannot acknowledge them, so a SIGKILL that follows lands mid-batch for certain:
+        polling for a held batch and killing at once missed batches that last a few milliseconds.
+        """
+        assert self.proc is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.proc.send_signal(signal.SIGSTOP)
+            _wait_stopped(self.proc.pid)
+            time.sleep(0.01)  # what it sent before it stopped (an XACK on its way) reaches the server
+            held = pending_of(client, self.name)
+            if held:
+                return held
+            self.proc.send_signal(signal.SIGCONT)
+            time.sleep(0.005)
+        return 0
+
     def sigterm(self, timeout: float = 60.0) -> int:
         """SIGTERM and the exit code (killed, and the test failed, if it does not exit in time)."""
         assert self.proc is not None
@@ -321,6 +341,17 @@ def pending(client: Any) -> dict[int, dict[str, int]]:
     return out
 
 
+def _wait_stopped(pid: int, timeout: float = 5.0) -> None:
+    """Until the kernel reports `pid` stopped (state T): SIGSTOP is delivered asynchronously."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        if state in ("T", "t"):
+            return
+        time.sleep(0.001)
+    raise AssertionError(f"process {pid} did not stop within {timeout}s of SIGSTOP")
+
+
 def pending_of(client: Any, name: str) -> int:
     return sum(per.get(name, 0) for per in pending(client).values())
 
@@ -450,12 +481,10 @@ def test_consumers_sigkilled_mid_batch_lose_and_repeat_nothing(
             wait_for(lambda k=k: producer.sent >= (k + 1) * len(sent) // (KILLS + 1) or not producer.is_alive(),
                      f"the producer to send {(k + 1) * 100 // (KILLS + 1)}% of the events", alive=all_alive)
             victim = live[k % 2]
-            # mid-batch: it holds entries delivered and not yet acknowledged (poll, then kill at once)
-            with contextlib.suppress(pytest.fail.Exception):
-                wait_for(lambda v=victim: pending_of(client, v.name) > 0, f"{victim.name} to hold a batch",
-                         timeout=30, interval=0.005, alive=all_alive)
+            all_alive()
+            # mid-batch: stopped while it holds entries delivered and not yet acknowledged
+            held_at_kill.append(victim.stop_holding(client))
             victim.sigkill()
-            held_at_kill.append(pending_of(client, victim.name))
             live[k % 2] = consumers(f"c{k + 2}", target, **options)
         producer.finish()
     finally:
