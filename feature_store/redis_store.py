@@ -304,25 +304,25 @@ def _merge_items(ids: list[int], rows: npt.NDArray[np.uint8] | None, held: npt.N
                  missing: list[int], fetched: list[bytes | None]) -> ItemValues:
     """The decoded values of `ids`: the item cache's `rows` (`ItemCache.get_rows`), with the
     values fetched for the `missing` positions decoded into them."""
-    if rows is None or len(missing) == len(ids):  # nothing cached to decode as rows
-        values: list[bytes | None] = [None] * len(ids)
-        for p, value in zip(missing, fetched, strict=True):
-            values[p] = value
-        return decode_item_values(values, ids)
-    out = decode_item_rows(rows, held)
-    if missing:
+    if rows is not None and len(missing) < len(ids):
+        out = decode_item_rows(rows, held)
+        if not missing:  # all cached: the common case of a warm cache
+            return out
         got = decode_item_values(fetched, [ids[p] for p in missing])
-        at = np.asarray(missing, dtype=np.intp)
-        if got.found.any() and got.side.shape[1] != out.side.shape[1]:
-            # fetched values of another size than the cached ones: the reference decoder names the item
-            values = [bytes(row) if h else None for row, h in zip(rows, held.tolist(), strict=True)]
-            for p, value in zip(missing, fetched, strict=True):
-                values[p] = value
-            return decode_item_values(values, ids)
-        out.item[at], out.category[at], out.found[at] = got.item, got.category, got.found
-        if got.found.any():
-            out.side[at] = got.side
-    return out
+        if not got.found.any() or got.side.shape[1] == out.side.shape[1]:
+            at = np.asarray(missing, dtype=np.intp)
+            out.item[at], out.category[at], out.found[at] = got.item, got.category, got.found
+            if got.found.any():
+                out.side[at] = got.side
+            return out
+    # nothing cached, or fetched values of another size than the cached ones: every value through
+    # the bytes decoder, which names an item whose value does not fit
+    values: list[bytes | None] = [None] * len(ids)
+    if rows is not None:
+        values = [bytes(row) if h else None for row, h in zip(rows, held.tolist(), strict=True)]
+    for p, value in zip(missing, fetched, strict=True):
+        values[p] = value
+    return decode_item_values(values, ids)
 
 
 def item_change_commands(version: str, item_ids: SequenceABC[int]) -> list[tuple[Any, ...]]:

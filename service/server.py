@@ -147,6 +147,7 @@ async def serve(
     try:
         config = _uvicorn_config(settings, create_app(core=core))
         await core.start()
+        # reuse_port is set for the workers of a supervisor only: they share the ports
         if reuse_port and not await _first_load_or_stop(core, stop_task):
             return 0
         try:
