@@ -323,8 +323,12 @@ class StreamConsumer:
                 await self._ensure_groups(self.owned)
             self._errors.warning("batch failed; its entries will be read again", error=str(exc),
                                  error_type=type(exc).__name__)
-            for shard in self.owned:  # what was read and not acknowledged is pending: claim it back
-                self._to_claim.setdefault(shard, b"0-0")
+            # What was read and not acknowledged is pending: claim it back from the start of each
+            # shard's pending list. A claim walk under way starts over too: its cursor is past the
+            # batch that just failed, which would otherwise stay pending, unapplied, while newer
+            # events of its users were appended.
+            for shard in self.owned:
+                self._to_claim[shard] = b"0-0"
             await self._update_lag()  # the lag keeps telling while batches fail
             return StepResult()
         await self._update_lag()

@@ -18,6 +18,7 @@ from redis.cluster import ClusterNode, RedisCluster
 
 from feature_store import events as ev
 from feature_store.redis_store import RedisOnlineStore
+from feature_store.errors import FeatureStoreError
 from feature_store.store import OnlineStore
 from ingest.stream import ConsumerConfig, StepResult, StreamConsumer
 from tests.integration.conftest import Backend
@@ -256,6 +257,63 @@ async def test_a_dead_consumers_shards_and_pending_entries_pass_to_a_live_one(
     for user in users:
         got = (await store.fetch(user, [], max_sequence_length=CAP)).sequence
         mine = [e.timestamp for e in sent if e.user_id == user]
+        np.testing.assert_array_equal(got.timestamp[-len(mine):], mine)
+    for shard in range(SHARDS):
+        assert client.xpending(ev.stream_key(shard), ev.GROUP)["pending"] == 0
+    await second.close()
+
+
+async def test_a_batch_that_fails_during_a_claim_walk_is_claimed_again(
+    store: OnlineStore, backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A new owner walks a dead consumer's pending entries batch by batch; when applying one of
+    those batches fails, the walk must start over, or that batch stays pending, unapplied, while
+    its users' newer events are appended."""
+    events, _ = await ingested(store)
+    users = [int(u) for u in np.unique(events.user_id)[:6]]
+    items = [int(i) for i in np.unique(events.item_id)[:5]]
+    sent = new_events(users, items, per_user=150, t0=1_800_000_000, tag="w")
+    client = sync_client(backend)
+    pipe = client.pipeline(transaction=False)
+    for event in sent:  # one event per entry: a batch is 50 entries a shard, a shard's walk several batches
+        pipe.xadd(ev.stream_key(ev.shard_of(str(event.user_id), SHARDS)),
+                  {"id": event.event_id, "u": str(event.user_id), "i": str(event.item_id), "a": event.action,
+                   "t": str(event.timestamp)})
+    pipe.execute()
+    first = consumer(store, lease_ms=300, name="first")
+    await first.rebalance(force=True)
+    while first._to_claim:  # a new owner first walks its shards' pending lists (empty here)
+        await first._read()
+    read = 0
+    while got := sum(len(batch) for _, batch in (await first._read())[0]):  # it reads everything, applies
+        read += got  # nothing, and dies
+    assert read == len(sent)
+
+    assert isinstance(store, RedisOnlineStore)
+    apply = store.apply_appends
+    calls = 0
+
+    async def second_apply_fails(encoded: Any) -> Any:  # the first batch of the walk lands; the next one fails
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise FeatureStoreError("injected: Redis went away while the batch was applied")
+        return await apply(encoded)
+
+    monkeypatch.setattr(store, "apply_appends", second_apply_fails)
+    second = consumer(store, lease_ms=300, name="second")
+    done = StepResult()
+    for _ in range(400):  # the leases expire after 300 ms; the second takes over and walks the pending lists
+        step = await second.step()
+        done.appended += step.appended
+        if second.owned == set(range(SHARDS)) and step.read == 0 and done.appended == len(sent):
+            break
+        await asyncio.sleep(0.01)
+    assert calls > 2 and second.metrics.registry.get_sample_value("rankserve_consumer_failed_batches_total") == 1
+    assert done.appended == len(sent)
+    for user in users:  # the newest CAP events of each user, in order
+        got = (await store.fetch(user, [], max_sequence_length=CAP)).sequence
+        mine = [e.timestamp for e in sent if e.user_id == user][-CAP:]
         np.testing.assert_array_equal(got.timestamp[-len(mine):], mine)
     for shard in range(SHARDS):
         assert client.xpending(ev.stream_key(shard), ev.GROUP)["pending"] == 0
