@@ -142,6 +142,15 @@ def _dumps(value: Any) -> bytes:
         return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
 
 
+def _event_json(row: Any) -> bytes | None:
+    """A refused event's JSON for its dead letter; None when it is nested too deeply to write
+    (the dead letter still names the entry, which holds it)."""
+    try:
+        return _dumps(row)
+    except RecursionError:
+        return None
+
+
 class EventError(ValueError):
     """An event that cannot be applied; the message says which field and why (the dead-letter reason).
 
@@ -205,6 +214,8 @@ class EntryDecoder:
                 rows = json.loads(packed)
             except (ValueError, UnicodeDecodeError):
                 return [EventError("e is not a JSON array of events")]
+            except RecursionError:  # past orjson's depth limit, and then the standard parser's
+                return [EventError("e is nested too deeply: it must be a JSON array of events")]
         if type(rows) is not list or not 0 < len(rows) <= MAX_EVENTS_PER_ENTRY:
             return [EventError(f"e must be a JSON array of 1-{MAX_EVENTS_PER_ENTRY} events")]
         errors: list[EventError] = []
@@ -213,7 +224,10 @@ class EntryDecoder:
             try:
                 out.append(decode_row(row))
             except EventError as exc:
-                errors.append(EventError(str(exc), index, _dumps(row)))
+                errors.append(EventError(str(exc), index, _event_json(row)))
+            except RecursionError:  # a field nested too deeply to print in the reason
+                errors.append(EventError("an event must be [id, user, item, action, t]: this one is nested too "
+                                         "deeply", index, None))
         return errors
 
     def decode(self, fields: Mapping[bytes, bytes]) -> DecodedEvent:

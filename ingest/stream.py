@@ -450,7 +450,16 @@ class StreamConsumer:
         decode_into = state.decoder.decode_into
         for shard, batch in entries:
             for entry_id, fields in batch:
-                for error in decode_into(fields, decoded):
+                start = len(decoded)
+                try:
+                    errors = decode_into(fields, decoded)
+                except Exception as exc:  # a decoder failing on an odd entry must not stop the shard
+                    # Raised here, the entry would fail every batch of every owner after this one:
+                    # it goes to the dead letters whole instead (none of its events applied).
+                    log.exception("could not read entry %s of shard %d; it goes to the dead letters", entry_id, shard)
+                    del decoded[start:]
+                    errors = [ev.EventError(f"the entry could not be read: {type(exc).__name__}: {str(exc)[:200]}")]
+                for error in errors:
                     dead.append(self._dead_letter(shard, entry_id, fields, error))
         return decoded, dead
 

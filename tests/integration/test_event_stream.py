@@ -17,8 +17,8 @@ import redis
 from redis.cluster import ClusterNode, RedisCluster
 
 from feature_store import events as ev
-from feature_store.redis_store import RedisOnlineStore
 from feature_store.errors import FeatureStoreError
+from feature_store.redis_store import RedisOnlineStore
 from feature_store.store import OnlineStore
 from ingest.stream import ConsumerConfig, StepResult, StreamConsumer
 from tests.integration.conftest import Backend
@@ -221,6 +221,42 @@ async def test_a_packed_entrys_bad_events_are_dead_letters_and_its_good_ones_are
     assert orjson.loads(letters[1][b"f.e"]) == rows[3] and b"t must be integer" in letters[1][b"reason"]
     assert letters[2][b"f.e"] == b'[["p-6",' and letters[2][b"reason"] == b"e is not a JSON array of events"
     assert client.xpending(ev.stream_key(shard), ev.GROUP)["pending"] == 0
+    await c.close()
+
+
+async def test_entries_the_decoder_cannot_read_are_dead_letters_and_the_consumer_carries_on(
+    store: OnlineStore, backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A poison entry must not stop its shard: JSON nested past both parsers' limits, and an
+    entry the decoder fails on for a reason of its own, each become one dead letter."""
+    events, _ = await ingested(store)
+    user = int(events.user_id[0])
+    client = sync_client(backend)
+    shard_key = ev.stream_key(ev.shard_of(str(user), SHARDS))
+    deep = client.xadd(shard_key, {ev.FIELD_EVENTS: b"[" * 1100 + b"]" * 1100})
+    poison = client.xadd(shard_key, {ev.FIELD_EVENTS: b'[["p-1",1,2,"click",5]]', "poison": "1"})
+    good = ev.StreamEvent("ok-1", user, int(events.item_id[0]), "click", 1_800_000_000)
+    ev.EventProducer(client, shards=SHARDS).send([good])
+    decode_into = ev.EntryDecoder.decode_into
+
+    def failing_on_poison(self: ev.EntryDecoder, fields: Any, out: list[ev.DecodedEvent]) -> list[ev.EventError]:
+        errors = decode_into(self, fields, out)  # its event is decoded first, then dropped with the entry
+        if b"poison" in fields:
+            raise KeyError("a decoder bug")
+        return errors
+
+    monkeypatch.setattr(ev.EntryDecoder, "decode_into", failing_on_poison)
+    c = consumer(store)
+    done = await drain(c)
+    assert (done.appended, done.dead_letters) == (1, 2)
+    letters = {entry: dict(fields) for entry, fields in
+               ((dict(f)[b"entry"], f) for _, f in client.xrange(ev.DEAD_LETTER_KEY))}
+    assert letters[deep][b"reason"] == b"e is nested too deeply: it must be a JSON array of events"
+    assert letters[poison][b"reason"].startswith(b"the entry could not be read: KeyError")
+    assert letters[poison][b"f.poison"] == b"1"  # the whole entry, to replay once the decoder is fixed
+    got = (await store.fetch(user, [], max_sequence_length=CAP)).sequence
+    assert int(got.timestamp[-1]) == good.timestamp and 5 not in got.timestamp.tolist()
+    assert client.xpending(shard_key, ev.GROUP)["pending"] == 0
     await c.close()
 
 

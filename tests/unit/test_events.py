@@ -107,13 +107,31 @@ def test_a_packed_entrys_bad_event_is_named_and_the_others_decode(row: object, r
     ("raw", "reason"),
     [(b"[[", "e is not a JSON array of events"), (b"\xff", "e is not a JSON array of events"),
      (b"{}", "e must be a JSON array of 1-128 events"), (b"[]", "e must be a JSON array of 1-128 events"),
-     (orjson.dumps([["e", 1, 2, "click", 5]] * 129), "e must be a JSON array of 1-128 events")],
+     (orjson.dumps([["e", 1, 2, "click", 5]] * 129), "e must be a JSON array of 1-128 events"),
+     (b"[" * 1100 + b"]" * 1100, "e is nested too deeply")],  # past both parsers' depth limits
 )
 def test_an_entry_that_is_not_an_array_of_events_is_one_dead_letter(raw: bytes, reason: str) -> None:
     out: list[ev.DecodedEvent] = []
     errors = ev.EntryDecoder(ACTIONS, ("int", "int")).decode_into({ev.FIELD_EVENTS: raw}, out)
     assert out == [] and len(errors) == 1 and errors[0].index is None
     assert reason in str(errors[0])
+
+
+DEEP = b"[" * 1000 + b"]" * 1000  # within orjson's depth limit; past what repr and the standard encoder take
+
+
+@pytest.mark.parametrize("slot", range(5))
+def test_an_event_nested_too_deeply_is_a_dead_letter_not_a_crash(slot: int) -> None:
+    parts = [b'"e"', b"1", b"2", b'"click"', b"5"]
+    parts[slot] = DEEP
+    fields = {ev.FIELD_EVENTS: b'[["ok",1,2,"click",5],[' + b",".join(parts) + b"]]"}
+    out: list[ev.DecodedEvent] = []
+    errors = ev.EntryDecoder(ACTIONS, ("int", "int")).decode_into(fields, out)
+    assert len(out) == 1 and [e.index for e in errors] == [1]
+    # the reason names the field when it can (an id is refused by its type alone); the event's
+    # JSON is left out of the dead letter, which names the entry holding it
+    assert ("id must be a string" if slot == 0 else "nested too deeply") in str(errors[0])
+    assert errors[0].event is None
 
 
 def test_xadd_commands_pack_each_shards_events_in_order() -> None:
