@@ -42,7 +42,7 @@ class ItemCache:
     """
 
     __slots__ = ("_absent", "_clock", "_expires", "_keys", "_shift", "_values", "_void", "_ways", "evictions",
-                 "hits", "max_entries", "misses", "ttl_seconds", "value_size")
+                 "generation", "hits", "max_entries", "misses", "ttl_seconds", "value_size")
 
     def __init__(
         self,
@@ -75,6 +75,9 @@ class ItemCache:
         self.hits = 0
         self.misses = 0
         self.evictions = 0
+        # counts `invalidate` and `clear` calls: values read from Redis before one of them may be
+        # older than what it dropped, so `put_many(..., as_of=)` does not cache them
+        self.generation = 0
 
     def __len__(self) -> int:
         """Entries stored and not yet expired."""
@@ -141,8 +144,11 @@ class ItemCache:
         rows[~present] = 0
         return rows, present, missing
 
-    def put_many(self, items: Iterable[tuple[int, bytes | None]]) -> None:
-        if not self.enabled:
+    def put_many(self, items: Iterable[tuple[int, bytes | None]], *, as_of: int | None = None) -> None:
+        """Cache `items`. `as_of`: the `generation` when the values were read; if an invalidation
+        came since, nothing is cached (a value read just before an upsert would otherwise be put
+        back after the upsert's invalidation, and served stale until its TTL)."""
+        if not self.enabled or (as_of is not None and as_of != self.generation):
             return
         entries = list(items)
         if not self.value_size:
@@ -181,6 +187,7 @@ class ItemCache:
         """Drop the entries of `keys` (ids not held are ignored); the number of live entries dropped."""
         if not self.enabled or len(keys) == 0:
             return 0
+        self.generation += 1  # also when nothing is held: a read in flight may be about to put it
         ids = np.asarray(keys, dtype=np.int64)
         now = self._clock()
         slots, hit = self._lookup(ids, now)
@@ -197,4 +204,5 @@ class ItemCache:
         self.put_many(((key, value),))
 
     def clear(self) -> None:
+        self.generation += 1
         self._expires.fill(0.0)

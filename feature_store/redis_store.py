@@ -745,6 +745,7 @@ class RedisOnlineStore(OnlineStore):
         ver, refresh_active = await self._read_version(version)
         cache = self._item_cache(ver)
         rows: npt.NDArray[np.uint8] | None = None
+        generation = cache.generation  # an invalidation during the round trip: the values are not cached
         if cache.enabled and ids:
             rows, held, missing = cache.get_rows(ids)
             self._counts.item_cache_hits += len(ids) - len(missing)
@@ -793,7 +794,7 @@ class RedisOnlineStore(OnlineStore):
             if miss_keys:
                 fetched = replies[pos:] if cluster else replies[pos]
                 if cache.enabled:
-                    cache.put_many(zip((ids[p] for p in missing), fetched, strict=True))
+                    cache.put_many(zip((ids[p] for p in missing), fetched, strict=True), as_of=generation)
             item_index, category_index, found, item_side = _merge_items(ids, rows, held, missing, fetched)
         except CodecError as exc:
             raise FeatureStoreDataError(f"fetch of user {user_id} in version {ver!r}: {exc}") from exc

@@ -12,7 +12,7 @@ import redis
 from feature_store import keys
 from feature_store.codecs import SEQ_RECORD_SIZE, Sequence, decode_sequence
 from feature_store.errors import FeatureStoreUnavailable, VersionConflict, VersionNotFound
-from feature_store.redis_store import create_store
+from feature_store.redis_store import RedisOnlineStore, create_store
 from feature_store.schema import FeatureSchema, SchemaSpec
 from feature_store.store import STATUS_COMPLETE, STATUS_INGESTING, OnlineStore
 from ingest.bulk import ingest_log, schema_from_log
@@ -105,6 +105,33 @@ async def test_item_cache_serves_repeats_and_keeps_misses_explicit(store: Online
     await store.fetch(123_456_789, request[:1])
     after = store.fetch_counts()
     assert (after.unknown_users, after.unknown_items, after.item_cache_hits) == (1, 2, 4)
+
+
+async def test_an_invalidation_during_a_fetch_keeps_its_values_out_of_the_cache(
+    backend: Backend, store: OnlineStore
+) -> None:
+    """The follower of the item change log drops an item while a fetch of it waits for Redis:
+    the value that fetch read may predate the change, so it is served once and not cached."""
+    if backend.name == "cluster":
+        pytest.skip("CLIENT PAUSE holds one node's clients; the cache's bookkeeping is the same in a Cluster")
+    events, _ = await ingested(store)
+    items, _ = events.item_catalogue()
+    item = int(items[0])
+    async with create_store(backend.store_config(read_timeout_s=5.0, request_timeout_s=10.0)) as server:
+        assert isinstance(server, RedisOnlineStore)
+        user = int(events.user_id[0])
+        await server.fetch(user, [])  # connected, the active version known
+        version = await server.active_version()
+        assert version is not None
+        redis.Redis(port=backend.ports[0]).execute_command("CLIENT", "PAUSE", 500, "ALL")
+        in_flight = asyncio.create_task(server.fetch(user, [item]))
+        await asyncio.sleep(0.1)
+        assert not in_flight.done()  # its reply waits for the pause to end
+        server._item_cache(version).invalidate([item])  # what reading the change log does
+        assert (await in_flight).found.tolist() == [True]
+        misses = server.fetch_counts().item_cache_misses
+        await server.fetch(user, [item])
+        assert server.fetch_counts().item_cache_misses == misses + 1  # read again, not served from the cache
 
 
 async def test_sequence_caps(store: OnlineStore) -> None:

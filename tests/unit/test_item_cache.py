@@ -133,6 +133,22 @@ def test_invalidate_drops_only_the_given_ids() -> None:
     assert cache.invalidate(np.array([1, 2], dtype=np.int64)) == 0
 
 
+def test_values_read_before_an_invalidation_are_not_cached() -> None:
+    """A value read from Redis just before an upsert must not be put back after the upsert's
+    invalidation (of an id held or not: the read in flight was about to put it)."""
+    cache = ItemCache(1024, 60.0, 8, clock=FakeClock())
+    read_at = cache.generation
+    assert cache.invalidate([7]) == 0  # not held
+    cache.put_many([(7, rec(7))], as_of=read_at)
+    assert cache.get(7) == (False, None)
+    read_at = cache.generation
+    cache.clear()
+    cache.put_many([(7, rec(7))], as_of=read_at)
+    assert cache.get(7) == (False, None)
+    cache.put_many([(7, rec(7))], as_of=cache.generation)  # read after both: cached
+    assert cache.get(7) == (True, rec(7))
+
+
 def test_invalidate_on_a_disabled_cache_does_nothing() -> None:
     cache = ItemCache(0, 60.0, 8)
     assert cache.invalidate([1, 2]) == 0
