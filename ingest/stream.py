@@ -92,6 +92,11 @@ from feature_store.store import AppendCounts, FeatureStoreConfig, UserAppend
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+# Taken when free, or already ours: a SET NX whose reply was lost, and repeated, would otherwise
+# find the consumer's own lease and leave the shard unread until it expired.
+_ACQUIRE = ("if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end "
+            "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end "
+            "return 0")
 _RENEW = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end return 0"
 _RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
 _ITEM_CACHE_MAX = 2_000_000  # resolved items kept per version (index and category); cleared when full
@@ -238,10 +243,10 @@ class StreamConsumer:
         start = ev.shard_of(self.name, self.config.shards)  # consumers start looking at different shards
         order = [(start + k) % self.config.shards for k in range(self.config.shards)]
         candidates = [s for s in order if s not in self.owned]
-        held = await self.store.execute("read shard leases", [("EXISTS", ev.lease_key(s)) for s in candidates])
-        free = [s for s, exists in zip(candidates, held, strict=True) if not exists][:wanted]
+        holders = await self.store.execute("read shard leases", [("GET", ev.lease_key(s)) for s in candidates])
+        free = [s for s, holder in zip(candidates, holders, strict=True) if holder in (None, self.name)][:wanted]
         replies = await self.store.execute("acquire shard leases", [
-            ("SET", ev.lease_key(s), self.name, "NX", "PX", self.config.lease_ms) for s in free
+            ("EVAL", _ACQUIRE, 1, ev.lease_key(s), self.name, self.config.lease_ms) for s in free
         ])
         taken = [s for s, ok in zip(free, replies, strict=True) if ok]
         if taken:

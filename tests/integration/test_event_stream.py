@@ -356,6 +356,23 @@ async def test_a_batch_that_fails_during_a_claim_walk_is_claimed_again(
     await second.close()
 
 
+async def test_a_consumer_takes_a_shard_whose_lease_already_names_it(store: OnlineStore, backend: Backend) -> None:
+    """A lease taken by a command whose reply was lost (and that was then repeated) names the
+    consumer already: it must count as taken, not leave the shard unread until it expires."""
+    c = consumer(store, lease_ms=60_000, name="solo")
+    client = sync_client(backend)
+    client.set(ev.lease_key(2), "solo", px=60_000)
+    await c.rebalance(force=True)
+    assert c.owned == set(range(SHARDS))
+    assert 59_000 < client.pttl(ev.lease_key(2)) <= 60_000
+    client.set(ev.lease_key(2), "another", px=60_000)  # another consumer's lease is still respected
+    await c._release([2])  # it lets go, and deletes only a lease of its own
+    assert client.get(ev.lease_key(2)) == b"another"
+    await c.rebalance(force=True)
+    assert c.owned == {0, 1, 3}
+    await c.close()
+
+
 async def test_consumers_split_the_shards_fairly(store: OnlineStore) -> None:
     await ingested(store)
     a, b = consumer(store, name="a"), consumer(store, name="b")
