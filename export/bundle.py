@@ -60,6 +60,10 @@ class BundleError(UserError):
     """A bundle that cannot be used: missing or tampered files, bad manifest, wrong schema."""
 
 
+class BundleExistsError(BundleError, FileExistsError):
+    """An export to a bundle version that exists already (bundles are immutable)."""
+
+
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     h = hashlib.sha256()
     with path.open("rb") as f:

@@ -33,6 +33,7 @@ from export.bundle import (
     SPEC_FILE,
     TABLES_DIR,
     TORCHSCRIPT_FILE,
+    BundleExistsError,
     list_versions,
     sha256_file,
 )
@@ -142,7 +143,7 @@ def write_bundle(
         version = (existing[-1] + 1) if existing else 1
     final = out_root / name / str(version)
     if final.exists():
-        raise FileExistsError(f"bundle {final} already exists; bundles are immutable, pick a new version")
+        raise BundleExistsError(f"bundle {final} already exists; bundles are immutable, pick a new version")
     (out_root / name).mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{version}.", dir=out_root / name))
     try:

@@ -106,6 +106,9 @@ def scorer_parity(model: RankingModel, onnx_path: Path, torchscript_path: Path, 
         ox = sess.run(None, {n: inputs[n].numpy() for n in names})[0]
         worst["onnx"] = np.maximum(worst["onnx"], np.abs(ox - ref).max(axis=0))
         worst["torchscript"] = np.maximum(worst["torchscript"], np.abs(ts - ref).max(axis=0))
+    # a NaN anywhere (a diverged model, or one runtime's output) is no agreement: it counts as an
+    # infinite difference, which no tolerance admits (a NaN compares false with every bound)
+    worst = {rt: np.where(np.isnan(diff), np.inf, diff) for rt, diff in worst.items()}
     per_task = {rt: dict(zip(tasks, map(float, diff), strict=True)) for rt, diff in worst.items()}
     return {
         "tolerance": PARITY_TOLERANCE,

@@ -13,7 +13,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from export.bundle import MANIFEST, BundleError, open_bundle
+from export.bundle import MANIFEST, BundleError, BundleExistsError, open_bundle
 from export.exporter import bundle_name_of, write_bundle
 from export.parity import PARITY_TOLERANCE, parity_batch
 from export.verify import verify
@@ -71,7 +71,7 @@ def test_next_version_and_immutability(exported: tuple[RankingModel, FeatureSche
     root = path.parent.parent
     second = write_bundle(model, path / "schema", {}, root, "tiny")
     assert second.name == "2"
-    with pytest.raises(FileExistsError):
+    with pytest.raises(BundleExistsError, match="already exists; bundles are immutable"):  # one line from the CLI
         write_bundle(model, path / "schema", {}, root, "tiny", version=1)
 
 
@@ -106,6 +106,18 @@ def test_parity_for_every_head(heads: str, tmp_path: Path) -> None:
     path = write_bundle(model, tmp_path / "s", {}, tmp_path / "m", f"tiny-{heads}")
     parity = json.loads((path / MANIFEST).read_text())["parity"]
     assert parity["max_abs_diff"] <= 1e-5, parity
+
+
+def test_a_model_whose_scores_are_nan_is_not_exported(tmp_path: Path) -> None:
+    """NaN differences compare false with the tolerance: they must fail parity, not pass it."""
+    schema = tiny_schema()
+    model = tiny_model(schema)
+    with torch.no_grad():
+        model.scorer.dense_norm.running_var.fill_(float("nan"))  # every probability NaN, in every runtime
+    schema.save(tmp_path / "s")
+    with pytest.raises(RuntimeError, match=r"export parity failed.*inf"):
+        write_bundle(model, tmp_path / "s", {}, tmp_path / "m", "nan")
+    assert not (tmp_path / "m" / "nan" / "1").exists()
 
 
 def test_scorer_graph_is_the_inference_graph(exported: tuple[RankingModel, FeatureSchema, Path]) -> None:
