@@ -30,14 +30,14 @@ VERSIONS_KEY = b"rs:versions"
 
 # Version names become part of keys and of a SCAN MATCH pattern: no glob characters, no colons,
 # no braces (a brace would change the Cluster hash tag).
-_VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_VERSION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # fullmatch: "$" would let "v1\n" through
 # Names whose keys would collide with the non-versioned keys above.
 RESERVED_VERSIONS = frozenset({"meta", "active", "versions"})
 
 
 def validate_version(version: str) -> str:
     """Return `version` if it is a legal feature-set version name, else raise ValueError."""
-    if not isinstance(version, str) or not _VERSION_RE.match(version) or version in RESERVED_VERSIONS:
+    if not isinstance(version, str) or not _VERSION_RE.fullmatch(version) or version in RESERVED_VERSIONS:
         raise ValueError(
             f"bad feature-set version {version!r}: use 1-64 of [A-Za-z0-9_.-], starting with a letter or digit, "
             f"not one of {sorted(RESERVED_VERSIONS)}"

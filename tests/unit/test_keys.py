@@ -56,7 +56,8 @@ def test_valid_versions(name: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "name", ["", "-v", ".v", "v:1", "v{1}", "v*", "v?", "v[1]", "v 1", "x" * 65, "meta", "active", "versions", "vé"]
+    "name", ["", "-v", ".v", "v:1", "v{1}", "v*", "v?", "v[1]", "v 1", "x" * 65, "meta", "active", "versions", "vé",
+             "v1\n"]
 )
 def test_invalid_versions(name: str) -> None:
     with pytest.raises(ValueError, match="feature-set version"):
