@@ -500,7 +500,12 @@ class FeatureGroup:
         for j, cat in enumerate(self.categorical):
             ids[:, j] = cat.encode(columns.get(cat.name, [None] * n))
         for j, num in enumerate(self.numeric):
-            values[:, j] = num.encode(columns.get(num.name, [None] * n))
+            with np.errstate(over="ignore"):
+                column = num.encode(columns.get(num.name, [None] * n))
+            beyond = ~np.isfinite(column)  # finite in, beyond float32 once normalized (e.g. 1e40)
+            if beyond.any():  # the default, as for a non-finite value: a table row is not refused
+                column[beyond] = num.encode([None])[0]
+            values[:, j] = column
         return ids, values
 
     def to_dict(self) -> dict[str, Any]:

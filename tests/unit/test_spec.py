@@ -373,6 +373,16 @@ def test_numeric_log1p() -> None:
     assert fitted.mean == pytest.approx(logs.mean()) and fitted.std == pytest.approx(logs.std())
 
 
+def test_a_table_value_beyond_float32_once_normalized_takes_the_default() -> None:
+    """A finite price of 1e40 would be stored as +inf and fed to the scorer; a table row takes the
+    default instead, as a non-finite value does (a request context refuses it by name)."""
+    group = FeatureGroup((), (NumericEncoder("price", 1.0, 2.0, default=5.0),))
+    _, values = group.encode_rows({"price": [3.0, 1e40, -1e300, np.float64(1e39)]}, 4)
+    assert values[:, 0].tolist() == [1.0, 2.0, 2.0, 2.0]
+    _, column = group.encode_rows({"price": np.array([3.0, 1e40])}, 2)  # a numeric column: the vectorized path
+    assert column[:, 0].tolist() == [1.0, 2.0]
+
+
 def test_numeric_missing_non_finite_and_non_numeric_take_the_default() -> None:
     enc = NumericEncoder("x", 1.0, 2.0, default=5.0)
     bad = [None, "", float("nan"), float("inf"), -math.inf, "abc", True, False, [1], {"a": 1}, "nan"]
