@@ -338,6 +338,8 @@ class FeatureSchema:
             raise SchemaError(f"schema file missing: {exc.filename}") from exc
         except (OSError, ValueError) as exc:
             raise SchemaError(f"cannot read schema in {d}: {exc}") from exc
+        if not isinstance(doc, dict) or not isinstance(doc.get("spec"), dict):
+            raise SchemaError(f"{d / SCHEMA_FILE} is not a schema: a JSON object with a \"spec\" object expected")
         schema = cls(SchemaSpec.from_dict(doc["spec"]), *(Vocabulary(v) for v in vocabs))
         if schema.hash != doc.get("hash"):
             raise SchemaError(

@@ -57,7 +57,8 @@ return 1
 
 @dataclass
 class ReclusterStats:
-    """What one run did: users seen, clustered again, left as they were, changed while clustering."""
+    """What one run did: users seen, clustered again, left as they were, changed while clustering,
+    and histories that could not be read (left as they are, logged)."""
 
     version: str
     users: int = 0
@@ -65,6 +66,7 @@ class ReclusterStats:
     unclustered: int = 0  # stale clusterings removed from histories too short to cluster
     fresh: int = 0
     changed: int = 0
+    unreadable: int = 0
     seconds: float = 0.0
 
 
@@ -120,7 +122,12 @@ async def _batch(store: RedisOnlineStore, clusterer: UserClusterer, version: str
         if not all_users and not needs_clustering(raw_clusters, stored, clusterer.fingerprint):
             stats.fresh += 1
             continue
-        seq = decode_sequence(raw)
+        try:
+            seq = decode_sequence(raw)
+        except CodecError as exc:  # one damaged value costs its own user, not the run
+            stats.unreadable += 1
+            log.warning("cannot read the history of user %d; left as it is: %s", user, exc, extra={"user": user})
+            continue
         value = clusterer.encode(seq.item, seq.category, seq.action, seq.timestamp)
         if value is None and raw_clusters is None:
             stats.fresh += 1  # too short to cluster, and nothing stale to remove
@@ -162,6 +169,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.batch_users < 1:
         raise UserError("--batch-users must be >= 1")
+    if args.version is not None:
+        try:
+            keys.validate_version(args.version)
+        except ValueError as exc:
+            raise UserError(f"--version: {exc}") from None
     from ingest.bulk import clusterer_from_bundle
 
     try:

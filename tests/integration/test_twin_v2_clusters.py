@@ -176,6 +176,12 @@ async def test_recluster_covers_streamed_events_and_skips_a_sequence_that_change
     assert written == [0]
     assert await store.client.get(keys.clusters_key("rc", user)) != b"stale"
 
+    # a damaged history (not whole records) is counted and left as it is; the run goes on
+    damaged = users[1]
+    await store.client.append(keys.sequence_key("rc", damaged), b"x")
+    partial = await recluster(store, clusterer, "rc", all_users=True)
+    assert (partial.users, partial.unreadable, partial.reclustered + partial.changed) == (6, 1, 5)
+
 
 async def test_consumer_gives_streamed_events_their_nearest_centroid(store: OnlineStore, backend: Backend) -> None:
     """`rankserve consume --cluster-bundle`: a clustered user's streamed events get the id of their

@@ -118,3 +118,9 @@ def test_evaluate_reads_the_action_map_from_the_run(tmp_path: Path, capsys: pyte
 def test_consume_refuses_a_priority_out_of_range() -> None:
     done = rankserve("consume", "--nice", "25", "--redis-url", "redis://127.0.0.1:1")
     assert done.returncode == 2 and "--nice must be 0-19" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_recluster_refuses_a_bad_version_name() -> None:
+    done = rankserve("recluster", "--bundle", "no-such-bundle", "--version", "v1:x", "--redis-url", "redis://127.0.0.1:1")
+    assert done.returncode == 2 and "--version: bad feature-set version" in done.stderr
+    assert "Traceback" not in done.stderr

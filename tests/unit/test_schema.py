@@ -43,6 +43,16 @@ def test_schema_hash_covers_spec_and_vocabularies(tmp_path: Path) -> None:
         FeatureSchema.load(tmp_path)
 
 
+@pytest.mark.parametrize("doc", ["[]", "{}", '{"spec": 3}', '"schema"'])
+def test_a_schema_file_of_another_shape_is_a_schema_error(doc: str, tmp_path: Path) -> None:
+    v = Vocabulary.build([1, 2, 3])
+    schema = FeatureSchema(SchemaSpec(), v, v, v)
+    schema.save(tmp_path)
+    (tmp_path / "schema.json").write_text(doc)
+    with pytest.raises(SchemaError, match="is not a schema"):
+        FeatureSchema.load(tmp_path)
+
+
 def test_spec_validation_messages() -> None:
     with pytest.raises(SchemaError, match="unknown actions"):
         SchemaSpec(tasks=(TaskSpec("x", ("purchase",)),))
