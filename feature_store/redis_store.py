@@ -913,12 +913,11 @@ class RedisOnlineStore(OnlineStore):
                 commands.append(("SET", keys.sequence_key(version, uid), seq, *expiry))
             else:  # a user without events (a user-table row): no sequence key, and no stale one
                 commands.append(("DEL", keys.sequence_key(version, uid)))
-            if clusters is not None:
-                value = clusters[i]
-                if value is None:  # not clustered (short history): no stale value from an earlier ingest
-                    commands.append(("DEL", keys.clusters_key(version, uid)))
-                else:
-                    commands.append(("SET", keys.clusters_key(version, uid), value, *expiry))
+            value = clusters[i] if clusters is not None else None
+            if value is None:  # not clustered (short history, or no clusterer): no stale value from an earlier ingest
+                commands.append(("DEL", keys.clusters_key(version, uid)))
+            else:
+                commands.append(("SET", keys.clusters_key(version, uid), value, *expiry))
         # Whole-value SETs are idempotent, so retrying a half-applied batch is safe.
         await self._run(f"write {len(user_ids)} users", partial(self._execute, commands))
 

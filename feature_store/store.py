@@ -398,7 +398,8 @@ class OnlineStore(abc.ABC):
         clusters: SequenceABC[bytes | None] | None = None,
     ) -> None:
         """SET the profile and sequence of each user (whole values: idempotent), pipelined; with
-        `clusters`, also each user's behaviour clusters (None: delete a stale one)."""
+        `clusters`, also each user's behaviour clusters. A user without a clustering (`clusters`
+        None, or its entry None) has any stored one deleted: it described an earlier sequence."""
 
     @abc.abstractmethod
     async def write_items(

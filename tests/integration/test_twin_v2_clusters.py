@@ -63,6 +63,13 @@ async def test_ingest_clusters_read_back_in_one_fetch(store: OnlineStore) -> Non
         assert short.sequence.clusters is not None
         np.testing.assert_array_equal(short.sequence.clusters.assignment, expect[0][-40:])
 
+    # the same version loaded again without a clusterer: the old clusterings described the old
+    # sequences and must not steer a search of the new ones
+    await ingest_log(store, events, schema, "clu", batch_users=4, activate=True)
+    for user in users.tolist():
+        assert (await store.fetch(user, [], version="clu")).sequence.clusters is None
+        assert await store.client.exists(keys.clusters_key("clu", user)) == 0
+
 
 async def test_appends_keep_clusters_aligned(store: OnlineStore) -> None:
     events = make_events(n_users=1, min_events=300, max_events=300, seed=9)
