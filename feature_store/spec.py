@@ -598,6 +598,14 @@ class ContextError(ValueError):
     """A request's context that does not match the spec; the message names the field."""
 
 
+_FLOAT_MAX = int(np.finfo(np.float64).max)
+
+
+def _finite(v: int | float) -> bool:
+    """Whether a context number is finite; an integer is (math.isfinite would overflow on a huge one)."""
+    return isinstance(v, int) or math.isfinite(v)
+
+
 def encode_context(group: FeatureGroup, context: Mapping[str, Any] | None) -> tuple[IntArray, FloatArray]:
     """A request's `context` object -> (codes [C], values [N]); missing names take the defaults.
 
@@ -624,8 +632,10 @@ def encode_context(group: FeatureGroup, context: Mapping[str, Any] | None) -> tu
         ids[j] = cat.encode_one(v)
     for j, num in enumerate(group.numeric):
         v = ctx.get(num.name)
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int | float) or not _finite(v)):
             raise ContextError(f"context.{num.name}: expected a finite number, got {type(v).__name__} {v!r:.40}")
+        if isinstance(v, int) and abs(v) > _FLOAT_MAX:  # an integer no float holds (JSON's ints have no bound)
+            raise ContextError(f"context.{num.name}: {v!r:.40} is out of range")
         with np.errstate(over="ignore"):  # an overflow is refused below, by name
             values[j] = num.encode([v])[0]
         if not math.isfinite(values[j]):  # finite in, beyond float32 once normalized (e.g. 1e300)

@@ -8,6 +8,7 @@ shared store stays untouched).
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import subprocess
 import sys
@@ -88,8 +89,11 @@ def wait_for(check: Any, timeout: float = 60.0) -> None:
 
 
 def post(server: Server, events: list[dict[str, Any]], token: str | None = EVENTS_TOKEN) -> httpx.Response:
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    return httpx.post(server.base_url + "/v1/events", json={"events": events}, headers=headers, timeout=10)
+    headers = {"Authorization": f"Bearer {token}", "content-type": "application/json"} if token else {
+        "content-type": "application/json"}
+    # ASCII JSON: a lone surrogate travels as its \\u escape, as a client's JSON encoder sends it
+    return httpx.post(server.base_url + "/v1/events", content=json.dumps({"events": events}).encode(),
+                      headers=headers, timeout=10)
 
 
 def test_posted_and_pushed_events_reach_the_next_rank(
@@ -164,6 +168,10 @@ def test_posted_and_pushed_events_reach_the_next_rank(
          "user_id"),
         ({"event_id": "a", "user_id": 1, "item_id": 2, "action": "buy", "timestamp": 1, "extra": 1}, EVENTS_TOKEN, 422,
          "extra"),
+        ({"event_id": "a\ud800", "user_id": 1, "item_id": 2, "action": "buy", "timestamp": 1}, EVENTS_TOKEN, 422,
+         "events.0.event_id: Input should be a valid string"),  # a lone surrogate: no id can encode it
+        ({"event_id": "a", "user_id": "\udfff", "item_id": 2, "action": "buy", "timestamp": 1}, EVENTS_TOKEN, 422,
+         "events.0.user_id: Input should be a valid string"),
         ({"event_id": "a", "user_id": 1, "item_id": 2, "action": "buy", "timestamp": 1}, "wrong", 401, "events token"),
         ({"event_id": "a", "user_id": 1, "item_id": 2, "action": "buy", "timestamp": 1}, None, 401, "events token"),
     ],

@@ -198,6 +198,17 @@ def test_malformed_json(live_server: Server, raw: bytes) -> None:
     assert_error(resp, 422, "invalid_request", "JSON" if raw else "body")
 
 
+@pytest.mark.parametrize("raw", [b'{"user_id": 1, "candidates": ["\\ud800", "a"]}',
+                                 b'{"user_id": "\\udfff", "candidates": [1]}',
+                                 b'{"user_id": 1, "candidates": [1], "context": {"\\ud800": "x"}}'])
+def test_a_lone_surrogate_is_422_not_500(live_server: Server, raw: bytes) -> None:
+    """Valid JSON, not valid Unicode: no id, name or error message can be encoded from it."""
+    resp = httpx.post(
+        live_server.base_url + "/v1/rank", content=raw, headers={"content-type": "application/json"}, timeout=10
+    )
+    assert_error(resp, 422, "invalid_request", "surrogate")
+
+
 def test_missing_content_type_says_what_to_send(live_server: Server) -> None:
     resp = httpx.post(live_server.base_url + "/v1/rank", content=b'{"user_id": 1, "candidates": [1]}',
                       headers={"content-type": "text/plain"}, timeout=10)

@@ -484,6 +484,8 @@ def test_context_encodes_and_missing_names_take_defaults() -> None:
         ({"device": float("inf")}, ["context.device: expected a string, got a non-finite number"]),
         ({"device": "x" * (MAX_CONTEXT_STRING + 1)}, [f"context.device: longer than {MAX_CONTEXT_STRING} characters"]),
         ({"hour": 1e300}, ["context.hour: 1e+300 is out of range"]),  # finite, not once normalized in float32
+        ({"hour": 10**400}, ["context.hour: 1000000000", "is out of range"]),  # JSON integers have no bound
+        ({"hour": -(10**309)}, ["context.hour: -1000000000", "is out of range"]),
     ],
 )
 def test_bad_context_names_the_field(context: dict[str, Any], fragments: list[str]) -> None:

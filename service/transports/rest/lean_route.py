@@ -71,17 +71,32 @@ async def read_json_body(request: Request) -> Any:
         # nesting past 200): those bodies take FastAPI's path below, value or error
         with contextlib.suppress(Exception):
             return from_json(raw)
-        return json.loads(raw)
+        value = json.loads(raw)
+        _refuse_lone_surrogates(value, raw)
+        return value
     except json.JSONDecodeError as exc:
         raise RequestValidationError(
             [{"type": "json_invalid", "loc": ("body", exc.pos), "msg": "JSON decode error", "input": {},
               "ctx": {"error": exc.msg}}],
             body=exc.doc,
         ) from exc
-    except HTTPException:
+    except (HTTPException, RequestValidationError):
         raise
     except Exception as exc:  # not UTF-8, too deep, too many digits: FastAPI's 400, mapped by the app
         raise HTTPException(status_code=400, detail="There was an error parsing the body") from exc
+
+
+def _refuse_lone_surrogates(value: Any, raw: bytes) -> None:
+    """A string with a lone UTF-16 surrogate ("\\ud800") is valid JSON but not Unicode: no id,
+    name or message can be encoded from it, so the body is refused as invalid JSON here."""
+    try:
+        json.dumps(value, ensure_ascii=False).encode()
+    except UnicodeEncodeError as exc:
+        raise RequestValidationError(
+            [{"type": "json_invalid", "loc": ("body",), "msg": "JSON decode error", "input": {},
+              "ctx": {"error": "a string holds a lone UTF-16 surrogate (\\ud800-\\udfff): send valid Unicode"}}],
+            body=raw,
+        ) from exc
 
 
 def missing_body_error() -> dict[str, Any]:
