@@ -134,6 +134,10 @@ def test_posted_and_pushed_events_reach_the_next_rank(
         with pytest.raises(grpc.RpcError) as unauthenticated:
             stub.PushEvents(pb2.PushEventsRequest(), timeout=10)
         assert unauthenticated.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    # rankserve_requests_total counts rank requests: the pushes (accepted, invalid, unauthenticated) are not in it
+    served = httpx.get(server.base_url + "/metrics", timeout=10).text
+    assert 'rankserve_requests_total{code="unauthenticated",transport="grpc"}' not in served
+    assert 'rankserve_requests_total{code="invalid_request",transport="grpc"}' not in served
     wait_for(lambda: newest(server, fresh) == (t + 1, 1))
     assert newest(server, user)[0] == t  # the repeated id was not appended again
 

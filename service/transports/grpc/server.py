@@ -194,7 +194,13 @@ class RankerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         )
 
     def _wrap(self, method: str, behavior: Behavior, deserialize: Callable[[bytes], Any]) -> Behavior:
+        # rankserve_requests_total counts rank requests (as REST does): event pushes have their own metrics
+        counted = method == f"/{SERVICE_NAME}/Rank"
         requests = self.metrics.requests
+
+        def count(outcome: str) -> None:
+            if counted:
+                requests.labels("grpc", outcome).inc()
 
         async def wrapped(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
             given = dict(context.invocation_metadata() or ()).get(REQUEST_ID_HEADER)
@@ -205,19 +211,19 @@ class RankerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 try:
                     request = deserialize(raw)
                 except DecodeError as exc:
-                    requests.labels("grpc", "invalid_request").inc()
+                    count("invalid_request")
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"cannot decode the request message: {exc}")
                 try:
                     response = await behavior(request, context)
                 except RankServeError as exc:
-                    requests.labels("grpc", exc.code).inc()
+                    count(exc.code)
                     await context.abort(exc.grpc_code, exc.message)
                 except Exception:
                     log.exception("unhandled error", extra={"method": method})
-                    requests.labels("grpc", "internal").inc()
+                    count("internal")
                     message = f"internal server error; the logs hold the details under request id {rid}"
                     await context.abort(grpc.StatusCode.INTERNAL, message)
-                requests.labels("grpc", "ok").inc()
+                count("ok")
                 return response
             finally:
                 request_id_var.reset(token)
