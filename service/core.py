@@ -329,10 +329,11 @@ class RankingService:
             )
         debug: dict[str, object] = {}
         if req.debug:
+            searched = feats.history.before(request_ts)  # what the ranking searched (a view, no copy)
             debug = {
-                "history_length": len(feats.history),
+                "history_length": len(searched),
                 # the newest behaviour searched: how fresh the streamed history is
-                "history_newest_ts": int(feats.history.timestamp[-1]) if len(feats.history) else None,
+                "history_newest_ts": int(searched.timestamp[-1]) if len(searched) else None,
                 "user_known": feats.user_index != 0,
                 "items_known": int(np.count_nonzero(feats.item_index)),
                 "degraded_reason": feats.degraded_reason,

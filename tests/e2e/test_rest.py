@@ -71,6 +71,18 @@ def test_request_time_is_accepted(live_server: Server, world: World) -> None:
     assert rank(live_server, body).status_code == 200
 
 
+def test_debug_reports_the_history_the_rank_searched(live_server: Server, world: World) -> None:
+    """A rank at a past request_time searches only the behaviours before it, and says so."""
+    body = {"user_id": world.long_user, "candidates": world.known_items[:3], "debug": True}
+    now = rank(live_server, body).json()["debug"]
+    assert now["history_length"] > 0 and now["history_newest_ts"] is not None
+    before_all = rank(live_server, {**body, "request_time": 1}).json()["debug"]
+    assert (before_all["history_length"], before_all["history_newest_ts"]) == (0, None)
+    middle = rank(live_server, {**body, "request_time": now["history_newest_ts"]}).json()["debug"]
+    assert 0 < middle["history_length"] < now["history_length"]
+    assert middle["history_newest_ts"] < now["history_newest_ts"]
+
+
 def test_unknown_user_is_cold_start(live_server: Server, world: World) -> None:
     resp = rank(live_server, {"user_id": world.unknown_user, "candidates": world.known_items[:5], "debug": True})
     assert resp.status_code == 200, resp.text
