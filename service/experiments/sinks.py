@@ -166,15 +166,21 @@ def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
         log.warning("skipped unreadable lines", extra={"path": str(path), "lines": skipped})
 
 
-def read_stream(url: str, key: str, page: int = 1000) -> Iterator[dict[str, Any]]:
-    """Records of a Redis Stream sink, oldest first (XRANGE pages)."""
+def read_stream(url: str, key: str, page: int = 1000, timeout_s: float = 10.0) -> Iterator[dict[str, Any]]:
+    """Records of a Redis Stream sink, oldest first (XRANGE pages). A Redis that does not answer
+    within `timeout_s` (connect, or one page) raises `FeatureStoreUnavailable` naming the stream."""
     import redis
 
-    client = redis.Redis.from_url(url)
+    from feature_store.errors import FeatureStoreUnavailable
+
+    client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
     try:
         start = "-"
         while True:
-            entries = client.xrange(key, min=start, max="+", count=page) or []
+            try:
+                entries = client.xrange(key, min=start, max="+", count=page) or []
+            except redis.RedisError as exc:  # the URL may hold a password: name the stream, not the URL
+                raise FeatureStoreUnavailable(f"reading the stream {key!r}: {exc}") from None
             for _id, fields in entries:
                 raw = (fields or {}).get(b"record")
                 doc = _parse(raw) if isinstance(raw, bytes) else None

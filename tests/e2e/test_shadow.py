@@ -198,3 +198,19 @@ def test_redis_stream_sink_round_trips(world: World) -> None:
         sink.close()
     assert got == list(range(got[0], 300))  # the newest, in order
     assert 50 <= len(got) < 300  # trimmed approximately (MAXLEN ~), never below the cap
+
+
+def test_reading_a_stream_from_a_redis_that_never_answers_times_out() -> None:
+    import socket
+
+    from feature_store.errors import FeatureStoreUnavailable
+
+    with socket.socket() as silent:  # accepts connections (the kernel's backlog), never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(4)
+        url = f"redis://:secret@127.0.0.1:{silent.getsockname()[1]}/0"
+        started = time.monotonic()
+        with pytest.raises(FeatureStoreUnavailable, match="reading the stream 'k'") as info:
+            list(read_stream(url, "k", timeout_s=0.5))
+    assert time.monotonic() - started < 10  # bounded by the timeout, not forever
+    assert "secret" not in str(info.value)
