@@ -469,6 +469,7 @@ async def finish_shards(store: OnlineStore, version: str, count: int, *, activat
     main = await store.get_meta(version)
     if main is None or _is_shard_record(main):
         raise VersionNotFound(f"version {version!r} has no meta key: nothing was ingested under it")
+    _refuse_dropping(main, version)
     if main.info.get("shards") != count:
         loaded = main.info.get("shards")
         how = "without --shard" if loaded is None else f"in {loaded} shards"
@@ -660,6 +661,7 @@ async def ingest_log(
         stats.bytes += sum(map(len, values))
         progress_meta.counts["items"] = len(values)
         progress_meta.checkpoint["items_done"] = True
+        await guard.check()  # a drop that began during the writes is not overwritten by the checkpoint
         await store.put_meta(progress_meta)
 
     no_events = np.diff(offsets) == 0  # users with events have one at least: these are user-table rows
@@ -700,12 +702,14 @@ async def ingest_log(
             progress_meta.checkpoint["next_user"] = u1
             progress_meta.counts["users"] = u1
             progress_meta.counts["events"] = int(progress_meta.counts.get("events", 0)) + kept
+            await guard.check()  # as above: the checkpoint must not undo a drop's `dropping`
             await store.put_meta(progress_meta)
             bar.update(u1 - u0)
 
     progress_meta.status = STATUS_COMPLETE
     progress_meta.counts["bytes"] = int(progress_meta.counts.get("bytes", 0)) + stats.bytes
     if shard is None:
+        await guard.check()  # not marked complete (and activated) if a drop began during the load
         await store.put_meta(meta)
         if activate:
             await store.activate(version)
@@ -754,20 +758,31 @@ async def ingest_log(
 
 
 class _VersionGuard:
-    """Before each write of a sharded load, re-reads the version's meta: a version dropped, or
-    taken over by another data set (or shard count, or a one-process ingest), stops the shard
-    before it writes into it. A one-process load has nothing to check."""
+    """Before each write, re-reads the version's meta: a version dropped (or being dropped) stops
+    the load before it writes into it again, and so does, for a sharded load, a version taken over
+    by another data set (or shard count, or a one-process ingest)."""
 
     def __init__(self, store: OnlineStore, version: str, fingerprint: str, shard: Shard | None) -> None:
         self.store, self.version, self.fingerprint, self.shard = store, version, fingerprint, shard
 
     async def check(self) -> None:
-        if self.shard is None:
-            return
         current = await self.store.get_meta(self.version)
+        loader = "this ingest" if self.shard is None else f"shard {self.shard}"
         if current is None:
-            raise VersionNotFound(f"version {self.version!r} was dropped while shard {self.shard} was loading it")
+            raise VersionNotFound(f"version {self.version!r} was dropped while {loader} was loading it")
+        if self.shard is None:
+            if current.status == STATUS_DROPPING:
+                raise VersionNotFound(f"version {self.version!r} is being dropped: {loader} stops")
+            return
         _check_sharded_meta(current, self.version, self.fingerprint, self.shard)
+
+
+def _refuse_dropping(meta: VersionMeta | None, version: str) -> None:
+    """A version being dropped, or whose drop failed halfway, has lost keys its checkpoint counts
+    as written: it is not loaded into (or completed) until the drop is finished."""
+    if meta is not None and meta.status == STATUS_DROPPING:
+        raise VersionConflict(f"version {version!r} is being dropped (or its drop failed halfway): finish the drop "
+                              f"with --drop-version {version}, then load it again")
 
 
 async def _open_version(
@@ -783,6 +798,7 @@ async def _open_version(
     """The version's meta to continue from: its checkpoint on `resume`, a fresh one otherwise.
     Records the schema (hash and spec) beside the meta."""
     existing = await store.get_meta(version)
+    _refuse_dropping(existing, version)
     await _refuse_other_schema(store, version, existing, schema)
     await store.put_schema(version, StoredSchema(schema.hash, schema.spec.to_dict()))
     info = {"source": source, "fingerprint": fingerprint, "batch_users": batch_users, "ttl_seconds": ttl_seconds,

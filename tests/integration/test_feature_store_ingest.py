@@ -147,3 +147,43 @@ def test_embedded_second_process_attaches(tmp_path: Path) -> None:
             assert not guest.owned and guest.url == owner.url
         assert owner.is_running()  # the guest leaving does not stop the owner's server
     assert not owner.is_running()
+
+
+async def test_a_version_being_dropped_is_not_loaded_resumed_or_completed(
+    store: OnlineStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A drop marks the version `dropping`, then deletes its keys: a one-process load under way
+    stops at its next write, and a resume of a half-dropped version is refused (its checkpoint
+    counts keys as written that the drop deleted)."""
+    from feature_store.errors import VersionConflict, VersionNotFound
+    from feature_store.store import STATUS_DROPPING
+    from tests.integration.conftest import make_events
+
+    events = make_events(n_users=12, seed=3)
+    schema = schema_from_log(events)
+    write_users = store.write_users
+    calls = 0
+
+    async def dropped_after_the_first_batch(*args: object, **kwargs: object) -> None:
+        nonlocal calls
+        calls += 1
+        await write_users(*args, **kwargs)  # type: ignore[arg-type]
+        if calls == 1:  # what `--drop-version` does first, from another process
+            meta = await store.get_meta("gone")
+            assert meta is not None
+            meta.status = STATUS_DROPPING
+            await store.put_meta(meta)
+
+    monkeypatch.setattr(store, "write_users", dropped_after_the_first_batch)
+    with pytest.raises(VersionNotFound, match="'gone' is being dropped: this ingest stops"):
+        await ingest_log(store, events, schema, "gone", batch_users=4, activate=True)
+    assert calls == 1
+    meta = await store.get_meta("gone")
+    assert meta is not None and meta.status == STATUS_DROPPING  # not marked complete over the drop
+    assert await store.active_version(refresh=True) != "gone"
+    monkeypatch.undo()
+    with pytest.raises(VersionConflict, match=r"is being dropped .* finish the drop with --drop-version gone"):
+        await ingest_log(store, events, schema, "gone", batch_users=4, resume=True, activate=True)
+    await store.drop_version("gone")
+    await ingest_log(store, events, schema, "gone", batch_users=4, activate=True)  # loaded again after the drop
+    assert await store.active_version(refresh=True) == "gone"
