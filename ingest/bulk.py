@@ -265,20 +265,22 @@ def encode_user_batch(
 
     `tails`: the users' side tails (one per user of the batch), None without user side features.
     A user without events (a user-table row) gets an empty sequence."""
-    lo, hi = int(offsets[u0]), int(offsets[u1])
-    starts = np.maximum(offsets[u0:u1], offsets[u0 + 1 : u1 + 1] - cap)
     ends = offsets[u0 + 1 : u1 + 1]
-    # Encode the whole batch once (vectorized), then cut each user's tail out of the bytes.
+    starts = np.maximum(offsets[u0:u1], ends - cap)
+    # Encode the kept events of the whole batch once (vectorized), then cut each user's out of the
+    # bytes. Only the kept ones: an event past the cap is not stored, so it is not checked either
+    # (as a sharded load, which selects them first, does not).
+    rows, bounds = _concatenated_rows(starts, ends)
     raw = encode_sequence(
-        schema.items.lookup(events.item_id[lo:hi]),
-        schema.categories.lookup(events.category_id[lo:hi]),
-        events.action[lo:hi],
-        events.timestamp[lo:hi],
+        schema.items.lookup(events.item_id[rows]),
+        schema.categories.lookup(events.category_id[rows]),
+        events.action[rows],
+        events.timestamp[rows],
     )
     view = memoryview(raw)
     sequences = [
-        bytes(view[(s - lo) * SEQ_RECORD_SIZE : (e - lo) * SEQ_RECORD_SIZE])
-        for s, e in zip(starts.tolist(), ends.tolist(), strict=True)
+        bytes(view[b * SEQ_RECORD_SIZE : e * SEQ_RECORD_SIZE])
+        for b, e in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True)
     ]
     user_index = schema.users.lookup(user_ids[u0:u1]).tolist()
     if tails is None:
@@ -404,11 +406,16 @@ def select_shard(
     """The users at positions `selected` with only the newest `cap` events each (all a shard
     writes): (events, user ids, CSR offsets), laid out as `ingest_users` lays out all users."""
     ends = offsets[selected + 1]
-    starts = np.maximum(offsets[selected], ends - cap)
-    lengths = ends - starts
-    new_offsets = np.r_[0, np.cumsum(lengths)].astype(np.int64)
-    rows = np.repeat(starts - new_offsets[:-1], lengths) + np.arange(int(new_offsets[-1]), dtype=np.int64)
+    rows, new_offsets = _concatenated_rows(np.maximum(offsets[selected], ends - cap), ends)
     return events.select(rows), user_ids[selected].astype(np.int64), new_offsets
+
+
+def _concatenated_rows(starts: IntArray, ends: IntArray) -> tuple[IntArray, IntArray]:
+    """The rows [starts[k], ends[k]) of every user k, concatenated, and each user's CSR bounds in them."""
+    lengths = ends - starts
+    bounds = np.r_[0, np.cumsum(lengths)].astype(np.int64)
+    rows = np.repeat(starts - bounds[:-1], lengths) + np.arange(int(bounds[-1]), dtype=np.int64)
+    return rows, bounds
 
 
 async def _refuse_other_schema(store: OnlineStore, version: str, existing: VersionMeta | None,

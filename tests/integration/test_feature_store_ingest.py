@@ -187,3 +187,20 @@ async def test_a_version_being_dropped_is_not_loaded_resumed_or_completed(
     await store.drop_version("gone")
     await ingest_log(store, events, schema, "gone", batch_users=4, activate=True)  # loaded again after the drop
     assert await store.active_version(refresh=True) == "gone"
+
+
+async def test_events_past_the_cap_are_not_checked_by_a_one_process_load(store: OnlineStore) -> None:
+    """A sharded load selects each user's newest `cap` events before encoding; a one-process load
+    must store and check the same ones, so an old event it drops cannot fail the load."""
+    from feature_store.schema import SchemaSpec
+    from tests.integration.conftest import make_events
+
+    events = make_events(n_users=6, min_events=60, max_events=120, seed=4)
+    users, offsets = events.user_offsets()
+    events.timestamp[offsets[2]] = -5  # the third user's oldest event: before 1970, not a u32
+    schema = schema_from_log(events, SchemaSpec(max_sequence_length=50))
+    stats = await ingest_log(store, events, schema, "capped", batch_users=4, activate=True)
+    assert stats.events == 6 * 50
+    for user in users.tolist():
+        got = await store.fetch(user, [], max_sequence_length=50, version="capped")
+        assert_same_sequence(got.sequence, expected_sequence(events, schema, user, 50))
