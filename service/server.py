@@ -44,7 +44,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import uvicorn
+import yaml
 from pydantic import ValidationError
+from pydantic_settings import SettingsError
 
 from service.observability.logging_setup import configure_logging
 from service.settings import Settings
@@ -83,6 +85,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         settings = settings_from_args(args)
     except ValidationError as exc:  # one log line, not a traceback; inputs are hidden (they may hold passwords)
+        log.error("invalid settings: %s", exc)
+        return 2
+    except (SettingsError, yaml.YAMLError, OSError) as exc:  # a variable that is not JSON, a config file
         log.error("invalid settings: %s", exc)
         return 2
     if settings.workers > 1:
@@ -128,6 +133,7 @@ async def serve(
     from feature_store.errors import FeatureStoreError
     from service.control import ControlDir
     from service.lifecycle import ServingCore
+    from service.retrieval.base import RetrieverUnavailable
     from service.transports.grpc.server import GrpcServer, start_grpc_server
     from service.transports.rest.app import create_app
 
@@ -138,7 +144,7 @@ async def serve(
 
     try:
         core = await ServingCore.create(settings, control=ControlDir(control_dir) if control_dir is not None else None)
-    except (FeatureStoreError, ValueError) as exc:  # bad store URL or retrieval strategy: say so, exit 1
+    except (FeatureStoreError, ValueError, RetrieverUnavailable) as exc:  # bad store URL, strategy, no GPU: exit 1
         log.error("cannot start: %s", exc, extra={"store_mode": settings.feature_store.resolved_mode()})
         return 1
     grpc_server: GrpcServer | None = None

@@ -255,6 +255,8 @@ class Settings(BaseSettings):
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
         yaml_file = os.environ.get("RANKSERVE_CONFIG")
         if yaml_file:
+            if not os.path.isfile(yaml_file):  # a mistyped path must not start a server on the defaults
+                raise FileNotFoundError(f"RANKSERVE_CONFIG={yaml_file!r} is not a file")
             sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=yaml_file))
         sources.append(file_secret_settings)
         return tuple(sources)

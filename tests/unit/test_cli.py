@@ -124,3 +124,32 @@ def test_recluster_refuses_a_bad_version_name() -> None:
     done = rankserve("recluster", "--bundle", "no-such-bundle", "--version", "v1:x", "--redis-url", "redis://127.0.0.1:1")
     assert done.returncode == 2 and "--version: bad feature-set version" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("env", "fragment"),
+    [
+        ({"RANKSERVE_CONFIG": "no-such-config.yaml"}, "RANKSERVE_CONFIG='no-such-config.yaml' is not a file"),
+        ({"RANKSERVE_CONFIG": "{bad_yaml}"}, "invalid settings"),
+        ({"RANKSERVE_FEATURE_STORE__CLUSTER_NODES": "a:1,b:2"}, "invalid settings"),
+        ({"RANKSERVE_RETRIEVAL_STRATEGY": "faiss_gpu"}, "cannot start: faiss_gpu needs a GPU build of faiss"),
+    ],
+)
+def test_serve_refuses_bad_settings_in_one_line(env: dict[str, str], fragment: str, tmp_path: Path) -> None:
+    import os
+
+    if env.get("RANKSERVE_RETRIEVAL_STRATEGY") == "faiss_gpu":
+        import faiss
+
+        if faiss.get_num_gpus() > 0:
+            pytest.skip("a GPU is visible: faiss_gpu starts")
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("retrieval_strategy: [unclosed\n")
+    env = {k: v.replace("{bad_yaml}", str(bad_yaml)) for k, v in env.items()}
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("RANKSERVE_", "REDIS_"))}
+    done = subprocess.run(
+        [sys.executable, "-m", "service.cli", "serve", "--model-dir", str(tmp_path), "--http-port", "0",
+         "--grpc-port", "0", "--redis-url", "redis://127.0.0.1:1"],
+        cwd=REPO, env=base | env, capture_output=True, text=True, timeout=300)
+    text = done.stdout + done.stderr
+    assert done.returncode != 0 and fragment in text and "Traceback" not in text, text[-2000:]
