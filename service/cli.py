@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from importlib import metadata
 
 from feature_store.errors import FeatureStoreError, UserError
-from service.observability.logging_setup import configure_logging
+from service.observability.logging_setup import LOG_LEVELS, configure_logging
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -64,7 +64,8 @@ def build_parser(command: str | None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rankserve", description="Online ranking microservice.",
                                      formatter_class=_HelpFormatter)
     parser.add_argument("--version", action="version", version=f"rankserve {version()}")
-    parser.add_argument("--log-level", default="INFO", help="logging level: DEBUG, INFO, WARNING or ERROR")
+    parser.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS, default=None,
+                        help="logging level (default INFO; `serve`: RANKSERVE_LOG_LEVEL)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=_HelpFormatter)
@@ -81,7 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    configure_logging(args.log_level)
+    configure_logging(args.log_level or "INFO")  # `serve` configures it again from its settings
     module = importlib.import_module(COMMANDS[args.command][0])
     try:
         return int(module.run(args) or 0)

@@ -90,6 +90,8 @@ def run(args: argparse.Namespace) -> int:
     except (SettingsError, yaml.YAMLError, OSError) as exc:  # a variable that is not JSON, a config file
         log.error("invalid settings: %s", exc)
         return 2
+    # RANKSERVE_LOG_LEVEL / RANKSERVE_JSON_LOGS (or the config file); an explicit --log-level wins
+    configure_logging(getattr(args, "log_level", None) or settings.log_level, settings.json_logs)
     if settings.workers > 1:
         return supervise(settings)
     return asyncio.run(serve(settings))

@@ -18,6 +18,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from feature_store.store import FeatureStoreConfig
 from service.experiments.faults import parse_fault
+from service.observability.logging_setup import LOG_LEVELS
 
 # OTEL_TRACES_SAMPLER values and the share of root traces they keep (None: read OTEL_TRACES_SAMPLER_ARG)
 _OTEL_SAMPLERS: dict[str, float | None] = {
@@ -190,6 +191,14 @@ class Settings(BaseSettings):
         default=1.0, ge=0, le=1, description="share of requests traced unless the caller's traceparent decides"
     )
     otel_export_timeout_s: float = Field(default=5.0, gt=0, description="deadline of one span export call")
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_level(cls, v: str) -> str:
+        level = v.upper()
+        if level not in LOG_LEVELS:
+            raise ValueError(f"log_level must be one of {', '.join(LOG_LEVELS)}, got {v!r}")
+        return level
 
     @field_validator("fusion_weights")
     @classmethod

@@ -43,6 +43,9 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(doc, default=str).decode()
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
 def configure_logging(level: str = "INFO", json_logs: bool = True) -> None:
     """Route all logging to stderr, as JSON lines unless `json_logs` is false."""
     handler = logging.StreamHandler(sys.stderr)

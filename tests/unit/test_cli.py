@@ -153,3 +153,27 @@ def test_serve_refuses_bad_settings_in_one_line(env: dict[str, str], fragment: s
         cwd=REPO, env=base | env, capture_output=True, text=True, timeout=300)
     text = done.stdout + done.stderr
     assert done.returncode != 0 and fragment in text and "Traceback" not in text, text[-2000:]
+
+
+def test_serve_logs_at_the_level_and_format_of_its_settings(tmp_path: Path) -> None:
+    import os
+    import time
+
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("RANKSERVE_", "REDIS_"))}
+    log_path = tmp_path / "serve.log"
+    with log_path.open("w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "service.cli", "serve", "--model-dir", str(tmp_path), "--http-port", "0",
+             "--grpc-port", "0", "--redis-url", "redis://127.0.0.1:1"],
+            cwd=REPO, env=base | {"RANKSERVE_LOG_LEVEL": "warning", "RANKSERVE_JSON_LOGS": "false"}, stdout=out,
+            stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 120
+            while "no model loaded at startup" not in log_path.read_text():
+                assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()[-2000:]
+                time.sleep(0.2)
+        finally:
+            proc.terminate()
+            proc.wait(60)
+    lines = [line for line in log_path.read_text().splitlines() if line.strip()]
+    assert lines and all(line.startswith(("WARNING ", "ERROR ")) for line in lines), lines  # plain text, no INFO
