@@ -745,7 +745,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--redis-url", default=None, help="redis:// URL (default $REDIS_URL; else the embedded Valkey)")
     parser.add_argument("--cluster-nodes", default=None, help="host:port,... of a Redis Cluster "
                         "(default $REDIS_CLUSTER_NODES)")
-    parser.add_argument("--shards", type=int, default=int(os.environ.get("RANKSERVE_EVENT_SHARDS", ev.DEFAULT_SHARDS)),
+    shards = os.environ.get("RANKSERVE_EVENT_SHARDS", str(ev.DEFAULT_SHARDS))
+    # a bad value is refused by the type check at parse time (one line), not while building the parser
+    parser.add_argument("--shards", type=int, default=int(shards) if shards.strip().isdigit() else shards,
                         help="shard streams of the event log; the producers' count ($RANKSERVE_EVENT_SHARDS)")
     parser.add_argument("--batch", type=int, default=1000, help="events read per shard and step (about)")
     parser.add_argument("--lease-ms", type=int, default=10_000,

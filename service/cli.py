@@ -14,6 +14,8 @@ import sys
 from collections.abc import Sequence
 from importlib import metadata
 
+from pydantic import ValidationError
+
 from feature_store.errors import FeatureStoreError, UserError
 from service.observability.logging_setup import LOG_LEVELS, configure_logging
 
@@ -92,6 +94,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FeatureStoreError as exc:
         sys.stderr.write(f"rankserve {args.command}: feature store error: {exc}\n")
         return 1
+    except ValidationError as exc:  # settings from flags and the environment (inputs hidden: they may hold passwords)
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}"
+                             for e in exc.errors(include_url=False, include_input=False))
+        sys.stderr.write(f"rankserve {args.command}: invalid settings: {problems}\n")
+        return 2
     except KeyboardInterrupt:
         logging.getLogger("rankserve").warning("interrupted")
         return 130

@@ -177,3 +177,24 @@ def test_serve_logs_at_the_level_and_format_of_its_settings(tmp_path: Path) -> N
             proc.wait(60)
     lines = [line for line in log_path.read_text().splitlines() if line.strip()]
     assert lines and all(line.startswith(("WARNING ", "ERROR ")) for line in lines), lines  # plain text, no INFO
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "fragment"),
+    [
+        (("consume",), {"REDIS_URL": "localhost:6379"}, "invalid settings: url: Value error, url must start with"),
+        (("consume", "--timeout", "0", "--redis-url", "redis://127.0.0.1:1"), {},
+         "invalid settings: connect_timeout_s: Input should be greater than 0"),
+        (("consume", "--redis-url", "redis://127.0.0.1:1"), {"RANKSERVE_EVENT_SHARDS": "abc"},
+         "argument --shards: invalid int value: 'abc'"),
+        (("consume", "--redis-url", "redis://:pw@127.0.0.1:1", "--timeout", "-1"), {}, "invalid settings: "),
+    ],
+)
+def test_tools_refuse_bad_store_settings_in_one_line(args: tuple[str, ...], env: dict[str, str], fragment: str) -> None:
+    import os
+
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("RANKSERVE_", "REDIS_"))}
+    done = subprocess.run([sys.executable, "-m", "service.cli", *args], cwd=REPO, env=base | env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and fragment in done.stderr, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr and "pw@" not in done.stderr
