@@ -82,7 +82,10 @@ def test_bench_side_features_section(tmp_path: Path) -> None:
         for variant in ("base", "side"):
             assert r[variant]["n"] == 12 and r[variant]["failures"] == 0, r[variant]
             assert r[variant]["server_cpu_ms_per_request"] > 0
-        assert r["ratio"]["server_cpu"] > 0 and len(r["ratio"]["server_cpu_rounds"]) == 2
+        # a round's ratio needs the base's CPU of that round, which /proc counts in 10 ms ticks: six
+        # tiny requests can read 0 (that round is left out of the per-round ratios, as it should be)
+        measured = [cpu for cpu in r["base"]["server_cpu_ms_per_request_by_round"] if cpu > 0]
+        assert r["ratio"]["server_cpu"] > 0 and len(r["ratio"]["server_cpu_rounds"]) == len(measured) >= 1
     stages = report["in_process_stages_p50_ms"]
     assert {"fetch", "retrieve", "score", "cpu"} <= set(stages["side"])
     assert "side features: rest side / base" in done.stdout and "side features: grpc side / base" in done.stdout
