@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
-DATA   ?= ../shared/data
+DATA   ?= $(or $(RANKSERVE_DATA_ROOT),../shared/data)
 
 .PHONY: setup proto test test-fault test-fast lint typecheck demo loadtest bench bench-gpu clean redis-server prometheus
 
