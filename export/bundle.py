@@ -132,6 +132,7 @@ class Bundle:
             "created": self.manifest.get("created"),
             "schema_hash": self.schema.hash,
             "tasks": self.tasks,
+            "actions": list(self.schema.spec.actions),
             "id_types": dict(zip(("user", "item"), self.schema.spec.id_types, strict=True)),
             "features": {
                 group: {"categorical": [e.name for e in g.categorical], "numeric": [e.name for e in g.numeric]}

@@ -271,6 +271,7 @@ def test_models_lists_current_and_loaded(live_server: Server) -> None:
     body = httpx.get(live_server.base_url + "/v1/models").json()
     assert body["current"]["key"] == "tiny/1"
     assert body["current"]["tasks"] == ["click", "cart", "buy"]
+    assert body["current"]["actions"] == ["click", "cart", "fav", "buy"]  # what POST /v1/events takes
     assert [m["key"] for m in body["loaded"]] == ["tiny/1"]
     assert body["refused"] == []
 

@@ -233,6 +233,7 @@ class ModelInfo(BaseModel):
     created: str | None = None
     schema_hash: str
     tasks: list[str]
+    actions: list[str] = Field(description="the behaviour actions an event may carry (POST /v1/events)")
     id_types: dict[str, str] = Field(description='"int" or "string" ids, for "user" and "item"')
     features: dict[str, dict[str, list[str]]] = Field(
         description="side features by group (user, item, context) and kind (categorical, numeric); a request's "
