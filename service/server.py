@@ -74,11 +74,9 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         for key in ("host", "http_port", "grpc_port", "model_dir", "model_name", "workers")
         if getattr(args, key, None) is not None
     }
-    settings = Settings(**overrides)
-    if getattr(args, "redis_url", None):
-        store = settings.feature_store.model_copy(update={"url": args.redis_url, "mode": "single"})
-        settings = settings.model_copy(update={"feature_store": store})
-    return settings
+    if getattr(args, "redis_url", None):  # as REDIS_URL would: validated, and read with the cluster nodes
+        overrides["feature_store"] = {"url": args.redis_url}
+    return Settings(**overrides)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -219,7 +219,8 @@ class Settings(BaseSettings):
     @model_validator(mode="before")
     @classmethod
     def _redis_env(cls, data: Any) -> Any:
-        """Plain REDIS_URL / REDIS_CLUSTER_NODES fill the store config unless it is set explicitly."""
+        """Plain REDIS_URL / REDIS_CLUSTER_NODES / REDIS_MODE fill the store config unless it is set
+        explicitly (the same variables the command-line tools read)."""
         if not isinstance(data, dict):
             return data
         store = data.get("feature_store")
@@ -229,6 +230,8 @@ class Settings(BaseSettings):
                 store["url"] = os.environ["REDIS_URL"]
             if os.environ.get("REDIS_CLUSTER_NODES") and "cluster_nodes" not in store:
                 store["cluster_nodes"] = os.environ["REDIS_CLUSTER_NODES"]
+            if os.environ.get("REDIS_MODE") and "mode" not in store:
+                store["mode"] = os.environ["REDIS_MODE"]
             data = {**data, "feature_store": store}
         return data
 
