@@ -49,7 +49,7 @@ from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
 from service.observability.logging_setup import configure_logging
-from service.settings import Settings
+from service.settings import Settings, unknown_variables
 
 if TYPE_CHECKING:
     from service.lifecycle import ServingCore
@@ -90,6 +90,9 @@ def run(args: argparse.Namespace) -> int:
         return 2
     # RANKSERVE_LOG_LEVEL / RANKSERVE_JSON_LOGS (or the config file); an explicit --log-level wins
     configure_logging(getattr(args, "log_level", None) or settings.log_level, settings.json_logs)
+    unknown = unknown_variables()
+    if unknown:
+        log.warning("ignoring environment variables that name no setting (a typo?): %s", ", ".join(unknown))
     if settings.workers > 1:
         return supervise(settings)
     return asyncio.run(serve(settings))

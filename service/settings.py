@@ -272,3 +272,17 @@ class Settings(BaseSettings):
             sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=yaml_file))
         sources.append(file_secret_settings)
         return tuple(sources)
+
+
+# read by other parts of rankserve than the server's settings
+_OTHER_VARIABLES = frozenset({"RANKSERVE_CONFIG", "RANKSERVE_DATA_ROOT"})
+
+
+def unknown_variables(environ: Mapping[str, str] | None = None) -> list[str]:
+    """RANKSERVE_* variables that name no setting (a typo such as RANKSERVE_WORKER): the
+    environment source ignores them silently, so the server warns about them at start."""
+    env = os.environ if environ is None else environ
+    fields = set(Settings.model_fields)
+    return sorted(name for name in env if name.startswith("RANKSERVE_") and name not in _OTHER_VARIABLES
+                  and name[len("RANKSERVE_"):].split("__")[0].lower() not in fields)
+

@@ -36,3 +36,12 @@ def test_the_redis_url_flag_is_validated_and_keeps_the_other_store_settings(monk
     assert (settings.feature_store.url, settings.feature_store.pool_size) == ("redis://10.0.0.1:6379/0", 7)
     with pytest.raises(ValidationError, match="url must start with"):
         settings_from_args(argparse.Namespace(redis_url="10.0.0.1:6379"))
+
+
+def test_variables_that_name_no_setting_are_listed() -> None:
+    from service.settings import unknown_variables
+
+    env = {"RANKSERVE_WORKER": "2", "RANKSERVE_WORKERS": "2", "RANKSERVE_FEATURE_STORE__POOL_SIZE": "8",
+           "RANKSERVE_FEATURE_STOR__POOL_SIZE": "8", "RANKSERVE_CONFIG": "x.yaml", "RANKSERVE_DATA_ROOT": "d",
+           "REDIS_URL": "redis://h:1/0"}
+    assert unknown_variables(env) == ["RANKSERVE_FEATURE_STOR__POOL_SIZE", "RANKSERVE_WORKER"]
