@@ -62,17 +62,26 @@ def logloss(labels: npt.ArrayLike, probs: npt.ArrayLike, eps: float = 1e-7) -> f
 
 
 def recall_at_k(positives: npt.ArrayLike, scores: npt.ArrayLike, queries: npt.ArrayLike, k: int) -> float:
-    """R_e@K = Σ_q |TopK_q ∩ P_q| / Σ_q |P_q|, ranking each query's candidates by `scores`."""
+    """R_e@K = Σ_q |TopK_q ∩ P_q| / Σ_q |P_q|, ranking each query's candidates by `scores`.
+
+    Candidates with equal scores share the top-K slots left at their rank: each counts as the
+    expected hit under a random order of the tie (no order of the input favours a positive)."""
     pos = np.asarray(positives, dtype=np.float64) > 0.5
     s = np.asarray(scores, dtype=np.float64)
     q = np.asarray(queries)
     # order by query, then score descending; the rank inside a query is the position minus its start
     order = np.lexsort((-s, q))
-    qs = q[order]
-    starts = np.flatnonzero(np.r_[True, qs[1:] != qs[:-1]])
-    first = np.repeat(starts, np.diff(np.r_[starts, qs.shape[0]]))
-    in_top = (np.arange(qs.shape[0]) - first) < k
-    hits = (pos[order] & in_top).sum()
+    qs, ss = q[order], s[order]
+    n = qs.shape[0]
+    new_query = np.r_[True, qs[1:] != qs[:-1]]
+    starts = np.flatnonzero(new_query)
+    rank = np.arange(n) - np.repeat(starts, np.diff(np.r_[starts, n]))
+    # runs of equal scores inside a query: a run of m from rank r holds clip(k - r, 0, m) top-K slots
+    tie_starts = np.flatnonzero(new_query | np.r_[True, ss[1:] != ss[:-1]])
+    tie_sizes = np.diff(np.r_[tie_starts, n])
+    size = np.repeat(tie_sizes, tie_sizes)
+    credit = np.clip(k - np.repeat(rank[tie_starts], tie_sizes), 0, size) / size
+    hits = float((credit * pos[order]).sum())
     total = pos.sum()
     return float(hits / total) if total else float("nan")
 
