@@ -14,11 +14,13 @@
     drawn then. The negatives are what was really shown, so the model's probabilities are
     calibrated to the shown traffic: p(click) estimates the click rate of an impression.
   * Popularity negatives, without impressions: `negatives_per_positive` per positive, drawn from
-    item popularity^0.75 (counted before the validation start), never an item the user
-    interacted with at or before the sample's day; they share the positive's timestamp, history
-    and context. Their labels are 0 by construction, not by observation, so the absolute level
-    of a score depends on the sampling rate (more negatives per positive, lower scores); the
-    order of the scores is what they are for: fine for ranking, not calibrated click rates.
+    item popularity^0.75 (counted before the validation start), never an item the user engaged
+    with on the sample's day (an item of an earlier day is a valid negative: otherwise every
+    negative's user-item cross features would be empty, a label shortcut); they share the
+    positive's timestamp, history and context. Their labels are 0 by construction, not by
+    observation, so the absolute level of a score depends on the sampling rate (more negatives
+    per positive, lower scores); the order of the scores is what they are for: fine for ranking,
+    not calibrated click rates.
 - Labels over all samples: with ESMM parents a child task's label is over all samples (buy is
   CTCVR); its conditional rate is defined on the samples whose parent is positive (`cvr_mask`).
 - Side features (`side_ids`, `side_values`, the scorer inputs of the same names): user and item
@@ -565,17 +567,8 @@ def build_samples(
     n_tasks = len(base_schema.tasks)
 
     if imps is None:
-        # First interaction time of every (user, item) pair, from the positives (they cover every event).
-        if n_users * n_items >= 2**63:
-            raise ValueError(f"{n_users} users x {n_items} items overflow the int64 pair key")
-        pair_key = pos_user * n_items + pos_item
-        pair_order = np.argsort(pair_key, kind="stable")  # stable: the first of a pair is its earliest
-        pk = pair_key[pair_order]
-        pair_new = np.r_[True, pk[1:] != pk[:-1]] if n_pos else np.zeros(0, dtype=bool)
-        pair_keys, pair_first_ts = pk[pair_new], pos_ts[pair_order][pair_new]
-
         neg_owner, neg_item = _sample_negatives(
-            pos_user, pos_ts, item_count, pair_keys, pair_first_ts, negatives_per_positive, seed
+            pos_user, pos_ts, pos_item, item_count, n_users, negatives_per_positive, seed
         )
         n_neg = int(neg_owner.shape[0])
         # Samples: each positive followed by its kept negatives (neg_owner is sorted).
@@ -714,16 +707,19 @@ def _group_labels(matrix: npt.NDArray[np.bool_], action: IntArray, starts: IntAr
 def _sample_negatives(
     pos_user: IntArray,
     pos_ts: IntArray,
+    pos_item: IntArray,
     item_count: IntArray,
-    pair_keys: IntArray,
-    pair_first_ts: IntArray,
+    n_users: int,
     k: int,
     seed: int,
 ) -> tuple[IntArray, IntArray]:
     """(owner positive, item code) of each kept negative, drawn from popularity^0.75.
 
-    A draw is rejected when the user's first interaction with the item is before the end of the
-    positive's day; rejected draws are redrawn a few rounds, then dropped.
+    A draw is rejected when the user engaged with the item on the positive's day (that (user,
+    item, day) is a positive); rejected draws are redrawn a few rounds, then dropped. An item the
+    user interacted with on an earlier day stays a valid negative: excluding those too would
+    give every negative empty user-item cross features, which would then tell a returning
+    positive from every negative by construction (a label shortcut, not behaviour).
     """
     n_items = int(item_count.shape[0])
     n = pos_user.shape[0] * k
@@ -746,13 +742,12 @@ def _sample_negatives(
         return out
 
     owner = np.repeat(np.arange(pos_user.shape[0], dtype=np.int64), k)
-    day_end = (pos_ts // SECONDS_PER_DAY + 1) * SECONDS_PER_DAY
+    pos_day = pos_ts // SECONDS_PER_DAY
+    positives = (pos_user, pos_day, pos_item)
 
     def valid(rows: IntArray, items: IntArray) -> npt.NDArray[np.bool_]:
-        key = pos_user[owner[rows]] * n_items + items
-        at = np.minimum(np.searchsorted(pair_keys, key), max(pair_keys.shape[0] - 1, 0))
-        seen = (pair_keys[at] == key) & (pair_first_ts[at] < day_end[owner[rows]])
-        return np.asarray(~seen, dtype=np.bool_)
+        draws = (pos_user[owner[rows]], pos_day[owner[rows]], items)
+        return np.asarray(~_in_groups(draws, positives, n_users, n_items), dtype=np.bool_)
 
     item = draw(n)
     ok = valid(np.arange(n, dtype=np.int64), item)

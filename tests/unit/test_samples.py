@@ -95,18 +95,14 @@ def check_histories(samples: SampleSet, log: EventLog) -> None:
 
 
 def check_negatives(samples: SampleSet, log: EventLog) -> None:
-    """No negative's item was touched by its user before the end of the sample's day."""
-    first = (
-        pd.DataFrame({"u": log.user_id, "i": log.item_id, "t": log.timestamp})
-        .groupby(["u", "i"])["t"]
-        .min()
-        .rename("first")
-    )
+    """No negative's item was engaged with by its user on the sample's day; and some negatives are
+    items the user had interacted with before (else the cross features would be a label shortcut)."""
+    engaged = pd.DataFrame({"u": log.user_id, "i": log.item_id, "d": log.timestamp // DAY}).drop_duplicates()
+    engaged["same_day"] = True
     neg = samples.labels.max(axis=1) == 0
-    df = pd.DataFrame({"u": samples.raw_user[neg], "i": samples.raw_item[neg], "ts": samples.ts[neg]})
-    df = df.join(first, on=["u", "i"])
-    day_end = (df["ts"] // DAY + 1) * DAY
-    assert (df["first"].isna() | (df["first"] >= day_end)).all()
+    df = pd.DataFrame({"u": samples.raw_user[neg], "i": samples.raw_item[neg], "d": samples.ts[neg] // DAY})
+    df = df.merge(engaged, on=["u", "i", "d"], how="left")
+    assert df["same_day"].isna().all()
 
 
 def check_positives(samples: SampleSet, log: EventLog) -> None:
@@ -153,7 +149,7 @@ def test_tiny_log_exact() -> None:
     check_positives(s, log)
 
 
-def test_tiny_log_negatives_exclude_items_seen_that_day() -> None:
+def test_tiny_log_negatives_exclude_only_items_engaged_with_that_day() -> None:
     log = tiny_log()
     s = build_samples(log, split=TimeSplit(10 * DAY, 20 * DAY), negatives_per_positive=20, seed=3)
     check_negatives(s, log)
@@ -162,6 +158,11 @@ def test_tiny_log_negatives_exclude_items_seen_that_day() -> None:
     first = neg & (s.raw_user == 1) & (s.ts == 100)
     assert set(s.raw_item[first].tolist()) <= {11, 13, 14}
     assert first.sum() > 0
+    # Its day-1 sample: only 11 was touched that day. 10 and 12 (day 0) are valid negatives, whose
+    # cross features are not empty: a returning item is not a positive by construction.
+    second = neg & (s.raw_user == 1) & (s.ts == DAY + 50)
+    drawn = set(s.raw_item[second].tolist())
+    assert 11 not in drawn and drawn & {10, 12}
     check_histories(s, log)
 
 
