@@ -4,6 +4,7 @@ tools read, and `--redis-url` read as REDIS_URL is (validated, with the cluster 
 from __future__ import annotations
 
 import argparse
+import os
 
 import pytest
 from pydantic import ValidationError
@@ -14,11 +15,9 @@ from service.settings import Settings
 
 @pytest.fixture(autouse=True)
 def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    import os
-
-    for name in list(os.environ):
-        if name.startswith(("REDIS_", "RANKSERVE_")):
-            monkeypatch.delenv(name)
+    """Only what a test sets: the store and server variables of the machine running the tests go."""
+    for name in [n for n in os.environ if n.startswith(("REDIS_", "RANKSERVE_"))]:
+        monkeypatch.delenv(name)
 
 
 def test_redis_mode_is_read_as_the_tools_read_it(monkeypatch: pytest.MonkeyPatch) -> None:
