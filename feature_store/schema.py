@@ -443,10 +443,20 @@ def cross_features_batch(
     """`cross_features` for a batch of samples with padded [B, L] histories (one candidate each)."""
     cand = np.asarray(cand_item, dtype=np.int64)
     match = hist_valid & (hist_item == cand[:, None]) & (cand[:, None] != 0)
-    out = np.zeros((cand.shape[0], n_actions + 2), dtype=np.float32)
-    for a in range(n_actions):
-        out[:, a] = np.log1p((match & (hist_action == a)).sum(axis=1))
+    counts = np.stack([(match & (hist_action == a)).sum(axis=1) for a in range(n_actions)], axis=1)
     latest = np.where(match, hist_ts, -1).max(axis=1, initial=-1)
+    return cross_features_of_matches(counts.reshape(cand.shape[0], n_actions), latest, request_ts)
+
+
+def cross_features_of_matches(
+    counts: npt.NDArray[np.integer], latest: npt.NDArray[np.integer], request_ts: npt.NDArray[np.integer]
+) -> npt.NDArray[np.float32]:
+    """`cross_features` from what it reads of the history: per sample the count of each action on
+    the candidate [B, A] and the newest such event's time [B] (-1: none). One formula for every
+    way of finding those (a padded history, or an index of the events by item)."""
+    n, n_actions = counts.shape
+    out = np.zeros((n, n_actions + 2), dtype=np.float32)
+    out[:, :n_actions] = np.log1p(counts)
     hit = latest >= 0
     hours = np.maximum(np.asarray(request_ts, dtype=np.int64) - latest, 0) / 3600.0
     out[:, n_actions] = hit

@@ -14,7 +14,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from feature_store.schema import SchemaSpec, cross_features_batch, time_gap_bucket, weekday
+from feature_store.schema import SchemaSpec, cross_features_of_matches, time_gap_bucket, weekday
 from models.data.samples import SampleSet
 from models.model import Batch
 
@@ -33,6 +33,20 @@ class Collator:
         one_hot = np.zeros((samples.ev_action.shape[0] + 1, self.n_actions), dtype=np.int32)
         np.add.at(one_hot, (np.arange(1, one_hot.shape[0]), samples.ev_action), 1)
         self._action_prefix = np.cumsum(one_hot, axis=0, dtype=np.int32)
+        # The user-item cross features read the whole served history, as serving does, not only
+        # the window training searches (`max_history`): the event rows ordered by (item, row), so
+        # one item's rows in a history window [start, end) are one searchsorted range, with prefix
+        # counts of each action along that order and the events' times.
+        n_rows = samples.ev_item.shape[0]
+        self._row_span = n_rows + 1
+        by_item = np.sort(samples.ev_item.astype(np.int64) * self._row_span + np.arange(n_rows, dtype=np.int64))
+        rows = by_item % self._row_span
+        self._by_item = by_item
+        self._by_item_prefix = np.zeros((n_rows + 1, self.n_actions), dtype=np.int32)
+        np.add.at(self._by_item_prefix, (np.arange(1, n_rows + 1), samples.ev_action[rows]), 1)
+        self._by_item_prefix = np.cumsum(self._by_item_prefix, axis=0, dtype=np.int32)
+        # a trailing -1: an empty range reads it (hi - 1 = -1) and means no match
+        self._by_item_ts = np.r_[np.asarray(samples.ev_ts, dtype=np.int64)[rows], -1]
 
     @staticmethod
     def _side_field(samples: SampleSet, name: str, width: int) -> npt.NDArray[np.generic] | None:
@@ -73,7 +87,7 @@ class Collator:
         gap = time_gap_bucket(ts[:, None] - s.ev_ts[rows], self.spec.time_gap_buckets)
         hist_item = np.where(valid, s.ev_item[rows], 0)
         hist_action = np.where(valid, s.ev_action[rows], 0)
-        cross = cross_features_batch(hist_item, hist_action, s.ev_ts[rows], valid, s.item[idx], ts, n_actions)
+        cross = self.cross_features(idx, start, end)
 
         def t(a: npt.NDArray[np.generic]) -> torch.Tensor:
             return torch.from_numpy(np.ascontiguousarray(a))
@@ -93,6 +107,20 @@ class Collator:
             side_ids=t(self.side_ids[idx].astype(np.int64)) if self.side_ids is not None else None,
             side_values=t(self.side_values[idx].astype(np.float32)) if self.side_values is not None else None,
         )
+
+    def cross_features(
+        self, idx: npt.NDArray[np.int64], start: npt.NDArray[np.int64], end: npt.NDArray[np.int64]
+    ) -> npt.NDArray[np.float32]:
+        """`cross_features` of samples `idx` over their history rows [start, end)."""
+        cand = np.asarray(self.s.item[idx], dtype=np.int64)
+        base = cand * self._row_span
+        lo = np.searchsorted(self._by_item, base + start)
+        hi = np.searchsorted(self._by_item, base + end)
+        known = cand != 0  # the OOV item matches nothing
+        counts = np.where(known[:, None], self._by_item_prefix[hi] - self._by_item_prefix[lo], 0)
+        # the newest matching event is the last of the range: a user's rows are in time order
+        latest = np.where(known & (hi > lo), self._by_item_ts[hi - 1], -1)
+        return cross_features_of_matches(counts, latest, self.s.ts[idx])
 
     def batches(
         self, idx: npt.NDArray[np.int64], batch_size: int, shuffle_seed: int | None = None

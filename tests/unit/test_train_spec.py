@@ -101,3 +101,29 @@ def test_train_without_side_features(shop: Path, tmp_path: Path) -> None:
     schema = FeatureSchema.load(run / "schema")
     assert schema.spec.scorer_inputs == SCORER_INPUTS
     assert cli_main(["evaluate", "--run", str(run), "--max-queries", "20"]) == 0
+
+
+def test_cross_features_read_the_whole_served_history_as_serving_does(shop: Path) -> None:
+    """Training searches at most `max_history` behaviours; the user-item cross features must
+    still count the whole served history (up to max_sequence_length), as the service does."""
+    from feature_store.schema import cross_features_batch
+
+    spec = FeatureSpec.load(shop)
+    samples = build_samples(load_spec_dataset(spec, shop.parent), negatives_per_positive=2, seed=0)
+    idx = np.arange(len(samples), dtype=np.int64)
+    collator = Collator(samples, samples.schema.spec, 3)  # searches only the newest 3 behaviours
+    start, end = collator.history_window(idx)
+    got = collator.cross_features(idx, start, end)
+
+    def reference(first: np.ndarray) -> np.ndarray:  # padded [B, L] histories over rows [first, end)
+        width = max(int((end - first).max(initial=0)), 1)
+        pos = end[:, None] - width + np.arange(width)[None, :]
+        valid = pos >= first[:, None]
+        rows = np.where(valid, pos, 0)
+        return cross_features_batch(samples.ev_item[rows], samples.ev_action[rows], samples.ev_ts[rows], valid,
+                                    samples.item[idx], samples.ts[idx], samples.schema.spec.n_actions)
+
+    np.testing.assert_array_equal(got, reference(start))
+    searched_only = reference(np.maximum(start, end - 3))
+    assert (got != searched_only).any(axis=1).sum() > 0  # the case at stake occurs in this data
+    np.testing.assert_array_equal(collator(idx[:64]).cand_cross.numpy(), got[:64])
