@@ -314,8 +314,9 @@ def scorer_inputs(
         queries_aug[:, :a_dim] = query
         _, idx = _retrieve(retriever, queries_aug, DistinctKeys(rows.gsu_keys, rows.group, rows.first), settings.k,
                            rows.category, cand_category, user_index, history.clusters, tables)
-        # each slot's distinct row, -1 for padding (a history shorter than k)
-        retrieved = np.take(rows.group, idx) if length >= settings.k else np.where(idx >= 0, rows.group[idx], -1)
+        # each slot's distinct row, -1 for padding: a history shorter than k, or a strategy that pads
+        # (sim_hard with fallback=pad); np.take alone would read -1 as the last behaviour
+        retrieved = np.take(rows.group, idx) if idx.min(initial=0) >= 0 else np.where(idx >= 0, rows.group[idx], -1)
         lap("retrieval")
         long_pooled, long_attended = _attention_pool(rows, retrieved, query)
     else:  # no long-term retrieval (DIN-short bundles) or an empty history: nothing attended

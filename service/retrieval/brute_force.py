@@ -50,7 +50,16 @@ class NumpyRetriever(BaseRetriever):
         scores = q @ keys.T
         kk = min(k, n_keys)
         if kk < n_keys:
-            idx = np.argpartition(scores, n_keys - kk, axis=1)[:, n_keys - kk :]
+            # the k-th score, then every key above it and the lowest-index keys equal to it: which of
+            # several keys tied at the cut survive must not be argpartition's choice
+            kth = np.partition(scores, n_keys - kk, axis=1)[:, n_keys - kk, None]
+            above = scores > kth
+            tied = scores == kth
+            keep = above | (tied & (np.cumsum(tied, axis=1) <= kk - above.sum(axis=1, keepdims=True)))
+            if (keep.sum(axis=1) == kk).all():
+                idx = np.nonzero(keep)[1].reshape(n_queries, kk)  # row-major: each row's indices ascending
+            else:  # NaN scores compare false: a full sort (NaN last) decides
+                idx = np.argsort(-scores, axis=1, kind="stable")[:, :kk]
         else:
             idx = np.broadcast_to(np.arange(n_keys), (n_queries, n_keys))
         top = np.take_along_axis(scores, idx, axis=1)

@@ -302,3 +302,17 @@ def test_a_tail_of_another_width_is_refused() -> None:
     rows = store_tails(side, USER, ITEMS)
     with pytest.raises(CodecError, match="side tail"):
         side_inputs(side, SideRows(rows.user_tail + b"\0\0\0\0"), 2)
+
+
+def test_a_strategy_that_pads_a_long_history_attends_to_nothing_there() -> None:
+    """sim_hard with fallback=pad pads a candidate whose category the history lacks, even when the
+    history is longer than k: padding (-1) must stay padding, not become the newest behaviour."""
+    spec = SchemaSpec()
+    tables = random_tables(spec)
+    settings = RetrievalSettings(k=4, head_dim=4, short_length=5, use_retrieval=True,
+                                 time_gap_buckets=spec.time_gap_buckets)
+    hist = history(spec.n_actions)  # 30 behaviours, categories 1-5
+    cand_item, cand_cat = np.array([3, 4]), np.array([2, 9])  # category 9: nowhere in the history
+    pad = scorer_inputs(tables, settings, make_retriever("sim_hard", fallback="pad"), hist, 3, cand_item, cand_cat, NOW)
+    assert pad["long_attended"][:, 0].tolist() == [1.0, 0.0]
+    assert not pad["long_pooled"][1].any()

@@ -243,3 +243,21 @@ def test_assemble_passes_categories_to_context_strategies() -> None:
     assert seen[0].key_category.tolist() == list(range(10))  # type: ignore[union-attr]
     assert seen[0].query_category.tolist() == [1, 2, 3]  # type: ignore[union-attr]
     assert seen[0].user_index == 7
+
+
+@pytest.mark.parametrize("strategy", ["exact", "numpy"])
+def test_ties_keep_the_lowest_indices_whatever_the_strategy(strategy: str) -> None:
+    """Equal scores are ordered by ascending key index, also at the cut of the top k."""
+    retriever = make_retriever(strategy)
+    for n_keys, k in ((10, 3), (1000, 5)):
+        keys = np.ones((n_keys, 4), dtype=np.float32)
+        _, idx = retriever.search(np.ones((2, 4), dtype=np.float32), keys, k)
+        assert idx.tolist() == [list(range(k))] * 2
+
+
+@pytest.mark.parametrize("strategy", ["exact", "numpy"])
+def test_zero_scores_tie_whatever_their_sign(strategy: str) -> None:
+    """Products that sum to -0.0 and to +0.0 are the same score: ties go to the lower index."""
+    keys = np.array([[-1.0] * 4, [1.0] * 4, [-1.0] * 4, [1.0] * 4], dtype=np.float32)
+    _, idx = make_retriever(strategy).search(np.zeros((1, 4), dtype=np.float32), keys, 2)
+    assert idx.tolist() == [[0, 1]]

@@ -95,9 +95,14 @@ _BYTE_OF_BIT = np.uint64(0x0001020304050607)
 _BELOW_ZERO = np.float32(-1.4e-45)  # the largest float32 below zero (a subnormal)
 
 
+_NEG_ZERO = np.uint64(0x80000000)  # the bits of -0.0
+
+
 @_jit(inline="always")
 def _encode(bits: Any, i: int, index: int) -> Any:
     u = np.uint64(bits[i])
+    if u == _NEG_ZERO:  # -0.0 == +0.0: one key for both, so zero scores tie by index as equal ones do
+        u = _ZERO
     mask = ((_ZERO - (u >> _U31)) & _LOW) | _SIGN  # negative: flip all bits; positive: flip the sign
     return ((u ^ mask) << _U32) | (_LOW - np.uint64(index))
 
