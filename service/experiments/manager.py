@@ -213,9 +213,12 @@ class ExperimentManager:
             state = _file_state(path)
             self._seen_state = state
             try:
-                text = await asyncio.to_thread(path.read_text)
+                text = await asyncio.to_thread(path.read_text, encoding="utf-8")
             except OSError as exc:
                 return self._reject(f"experiments file {path} refused: cannot read it: {exc}")
+            except UnicodeDecodeError as exc:  # refused like any bad content: not a crash of the loader
+                return self._reject(f"experiments file {path} refused: not UTF-8 text ({exc.reason} at byte "
+                                    f"{exc.start})")
             digest = hashlib.sha256(text.encode()).hexdigest()
             current = self._current
             if current is not None and current.digest == digest:

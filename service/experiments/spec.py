@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import typing
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -132,10 +133,25 @@ def _describe_validation(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load, refusing a key given twice in one mapping (YAML keeps the last one silently: a
+    leftover second `share:` or `bundle:` would change an arm without a word)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[typing.Any, typing.Any]:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"the key {key!r} is given twice", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def parse_experiments(text: str, source: str = "experiments file") -> ExperimentsSpec:
     """YAML text -> validated spec; ExperimentsRejected naming every problem otherwise."""
     try:
-        doc = yaml.safe_load(text)
+        doc = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: no arbitrary objects
     except yaml.YAMLError as exc:
         raise ExperimentsRejected(f"{source} refused: not valid YAML: {exc}") from exc
     if not isinstance(doc, dict):

@@ -115,6 +115,9 @@ def doc(**arm_overrides: Any) -> dict[str, Any]:
         (json.dumps(doc(fusion={"weights": {"click": float("inf")}})), ["finite"]),
         ("salt: s\narms: [", ["not valid YAML"]),
         ("- just\n- a list\n", ["expected a mapping"]),
+        ("salt: s\narms:\n- name: a\n  share: 50\n  share: 100\n  bundle: tiny/1\n",
+         ["not valid YAML", "the key 'share' is given twice"]),  # YAML itself would keep the last one
+        ("salt: s\nsalt: t\narms: []\n", ["the key 'salt' is given twice"]),
         (json.dumps({"arms": []}), ["salt: Field required", "arms: List should have at least 1 item"]),
     ],
 )
@@ -237,6 +240,17 @@ async def test_invalid_config_keeps_the_previous_one(
         assert fragment in err.value.message, err.value.message
     assert manager.current is before and manager.last_error == err.value.message
     assert manager.route(1).arm == "a"  # still serving
+
+
+async def test_a_file_that_is_not_utf8_is_refused_not_a_crash(model_dir: Path, tmp_path: Path) -> None:
+    config = tmp_path / "exp.yaml"
+    write_config(config, {"salt": "s", "arms": [{"name": "a", "share": 100, "bundle": "tiny/1"}]})
+    manager = make_manager(model_dir, config)
+    before = (await manager.reload()).experiments
+    config.write_bytes(b"# M\xfcller's test\n" + config.read_bytes())  # a Latin-1 comment
+    with pytest.raises(ExperimentsRejected, match="not UTF-8 text"):
+        await manager.reload()
+    assert manager.current is before and manager.last_error is not None  # still serving, and it says why
 
 
 async def test_polling_picks_up_a_changed_file(model_dir: Path, tmp_path: Path) -> None:
