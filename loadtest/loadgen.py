@@ -129,8 +129,10 @@ class HttpPool:
             await conn.close()
 
 
-async def _timed(call: Call, i: int, result: LoadResult) -> None:
-    t0 = time.perf_counter()
+async def _timed(call: Call, i: int, result: LoadResult, scheduled: float | None = None) -> None:
+    """Run request `i` and record its latency, from `scheduled` when given (an open loop's arrival
+    time: a client running late must not hide its lag from the latency) else from now."""
+    t0 = time.perf_counter() if scheduled is None else scheduled
     try:
         await call(i)
     except Exception as exc:  # a failed request is data, not a crash of the run
@@ -180,7 +182,7 @@ async def open_loop(call: Call, rate: float, seconds: float, max_inflight: int =
         if len(inflight) >= max_inflight:
             result.dropped += 1
             continue
-        task = asyncio.create_task(_timed(call, i, result))
+        task = asyncio.create_task(_timed(call, i, result, next_at))
         inflight.add(task)
         task.add_done_callback(inflight.discard)
         i += 1
@@ -190,21 +192,28 @@ async def open_loop(call: Call, rate: float, seconds: float, max_inflight: int =
     return result
 
 
+DEGRADED = "a degraded answer (ranked without the store's features): cheaper, not a served one"
+
+
 def rest_call(pool: HttpPool, bodies: Sequence[bytes], path: str = "/v1/rank") -> Call:
-    """POST bodies[i % n] and fail on a non-200 answer."""
+    """POST bodies[i % n]; a non-200 answer or a degraded one is a failure."""
 
     async def call(i: int) -> None:
         status, payload = await pool.post(path, bodies[i % len(bodies)])
         if status != 200:
             raise RuntimeError(f"HTTP {status}: {payload[:200]!r}")
+        if b'"degraded":true' in payload:  # the server's compact JSON; a byte search costs little
+            raise RuntimeError(DEGRADED)
 
     return call
 
 
 def grpc_call(stub: Any, messages: Sequence[Any], timeout: float = 30.0) -> Call:
-    """stub.Rank(messages[i % n]) on a grpc.aio stub."""
+    """stub.Rank(messages[i % n]) on a grpc.aio stub; a degraded answer is a failure."""
 
     async def call(i: int) -> None:
-        await stub.Rank(messages[i % len(messages)], timeout=timeout)
+        reply = await stub.Rank(messages[i % len(messages)], timeout=timeout)
+        if reply.degraded:
+            raise RuntimeError(DEGRADED)
 
     return call
