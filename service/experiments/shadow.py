@@ -403,12 +403,22 @@ class ShadowRunner:
             finally:
                 self.budget.release(spent)
         probs = np.concatenate(parts) if parts else np.zeros((0, len(model.bundle.tasks)), dtype=np.float32)
-        fused = model.fusion(probs)
-        seconds = time.perf_counter() - started
+        seconds = time.perf_counter() - started  # the shadow's own time: retrieval and scoring
         if job.expired:
             return
-        agreement = compare(job.primary_fused, fused, job.primary_probs, probs, job.primary_tasks,
-                            model.bundle.tasks, job.top_n)
+        # the comparison is lane work too (a rank correlation over every candidate: milliseconds),
+        # gated and budgeted like a step, so a request never shares the CPU with more than one step
+        self.budget.acquire(deadline)
+        spent = 0.0
+        try:
+            self._wait_quiet(deadline)
+            t0 = time.perf_counter()
+            fused = model.fusion(probs)
+            agreement = compare(job.primary_fused, fused, job.primary_probs, probs, job.primary_tasks,
+                                model.bundle.tasks, job.top_n)
+            spent = time.perf_counter() - t0
+        finally:
+            self.budget.release(spent)
         m = self.metrics
         m.shadow_seconds.labels(shadow.arm, shadow.name).observe(seconds)
         for measure, value in agreement.measures().items():
