@@ -133,7 +133,7 @@ def _describe_validation(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
+class _UniqueKeySafeLoader(yaml.SafeLoader):
     """safe_load, refusing a key given twice in one mapping (YAML keeps the last one silently: a
     leftover second `share:` or `bundle:` would change an arm without a word)."""
 
@@ -151,7 +151,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 def parse_experiments(text: str, source: str = "experiments file") -> ExperimentsSpec:
     """YAML text -> validated spec; ExperimentsRejected naming every problem otherwise."""
     try:
-        doc = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: no arbitrary objects
+        doc = yaml.load(text, Loader=_UniqueKeySafeLoader)  # a SafeLoader: no arbitrary objects
     except yaml.YAMLError as exc:
         raise ExperimentsRejected(f"{source} refused: not valid YAML: {exc}") from exc
     if not isinstance(doc, dict):
