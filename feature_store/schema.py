@@ -445,7 +445,7 @@ def cross_features_batch(
     match = hist_valid & (hist_item == cand[:, None]) & (cand[:, None] != 0)
     counts = np.stack([(match & (hist_action == a)).sum(axis=1) for a in range(n_actions)], axis=1)
     latest = np.where(match, hist_ts, -1).max(axis=1, initial=-1)
-    return cross_features_of_matches(counts.reshape(cand.shape[0], n_actions), latest, request_ts)
+    return cross_features_of_matches(counts, latest, request_ts)
 
 
 def cross_features_of_matches(

@@ -601,11 +601,6 @@ class ContextError(ValueError):
 _FLOAT_MAX = int(np.finfo(np.float64).max)
 
 
-def _finite(v: int | float) -> bool:
-    """Whether a context number is finite; an integer is (math.isfinite would overflow on a huge one)."""
-    return isinstance(v, int) or math.isfinite(v)
-
-
 def encode_context(group: FeatureGroup, context: Mapping[str, Any] | None) -> tuple[IntArray, FloatArray]:
     """A request's `context` object -> (codes [C], values [N]); missing names take the defaults.
 
@@ -632,7 +627,9 @@ def encode_context(group: FeatureGroup, context: Mapping[str, Any] | None) -> tu
         ids[j] = cat.encode_one(v)
     for j, num in enumerate(group.numeric):
         v = ctx.get(num.name)
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int | float) or not _finite(v)):
+        # math.isfinite on floats only: it overflows on an integer past float range (refused just below)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int | float)
+                              or (isinstance(v, float) and not math.isfinite(v))):
             raise ContextError(f"context.{num.name}: expected a finite number, got {type(v).__name__} {v!r:.40}")
         if isinstance(v, int) and abs(v) > _FLOAT_MAX:  # an integer no float holds (JSON's ints have no bound)
             raise ContextError(f"context.{num.name}: {v!r:.40} is out of range")

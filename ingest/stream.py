@@ -745,9 +745,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--redis-url", default=None, help="redis:// URL (default $REDIS_URL; else the embedded Valkey)")
     parser.add_argument("--cluster-nodes", default=None, help="host:port,... of a Redis Cluster "
                         "(default $REDIS_CLUSTER_NODES)")
-    shards = os.environ.get("RANKSERVE_EVENT_SHARDS", str(ev.DEFAULT_SHARDS))
-    # a bad value is refused by the type check at parse time (one line), not while building the parser
-    parser.add_argument("--shards", type=int, default=int(shards) if shards.strip().isdigit() else shards,
+    # a string default goes through `type` at parse time: a bad value is argparse's one-line error
+    parser.add_argument("--shards", type=int, default=os.environ.get("RANKSERVE_EVENT_SHARDS", str(ev.DEFAULT_SHARDS)),
                         help="shard streams of the event log; the producers' count ($RANKSERVE_EVENT_SHARDS)")
     parser.add_argument("--batch", type=int, default=1000, help="events read per shard and step (about)")
     parser.add_argument("--lease-ms", type=int, default=10_000,

@@ -19,6 +19,13 @@ from models.data.samples import SampleSet
 from models.model import Batch
 
 
+def _prefix_counts(actions: npt.NDArray[np.integer], n_actions: int) -> npt.NDArray[np.int32]:
+    """[n + 1, A]: row r holds how often each action occurs in actions[:r]."""
+    one_hot = np.zeros((actions.shape[0] + 1, n_actions), dtype=np.int32)
+    np.add.at(one_hot, (np.arange(1, one_hot.shape[0]), actions), 1)
+    return np.cumsum(one_hot, axis=0, dtype=np.int32)
+
+
 class Collator:
     """Builds `Batch`es for index sets of one `SampleSet`."""
 
@@ -30,9 +37,7 @@ class Collator:
         self.side_ids = self._side_field(samples, "side_ids", spec.side.n_ids)
         self.side_values = self._side_field(samples, "side_values", spec.side.n_values)
         # Prefix counts of each action over the event rows: history counters become two lookups.
-        one_hot = np.zeros((samples.ev_action.shape[0] + 1, self.n_actions), dtype=np.int32)
-        np.add.at(one_hot, (np.arange(1, one_hot.shape[0]), samples.ev_action), 1)
-        self._action_prefix = np.cumsum(one_hot, axis=0, dtype=np.int32)
+        self._action_prefix = _prefix_counts(samples.ev_action, self.n_actions)
         # The user-item cross features read the whole served history, as serving does, not only
         # the window training searches (`max_history`): the event rows ordered by (item, row), so
         # one item's rows in a history window [start, end) are one searchsorted range, with prefix
@@ -42,9 +47,7 @@ class Collator:
         by_item = np.sort(samples.ev_item.astype(np.int64) * self._row_span + np.arange(n_rows, dtype=np.int64))
         rows = by_item % self._row_span
         self._by_item = by_item
-        self._by_item_prefix = np.zeros((n_rows + 1, self.n_actions), dtype=np.int32)
-        np.add.at(self._by_item_prefix, (np.arange(1, n_rows + 1), samples.ev_action[rows]), 1)
-        self._by_item_prefix = np.cumsum(self._by_item_prefix, axis=0, dtype=np.int32)
+        self._by_item_prefix = _prefix_counts(samples.ev_action[rows], self.n_actions)
         # a trailing -1: an empty range reads it (hi - 1 = -1) and means no match
         self._by_item_ts = np.r_[np.asarray(samples.ev_ts, dtype=np.int64)[rows], -1]
 

@@ -82,10 +82,9 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 def run(args: argparse.Namespace) -> int:
     try:
         settings = settings_from_args(args)
-    except ValidationError as exc:  # one log line, not a traceback; inputs are hidden (they may hold passwords)
-        log.error("invalid settings: %s", exc)
-        return 2
-    except (SettingsError, yaml.YAMLError, OSError) as exc:  # a variable that is not JSON, a config file
+    # one log line, not a traceback: a value that does not validate (inputs hidden: they may hold
+    # passwords), a variable that is not JSON, a config file that is not YAML or not there
+    except (ValidationError, SettingsError, yaml.YAMLError, OSError) as exc:
         log.error("invalid settings: %s", exc)
         return 2
     # RANKSERVE_LOG_LEVEL / RANKSERVE_JSON_LOGS (or the config file); an explicit --log-level wins
