@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,17 @@ def test_rank_orders_by_fused_score(live_server: Server, world: World) -> None:
         fused = sum(weights[t] * p for t, p in it["scores"].items())
         assert it["score"] == pytest.approx(fused, rel=1e-5, abs=1e-6)
     assert "timings_ms" not in body
+
+
+def test_the_heap_is_frozen_for_the_garbage_collector_once_loaded(live_server: Server) -> None:
+    # the process's long-lived objects are kept out of every collection's walk (server CPU per request)
+    deadline = time.monotonic() + 30
+    while "heap frozen for the garbage collector" not in live_server.logs():
+        assert time.monotonic() < deadline, live_server.logs()[-2000:]
+        time.sleep(0.1)
+    line = next(line for line in live_server.logs().splitlines() if "heap frozen" in line)
+    objects = int(re.search(r'"objects": ?(\d+)', line).group(1))  # type: ignore[union-attr]
+    assert objects > 10_000, line  # the modules, the model and the store client at least
 
 
 def test_all_candidates_returned_when_top_n_exceeds_them(live_server: Server, world: World) -> None:
