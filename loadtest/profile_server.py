@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
                     await closed_loop(call, args.concurrency, 4 * args.concurrency)
                     spy = await asyncio.create_subprocess_exec(
                         py_spy, "record", "-p", str(server.pids()[0]), "-o", str(args.out), "-d", str(args.seconds),
-                        "-r", str(args.rate), "-f", "raw", "--threads", *(() if args.no_native else ("--native",)),
+                        "-r", str(args.rate), "-f", "raw", "--threads", "--nonblocking", *(() if args.no_native else ("--native",)),
                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                     load = asyncio.create_task(closed_loop(call, args.concurrency, 1_000_000))
                     await spy.wait()

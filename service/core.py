@@ -1,11 +1,16 @@
 """The transport-free ranking core: fetch -> retrieve -> score -> fuse -> top-N.
 
 `RankingService.rank(RankRequest) -> RankResponse`. REST and gRPC only decode, call and encode.
-The feature fetch is I/O on the event loop; retrieval and scoring are CPU work, run on a small
-dedicated thread pool so the loop keeps accepting and fetching meanwhile. With micro-batching on
-(`scorer_batch_wait_ms` > 0, meant for the CUDA provider) the pool builds each request's scorer
-inputs and `service.batching.ScoreBatcher` scores the inputs of concurrent requests in one call
-on its own thread; the pool then fuses each request's own rows. A bounded number of
+The feature fetch is I/O on the event loop; retrieval and scoring are CPU work, run on the loop
+too, one request after the other. Handing each request to a worker thread and back cost about a
+quarter more server CPU per request than the work itself (thread wake-ups and GIL hand-offs
+around every kernel; BENCHMARKS.md), for no throughput: the kernels are serial per request. To
+keep a fetch from waiting behind a queue of computations (its budget measures the store, not the
+loop), a request fetches only once it holds one of `COMPUTE_TURNS` turns: the next request's
+fetch overlaps the current one's computation, and the rest wait before fetching. With
+micro-batching on (`scorer_batch_wait_ms` > 0, meant for the CUDA provider) a small thread pool
+builds each request's scorer inputs and `service.batching.ScoreBatcher` scores the inputs of
+concurrent requests in one call on its own thread; the pool then fuses each request's own rows. A bounded number of
 requests (`max_waiting_requests`, counted from arrival) may be in progress; beyond it the service
 answers "overloaded" at once, before any fetch, rather than letting queueing delay blow up the tail.
 """
@@ -38,6 +43,11 @@ from service.settings import Settings
 from service.types import Features, RankedItem, RankRequest, RankResponse
 
 log = logging.getLogger("rankserve.core")
+
+# requests that may be fetching or computing at once on the event loop (without micro-batching):
+# one computes while the next one's fetch is in flight; more would only queue fetches behind
+# computations, where their budget would run out
+COMPUTE_TURNS = 2
 
 
 
@@ -105,7 +115,8 @@ class RankingService:
         self.metrics = metrics
         self.experiments = experiments or ExperimentManager(settings, registry, metrics)
         self.shadows = shadows
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rank-cpu")
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rank-cpu")  # micro-batching only
+        self._turns = asyncio.Semaphore(COMPUTE_TURNS)
         self._in_progress = 0
         self.max_in_progress = settings.max_waiting_requests
         # cross-request micro-batching of the scorer (off unless scorer_batch_wait_ms > 0)
@@ -285,18 +296,25 @@ class RankingService:
             raise Overloaded(f"{self._in_progress} requests are in progress (limit {self.max_in_progress}); "
                              "retry after a short backoff")
         self._in_progress += 1
+        deadline = started + self.settings.request_timeout_s
         try:
-            feats = await self.fetch(user_key, item_keys, req.context)
-            clock.lap("fetch")
-            loop = asyncio.get_running_loop()
-            remaining = self.settings.request_timeout_s - (time.perf_counter() - started)
-            batcher = self.batcher
-            work = (
-                self._compute_batched(batcher, model, feats, context, request_ts, n, clock)
-                if batcher is not None
-                else loop.run_in_executor(self._pool, self._compute, model, feats, context, request_ts, n, clock)
-            )
-            order, fused, probs = await asyncio.wait_for(work, timeout=remaining)
+            if self.batcher is None:
+                async with asyncio.timeout(deadline - time.perf_counter()):
+                    await self._turns.acquire()
+                try:
+                    clock.lap("queue")
+                    feats = await self.fetch(user_key, item_keys, req.context)
+                    clock.lap("fetch")
+                    if time.perf_counter() >= deadline:  # the computation cannot be cut short: not begun
+                        raise TimeoutError
+                    order, fused, probs = self._compute(model, feats, context, request_ts, n, clock)
+                finally:
+                    self._turns.release()
+            else:
+                feats = await self.fetch(user_key, item_keys, req.context)
+                clock.lap("fetch")
+                work = self._compute_batched(self.batcher, model, feats, context, request_ts, n, clock)
+                order, fused, probs = await asyncio.wait_for(work, timeout=deadline - time.perf_counter())
         except TimeoutError as exc:
             raise DeadlineExceeded(f"ranking took longer than {self.settings.request_timeout_s}s") from exc
         finally:

@@ -67,7 +67,7 @@ def test_request_id_metadata_is_echoed(channel: grpc.Channel, world: World) -> N
 
 def test_debug_fills_timings(channel: grpc.Channel, world: World) -> None:
     resp, _ = call_rank(channel, user_id=world.long_user, candidates=world.known_items[:5], debug=True)
-    assert {"fetch", "retrieve", "score", "fuse", "total"} <= set(resp.timings_ms)
+    assert {"queue", "fetch", "retrieve", "score", "fuse", "total"} <= set(resp.timings_ms)
     assert resp.debug["user_known"] is True
 
 

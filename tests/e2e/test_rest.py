@@ -74,7 +74,7 @@ def test_all_candidates_returned_when_top_n_exceeds_them(live_server: Server, wo
 def test_debug_adds_stage_timings(live_server: Server, world: World) -> None:
     resp = rank(live_server, {"user_id": world.long_user, "candidates": world.known_items[:8], "debug": True})
     body = resp.json()
-    assert {"fetch", "retrieve", "score", "fuse", "total"} <= set(body["timings_ms"])
+    assert {"queue", "fetch", "retrieve", "score", "fuse", "total"} <= set(body["timings_ms"])
     assert body["debug"]["user_known"] is True and body["debug"]["history_length"] > 0
 
 
