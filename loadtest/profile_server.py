@@ -23,7 +23,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-IDLE = ("epoll_wait", "PyThread_acquire_lock_timed", "pthread_cond_wait", "pthread_cond_timedwait",
+# native frames of a waiting thread, and with --no-native the Python frame that waits in them
+IDLE = ("epoll_wait", "EpollSelector.select", "PyThread_acquire_lock_timed", "pthread_cond_wait", "pthread_cond_timedwait",
         "_queue_SimpleQueue_get", "Condition.wait", "select_epoll_poll", "sem_timedwait", "futex", "Queue.get",
         "nanosleep", "clock_nanosleep", "do_futex_wait", "__GI___poll", "accept4")
 BUCKETS: list[tuple[str, tuple[str, ...]]] = [

@@ -10,12 +10,15 @@ SIGTERM / SIGINT: readiness turns false, both transports stop accepting at once,
 requests get `drain_timeout_s` to finish, then the core closes (poller, CPU pool, store) and the
 process exits 0.
 
-Workers (`--workers N`, N > 1): a small supervisor binds the HTTP socket and starts N worker
+Workers (`--workers N`, N > 1): a small supervisor reserves the HTTP port and starts N worker
 processes (spawned, not forked: grpcio and thread pools do not survive fork), each running this
-same REST + gRPC server with its own core. The HTTP socket is shared (one accept queue); the gRPC
-port is bound by every worker with SO_REUSEPORT, so the kernel spreads gRPC connections too.
-gRPC therefore scales with the workers rather than being pinned to one process (the parent
-holds no model: it would cost a core's memory and CPU and serve only one transport). Bundle
+same REST + gRPC server with its own core. Every worker binds both ports with SO_REUSEPORT once
+its first model load was tried, and the kernel spreads new connections over the workers by their
+addresses. A worker ranks on its event loop, one request after the other (service/core.py), so
+a worker carries its connections on one core: with one shared accept queue the first worker to
+wake took a whole burst of connections (38 of 40 in tests/e2e/test_workers.py) while the other
+idled. The parent holds no model: it would cost a core's memory and CPU and serve only one
+transport. Bundle
 tables are memory-mapped, so the workers share one copy in the page cache. If a worker dies,
 the supervisor stops the others and exits 1, leaving restarts to the orchestrator.
 
@@ -124,8 +127,7 @@ def _uvicorn_config(settings: Settings, app: Any) -> uvicorn.Config:
 
 
 async def serve(
-    settings: Settings, http_socket: socket.socket | None = None, reuse_port: bool = False,
-    control_dir: Path | None = None,
+    settings: Settings, reuse_port: bool = False, control_dir: Path | None = None,
 ) -> int:
     """Run REST and gRPC on this event loop until SIGTERM/SIGINT; returns the exit code.
 
@@ -161,7 +163,8 @@ async def serve(
         if reuse_port and not await _first_load_or_stop(core, stop_task):
             return 0
         try:
-            sock = _nodelay(http_socket or config.bind_socket())
+            sock = _nodelay(_port_socket(settings.host, settings.http_port, reuse_port) if reuse_port
+                            else config.bind_socket())
             if settings.grpc_port:
                 grpc_server = await start_grpc_server(core, settings.host, settings.grpc_port, reuse_port=reuse_port)
         except (OSError, SystemExit) as exc:  # uvicorn's bind_socket exits on a port in use
@@ -236,9 +239,28 @@ def _nodelay(sock: socket.socket) -> socket.socket:
 # -- several worker processes ----------------------------------------------------------------------
 
 
-def _worker_main(settings: Settings, http_socket: socket.socket, log_level: str, control_dir: Path) -> None:
+def _worker_main(settings: Settings, log_level: str, control_dir: Path) -> None:
     configure_logging(log_level, settings.json_logs)
-    sys.exit(asyncio.run(serve(settings, http_socket, reuse_port=True, control_dir=control_dir)))
+    sys.exit(asyncio.run(serve(settings, reuse_port=True, control_dir=control_dir)))
+
+
+def _port_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
+    """A TCP socket bound to `host`:`port` (not listening), with SO_REUSEPORT when `reuse_port`.
+
+    The supervisor's copy only reserves the port (and picks it when `port` is 0): a socket that
+    does not listen takes no connections, so the kernel spreads them over the workers' own.
+    """
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(address)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def _shared_dir() -> tuple[Path, Path, Path]:
@@ -253,10 +275,11 @@ def _shared_dir() -> tuple[Path, Path, Path]:
 def supervise(settings: Settings) -> int:
     """Start `settings.workers` serving processes sharing the ports; stop them all on SIGTERM."""
     try:
-        sock = _uvicorn_config(settings, None).bind_socket()
-    except SystemExit:
-        log.error("cannot listen on %s:%s", settings.host, settings.http_port)
+        reserved = _port_socket(settings.host, settings.http_port, reuse_port=True)
+    except OSError as exc:
+        log.error("cannot listen on %s:%s: %s", settings.host, settings.http_port, exc)
         return 1
+    settings = settings.model_copy(update={"http_port": reserved.getsockname()[1]})  # port 0: the one picked
     from prometheus_client.multiprocess import mark_process_dead
 
     root, metrics_dir, control_dir = _shared_dir()
@@ -266,7 +289,7 @@ def supervise(settings: Settings) -> int:
     ctx = multiprocessing.get_context("spawn")
     level = logging.getLevelName(logging.getLogger().level)
     workers = [
-        ctx.Process(target=_worker_main, args=(settings, sock, level, control_dir), name=f"rankserve-worker-{i}")
+        ctx.Process(target=_worker_main, args=(settings, level, control_dir), name=f"rankserve-worker-{i}")
         for i in range(settings.workers)
     ]
     stopping: list[int] = []
@@ -304,6 +327,6 @@ def supervise(settings: Settings) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        sock.close()
+        reserved.close()
         shutil.rmtree(root, ignore_errors=True)
     return code

@@ -4,6 +4,7 @@ reach both workers, with pollers off so that only the reload can have moved them
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from tests.experiments_helpers import write_config
 pytestmark = pytest.mark.timeout(300)
 
 RANK_REQUESTS = 24
+CONNECTIONS = 8
 
 
 def test_two_workers_expose_one_set_of_metrics(make_server: Any, world: World, tmp_path: Path) -> None:
@@ -114,3 +116,23 @@ def test_admin_reloads_reach_every_worker(make_server: Any, world: World, tmp_pa
     assert server.stop() == 0
     logs = server.logs()
     assert "following another worker's reload" in logs and "unhandled error" not in logs
+
+
+async def test_a_burst_of_connections_is_spread_over_the_workers(make_server: Any, world: World,
+                                                                 tmp_path: Path) -> None:
+    # each worker computes on its own event loop, one request after the other: a worker that took
+    # every connection of a burst would serve them on one core while the other idled
+    server = start_two_workers(make_server, world, tmp_path)
+    counts: dict[int, int] = {}
+    for _ in range(5):
+        clients = [httpx.AsyncClient(base_url=server.base_url, timeout=30.0) for _ in range(CONNECTIONS)]
+        try:  # one connection per client, all opened at once, each kept alive for its two requests
+            first = await asyncio.gather(*(c.get("/v1/models") for c in clients))
+            again = await asyncio.gather(*(c.get("/v1/models") for c in clients))
+        finally:
+            await asyncio.gather(*(c.aclose() for c in clients))
+        for a, b in zip(first, again, strict=True):
+            assert a.json()["pid"] == b.json()["pid"]  # the same connection, the same worker
+            counts[a.json()["pid"]] = counts.get(a.json()["pid"], 0) + 1
+    assert len(counts) == 2, counts
+    assert min(counts.values()) >= 5 * CONNECTIONS // 4, counts  # far from all on one worker
