@@ -202,11 +202,26 @@ def open_bundle(path: str | Path, verify: bool = True) -> Bundle:
             raise BundleError(
                 f"{p}: table {name} is {arr.dtype}{arr.shape}, manifest says {meta['dtype']}{meta['shape']}"
             )
+        bad = first_non_finite_row(arr)
+        if bad is not None:
+            # retrieval cannot rank a NaN or infinite key (the exact kernel never collects one), and
+            # the scorer would turn one into NaN probabilities: a table like that is a broken export
+            raise BundleError(f"{p}: table {name} holds a NaN or infinite value in row {bad}; re-export the model")
         tables[name] = arr
     missing = set(TABLE_NAMES) - set(tables)
     if missing:
         raise BundleError(f"{p}: tables missing from the manifest: {sorted(missing)}")
     return Bundle(path=p, manifest=manifest, schema=schema, tables=tables)
+
+
+def first_non_finite_row(table: npt.NDArray[np.float32], chunk_rows: int = 1 << 16) -> int | None:
+    """The first row of `table` holding a NaN or an infinity, or None; read in chunks (no full-size mask)."""
+    for start in range(0, table.shape[0], chunk_rows):
+        block = np.asarray(table[start : start + chunk_rows])
+        finite = np.isfinite(block).reshape(block.shape[0], -1).all(axis=1)
+        if not finite.all():
+            return start + int(np.argmin(finite))
+    return None
 
 
 def list_versions(root: str | Path, name: str) -> list[int]:

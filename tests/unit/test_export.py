@@ -90,6 +90,32 @@ def test_tampered_bundle_is_refused(exported: tuple[RankingModel, FeatureSchema,
         open_bundle(copy)
 
 
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_a_table_with_a_non_finite_value_is_refused(
+    exported: tuple[RankingModel, FeatureSchema, Path], tmp_path: Path, value: float
+) -> None:
+    # the hashes match (the manifest is rewritten): only the values tell this table is broken
+    _model, _schema, path = exported
+    import shutil
+
+    from export.bundle import sha256_file
+
+    copy = tmp_path / "copy"
+    shutil.copytree(path, copy)
+    table = copy / "tables" / "item_key.npy"
+    os.chmod(table, 0o644)
+    keys = np.load(table)
+    keys[7, 3] = value
+    np.save(table, keys)
+    manifest_path = copy / MANIFEST
+    os.chmod(manifest_path, 0o644)
+    manifest = json.loads(manifest_path.read_text())
+    manifest["files"]["tables/item_key.npy"] = sha256_file(table)
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=r"table item_key holds a NaN or infinite value in row 7"):
+        open_bundle(copy)
+
+
 def test_bundle_with_bad_manifest_is_refused(tmp_path: Path) -> None:
     (tmp_path / MANIFEST).write_text(json.dumps({"format": "something-else"}))
     with pytest.raises(BundleError, match="format"):
