@@ -128,6 +128,16 @@ local function append_trim(seq, clu_key, payload)
 end
 """.replace("$MAGIC", CLUSTER_MAGIC.decode()).replace("$HEADER", str(CLUSTER_HEADER_SIZE))
 # KEYS: sequence, clusters; ARGV 6: the records.
+# `update_meta`: replace the meta key only while it exists and its status is not ARGV[2] (dropping);
+# one key, so one slot in a Cluster. A meta that is not JSON is replaced, as `put_meta` would.
+_UPDATE_META_LUA = """
+local current = redis.call('GET', KEYS[1])
+if not current then return 0 end
+local ok, doc = pcall(cjson.decode, current)
+if ok and type(doc) == 'table' and doc['status'] == ARGV[2] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1])
+return 1
+"""
 APPEND_SCRIPT = _APPEND_TRIM_LUA + "return append_trim(KEYS[1], KEYS[2], ARGV[6])\n"
 
 # The streaming consumer's append, for one or more users in one call (one user per call in a
@@ -552,6 +562,14 @@ class RedisOnlineStore(OnlineStore):
             await pipe.execute()
 
         await self._run("write version meta", op)
+
+    async def update_meta(self, meta: VersionMeta) -> bool:
+        version = self._checked_version(meta.version)
+        meta.updated = time.time()
+        key, payload = keys.meta_key(version), meta.to_json()
+        written = await self._run("update version meta", lambda: self._client.eval(
+            _UPDATE_META_LUA, 1, key, payload, STATUS_DROPPING))
+        return bool(written)
 
     async def put_schema(self, version: str, schema: StoredSchema) -> None:
         key = keys.schema_key(self._checked_version(version))

@@ -375,6 +375,12 @@ class OnlineStore(abc.ABC):
         """Create or replace a version's meta key and register the version."""
 
     @abc.abstractmethod
+    async def update_meta(self, meta: VersionMeta) -> bool:
+        """Replace a version's meta only while it exists and is not being dropped, atomically; False
+        (nothing written) otherwise. A load's checkpoint uses it, so a drop that begins between the
+        load's last check and its write is never undone (the meta back to "ingesting", then "complete")."""
+
+    @abc.abstractmethod
     async def list_versions(self) -> list[str]: ...
 
     @abc.abstractmethod

@@ -496,7 +496,8 @@ async def finish_shards(store: OnlineStore, version: str, count: int, *, activat
         main.info.pop("clusters", None)
     main.checkpoint["shards_done"] = count
     main.status = STATUS_COMPLETE
-    await store.put_meta(main)
+    if not await store.update_meta(main):  # a drop began since the meta was read: it is not undone
+        raise VersionNotFound(f"version {version!r} is being dropped: its shards are not completed")
     log.info("all %d shards of %s are done: version complete", count, version,
              extra={"version": version, "shards": count, "counts": main.counts})
     if activate:
@@ -668,8 +669,7 @@ async def ingest_log(
         stats.bytes += sum(map(len, values))
         progress_meta.counts["items"] = len(values)
         progress_meta.checkpoint["items_done"] = True
-        await guard.check()  # a drop that began during the writes is not overwritten by the checkpoint
-        await store.put_meta(progress_meta)
+        await guard.checkpoint(progress_meta)
 
     no_events = np.diff(offsets) == 0  # users with events have one at least: these are user-table rows
     if shard is not None:
@@ -709,22 +709,19 @@ async def ingest_log(
             progress_meta.checkpoint["next_user"] = u1
             progress_meta.counts["users"] = u1
             progress_meta.counts["events"] = int(progress_meta.counts.get("events", 0)) + kept
-            await guard.check()  # as above: the checkpoint must not undo a drop's `dropping`
-            await store.put_meta(progress_meta)
+            await guard.checkpoint(progress_meta)
             bar.update(u1 - u0)
 
     progress_meta.status = STATUS_COMPLETE
     progress_meta.counts["bytes"] = int(progress_meta.counts.get("bytes", 0)) + stats.bytes
     if shard is None:
-        await guard.check()  # not marked complete (and activated) if a drop began during the load
-        await store.put_meta(meta)
+        await guard.checkpoint(meta)  # not marked complete (and activated) if a drop began during the load
         if activate:
             await store.activate(version)
             stats.activated = True
         stats.complete = True
     else:
-        await guard.check()
-        await store.put_meta(progress_meta)  # this shard is done: written before the others are read
+        await guard.checkpoint(progress_meta)  # this shard is done: written before the others are read
         waiting = await finish_shards(store, version, shard.count, activate=activate)
         stats.complete = not waiting
         stats.activated = activate and not waiting
@@ -782,6 +779,14 @@ class _VersionGuard:
                 raise VersionNotFound(f"version {self.version!r} is being dropped: {loader} stops")
             return
         _check_sharded_meta(current, self.version, self.fingerprint, self.shard)
+
+    async def checkpoint(self, progress: VersionMeta) -> None:
+        """`check`, then write `progress` (the version's meta, or this shard's record) only if it still
+        exists and the version is not being dropped: a drop that begins after the check is not undone."""
+        await self.check()
+        if not await self.store.update_meta(progress):
+            loader = "this ingest" if self.shard is None else f"shard {self.shard}"
+            raise VersionNotFound(f"version {self.version!r} is being dropped: {loader} stops")
 
 
 def _refuse_dropping(meta: VersionMeta | None, version: str) -> None:

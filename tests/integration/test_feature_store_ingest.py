@@ -13,7 +13,7 @@ import pytest
 from feature_store.embedded import EmbeddedValkey
 from feature_store.redis_store import create_store
 from feature_store.schema import FeatureSchema
-from feature_store.store import EmbeddedConfig, FeatureStoreConfig, OnlineStore
+from feature_store.store import EmbeddedConfig, FeatureStoreConfig, OnlineStore, VersionMeta
 from ingest import bulk as ingest
 from ingest.bulk import ingest_log, schema_from_log
 from models.data.events import EventLog
@@ -187,6 +187,63 @@ async def test_a_version_being_dropped_is_not_loaded_resumed_or_completed(
     await store.drop_version("gone")
     await ingest_log(store, events, schema, "gone", batch_users=4, activate=True)  # loaded again after the drop
     assert await store.active_version(refresh=True) == "gone"
+
+
+async def test_a_drop_that_begins_after_the_loads_check_is_not_undone(
+    store: OnlineStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The drop begins between the load's check of the meta and its checkpoint write: the write is
+    refused (the meta stays `dropping`, the version is neither completed nor activated)."""
+    from feature_store.errors import VersionNotFound
+    from feature_store.store import STATUS_DROPPING
+    from tests.integration.conftest import make_events
+
+    events = make_events(n_users=12, seed=4)
+    schema = schema_from_log(events)
+    write_users, get_meta = store.write_users, store.get_meta
+    checked: dict[str, object] = {}
+
+    async def stale_get_meta(version: str) -> object:  # the check read the meta just before the drop
+        return checked.get(version) or await get_meta(version)
+
+    async def dropped_after_the_first_batch(*args: object, **kwargs: object) -> None:
+        await write_users(*args, **kwargs)  # type: ignore[arg-type]
+        if not checked:
+            meta = await get_meta("raced")
+            assert meta is not None
+            checked["raced"] = VersionMeta.from_json(meta.to_json())  # what the check will have seen
+            meta.status = STATUS_DROPPING
+            await store.put_meta(meta)
+
+    monkeypatch.setattr(store, "write_users", dropped_after_the_first_batch)
+    monkeypatch.setattr(store, "get_meta", stale_get_meta)
+    with pytest.raises(VersionNotFound, match="'raced' is being dropped: this ingest stops"):
+        await ingest_log(store, events, schema, "raced", batch_users=4, activate=True)
+    monkeypatch.undo()
+    meta = await store.get_meta("raced")
+    assert meta is not None and meta.status == STATUS_DROPPING
+    assert await store.active_version(refresh=True) != "raced"
+    await store.drop_version("raced")
+
+
+async def test_update_meta_writes_only_a_live_version(store: OnlineStore) -> None:
+    from feature_store.store import STATUS_DROPPING
+
+    meta = VersionMeta(version="upd", schema_hash="h")
+    assert not await store.update_meta(meta)  # no meta yet: nothing created
+    assert await store.get_meta("upd") is None
+    await store.put_meta(meta)
+    meta.counts["users"] = 3
+    assert await store.update_meta(meta)
+    stored = await store.get_meta("upd")
+    assert stored is not None and stored.counts == {"users": 3}
+    meta.status = STATUS_DROPPING
+    await store.put_meta(meta)
+    meta.status, meta.counts["users"] = "ingesting", 4
+    assert not await store.update_meta(meta)  # being dropped: left as the drop wrote it
+    stored = await store.get_meta("upd")
+    assert stored is not None and stored.status == STATUS_DROPPING and stored.counts == {"users": 3}
+    await store.drop_version("upd")
 
 
 async def test_events_past_the_cap_are_not_checked_by_a_one_process_load(store: OnlineStore) -> None:
