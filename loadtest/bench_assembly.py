@@ -1,4 +1,4 @@
-"""Where one request's CPU-pool work goes: the scorer's input assembly part by part, then the scorer.
+"""Where one request's ranking work goes: the scorer's input assembly part by part, then the scorer.
 
     python -m loadtest.bench_assembly [--rounds 4] [--users 64] [--out result.json]
 

@@ -24,9 +24,10 @@ import tempfile
 from pathlib import Path
 
 # native frames of a waiting thread, and with --no-native the Python frame that waits in them
-IDLE = ("epoll_wait", "EpollSelector.select", "PyThread_acquire_lock_timed", "pthread_cond_wait", "pthread_cond_timedwait",
-        "_queue_SimpleQueue_get", "Condition.wait", "select_epoll_poll", "sem_timedwait", "futex", "Queue.get",
-        "nanosleep", "clock_nanosleep", "do_futex_wait", "__GI___poll", "accept4")
+IDLE = ("epoll_wait", "EpollSelector.select", "PyThread_acquire_lock_timed", "pthread_cond_wait",
+        "pthread_cond_timedwait", "_queue_SimpleQueue_get", "Condition.wait", "select_epoll_poll",
+        "sem_timedwait", "futex", "Queue.get", "nanosleep", "clock_nanosleep", "do_futex_wait", "__GI___poll",
+        "accept4")
 BUCKETS: list[tuple[str, tuple[str, ...]]] = [
     ("score (ONNX Runtime)", ("onnxruntime", "OnnxScorer.predict")),
     # before retrieval: the history's distinct rows are found with a kernel retrieval uses too
@@ -77,11 +78,12 @@ def thread_cpu_seconds(pid: int) -> dict[int, float]:
 
 
 def per_thread_ms(before: dict[int, float], after: dict[int, float], pid: int, requests: int) -> dict[str, float]:
-    """CPU ms per request: the event-loop (main) thread, the busiest other thread (the CPU pool), the rest."""
+    """CPU ms per request: the event-loop (main) thread, which ranks; the busiest other thread (the
+    exact kernel's second OpenMP thread, or micro-batching's pool); the rest."""
     spent = {tid: (after[tid] - before.get(tid, 0.0)) * 1000 / requests for tid in after}
     loop_ms = spent.pop(pid, 0.0)
     busiest = max(spent.values(), default=0.0)
-    return {"event-loop thread": round(loop_ms, 2), "CPU-pool thread": round(busiest, 2),
+    return {"event-loop thread": round(loop_ms, 2), "busiest other thread": round(busiest, 2),
             "other threads": round(sum(spent.values()) - busiest, 2)}
 
 
@@ -102,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--thread-requests", type=int, default=500,
                    help="requests of the per-thread CPU phase after the profile (0: none)")
     p.add_argument("--no-native", action="store_true",
-                   help="Python frames only: py-spy then samples the CPU-pool thread reliably (with native "
+                   help="Python frames only: py-spy then samples the ranking's kernels reliably (with native "
                         "frames it misses most of that thread's samples while numba or ONNX Runtime run)")
     args = p.parse_args(argv)
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
@@ -127,7 +129,10 @@ def main(argv: list[str] | None = None) -> int:
                     await closed_loop(call, args.concurrency, 4 * args.concurrency)
                     spy = await asyncio.create_subprocess_exec(
                         py_spy, "record", "-p", str(server.pids()[0]), "-o", str(args.out), "-d", str(args.seconds),
-                        "-r", str(args.rate), "-f", "raw", "--threads", "--nonblocking", *(() if args.no_native else ("--native",)),
+                        # --nonblocking: a paused server lets fetches time out (degraded answers, new
+                        # connections) that an unprofiled one never sees; --threads names each stack's thread
+                        "-r", str(args.rate), "-f", "raw", "--threads", "--nonblocking",
+                        *(() if args.no_native else ("--native",)),
                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                     load = asyncio.create_task(closed_loop(call, args.concurrency, 1_000_000))
                     await spy.wait()

@@ -228,7 +228,7 @@ class ServingCore:
         self._draining = True
 
     async def aclose(self) -> None:
-        """Stop background tasks, the CPU pool and the store (idempotent)."""
+        """Stop background tasks, the micro-batching pool and the store (idempotent)."""
         if self._closed:
             return
         self._closed = True

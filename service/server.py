@@ -7,7 +7,7 @@ several (below) takes connections only once its first load was tried: its siblin
 report the pod ready, and it would answer its share of the traffic with 503.
 
 SIGTERM / SIGINT: readiness turns false, both transports stop accepting at once, in-flight
-requests get `drain_timeout_s` to finish, then the core closes (poller, CPU pool, store) and the
+requests get `drain_timeout_s` to finish, then the core closes (poller, micro-batching pool, store) and the
 process exits 0.
 
 Workers (`--workers N`, N > 1): a small supervisor reserves the HTTP port and starts N worker

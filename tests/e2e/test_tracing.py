@@ -23,7 +23,8 @@ from tests.e2e.conftest import Server, World, export_bundle
 
 pytestmark = pytest.mark.timeout(240)
 
-STAGES = {"rankserve.queue", "rankserve.fetch", "rankserve.retrieve", "rankserve.score", "rankserve.fuse", "rankserve.encode"}
+STAGES = {"rankserve.queue", "rankserve.fetch", "rankserve.retrieve", "rankserve.score", "rankserve.fuse",
+          "rankserve.encode"}
 PARENT_SPAN = "00f067aa0ba902b7"
 
 

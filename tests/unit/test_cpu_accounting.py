@@ -39,4 +39,4 @@ def test_per_thread_ms_splits_the_event_loop_the_busiest_thread_and_the_rest() -
     before = {1: 1.0, 2: 0.5, 3: 0.0}
     after = {1: 1.2, 2: 0.9, 3: 0.1, 4: 0.1}  # thread 4 started meanwhile
     got = per_thread_ms(before, after, pid=1, requests=100)
-    assert got == {"event-loop thread": 2.0, "CPU-pool thread": 4.0, "other threads": 2.0}
+    assert got == {"event-loop thread": 2.0, "busiest other thread": 4.0, "other threads": 2.0}
