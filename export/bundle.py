@@ -181,7 +181,9 @@ def verify_files(path: Path, manifest: dict[str, Any]) -> None:
 
 
 def open_bundle(path: str | Path, verify: bool = True) -> Bundle:
-    """Open a bundle directory; with `verify`, refuse it unless every file matches its hash."""
+    """Open a bundle directory; with `verify`, refuse it unless every file matches its hash and
+    every table value is finite (both read every table: callers that want the schema or the
+    tables of a bundle checked elsewhere pass False)."""
     p = Path(path)
     manifest = read_manifest(p)
     if verify:
@@ -202,7 +204,7 @@ def open_bundle(path: str | Path, verify: bool = True) -> Bundle:
             raise BundleError(
                 f"{p}: table {name} is {arr.dtype}{arr.shape}, manifest says {meta['dtype']}{meta['shape']}"
             )
-        bad = first_non_finite_row(arr)
+        bad = first_non_finite_row(arr) if verify else None  # a read of every table, as the hashes are
         if bad is not None:
             # retrieval cannot rank a NaN or infinite key (the exact kernel never collects one), and
             # the scorer would turn one into NaN probabilities: a table like that is a broken export

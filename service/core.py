@@ -5,9 +5,12 @@ The feature fetch is I/O on the event loop; retrieval and scoring are CPU work, 
 too, one request after the other. Handing each request to a worker thread and back cost about a
 quarter more server CPU per request than the work itself (thread wake-ups and GIL hand-offs
 around every kernel; BENCHMARKS.md), for no throughput: the kernels are serial per request. To
-keep a fetch from waiting behind a queue of computations (its budget measures the store, not the
+keep a fetch from waiting behind a queue of computations (its budget is for the store, not the
 loop), a request fetches only once it holds one of `COMPUTE_TURNS` turns: the next request's
-fetch overlaps the current one's computation, and the rest wait before fetching. With
+fetch overlaps the current one's computation, so a reply waits behind one computation at most
+(a few ms on the standard workload, against a 100 ms budget), and the rest wait before
+fetching. A computation that would wait for the kernels' launch lock (held by a shadow step or
+a model's warm-up in another thread) runs on a one-thread pool instead, so the loop never does. With
 micro-batching on (`scorer_batch_wait_ms` > 0, meant for the CUDA provider) a small thread pool
 builds each request's scorer inputs and `service.batching.ScoreBatcher` scores the inputs of
 concurrent requests in one call on its own thread; the pool then fuses each request's own rows. A bounded number of
@@ -39,6 +42,7 @@ from service.observability.logging_setup import arm_var, trace_id_var
 from service.observability.metrics import Metrics
 from service.observability.tracing import Tracing
 from service.registry import EncodedContext, LoadedModel, ModelRegistry
+from service.retrieval.base import launch_lock
 from service.settings import Settings
 from service.types import Features, RankedItem, RankRequest, RankResponse
 
@@ -115,7 +119,8 @@ class RankingService:
         self.metrics = metrics
         self.experiments = experiments or ExperimentManager(settings, registry, metrics)
         self.shadows = shadows
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rank-cpu")  # micro-batching only
+        # micro-batching's input building and fusion; a computation that would wait for the kernels' launch lock
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rank-cpu")
         self._turns = asyncio.Semaphore(COMPUTE_TURNS)
         self._in_progress = 0
         self.max_in_progress = settings.max_waiting_requests
@@ -307,10 +312,18 @@ class RankingService:
                     clock.lap("fetch")
                     if time.perf_counter() >= deadline:  # the computation cannot be cut short: not begun
                         raise TimeoutError
-                    order, fused, probs = self._compute(model, feats, context, request_ts, n, clock)
+                    if launch_lock.locked():
+                        # a shadow step or a model's warm-up is in a parallel kernel: wait for it on the
+                        # pool, not on the loop, which would stall every other request and the probes
+                        pooled = asyncio.get_running_loop().run_in_executor(
+                            self._pool, self._compute, model, feats, context, request_ts, n, clock)
+                        order, fused, probs = await asyncio.wait_for(pooled, timeout=deadline - time.perf_counter())
+                    else:
+                        order, fused, probs = self._compute(model, feats, context, request_ts, n, clock)
                 finally:
                     self._turns.release()
             else:
+                clock.lap("queue")  # no turns: admitted, fetching at once
                 feats = await self.fetch(user_key, item_keys, req.context)
                 clock.lap("fetch")
                 work = self._compute_batched(self.batcher, model, feats, context, request_ts, n, clock)

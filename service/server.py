@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import fcntl
 import gc
 import logging
 import multiprocessing
@@ -213,7 +214,7 @@ async def _first_load_or_stop(core: ServingCore, stop_task: asyncio.Task[Any]) -
 
     For one of several workers sharing the ports: a worker still loading would answer its share
     of the traffic with 503 while its siblings' /readyz already says the pod is ready. Until it
-    accepts, the kernel hands new connections to the others (or holds them in the backlog).
+    listens, the kernel hands new connections to the others (and refuses them while none listens).
     """
     loaded = asyncio.create_task(core.first_load_attempted.wait(), name="first-load")
     await asyncio.wait({loaded, stop_task}, return_when=asyncio.FIRST_COMPLETED)
@@ -247,20 +248,42 @@ def _worker_main(settings: Settings, log_level: str, control_dir: Path) -> None:
 def _port_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
     """A TCP socket bound to `host`:`port` (not listening), with SO_REUSEPORT when `reuse_port`.
 
-    The supervisor's copy only reserves the port (and picks it when `port` is 0): a socket that
-    does not listen takes no connections, so the kernel spreads them over the workers' own.
+    Bound as uvicorn binds a single process's socket (IPv6 for a host with a colon, else IPv4;
+    "" is every interface), so one worker and several listen on the same addresses. The
+    supervisor's copy only reserves the port (and picks it when `port` is 0): a socket that does
+    not listen takes no connections, so the kernel spreads them over the workers' own.
     """
-    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-    sock = socket.socket(family, kind, proto)
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if reuse_port:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind(address)
+        sock.bind((host, port))
     except BaseException:
         sock.close()
         raise
     return sock
+
+
+def _lock_port(port: int) -> int:
+    """Hold an exclusive lock on a per-port file for this supervisor's lifetime; its descriptor.
+
+    Workers join the port's SO_REUSEPORT group, which any process of the same user may join too:
+    a second `--workers` server started on the same port would bind without an error and take a
+    share of the connections. The lock makes that second start fail instead. (A single-process
+    server binds without SO_REUSEPORT, so the kernel refuses it the port by itself.)
+    """
+    path = Path(tempfile.gettempdir()) / f"rankserve-port-{port}.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise OSError(exc.errno, f"port {port} is served by another rankserve (pid {holder}; lock {path})") from exc
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    return fd
 
 
 def _shared_dir() -> tuple[Path, Path, Path]:
@@ -280,6 +303,12 @@ def supervise(settings: Settings) -> int:
         log.error("cannot listen on %s:%s: %s", settings.host, settings.http_port, exc)
         return 1
     settings = settings.model_copy(update={"http_port": reserved.getsockname()[1]})  # port 0: the one picked
+    try:
+        port_lock = _lock_port(settings.http_port)
+    except OSError as exc:
+        reserved.close()
+        log.error("cannot listen on %s:%s: %s", settings.host, settings.http_port, exc.strerror)
+        return 1
     from prometheus_client.multiprocess import mark_process_dead
 
     root, metrics_dir, control_dir = _shared_dir()
@@ -328,5 +357,6 @@ def supervise(settings: Settings) -> int:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         reserved.close()
+        os.close(port_lock)
         shutil.rmtree(root, ignore_errors=True)
     return code

@@ -87,7 +87,8 @@ class Metrics:
         self.feature_set_age = Gauge("rankserve_feature_set_age_seconds", "Seconds since the active feature-set "
                                      "version's ingest finished (its meta's updated)", registry=r,
                                      multiprocess_mode="livemax")
-        self.cpu_queue = Gauge("rankserve_cpu_queue_depth", "Requests waiting for or on the CPU executor", registry=r,
+        self.cpu_queue = Gauge("rankserve_cpu_queue_depth",
+                               "Requests in progress: waiting for a turn, fetching or ranking", registry=r,
                                multiprocess_mode="livesum")
         # cross-request micro-batching of the scorer (RANKSERVE_SCORER_BATCH_WAIT_MS > 0): one observation per call
         self.scorer_batch_requests = Histogram(

@@ -136,3 +136,19 @@ async def test_a_burst_of_connections_is_spread_over_the_workers(make_server: An
             counts[a.json()["pid"]] = counts.get(a.json()["pid"], 0) + 1
     assert len(counts) == 2, counts
     assert min(counts.values()) >= 5 * CONNECTIONS // 4, counts  # far from all on one worker
+
+
+def test_a_second_server_with_workers_on_the_same_port_is_refused(make_server: Any, world: World,
+                                                                  tmp_path: Path) -> None:
+    # workers join the port's SO_REUSEPORT group, which the kernel would let a second server of the
+    # same user join too, silently taking a share of the connections
+    server = start_two_workers(make_server, world, tmp_path)
+    second = Server(tmp_path / "models", world.redis_url, tmp_path / "second.log", {"RANKSERVE_WORKERS": "2"},
+                    http_port=server.http_port)
+    second.start()
+    try:
+        assert second.proc is not None and second.proc.wait(120) == 1, second.logs()[-2000:]
+    finally:
+        second.stop()
+    assert f"port {server.http_port} is served by another rankserve" in second.logs(), second.logs()[-2000:]
+    assert len(models_by_worker(server, 10)) == 2  # the first server still serves on both workers

@@ -330,3 +330,44 @@ def test_service_ranks_batched_exactly_as_unbatched(model_dir: Path) -> None:
     assert metrics.registry.get_sample_value("rankserve_scorer_batch_requests_count") == stats.batches
     assert metrics.registry.get_sample_value("rankserve_scorer_batch_requests_sum") == len(reqs)
     assert metrics.registry.get_sample_value("rankserve_scorer_batch_candidates_sum") == sum(sizes)
+
+
+def test_a_held_launch_lock_is_waited_for_off_the_event_loop(model_dir: Path) -> None:
+    """Ranking runs on the event loop, but not while another thread (a shadow step, a model's
+    warm-up) holds the kernels' launch lock: that wait happens on the pool, and the loop keeps
+    serving meanwhile."""
+    import threading
+
+    from service.core import RankingService
+    from service.observability.metrics import Metrics
+    from service.retrieval.base import launch_lock
+    from service.types import RankRequest
+
+    rng = np.random.default_rng(11)
+    store = _Store(history(rng, 3000))  # long enough for the exact kernel's parallel launch
+    request = RankRequest(user_id=5, candidates=[int(x) for x in rng.integers(0, 10_000, 50)], top_n=10,
+                          request_time=NOW)
+
+    async def scenario() -> tuple[int, Any, Any]:
+        settings = Settings(model_dir=model_dir, scorer_threads=1, poll_interval_s=0, request_timeout_s=60)
+        registry = ModelRegistry(settings, lambda: make_retriever("exact"))
+        await asyncio.to_thread(registry.load_version)
+        service = RankingService(settings, registry, store, Metrics())  # type: ignore[arg-type]
+        try:
+            expected = await service.rank(request)
+            launch_lock.acquire()
+            releaser = threading.Timer(0.5, launch_lock.release)  # the other thread's kernel ends
+            releaser.start()
+            ranked = asyncio.create_task(service.rank(request))
+            ticks = 0
+            while not ranked.done():  # the loop turns while the request waits for the lock
+                await asyncio.sleep(0.01)
+                ticks += 1
+            releaser.join()
+            return ticks, expected, ranked.result()
+        finally:
+            service.close()
+
+    ticks, expected, ranked = asyncio.run(scenario())
+    assert ticks >= 10, ticks  # about 50 in 0.5 s; a loop blocked on the lock turns once
+    assert [(i.item_id, i.score) for i in ranked.items] == [(i.item_id, i.score) for i in expected.items]
