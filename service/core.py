@@ -4,18 +4,22 @@
 The feature fetch is I/O on the event loop; retrieval and scoring are CPU work, run on the loop
 too, one request after the other. Handing each request to a worker thread and back cost about a
 quarter more server CPU per request than the work itself (thread wake-ups and GIL hand-offs
-around every kernel; BENCHMARKS.md), for no throughput: the kernels are serial per request. To
-keep a fetch from waiting behind a queue of computations (its budget is for the store, not the
-loop), a request fetches only once it holds one of `COMPUTE_TURNS` turns: the next request's
-fetch overlaps the current one's computation, so a reply waits behind one computation at most
-(a few ms on the standard workload, against a 100 ms budget), and the rest wait before
-fetching. A computation that would wait for the kernels' launch lock (held by a shadow step or
-a model's warm-up in another thread) runs on a one-thread pool instead, so the loop never does. With
-micro-batching on (`scorer_batch_wait_ms` > 0, meant for the CUDA provider) a small thread pool
-builds each request's scorer inputs and `service.batching.ScoreBatcher` scores the inputs of
-concurrent requests in one call on its own thread; the pool then fuses each request's own rows. A bounded number of
-requests (`max_waiting_requests`, counted from arrival) may be in progress; beyond it the service
-answers "overloaded" at once, before any fetch, rather than letting queueing delay blow up the tail.
+around every kernel; BENCHMARKS.md), for no throughput: the kernels are serial per request.
+
+To keep a fetch from waiting behind a queue of computations (its budget is for the store, not
+the loop), a request fetches only once it holds one of `COMPUTE_TURNS` turns: the next request's
+fetch overlaps the current one's computation, so a reply waits behind one computation at most (a
+few ms on the standard workload, against a 100 ms budget), and the rest wait before fetching. A
+computation that would wait for the kernels' launch lock (held by a shadow step or a model's
+warm-up in another thread) runs on a one-thread pool instead, so the loop never waits for it.
+
+With micro-batching on (`scorer_batch_wait_ms` > 0, meant for the CUDA provider) that pool builds
+each request's scorer inputs and `service.batching.ScoreBatcher` scores the inputs of concurrent
+requests in one call on its own thread; the pool then fuses each request's own rows.
+
+A bounded number of requests (`max_waiting_requests`, counted from arrival) may be in progress;
+beyond it the service answers "overloaded" at once, before any fetch, rather than letting
+queueing delay blow up the tail.
 """
 
 from __future__ import annotations

@@ -17,10 +17,10 @@ its first model load was tried, and the kernel spreads new connections over the 
 addresses. A worker ranks on its event loop, one request after the other (service/core.py), so
 a worker carries its connections on one core: with one shared accept queue the first worker to
 wake took a whole burst of connections (38 of 40 in tests/e2e/test_workers.py) while the other
-idled. The parent holds no model: it would cost a core's memory and CPU and serve only one
-transport. Bundle
-tables are memory-mapped, so the workers share one copy in the page cache. If a worker dies,
-the supervisor stops the others and exits 1, leaving restarts to the orchestrator.
+idled. A per-port lock file keeps a second supervisor off the port, which SO_REUSEPORT would let
+it share. The parent holds no model: it would cost a core's memory and CPU and serve only one
+transport. Bundle tables are memory-mapped, so the workers share one copy in the page cache. If
+a worker dies, the supervisor stops the others and exits 1, leaving restarts to the orchestrator.
 
 The supervisor also creates, per start, an empty directory with two parts the workers share:
 `metrics/` (PROMETHEUS_MULTIPROC_DIR: each worker writes its metrics there and /metrics merges
@@ -164,7 +164,7 @@ async def serve(
         if reuse_port and not await _first_load_or_stop(core, stop_task):
             return 0
         try:
-            sock = _nodelay(_port_socket(settings.host, settings.http_port, reuse_port) if reuse_port
+            sock = _nodelay(_port_socket(settings.host, settings.http_port, reuse_port=True) if reuse_port
                             else config.bind_socket())
             if settings.grpc_port:
                 grpc_server = await start_grpc_server(core, settings.host, settings.grpc_port, reuse_port=reuse_port)
