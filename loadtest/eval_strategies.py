@@ -75,6 +75,8 @@ def evaluate_strategies(run_dir: Path, strategies: list[str], max_queries: int |
                                  time_gap_buckets=spec.time_gap_buckets)
     served = SimpleNamespace(tables=tables, retrieval=settings)  # what gsu_input reads of a loaded bundle
     collator = Collator(samples, spec, spec.max_sequence_length)
+    side_fields = [f.astype(dtype) for f, dtype in ((collator.side_ids, np.int64), (collator.side_values, np.float32))
+                   if f is not None]  # a run with side features: the scorer's last inputs, in this order
     start, end = collator.history_window(idx)
     # ranking queries: samples of one user at one request time share the history
     key = samples.raw_user[idx] * (1 << 32) + samples.ts[idx]  # raw ids: unseen users share dense index 0
@@ -120,8 +122,10 @@ def evaluate_strategies(run_dir: Path, strategies: list[str], max_queries: int |
             t1 = time.perf_counter()
             inputs = scorer_inputs(tables, settings, r, hist, int(samples.user[idx[i0]]), items, cats, ts)
             seconds[name] += time.perf_counter() - t1
+            # each sample's own side features, as offline: the strategies differ in the GSU only
+            side = [torch.from_numpy(np.ascontiguousarray(field[idx[g]])) for field in side_fields]
             with torch.no_grad():
-                out = model.scorer(*(torch.from_numpy(np.ascontiguousarray(inputs[n])) for n in SCORER_INPUTS))
+                out = model.scorer(*(torch.from_numpy(np.ascontiguousarray(inputs[n])) for n in SCORER_INPUTS), *side)
             probs[name][g] = out.numpy()
             if gsu is not None:
                 retrieved[name] = gsu.keys[gsu_search(r, gsu, settings.k)[1]].reshape(len(g), -1)
