@@ -781,9 +781,11 @@ class _VersionGuard:
         _check_sharded_meta(current, self.version, self.fingerprint, self.shard)
 
     async def checkpoint(self, progress: VersionMeta) -> None:
-        """`check`, then write `progress` (the version's meta, or this shard's record) only if it still
-        exists and the version is not being dropped: a drop that begins after the check is not undone."""
-        await self.check()
+        """Write `progress` (the version's meta, or this shard's record) only if it still exists and
+        the version is not being dropped, in one step, so a drop that has begun is never undone. A
+        shard first re-reads the version's meta (`check`): it writes its own record, not that meta."""
+        if self.shard is not None:
+            await self.check()
         if not await self.store.update_meta(progress):
             loader = "this ingest" if self.shard is None else f"shard {self.shard}"
             raise VersionNotFound(f"version {self.version!r} is being dropped: {loader} stops")

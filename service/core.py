@@ -25,9 +25,10 @@ queueing delay blow up the tail.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Awaitable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,7 +47,7 @@ from service.observability.logging_setup import arm_var, trace_id_var
 from service.observability.metrics import Metrics
 from service.observability.tracing import Tracing
 from service.registry import EncodedContext, LoadedModel, ModelRegistry
-from service.retrieval.base import launch_lock
+from service.retrieval.base import kernels_busy
 from service.settings import Settings
 from service.types import Features, RankedItem, RankRequest, RankResponse
 
@@ -217,6 +218,39 @@ class RankingService:
         clock.lap("retrieve")
         return inputs
 
+    @contextlib.asynccontextmanager
+    async def _turn(self, deadline: float) -> AsyncIterator[None]:
+        """One of the `COMPUTE_TURNS` turns to fetch and rank, waited for within the deadline (none
+        with micro-batching: its requests must reach the batcher together)."""
+        if self.batcher is not None:
+            yield
+            return
+        async with asyncio.timeout(deadline - time.perf_counter()):
+            await self._turns.acquire()
+        try:
+            yield
+        finally:
+            self._turns.release()
+
+    async def _rank_fetched(
+        self, model: LoadedModel, feats: Features, context: EncodedContext | None, request_ts: int, n: int,
+        clock: StageClock, deadline: float,
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64], npt.NDArray[np.float32]]:
+        """Retrieve, score and fuse: on the loop, or off it where it would wait (the batcher, the launch lock)."""
+        work: Awaitable[tuple[npt.NDArray[np.int64], npt.NDArray[np.float64], npt.NDArray[np.float32]]]
+        if self.batcher is not None:
+            work = self._compute_batched(self.batcher, model, feats, context, request_ts, n, clock)
+        elif kernels_busy():
+            # a shadow step or a model's warm-up is in a parallel kernel: wait for it on the pool, not
+            # on the loop, which would stall every other request and the probes
+            work = asyncio.get_running_loop().run_in_executor(
+                self._pool, self._compute, model, feats, context, request_ts, n, clock)
+        elif time.perf_counter() >= deadline:  # on the loop a computation cannot be cut short: not begun
+            raise TimeoutError
+        else:
+            return self._compute(model, feats, context, request_ts, n, clock)
+        return await asyncio.wait_for(work, timeout=deadline - time.perf_counter())
+
     async def _compute_batched(
         self, batcher: ScoreBatcher, model: LoadedModel, feats: Features, context: EncodedContext | None,
         request_ts: int, n: int, clock: StageClock,
@@ -307,31 +341,11 @@ class RankingService:
         self._in_progress += 1
         deadline = started + self.settings.request_timeout_s
         try:
-            if self.batcher is None:
-                async with asyncio.timeout(deadline - time.perf_counter()):
-                    await self._turns.acquire()
-                try:
-                    clock.lap("queue")
-                    feats = await self.fetch(user_key, item_keys, req.context)
-                    clock.lap("fetch")
-                    if time.perf_counter() >= deadline:  # the computation cannot be cut short: not begun
-                        raise TimeoutError
-                    if launch_lock.locked():
-                        # a shadow step or a model's warm-up is in a parallel kernel: wait for it on the
-                        # pool, not on the loop, which would stall every other request and the probes
-                        pooled = asyncio.get_running_loop().run_in_executor(
-                            self._pool, self._compute, model, feats, context, request_ts, n, clock)
-                        order, fused, probs = await asyncio.wait_for(pooled, timeout=deadline - time.perf_counter())
-                    else:
-                        order, fused, probs = self._compute(model, feats, context, request_ts, n, clock)
-                finally:
-                    self._turns.release()
-            else:
-                clock.lap("queue")  # no turns: admitted, fetching at once
+            async with self._turn(deadline):
+                clock.lap("queue")
                 feats = await self.fetch(user_key, item_keys, req.context)
                 clock.lap("fetch")
-                work = self._compute_batched(self.batcher, model, feats, context, request_ts, n, clock)
-                order, fused, probs = await asyncio.wait_for(work, timeout=deadline - time.perf_counter())
+                order, fused, probs = await self._rank_fetched(model, feats, context, request_ts, n, clock, deadline)
         except TimeoutError as exc:
             raise DeadlineExceeded(f"ranking took longer than {self.settings.request_timeout_s}s") from exc
         finally:

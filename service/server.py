@@ -164,7 +164,7 @@ async def serve(
         if reuse_port and not await _first_load_or_stop(core, stop_task):
             return 0
         try:
-            sock = _nodelay(_port_socket(settings.host, settings.http_port, reuse_port=True) if reuse_port
+            sock = _nodelay(_port_socket(settings.host, settings.http_port) if reuse_port
                             else config.bind_socket())
             if settings.grpc_port:
                 grpc_server = await start_grpc_server(core, settings.host, settings.grpc_port, reuse_port=reuse_port)
@@ -245,8 +245,8 @@ def _worker_main(settings: Settings, log_level: str, control_dir: Path) -> None:
     sys.exit(asyncio.run(serve(settings, reuse_port=True, control_dir=control_dir)))
 
 
-def _port_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
-    """A TCP socket bound to `host`:`port` (not listening), with SO_REUSEPORT when `reuse_port`.
+def _port_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to `host`:`port` (not listening), with SO_REUSEPORT.
 
     Bound as uvicorn binds a single process's socket (IPv6 for a host with a colon, else IPv4;
     "" is every interface), so one worker and several listen on the same addresses. The
@@ -256,8 +256,7 @@ def _port_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if reuse_port:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((host, port))
     except BaseException:
         sock.close()
@@ -298,7 +297,7 @@ def _shared_dir() -> tuple[Path, Path, Path]:
 def supervise(settings: Settings) -> int:
     """Start `settings.workers` serving processes sharing the ports; stop them all on SIGTERM."""
     try:
-        reserved = _port_socket(settings.host, settings.http_port, reuse_port=True)
+        reserved = _port_socket(settings.host, settings.http_port)
     except OSError as exc:
         log.error("cannot listen on %s:%s: %s", settings.host, settings.http_port, exc)
         return 1

@@ -124,6 +124,11 @@ def pad_to_k(scores: npt.NDArray[Any], indices: npt.NDArray[Any], k: int) -> tup
 launch_lock = threading.Lock()
 
 
+def kernels_busy() -> bool:
+    """Whether another thread is in a parallel kernel now (a call would wait for it to finish)."""
+    return launch_lock.locked()
+
+
 @contextmanager
 def numba_threads(requested: int | None) -> Iterator[None]:
     """Cap numba's threads for the calling thread (numba keeps the setting per thread), then restore."""

@@ -15,13 +15,13 @@ from service.server import _port_socket
     ("localhost", socket.AF_INET, "127.0.0.1"),  # IPv4 even where localhost resolves to ::1 first
 ])
 def test_worker_sockets_bind_as_a_single_process_does(host: str, family: socket.AddressFamily, address: str) -> None:
-    sock = _port_socket(host, 0, reuse_port=True)
+    sock = _port_socket(host, 0)
     try:
         assert sock.family == family
         assert sock.getsockname()[0] == address
         assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT) == 1
         # a second socket of the group binds the same port: how every worker listens on it
-        other = _port_socket(host, sock.getsockname()[1], reuse_port=True)
+        other = _port_socket(host, sock.getsockname()[1])
         other.close()
     finally:
         sock.close()
@@ -33,6 +33,6 @@ def test_a_taken_port_is_refused_without_reuse_port() -> None:
     taken.listen()
     try:
         with pytest.raises(OSError):
-            _port_socket("127.0.0.1", taken.getsockname()[1], reuse_port=True)
+            _port_socket("127.0.0.1", taken.getsockname()[1])
     finally:
         taken.close()
