@@ -33,15 +33,17 @@ testing aid that makes shadows slow or failing; it never applies to primaries.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import random
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from functools import partial
+from typing import Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -56,6 +58,7 @@ from service.settings import Settings
 from service.types import Features, RawId
 
 log = logging.getLogger("rankserve.shadow")
+T = TypeVar("T")
 
 F32 = npt.NDArray[np.float32]
 ERROR_LOG_INTERVAL_S = 10.0  # a shadow failing on every request logs once per interval, not per request
@@ -361,6 +364,27 @@ class ShadowRunner:
 
     # -- on a lane's thread ----------------------------------------------------------------------------
 
+    @contextlib.contextmanager
+    def _step(self, deadline: float) -> Iterator[Callable[[Callable[[], T]], T]]:
+        """One budgeted step of a lane: it yields `gated(work)`, which waits until no request is being
+        ranked, runs `work` and counts its time against the step budget (released when the step ends)."""
+        self.budget.acquire(deadline)
+        spent = 0.0
+
+        def gated(work: Callable[[], T]) -> T:
+            nonlocal spent
+            self._wait_quiet(deadline)
+            t0 = time.perf_counter()
+            try:
+                return work()
+            finally:
+                spent += time.perf_counter() - t0
+
+        try:
+            yield gated
+        finally:
+            self.budget.release(spent)
+
     def _wait_quiet(self, deadline: float) -> None:
         s = self.settings
         if s.shadow_yield and not self.activity.wait_quiet(s.shadow_quiet_ms / 1000, deadline - time.perf_counter()):
@@ -380,45 +404,30 @@ class ShadowRunner:
         side = model.side_rows(f, model.encode_context(f.context))
         # near-equal slices (never a 1-row remainder: ONNX Runtime's batch-1 path rounds differently)
         parts: list[F32] = []
+
+        def build_inputs(lo: int, hi: int) -> dict[str, np.ndarray]:
+            if not parts:  # an injected failure strikes inside the gated work, as a model's error would
+                self.fault.fail(shadow.name)
+            return model.inputs(history, f.user_index, f.item_index[lo:hi], f.category_index[lo:hi],
+                                job.request_ts, side.rows(lo, hi) if side is not None else None)
+
         for rows in np.array_split(np.arange(n), max(1, -(-n // s.shadow_chunk))):
             if job.expired or time.perf_counter() > deadline:
                 raise ShadowAbandoned("timeout", f"slower than shadow_timeout_s={s.shadow_timeout_s}")
-            self.budget.acquire(deadline)
-            spent = 0.0
-            try:
-                # retrieval and scoring are gated apart: a request that arrives during retrieval goes
-                # before this step's scoring, so it overlaps at most half a step
-                self._wait_quiet(deadline)
-                if not parts:  # an injected failure strikes inside the gated work, as a model's error would
-                    self.fault.fail(shadow.name)
-                t0 = time.perf_counter()
-                lo, hi = int(rows[0]), int(rows[-1]) + 1
-                inputs = model.inputs(history, f.user_index, f.item_index[lo:hi], f.category_index[lo:hi],
-                                      job.request_ts, side.rows(lo, hi) if side is not None else None)
-                spent += time.perf_counter() - t0
-                self._wait_quiet(deadline)
-                t0 = time.perf_counter()
-                parts.append(model.scorer.predict(inputs))
-                spent += time.perf_counter() - t0
-            finally:
-                self.budget.release(spent)
+            # retrieval and scoring are gated apart: a request that arrives during retrieval goes
+            # before this step's scoring, so it overlaps at most half a step
+            with self._step(deadline) as gated:
+                inputs = gated(partial(build_inputs, int(rows[0]), int(rows[-1]) + 1))
+                parts.append(gated(partial(model.scorer.predict, inputs)))
         probs = np.concatenate(parts) if parts else np.zeros((0, len(model.bundle.tasks)), dtype=np.float32)
         seconds = time.perf_counter() - started  # the shadow's own time: retrieval and scoring
         if job.expired:
             return
         # the comparison is lane work too (a rank correlation over every candidate: milliseconds),
         # gated and budgeted like a step, so a request never shares the CPU with more than one step
-        self.budget.acquire(deadline)
-        spent = 0.0
-        try:
-            self._wait_quiet(deadline)
-            t0 = time.perf_counter()
-            fused = model.fusion(probs)
-            agreement = compare(job.primary_fused, fused, job.primary_probs, probs, job.primary_tasks,
-                                model.bundle.tasks, job.top_n)
-            spent = time.perf_counter() - t0
-        finally:
-            self.budget.release(spent)
+        with self._step(deadline) as gated:
+            agreement = gated(lambda: compare(job.primary_fused, model.fusion(probs), job.primary_probs, probs,
+                                              job.primary_tasks, model.bundle.tasks, job.top_n))
         m = self.metrics
         m.shadow_seconds.labels(shadow.arm, shadow.name).observe(seconds)
         for measure, value in agreement.measures().items():
