@@ -117,6 +117,12 @@ class Bundle:
         """The runtime this bundle asks to be scored with (bundles before the field: "onnx")."""
         return str(self.manifest.get("scorer", {}).get("runtime", "onnx"))
 
+    @property
+    def scorer_quantization(self) -> str | None:
+        """How the ONNX scorer was quantized ("int8"), None for a float32 one (the TorchScript scorer always is)."""
+        value = self.manifest.get("scorer", {}).get("quantization")
+        return None if value is None else str(value)
+
     def scorer_path(self, runtime: str) -> Path:
         """Path of the scorer for `runtime` ("onnx" or "torchscript")."""
         files = {"onnx": ONNX_FILE, "torchscript": TORCHSCRIPT_FILE}
@@ -141,6 +147,7 @@ class Bundle:
             "fusion": self.fusion,
             "retrieval": self.retrieval,
             "scorer_runtime": self.scorer_runtime,
+            "scorer_quantization": self.scorer_quantization,
         }
 
 

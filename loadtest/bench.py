@@ -106,8 +106,9 @@ def interleaved(methods: Mapping[str, Callable[[int], object]], iterations: int,
 # setup
 
 
-def build_bundle(root: Path, w: Workload, schema: Any = None, like: Path | None = None) -> Path:
-    """A bundle with the standard workload's table sizes and random weights.
+def build_bundle(root: Path, w: Workload, schema: Any = None, like: Path | None = None,
+                 quantize: str | None = None) -> Path:
+    """A bundle with the standard workload's table sizes and random weights (`quantize`: `write_bundle`'s).
 
     `schema` (a FeatureSchema) replaces the default vocabularies (ids 0..n-1), e.g. with those of
     a synthetic set, so that its ingested users and items are known to the bundle.
@@ -140,7 +141,8 @@ def build_bundle(root: Path, w: Workload, schema: Any = None, like: Path | None 
                 if name in shared and shared[name].shape == t.shape:
                     t.copy_(shared[name])
     model.eval()
-    return write_bundle(model, root / "schema", {"variant": "twin", "data": "bench"}, root / "models", "bench")
+    return write_bundle(model, root / "schema", {"variant": "twin", "data": "bench"}, root / "models", "bench",
+                        quantize=quantize)
 
 
 def bench_events(w: Workload) -> tuple[Any, npt.NDArray[np.int64]]:
@@ -464,6 +466,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpu-batch-wait-ms", type=float, default=1.0,
                    help="with --gpu: run the transports again with RANKSERVE_SCORER_BATCH_WAIT_MS set to this "
                         "(scorer micro-batching; 0 skips that run)")
+    p.add_argument("--quantize", choices=["int8"], default=None,
+                   help="serve a bundle whose ONNX scorer is quantized (`rankserve export --quantize`)")
     p.add_argument("--levels", default="1,8,32", help="client concurrency levels of the transports section")
     p.add_argument("--level-requests", type=int, default=300, help="requests per transport and level")
     p.add_argument("--slo-ms", type=float, default=50.0, help="p99 objective of the throughput search")
@@ -598,7 +602,7 @@ def run(args: argparse.Namespace) -> int:
         report["gpu"] = gpu_info.describe()
     t0 = time.perf_counter()
     try:
-        first = prepare_workload(root, w, args.data)
+        first = prepare_workload(root, w, args.data, quantize=args.quantize)
         if first.source != "generated":
             w.request_time = int(first.events.timestamp.max()) + 3600
         report["workload"] = asdict(w) | {"data": first.source}

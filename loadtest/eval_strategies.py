@@ -10,6 +10,10 @@ strategy's retriever over the run's precomputed tables, then the run's scorer (P
 the same weights the exported ONNX has). Reported per strategy: AUC per task, the largest
 difference to the exact strategy's probabilities, and the mean retrieval overlap with exact.
 The exact strategy also reproduces the offline evaluator's own probabilities (checked: `parity`).
+
+`--scorers torch,onnx,onnx-int8` also scores every strategy's inputs with the run's scorer exported
+to ONNX (float) and quantized to int8 (`export.quantize`), run by ONNX Runtime as the service runs
+it: the AUC a quantized bundle gives up, on the same queries and retrievals.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import numpy.typing as npt
 log = logging.getLogger("loadtest.eval_strategies")
 
 DEFAULT_STRATEGIES = "exact,sim_hard,sim_hard:fallback=pad,eta:bits=64,shortlist=256"
+SCORERS = ("torch", "onnx", "onnx-int8")
 
 
 def _split_strategies(text: str) -> list[str]:
@@ -46,9 +51,38 @@ def _split_strategies(text: str) -> list[str]:
     return out
 
 
-def evaluate_strategies(run_dir: Path, strategies: list[str], max_queries: int | None, seed: int = 0,
-                        data_root: Path | None = None, cluster_min_events: int | None = None) -> dict[str, Any]:
+def _scorer_functions(model: Any, spec: Any, names: list[str], workdir: Path) -> dict[str, Any]:
+    """name -> f(inputs: list of numpy arrays in the scorer's input order) -> probabilities [B, T]."""
     import torch
+
+    from export.exporter import export_onnx
+    from export.parity import onnx_session, parity_batch
+    from export.quantize import quantize_scorer
+
+    def eager(inputs: list[npt.NDArray[Any]]) -> npt.NDArray[Any]:
+        with torch.no_grad():
+            return model.scorer(*(torch.from_numpy(x) for x in inputs)).numpy()
+
+    functions: dict[str, Any] = {"torch": eager}
+    if {"onnx", "onnx-int8"} & set(names):
+        float_path, int8_path = workdir / "scorer.onnx", workdir / "scorer.int8.onnx"
+        export_onnx(model.scorer, parity_batch(model, spec, seed=0), float_path)
+        paths = {"onnx": float_path}
+        if "onnx-int8" in names:
+            quantize_scorer(float_path, int8_path)
+            paths["onnx-int8"] = int8_path
+        input_names = list(model.scorer.input_names)
+        for name, path in paths.items():
+            session = onnx_session(path)
+            functions[name] = (lambda s: lambda inputs: s.run(None, dict(zip(input_names, inputs, strict=True)))[0])(
+                session)
+    return {name: functions[name] for name in names}
+
+
+def evaluate_strategies(run_dir: Path, strategies: list[str], max_queries: int | None, seed: int = 0,
+                        data_root: Path | None = None, cluster_min_events: int | None = None,
+                        scorers: list[str] | None = None) -> dict[str, Any]:
+    import tempfile
 
     from feature_store.codecs import Sequence
     from feature_store.schema import SCORER_INPUTS
@@ -93,7 +127,12 @@ def evaluate_strategies(run_dir: Path, strategies: list[str], max_queries: int |
 
         params = ClusterParams() if cluster_min_events is None else ClusterParams(min_events=cluster_min_events)
         clusterer = UserClusterer.from_tables(tables, params)
-    probs = {name: np.zeros((idx.shape[0], len(spec.tasks)), dtype=np.float32) for name in strategies}
+    scorers = scorers or ["torch"]
+    with tempfile.TemporaryDirectory() as tmp:  # the sessions hold their graphs once made
+        score_with = _scorer_functions(model, spec, scorers, Path(tmp))
+    # one entry per strategy and scorer: the strategy's name alone for the PyTorch scorer
+    entries = {(name, sc): name if sc == "torch" else f"{name}+{sc}" for name in strategies for sc in scorers}
+    probs = {entry: np.zeros((idx.shape[0], len(spec.tasks)), dtype=np.float32) for entry in entries.values()}
     overlap: dict[str, list[float]] = {name: [] for name in strategies}
     seconds = dict.fromkeys(strategies, 0.0)
     lengths = []
@@ -123,10 +162,10 @@ def evaluate_strategies(run_dir: Path, strategies: list[str], max_queries: int |
             inputs = scorer_inputs(tables, settings, r, hist, int(samples.user[idx[i0]]), items, cats, ts)
             seconds[name] += time.perf_counter() - t1
             # each sample's own side features, as offline: the strategies differ in the GSU only
-            side = [torch.from_numpy(np.ascontiguousarray(field[idx[g]])) for field in side_fields]
-            with torch.no_grad():
-                out = model.scorer(*(torch.from_numpy(np.ascontiguousarray(inputs[n])) for n in SCORER_INPUTS), *side)
-            probs[name][g] = out.numpy()
+            side = [np.ascontiguousarray(field[idx[g]]) for field in side_fields]
+            arrays = [np.ascontiguousarray(inputs[n]) for n in SCORER_INPUTS] + side
+            for sc in scorers:
+                probs[entries[name, sc]][g] = score_with[sc](arrays)
             if gsu is not None:
                 retrieved[name] = gsu.keys[gsu_search(r, gsu, settings.k)[1]].reshape(len(g), -1)
         # overlap with exact: share of identical retrieved key rows (same behaviours, as far as keys tell)
@@ -142,17 +181,23 @@ def evaluate_strategies(run_dir: Path, strategies: list[str], max_queries: int |
         "offline_auc": {t: round(auc(labels[:, j], offline[:, j]), 4) for j, t in enumerate(tasks)},
         "strategies": {},
     }
-    for name in strategies:
-        p = probs[name]
+    exact_torch = entries.get(("exact", "torch"))  # the reference of max_abs_diff_vs_exact
+    for (name, sc), key in entries.items():
+        p = probs[key]
         entry: dict[str, Any] = {t: round(auc(labels[:, j], p[:, j]), 4) for j, t in enumerate(tasks)}
         entry["mean_auc"] = round(float(np.mean([entry[t] for t in tasks])), 4)
-        if "exact" in probs:
-            entry["max_abs_diff_vs_exact"] = float(np.abs(p - probs["exact"]).max())
+        if exact_torch is not None:
+            entry["max_abs_diff_vs_exact"] = float(np.abs(p - probs[exact_torch]).max())
+        if sc != "torch" and "torch" in scorers:  # what the runtime (and quantization) changes, unrounded
+            same = probs[entries[name, "torch"]]
+            entry["auc_change_vs_torch"] = {t: float(auc(labels[:, j], p[:, j]) - auc(labels[:, j], same[:, j]))
+                                            for j, t in enumerate(tasks)}
+            entry["max_abs_diff_vs_torch"] = float(np.abs(p - same).max())
         entry["retrieval_overlap_vs_exact"] = round(float(np.mean(overlap[name])), 4) if overlap[name] else None
         entry["assemble_ms_per_query"] = round(1000 * seconds[name] / len(groups), 3)
-        report["strategies"][name] = entry
-    if "exact" in probs:
-        report["parity_exact_vs_offline_max_abs_diff"] = float(np.abs(probs["exact"] - offline).max())
+        report["strategies"][key] = entry
+    if exact_torch is not None:
+        report["parity_exact_vs_offline_max_abs_diff"] = float(np.abs(probs[exact_torch] - offline).max())
     report["seconds"] = round(time.perf_counter() - t0, 1)
     return report
 
@@ -191,11 +236,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cluster-min-events", type=int, default=None,
                         help="twin_v2: cluster histories from this length on (default: ClusterParams' 256; "
                              "lower it for short-history data such as Tmall, with exact_below=0)")
+    parser.add_argument("--scorers", default="torch",
+                        help=f"comma-separated scorers among {','.join(SCORERS)} (default torch)")
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON report here")
     args = parser.parse_args(argv)
+    scorers = [x for x in args.scorers.split(",") if x]
+    unknown = sorted(set(scorers) - set(SCORERS))
+    if unknown or not scorers:
+        parser.error(f"--scorers: unknown {unknown}; choose among {', '.join(SCORERS)}")
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)
     report = evaluate_strategies(args.run, _split_strategies(args.strategies), args.max_queries,
-                                 data_root=args.data_root, cluster_min_events=args.cluster_min_events)
+                                 data_root=args.data_root, cluster_min_events=args.cluster_min_events,
+                                 scorers=scorers)
     text = json.dumps(report, indent=2, sort_keys=True)
     if args.out:
         args.out.write_text(text)

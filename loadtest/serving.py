@@ -52,7 +52,7 @@ class PreparedWorkload:
     item_table: Any = None  # SideTable of the item side features to ingest (a side-feature schema)
 
 
-def prepare_workload(root: Path, w: Workload, data: str = "auto") -> PreparedWorkload:
+def prepare_workload(root: Path, w: Workload, data: str = "auto", quantize: str | None = None) -> PreparedWorkload:
     """Build the bundle and the users to ingest.
 
     data: "auto" (the synthetic set in data-cache/synth when present, else generated),
@@ -86,7 +86,7 @@ def prepare_workload(root: Path, w: Workload, data: str = "auto") -> PreparedWor
         items = range(w.items)
     else:
         raise ValueError(f"unknown data {data!r}: use auto, generated or synthetic:DIR")
-    bundle_path = build_bundle(root, w, schema)
+    bundle_path = build_bundle(root, w, schema, quantize=quantize)
     from feature_store.schema import FeatureSchema
 
     schema = FeatureSchema.load(bundle_path / "schema")
