@@ -267,8 +267,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--quantize", choices=QUANTIZATIONS, default=None,
-        help="int8: the ONNX scorer's dense layers with int8 weights (faster on CPU, probabilities within "
-             f"{QUANTIZED_PARITY_TOLERANCE} of the model's; measure the AUC change before serving it)",
+        help="int8: the ONNX scorer's dense layers with int8 weights (less CPU; the export refuses a graph more than "
+             f"{QUANTIZED_PARITY_TOLERANCE} off the model on its parity batches; measure the AUC "
+             "change with `python -m loadtest.eval_strategies --scorers torch,onnx-int8` before serving it)",
     )
 
 

@@ -605,7 +605,7 @@ def run(args: argparse.Namespace) -> int:
         first = prepare_workload(root, w, args.data, quantize=args.quantize)
         if first.source != "generated":
             w.request_time = int(first.events.timestamp.max()) + 3600
-        report["workload"] = asdict(w) | {"data": first.source}
+        report["workload"] = asdict(w) | {"data": first.source, "scorer_quantization": args.quantize}
         reqs = candidate_sets(w, first.events, 64)
         report["setup_s"] = {"bundles": round(time.perf_counter() - t0, 1)}
         with EmbeddedValkey(EmbeddedConfig(data_dir=None, persistence="none")) as valkey:

@@ -10,6 +10,8 @@ standard batch (500): where the graph's time goes. Then a least-squares fit of e
 median to t(B) = per-call cost + B x per-candidate cost: the speed-up at batch B is
 (e_call + e_cand·B) / (o_call + o_cand·B), so the fit tells what bounds it (the per-call cost,
 ONNX Runtime's edge, decides small batches; the per-candidate kernels decide large ones).
+The same graph quantized to int8 (`rankserve export --quantize int8`) runs in the same
+alternation: its time and its largest difference to the float graph's probabilities.
 Prints JSON, then a markdown table.
 """
 
@@ -81,6 +83,7 @@ def run_bench(batches: list[int], iterations: int, threads: int) -> dict[str, An
     import torch
 
     from export.parity import parity_batch
+    from export.quantize import quantize_scorer
     from feature_store.schema import SCORER_INPUTS, FeatureSchema
     from models.model import ModelConfig, RankingModel
 
@@ -95,6 +98,8 @@ def run_bench(batches: list[int], iterations: int, threads: int) -> dict[str, An
                               sizes["item"], sizes["category"])  # only for the parity batch's id ranges
         eager = eager_scorer(bundle)
         session = _session(bundle / "scorer.onnx", threads)
+        quantize_scorer(bundle / "scorer.onnx", root / "scorer.int8.onnx")
+        int8 = _session(root / "scorer.int8.onnx", threads)
         rows = []
         for size in batches:
             batch = parity_batch(shapes, schema.spec, seed=1, batch_size=size)
@@ -102,8 +107,11 @@ def run_bench(batches: list[int], iterations: int, threads: int) -> dict[str, An
             args = [batch[n] for n in SCORER_INPUTS]
             eager_ms: list[float] = []
             onnx_ms: list[float] = []
+            int8_ms: list[float] = []
             with torch.inference_mode():
-                diff = float(np.abs(eager(*args).numpy() - session.run(None, feeds)[0]).max())
+                float_probs = session.run(None, feeds)[0]
+                diff = float(np.abs(eager(*args).numpy() - float_probs).max())
+                int8_diff = float(np.abs(int8.run(None, feeds)[0] - float_probs).max())
                 for _ in range(iterations):
                     t0 = time.perf_counter()
                     eager(*args)
@@ -111,10 +119,15 @@ def run_bench(batches: list[int], iterations: int, threads: int) -> dict[str, An
                     t0 = time.perf_counter()
                     session.run(None, feeds)
                     onnx_ms.append((time.perf_counter() - t0) * 1000)
+                    t0 = time.perf_counter()
+                    int8.run(None, feeds)
+                    int8_ms.append((time.perf_counter() - t0) * 1000)
             warm = max(1, iterations // 8)
             e, o = float(np.median(eager_ms[warm:])), float(np.median(onnx_ms[warm:]))
+            q = float(np.median(int8_ms[warm:]))
             rows.append({"batch": size, "eager_ms": round(e, 3), "onnx_ms": round(o, 3),
-                         "onnx_speedup": round(e / o, 2), "max_abs_diff": diff})
+                         "onnx_speedup": round(e / o, 2), "max_abs_diff": diff, "onnx_int8_ms": round(q, 3),
+                         "int8_speedup_vs_onnx": round(o / q, 2), "int8_max_abs_diff_vs_onnx": int8_diff})
         standard = parity_batch(shapes, schema.spec, seed=1, batch_size=500)
         profiled = _session(bundle / "scorer.onnx", threads, profile_prefix=str(root / "ort-profile"))
         profile = op_profile(profiled, {n: standard[n].numpy() for n in SCORER_INPUTS}, runs=30)
@@ -123,10 +136,12 @@ def run_bench(batches: list[int], iterations: int, threads: int) -> dict[str, An
 
 
 def markdown(report: dict[str, Any]) -> str:
-    lines = ["| batch | PyTorch eager ms | ONNX Runtime ms | ONNX speed-up | max abs diff |", "|---|---|---|---|---|"]
+    lines = ["| batch | PyTorch eager ms | ONNX Runtime ms | ONNX speed-up | max abs diff | ONNX int8 ms | "
+             "int8 speed-up | int8 max abs diff |", "|---|---|---|---|---|---|---|---|"]
     for r in report["batches"]:
         lines.append(
-            f"| {r['batch']} | {r['eager_ms']} | {r['onnx_ms']} | {r['onnx_speedup']}x | {r['max_abs_diff']:.1e} |"
+            f"| {r['batch']} | {r['eager_ms']} | {r['onnx_ms']} | {r['onnx_speedup']}x | {r['max_abs_diff']:.1e} "
+            f"| {r['onnx_int8_ms']} | {r['int8_speedup_vs_onnx']}x | {r['int8_max_abs_diff_vs_onnx']:.1e} |"
         )
     cm = report["cost_model"]
     lines.append("\n| fit t(B) = per call + B x per candidate | per call ms | per candidate µs |\n|---|---|---|")

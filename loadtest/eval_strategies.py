@@ -159,7 +159,7 @@ def evaluate_strategies(run_dir: Path, strategies: list[str], max_queries: int |
         gsu = gsu_input(served, hist, *tables.clamp_rows(items, cats), ts) if e - s > settings.k else None
         for name, r in retrievers.items():
             t1 = time.perf_counter()
-            inputs = scorer_inputs(tables, settings, r, hist, int(samples.user[idx[i0]]), items, cats, ts)
+            inputs = scorer_inputs(tables, settings, r, hist, int(samples.user[idx[i0]]), items, cats, ts, spec=spec)
             seconds[name] += time.perf_counter() - t1
             # each sample's own side features, as offline: the strategies differ in the GSU only
             side = [np.ascontiguousarray(field[idx[g]]) for field in side_fields]

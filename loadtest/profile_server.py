@@ -106,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-native", action="store_true",
                    help="Python frames only: py-spy then samples the ranking's kernels reliably (with native "
                         "frames it misses most of that thread's samples while numba or ONNX Runtime run)")
+    p.add_argument("--quantize", choices=["int8"], default=None,
+                   help="serve a bundle whose ONNX scorer is quantized (`rankserve export --quantize`)")
     args = p.parse_args(argv)
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
     import orjson
@@ -114,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     threads: dict[str, float] = {}
     try:
         w = Workload(users=args.users)
-        prepared = prepare_workload(root, w, "auto")
+        prepared = prepare_workload(root, w, "auto", quantize=args.quantize)
         request_ts = int(prepared.events.timestamp.max()) + 3600
         bodies = [orjson.dumps({"user_id": u, "candidates": c, "top_n": 100, "request_time": request_ts})
                   for u, c in candidate_sets(w, prepared.events, 64)]

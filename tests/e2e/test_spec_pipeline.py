@@ -201,3 +201,26 @@ def test_the_context_reaches_the_scores(pipeline: Pipeline) -> None:
         assert resp.status_code == 200, resp.text
         scores[device] = {it["item_id"]: it["score"] for it in resp.json()["items"]}
     assert any(abs(scores["ios"][i] - scores["web"][i]) > 1e-7 for i in q.items)
+
+
+def test_an_int8_export_of_the_run_and_what_it_costs_in_auc(pipeline: Pipeline, tmp_path: Path) -> None:
+    """`export --quantize int8` of the same run, and the eval harness's AUC change on its held-out queries."""
+    from export.quantize import QUANTIZED_PARITY_TOLERANCE
+    from loadtest.eval_strategies import main as eval_strategies
+
+    out = ok(rankserve("export", "--run", str(pipeline.run), "--out", str(tmp_path / "models"), "--quantize", "int8"))
+    manifest = json.loads((Path(out.strip()) / "manifest.json").read_text())
+    assert manifest["scorer"]["quantization"] == "int8" and manifest["parity"]["passed"]
+    assert max(manifest["parity"]["per_task"]["onnx"].values()) <= QUANTIZED_PARITY_TOLERANCE
+
+    report_file = tmp_path / "report.json"
+    assert eval_strategies(["--run", str(pipeline.run), "--strategies", "exact", "--scorers", "torch,onnx,onnx-int8",
+                            "--out", str(report_file)]) == 0
+    entries = json.loads(report_file.read_text())["strategies"]
+    assert set(entries) == {"exact", "exact+onnx", "exact+onnx-int8"}
+    float_graph, int8_graph = entries["exact+onnx"], entries["exact+onnx-int8"]
+    # the float graph is the model; the int8 one is not, and says by how much per task
+    assert float_graph["max_abs_diff_vs_torch"] <= TOLERANCE
+    assert all(abs(change) < 1e-6 for change in float_graph["auc_change_vs_torch"].values())
+    assert int8_graph["max_abs_diff_vs_torch"] > 0 and set(int8_graph["auc_change_vs_torch"]) == set(TASKS)
+    assert all(np.isfinite(change) for change in int8_graph["auc_change_vs_torch"].values())
