@@ -1,11 +1,17 @@
 """Int8 scorers: ONNX Runtime's dynamic quantization of the exported float graph.
 
-The scorer's time on CPU is its dense layers (the towers' Gemm nodes), which run at about the
-core's float32 peak already; with int8 weights and activations quantized per call
-(`quantize_dynamic`) they run on the integer units. Weights are quantized per output channel:
+About two thirds of the scorer's time on CPU is its dense layers (the towers' Gemm nodes), which
+run at about the core's float32 peak already; with int8 weights and activations quantized per
+call (`quantize_dynamic`) they run on the integer units. Weights are quantized per output channel:
 with one scale per tensor, a layer whose columns differ in range loses its small columns. Only
 layers with a 2-D weight are quantized (ONNX Runtime's integer MatMul takes per-channel scales
 of a matrix only; the numeric side features' bucket embedding is a 3-D MatMul and stays float).
+
+A call's inputs are quantized with one scale per tensor, taken from the whole batch, so a
+candidate's probabilities depend slightly on the other rows scored with it (by up to ~3e-3 on
+the standard workload). The service therefore refuses an int8 bundle when micro-batching would
+mix requests in one call, and an int8 shadow, which scores in chunks, differs from the same
+bundle as primary by about as much.
 
 A quantized scorer is no longer the model bit for bit: the bundle states its parity tolerance
 (`QUANTIZED_PARITY_TOLERANCE`, on probabilities) and the export refuses one outside it. Its

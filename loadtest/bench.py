@@ -588,6 +588,12 @@ def run(args: argparse.Namespace) -> int:
     unknown = sections - set(ALL_SECTIONS)
     if unknown:
         raise SystemExit(f"unknown sections {sorted(unknown)}; use {', '.join(ALL_SECTIONS)}")
+    # these compare the bundle with float twins of it (PyTorch eager; the side-feature bundle), which an int8
+    # scorer would turn into a comparison of quantization (python -m loadtest.bench_scoring measures that)
+    float_only = sorted(sections & {"scoring", "side_features"})
+    if args.quantize and float_only:
+        raise SystemExit(f"--quantize does not go with the sections {float_only}: they compare the bundle with "
+                         "float twins of it; leave them out (--sections in_process,transports,...)")
     plots = args.plots or (args.out.parent if args.out else Path("bench-plots"))
     server_env = ({} if args.untuned else dict(TUNED_ENV)) | dict(kv.split("=", 1) for kv in args.server_env)
     if gpu_info is not None:

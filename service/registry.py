@@ -102,6 +102,8 @@ class LoadedModel:
             **self.bundle.describe(),
             "fusion": self.fusion.describe(),
             "runtime": self.scorer.runtime,
+            # the TorchScript scorer is always float, whatever the bundle's ONNX scorer is
+            "scorer_quantization": self.bundle.scorer_quantization if self.scorer.runtime == "onnx" else None,
             "provider": self.scorer.provider,
             "loaded_at": self.loaded_at,
         }
@@ -223,6 +225,15 @@ class ModelRegistry:
                 f"{path}: schema {bundle.schema.hash[:12]} does not match the feature store's active schema "
                 f"{store_hash[:12]}{differs}; ingest with this bundle's schema "
                 f"(`rankserve ingest --schema {path}`) first"
+            )
+        runtime = bundle.scorer_runtime if s.scorer_runtime == "bundle" else s.scorer_runtime
+        if bundle.scorer_quantization is not None and runtime == "onnx" and s.scorer_batch_wait_ms > 0:
+            # dynamic quantization scales a call's inputs by the whole batch: batched with other requests, a
+            # candidate's scores would depend on them, and micro-batching promises each request its own
+            raise BundleRejected(
+                f"{path}: its ONNX scorer is quantized ({bundle.scorer_quantization}), whose scores depend on the "
+                f"other rows of a batch, and micro-batching is on (scorer_batch_wait_ms={s.scorer_batch_wait_ms}); "
+                "set RANKSERVE_SCORER_BATCH_WAIT_MS=0 or serve a float bundle"
             )
         try:
             model = LoadedModel(

@@ -284,6 +284,8 @@ def test_models_lists_current_and_loaded(live_server: Server) -> None:
     assert body["current"]["key"] == "tiny/1"
     assert body["current"]["tasks"] == ["click", "cart", "buy"]
     assert body["current"]["actions"] == ["click", "cart", "fav", "buy"]  # what POST /v1/events takes
+    assert (body["current"]["runtime"], body["current"]["scorer_runtime"]) == ("onnx", "onnx")
+    assert "scorer_quantization" in body["current"] and body["current"]["scorer_quantization"] is None
     assert [m["key"] for m in body["loaded"]] == ["tiny/1"]
     assert body["refused"] == []
 

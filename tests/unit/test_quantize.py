@@ -15,7 +15,12 @@ from export.parity import PARITY_TOLERANCE, parity_batch
 from export.quantize import QUANTIZED_PARITY_TOLERANCE
 from feature_store.schema import FeatureSchema
 from models.model import RankingModel
+from service.errors import BundleRejected
+from service.registry import ModelRegistry
+from service.retrieval import make_retriever
 from service.scoring import make_scorer
+from service.settings import Settings
+from service.transports.rest.schemas import ModelInfo
 from tests.helpers import side_schema, tiny_model, tiny_schema
 
 
@@ -69,3 +74,34 @@ def test_an_unknown_quantization_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="quantize must be one of"):
         _export(tiny_schema(), tmp_path, "int4")
     assert not (tmp_path / "models" / "q").exists() or not any((tmp_path / "models" / "q").iterdir())
+
+
+def _registry(model_dir: Path, **settings: object) -> ModelRegistry:
+    config = Settings(model_dir=model_dir, scorer_threads=1, poll_interval_s=0, retrieval_strategy="exact",
+                      **settings)  # type: ignore[arg-type]
+    return ModelRegistry(config, lambda: make_retriever("exact"), schema_hash=lambda: None)
+
+
+def test_the_service_says_which_scorer_is_quantized(tmp_path: Path) -> None:
+    _model, path = _export(tiny_schema(), tmp_path, "int8")
+    onnx_info = ModelInfo.from_describe("q/1", _registry(path.parent.parent).load(path).describe())
+    assert (onnx_info.runtime, onnx_info.scorer_runtime, onnx_info.scorer_quantization) == ("onnx", "onnx", "int8")
+    # the same bundle scored by its TorchScript scorer runs float
+    scripted = _registry(path.parent.parent, scorer_runtime="torchscript").load(path).describe()
+    assert (scripted["runtime"], scripted["scorer_quantization"]) == ("torchscript", None)
+
+
+def test_an_int8_bundle_is_refused_with_micro_batching(tmp_path: Path) -> None:
+    """Dynamic quantization scales by the whole batch: batched with other requests, a request's scores would move."""
+    model, path = _export(tiny_schema(), tmp_path, "int8")
+    inputs = parity_batch(model, tiny_schema().spec, seed=3, batch_size=32)
+    scorer = make_scorer(open_bundle(path), "onnx", threads=1, provider="cpu")
+    feeds = {n: inputs[n].numpy() for n in tiny_schema().spec.scorer_inputs}
+    alone = scorer.predict({n: a[:8] for n, a in feeds.items()})
+    assert not np.array_equal(alone, scorer.predict(feeds)[:8])  # what the refusal protects against
+    with pytest.raises(BundleRejected, match="RANKSERVE_SCORER_BATCH_WAIT_MS=0"):
+        _registry(path.parent.parent, scorer_batch_wait_ms=2.0).load(path)
+    # a float bundle is batch-independent and keeps loading with micro-batching on
+    _model, float_path = _export(tiny_schema(), tmp_path / "float", None)
+    assert _registry(float_path.parent.parent, scorer_batch_wait_ms=2.0).load(float_path).describe()[
+        "scorer_quantization"] is None

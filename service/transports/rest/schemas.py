@@ -241,7 +241,11 @@ class ModelInfo(BaseModel):
     )
     fusion: dict[str, Any]
     retrieval: dict[str, Any]
-    runtime: str
+    scorer_runtime: str | None = Field(default=None, description="the scorer runtime the bundle asks for")
+    runtime: str = Field(description="the scorer runtime it runs: onnx or torchscript")
+    scorer_quantization: str | None = Field(
+        default=None, description='"int8" when the scorer it runs is quantized, null for a float scorer'
+    )
     provider: str
     loaded_at: float = Field(description="unix seconds")
 
