@@ -29,7 +29,9 @@ async def test_a_deep_burst_spends_no_fetch_budget_waiting_for_computations(
 ) -> None:
     model_dir = tmp_path / "models"
     export_bundle(world, model_dir)
-    budget_s = 0.1  # the default: far less than BURST computations of CANDIDATES candidates take
+    # far less than BURST computations of CANDIDATES candidates take (about 0.6 s on a loaded 2-core machine),
+    # and well above one fetch on that machine (up to 83 ms measured beside a training run; the default is 0.1)
+    budget_s = 0.25
     server: Server = make_server(model_dir, RANKSERVE_FETCH_BUDGET_S=str(budget_s), RANKSERVE_REQUEST_TIMEOUT_S="120",
                                  RANKSERVE_MAX_WAITING_REQUESTS=str(BURST))
     await asyncio.to_thread(server.wait_ready)
