@@ -174,19 +174,27 @@ class ServerProcess:
         return self
 
     def wait_ready(self) -> None:
+        """Until every worker answers: a worker listens once its model loaded, and a load generator's
+        keep-alive connections opened before the last worker listens all stay on the others."""
         import httpx
 
         deadline = time.monotonic() + self.ready_timeout_s
+        answered: set[int] = set()
         while time.monotonic() < deadline:
             if self.proc is not None and self.proc.poll() is not None:
                 raise RuntimeError(f"rankserve serve exited with {self.proc.returncode}; see {self.log_path}")
             try:
+                # a new connection each time: the kernel hands it to one of the listening workers
                 if httpx.get(self.base_url + "/readyz", timeout=2.0).status_code == 200:
-                    return
-            except httpx.HTTPError:
+                    answered.add(int(httpx.get(self.base_url + "/v1/models", timeout=2.0).json()["pid"]))
+                    if len(answered) >= self.workers:
+                        return
+                    continue
+            except (httpx.HTTPError, KeyError, ValueError):
                 pass
             time.sleep(0.2)
-        raise TimeoutError(f"rankserve serve not ready after {self.ready_timeout_s}s; see {self.log_path}")
+        raise TimeoutError(f"rankserve serve not ready after {self.ready_timeout_s}s ({len(answered)} of "
+                           f"{self.workers} workers answered); see {self.log_path}")
 
     def pids(self) -> list[int]:
         """The serving processes: the server itself, or with workers > 1 the worker children."""
