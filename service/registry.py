@@ -36,7 +36,7 @@ from service.background import run_every
 from service.errors import BundleRejected, InvalidRequest, ModelUnavailable
 from service.ids import resolve_candidates, resolve_user
 from service.retrieval import Retriever
-from service.scoring import Scorer, make_scorer
+from service.scoring import Scorer, make_scorer, resolve_runtime
 from service.settings import Settings
 from service.types import Features, RawId
 
@@ -226,8 +226,8 @@ class ModelRegistry:
                 f"{store_hash[:12]}{differs}; ingest with this bundle's schema "
                 f"(`rankserve ingest --schema {path}`) first"
             )
-        runtime = bundle.scorer_runtime if s.scorer_runtime == "bundle" else s.scorer_runtime
-        if bundle.scorer_quantization is not None and runtime == "onnx" and s.scorer_batch_wait_ms > 0:
+        quantized = bundle.scorer_quantization is not None and resolve_runtime(bundle, s.scorer_runtime) == "onnx"
+        if quantized and s.scorer_batch_wait_ms > 0:
             # dynamic quantization scales a call's inputs by the whole batch: batched with other requests, a
             # candidate's scores would depend on them, and micro-batching promises each request its own
             raise BundleRejected(

@@ -105,10 +105,14 @@ class TorchScriptScorer:
             return np.asarray(self._module(*args).cpu().numpy(), dtype=np.float32)
 
 
+def resolve_runtime(bundle: Bundle, runtime: str) -> str:
+    """The runtime a setting of `runtime` scores `bundle` with: "bundle" is the one it was exported for."""
+    return bundle.scorer_runtime if runtime == "bundle" else runtime
+
+
 def make_scorer(bundle: Bundle, runtime: str, threads: int, provider: str) -> Scorer:
-    """The scorer of `bundle` in `runtime`; "bundle" takes the runtime the bundle was exported for."""
-    if runtime == "bundle":
-        runtime = bundle.scorer_runtime
+    """The scorer of `bundle` in `runtime` (`resolve_runtime`)."""
+    runtime = resolve_runtime(bundle, runtime)
     inputs = bundle.schema.spec.scorer_inputs
     if runtime == "onnx":
         return OnnxScorer(bundle.scorer_path("onnx"), threads, provider, inputs)
