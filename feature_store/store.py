@@ -213,6 +213,17 @@ class FetchResult:
         return self.user_index is not None
 
 
+TRIM_SLACK_DIVISOR = 16  # a capped sequence may run past its cap by cap / 16 records before it is trimmed
+
+
+def trim_slack(cap: int) -> int:
+    """Records a sequence capped at `cap` may hold past the cap before an append trims it back to
+    `cap` (at least one). Trimming copies the whole value, so the store does it once per slack
+    appended events rather than on every append; readers take the newest events they need (a
+    served model searches the newest `max_sequence_length` events of its schema)."""
+    return max(1, cap // TRIM_SLACK_DIVISOR)
+
+
 class UserAppend(NamedTuple):
     """Streamed events of one user, oldest first: their sequence records (`codecs.encode_sequence`,
     12 bytes each) and one event id per record. (A tuple: a consumer builds thousands per batch.)
@@ -440,8 +451,9 @@ class OnlineStore(abc.ABC):
         version: str | None = None,
         ttl_seconds: int | None = None,
     ) -> int:
-        """Append events (dense indices, oldest first) to a user's sequence, keeping only the newest
-        `cap` records (default `max_sequence_length`) atomically; returns the stored length."""
+        """Append events (dense indices, oldest first) to a user's sequence atomically; a sequence
+        past `cap + trim_slack(cap)` records (cap default `max_sequence_length`) is trimmed to its
+        newest `cap`. Returns the stored length."""
 
     @abc.abstractmethod
     async def append_events_once(

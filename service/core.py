@@ -211,7 +211,7 @@ class RankingService:
         self, model: LoadedModel, feats: Features, context: EncodedContext | None, request_ts: int, clock: StageClock
     ) -> dict[str, np.ndarray]:
         """Gather and retrieve (the pool's part of a batched request): the scorer inputs."""
-        history = feats.history.before(request_ts)
+        history = model.searched_history(feats.history, request_ts)
         self.metrics.history_length.observe(len(history))
         inputs = model.inputs(history, feats.user_index, feats.item_index, feats.category_index, request_ts,
                               model.side_rows(feats, context))
@@ -378,7 +378,7 @@ class RankingService:
             )
         debug: dict[str, object] = {}
         if req.debug:
-            searched = feats.history.before(request_ts)  # what the ranking searched (a view, no copy)
+            searched = model.searched_history(feats.history, request_ts)  # a view, no copy
             debug = {
                 "history_length": len(searched),
                 # the newest behaviour searched: how fresh the streamed history is

@@ -91,6 +91,12 @@ class LoadedModel:
         except ContextError as exc:
             raise InvalidRequest(str(exc)) from None
 
+    def searched_history(self, history: Sequence, request_ts: int) -> Sequence:
+        """The events this model searches for a request at `request_ts`: the newest
+        `max_sequence_length` of its schema before it, as its training samples were built
+        (`models.batching.Collator`). The store may hold a few more: it trims capped sequences lazily."""
+        return history.before(request_ts).last(self.spec.max_sequence_length)
+
     def side_rows(self, feats: Features, context: EncodedContext | None) -> SideRows | None:
         """What `inputs` needs of the fetched side bytes and the encoded context (None: no side features)."""
         if not self.has_side:

@@ -398,7 +398,7 @@ class ShadowRunner:
         deadline = started + s.shadow_timeout_s
         self.fault.delay(shadow.name, job.primary_seconds)
         model = shadow.model
-        history = f.history.before(job.request_ts)
+        history = model.searched_history(f.history, job.request_ts)
         n = int(f.item_index.shape[0])
         # the shadow reads the request context with its own schema: a name it lacks fails this job only
         side = model.side_rows(f, model.encode_context(f.context))

@@ -236,3 +236,40 @@ def test_events_endpoint_fuzz(server: Server) -> None:
 def test_a_caller_without_the_token_learns_nothing_about_the_body(server: Server) -> None:
     r = httpx.post(server.base_url + "/v1/events", json={"events": "not a list", "extra": 1}, timeout=10)
     assert r.status_code == 401, r.text
+
+
+def test_a_history_past_its_cap_is_searched_as_its_newest_cap(world: World, private_store: str,
+                                                               tmp_path: Path) -> None:
+    """The store trims capped sequences lazily: a user may hold a few events past the schema's
+    `max_length`. The rank searches the newest `max_length`, as the model's training samples did,
+    even when the service reads more (a store read limit above the cap)."""
+    import numpy as np
+    import redis
+
+    from feature_store import keys
+    from feature_store.codecs import SEQ_RECORD_SIZE, encode_sequence
+
+    cap = world.schema.spec.max_sequence_length
+    client = redis.Redis.from_url(private_store)
+    key = keys.sequence_key(FEATURE_VERSION, world.long_user)
+    stored = client.get(key)
+    assert stored is not None and len(stored) // SEQ_RECORD_SIZE < cap
+    older = cap  # events older than every stored one, so that the newest `cap` hold some of them
+    dense = np.arange(older)  # the store holds dense indices: items 1..50, categories 1..12
+    junk = encode_sequence(dense % 50 + 1, dense % 12 + 1, dense % 4, 1_000_000 + dense)
+    client.set(key, junk + stored)  # cap + the user's own events: past the cap
+    model_dir = tmp_path / "models"
+    export_bundle(world, model_dir)
+    srv = Server(model_dir, private_store, tmp_path / "server.log",
+                 {"RANKSERVE_FEATURE_STORE__MAX_SEQUENCE_LENGTH": str(2 * cap)}).start()
+    body = {"user_id": world.long_user, "candidates": world.known_items[:20], "debug": True}
+    try:
+        srv.wait_ready()
+        past = httpx.post(srv.base_url + "/v1/rank", json=body, timeout=10).json()
+        client.set(key, (junk + stored)[-cap * SEQ_RECORD_SIZE :])  # what a trim to the cap leaves
+        trimmed = httpx.post(srv.base_url + "/v1/rank", json=body, timeout=10).json()
+    finally:
+        assert srv.stop() == 0
+        client.close()
+    assert past["debug"]["history_length"] == trimmed["debug"]["history_length"] == cap
+    assert past["items"] == trimmed["items"]

@@ -14,7 +14,7 @@ from feature_store.codecs import SEQ_RECORD_SIZE, Sequence, decode_sequence
 from feature_store.errors import FeatureStoreUnavailable, VersionConflict, VersionNotFound
 from feature_store.redis_store import RedisOnlineStore, create_store
 from feature_store.schema import FeatureSchema, SchemaSpec
-from feature_store.store import STATUS_COMPLETE, STATUS_INGESTING, OnlineStore
+from feature_store.store import STATUS_COMPLETE, STATUS_INGESTING, OnlineStore, trim_slack
 from ingest.bulk import ingest_log, schema_from_log
 from models.data.events import EventLog
 from tests.integration.conftest import Backend, assert_same_sequence, expected_sequence, make_events
@@ -168,18 +168,28 @@ async def test_append_keeps_cap_atomically_under_concurrency(store: OnlineStore)
         mine = full.item[full.item // 1000 == t] % 1000
         np.testing.assert_array_equal(mine, np.arange(per_task))
 
-    # Trimming: the length never exceeds the cap, records stay whole, each task's order is kept.
+    # Trimming: the length never exceeds the cap plus its slack, records stay whole, each task's
+    # order is kept, and a read of the newest cap events gets the newest cap.
     cap = 40
+    bound = cap + trim_slack(cap)
     other = 56
     await asyncio.gather(*(appender(t, cap) for t in range(tasks)))  # user 55 already full: trims
     seq = (await store.fetch(user, [])).sequence
-    assert len(seq) == cap
+    assert cap <= len(seq) <= bound
+    newest = (await store.fetch(user, [], max_sequence_length=cap)).sequence
+    assert_same_sequence(newest, seq.last(cap))
     assert np.isin(seq.item // 1000, np.arange(tasks)).all() and np.isin(seq.item % 1000, np.arange(per_task)).all()
     for t in range(tasks):
         mine = seq.item[seq.item // 1000 == t] % 1000
         assert (np.diff(mine) > 0).all()
     lengths = await asyncio.gather(*(store.append_events(other, batch(t, 0), cap=cap) for t in range(cap + 10)))
-    assert max(lengths) == cap and sorted(lengths)[:cap] == list(range(1, cap + 1))
+    # the script is atomic: the appends ran one after the other, each seeing one stored length
+    serial, length = [], 0
+    for _ in range(cap + 10):
+        length += 1
+        length = cap if length > bound else length
+        serial.append(length)
+    assert sorted(lengths) == sorted(serial) and max(lengths) == bound
 
 
 async def test_version_switch_is_atomic_for_readers(backend: Backend, store: OnlineStore) -> None:

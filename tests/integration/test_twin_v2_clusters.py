@@ -12,7 +12,7 @@ from feature_store.clusters import ClusterParams, UserClusterer, history_bias
 from feature_store.codecs import Sequence, decode_cluster_header
 from feature_store.redis_store import create_store
 from feature_store.schema import SchemaSpec
-from feature_store.store import OnlineStore
+from feature_store.store import OnlineStore, trim_slack
 from ingest.bulk import ingest_log, schema_from_log
 from service.retrieval import RetrievalContext, TwinV2Retriever, check_against_reference, fallback_counts
 from tests.integration.conftest import Backend, assert_same_sequence, expected_sequence, make_events
@@ -81,10 +81,19 @@ async def test_appends_keep_clusters_aligned(store: OnlineStore) -> None:
     assert before.sequence.clusters is not None
     ids = before.sequence.clusters.assignment.copy()
 
-    # 20 new events at the cap: the 20 oldest records and their cluster ids are dropped
+    # 20 new events at the cap, in two appends: the first 10 stay within the cap's slack (18 at 300),
+    # nothing is dropped and a read of the newest 300 sees the clusters shifted by 10; the next 10
+    # pass it, and the 20 oldest records and their cluster ids are dropped
+    assert trim_slack(300) == 18
     new = Sequence(np.arange(1, 21), np.ones(20, dtype=np.int64), np.zeros(20, dtype=np.int64),
                    np.arange(20, dtype=np.int64) + int(events.timestamp.max()) + 1)
-    assert await store.append_events(user, new, cap=300, version="app") == 300
+    assert await store.append_events(user, new.before(int(new.timestamp[10])), cap=300,
+                                     version="app") == 310
+    within = await store.fetch(user, [], max_sequence_length=300, version="app")
+    assert within.sequence.clusters is not None
+    np.testing.assert_array_equal(within.sequence.clusters.assignment[:290], ids[10:])
+    assert (within.sequence.clusters.assignment[290:] == -1).all()
+    assert await store.append_events(user, new.last(10), cap=300, version="app") == 300
     after = await store.fetch(user, [], version="app")
     assert len(after.sequence) == 300 and after.sequence.clusters is not None
     np.testing.assert_array_equal(after.sequence.clusters.assignment[:280], ids[20:])
