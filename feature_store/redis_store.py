@@ -22,6 +22,8 @@ share its retry, deadline and cluster-routing state; the clients it builds are i
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -71,6 +73,7 @@ from feature_store.logs import RateLimitedLog
 from feature_store.store import (
     STATUS_COMPLETE,
     STATUS_DROPPING,
+    TRIM_SLACK_DIVISOR,
     AppendCounts,
     FeatureStoreConfig,
     FetchCounts,
@@ -78,7 +81,6 @@ from feature_store.store import (
     OnlineStore,
     RetryPolicy,
     StoredSchema,
-    TRIM_SLACK_DIVISOR,
     StoreHealth,
     UserAppend,
     VersionMeta,
@@ -254,7 +256,16 @@ def event_id_hash(event_id: bytes) -> bytes:
     return hashlib.blake2b(event_id, digest_size=8).digest()
 
 
-APPEND_ONCE_CHUNK = 1000  # events per user entry, and per call on a single node (about a millisecond of Lua)
+# What one append script call holds on a single node, so that it holds the server a quarter of a
+# millisecond at most: Redis runs a script to its end while every other client waits, and a
+# serving fetch that arrives during a consumer's call waits for all of it. A call costs about
+# 16 us per user entry (the applied-id window's GET and SET, the APPEND) and 1 us per event.
+APPEND_ONCE_CHUNK = 256  # events per user entry, and per call
+APPEND_ONCE_USERS = 16  # user entries per call
+# calls sent before the first one's answer, each on its own connection: the server always has the
+# next one to run (one at a time halved the consumer's throughput), and a fetch waits for at most
+# this many calls (1 ms) where one pipelined batch of 1,000 events held it for about 16 ms
+APPEND_CALLS_IN_FLIGHT = 4
 
 
 class EncodedAppends(NamedTuple):
@@ -1062,8 +1073,8 @@ class RedisOnlineStore(OnlineStore):
         with_ids = any(a.cluster_ids for a in appends)
         fixed = (limit * SEQ_RECORD_SIZE, int(ttl_seconds or 0), CLUSTER_HEADER_SIZE_V1, SEQ_RECORD_SIZE,
                  CLUSTER_ENTRY_SIZE, int(id_window), int(id_ttl_s), b"1" if with_ids else b"0")
-        # calls of user entries: on a single node many users share a call, up to
-        # APPEND_ONCE_CHUNK events; in a Cluster each call holds one user (one slot)
+        # calls of user entries: on a single node many users share a call, up to APPEND_ONCE_USERS
+        # entries and APPEND_ONCE_CHUNK events; in a Cluster each call holds one user (one slot)
         calls: list[_AppendCall] = []
         for k, append in enumerate(appends):
             ids, records, cluster_ids = append.event_ids, append.records, append.cluster_ids
@@ -1076,7 +1087,8 @@ class RedisOnlineStore(OnlineStore):
             user_keys = keys.append_keys(ver, append.user_id)
             for lo in range(0, len(ids), APPEND_ONCE_CHUNK):
                 hi = min(lo + APPEND_ONCE_CHUNK, len(ids))
-                if not calls or self._cluster or calls[-1].events + hi - lo > APPEND_ONCE_CHUNK:
+                if (not calls or self._cluster or calls[-1].events + hi - lo > APPEND_ONCE_CHUNK
+                        or len(calls[-1].owners) >= APPEND_ONCE_USERS):
                     calls.append(_AppendCall(with_ids))
                 call = calls[-1]
                 whole = hi - lo == len(ids)
@@ -1089,16 +1101,48 @@ class RedisOnlineStore(OnlineStore):
         return EncodedAppends(commands, [call.owners for call in calls], len(appends), with_ids)
 
     async def apply_appends(self, encoded: EncodedAppends) -> list[AppendCounts]:
-        """Send the script calls `encode_appends` built (one round trip); what was done per append."""
+        """Send the script calls `encode_appends` built; what was done per append.
+
+        On a single node at most APPEND_CALLS_IN_FLIGHT calls are in flight, each on its own
+        connection: sent as one pipeline, the server runs them back to back (every command of a
+        read from a client runs before it serves another client), and a serving fetch arriving
+        meanwhile waits for all of them; this way it waits for a few short calls at most, while
+        the server always has the next call to run. Two calls holding entries of the same user go
+        one after the other, so a user's events keep their order. In a Cluster, where each call
+        holds one user, they go as one pipeline per node.
+        """
         if not encoded.commands:
             return []
+        commands, owners = encoded.commands, encoded.owners
+
+        async def send() -> list[Any]:
+            if self._cluster:
+                return await self._execute(commands)
+            one = self._lean.execute if self._lean else self._execute
+            replies: list[Any] = []
+            in_flight: collections.deque[asyncio.Future[list[Any]]] = collections.deque()
+            try:
+                for i, command in enumerate(commands):
+                    # a user's entries are in consecutive calls: only the call before can share one
+                    shares_user = i > 0 and owners[i][0] == owners[i - 1][-1]
+                    while in_flight and (shares_user or len(in_flight) >= APPEND_CALLS_IN_FLIGHT):
+                        replies += await in_flight.popleft()
+                    in_flight.append(asyncio.ensure_future(one([command])))
+                while in_flight:
+                    replies += await in_flight.popleft()
+            finally:
+                for left in in_flight:  # after a failure: the other calls are cancelled, or their errors read
+                    left.cancel()
+                    with contextlib.suppress(Exception, asyncio.CancelledError):
+                        await left
+            return replies
 
         async def op() -> list[Any]:
             try:
-                return await self._execute(encoded.commands)
+                return await send()
             except rex.NoScriptError:  # a restarted or new server: load it everywhere, then repeat
                 await self._load_script(APPEND_ONCE_SCRIPT)
-                return await self._execute(encoded.commands)
+                return await send()
 
         # Repeating the whole list after a failure is safe: applied ids are skipped.
         replies = await self._run(f"append events of {encoded.users} users", op)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 from typing import Any
 
 import numpy as np
@@ -133,9 +134,9 @@ async def test_an_idle_consumer_waits_in_a_blocking_read(store: OnlineStore, bac
 
 
 async def test_a_user_with_more_events_than_one_script_call_takes(store: OnlineStore) -> None:
-    """2,500 events of one user span three script calls (APPEND_ONCE_CHUNK each) beside another
+    """2 x APPEND_ONCE_CHUNK + 500 events of one user span several script calls beside another
     user's; a repeat in a later call than its first copy (within the newest 1,024 ids) is still
-    skipped, and the counts add up per user."""
+    skipped, the user's events keep their order, and the counts add up per user."""
     from feature_store.codecs import encode_sequence
     from feature_store.redis_store import APPEND_ONCE_CHUNK
     from feature_store.store import UserAppend
@@ -154,6 +155,38 @@ async def test_a_user_with_more_events_than_one_script_call_takes(store: OnlineS
     assert [(c.appended, c.duplicates) for c in counts] == [(1, 0), (n - 1, 1)]
     got = (await store.fetch(big, [], max_sequence_length=n)).sequence
     np.testing.assert_array_equal(got.timestamp[-(n - 1):], times[:-1])
+
+
+async def test_a_burst_is_cut_into_short_script_calls(store: OnlineStore) -> None:
+    """A script call holds Redis while it runs, so a burst of many users goes as several calls of
+    at most APPEND_ONCE_USERS entries and APPEND_ONCE_CHUNK events; all of it is applied."""
+    from feature_store.codecs import encode_sequence
+    from feature_store.redis_store import APPEND_ONCE_CHUNK, APPEND_ONCE_USERS
+    from feature_store.store import UserAppend
+
+    assert isinstance(store, RedisOnlineStore)
+    events, _ = await ingested(store)
+    users = [int(u) for u in np.unique(events.user_id)] + list(range(5_000_000, 5_000_040))  # and new users
+    n_long = APPEND_ONCE_CHUNK + 100
+    appends = [UserAppend(u, encode_sequence([2], [1], [1], [1_800_000_000]), [b"burst-%d" % u]) for u in users]
+    appends.append(UserAppend(users[0], encode_sequence(np.ones(n_long, np.int64), np.ones(n_long, np.int64),
+                                                        np.zeros(n_long, np.int64), 1_800_000_001 + np.arange(n_long)),
+                              [b"long-%d" % k for k in range(n_long)]))
+    version = await store.active_version()
+    assert version is not None
+    encoded = store.encode_appends(appends, version, cap=2 * n_long)
+    per_call = [Counter(owners) for owners in encoded.owners]
+    assert len(users) > APPEND_ONCE_USERS and len(encoded.commands) > 1
+    assert all(len(owners) <= APPEND_ONCE_USERS for owners in encoded.owners)
+    events_per_call = [sum(1 if k < len(users) else 0 for k in owners) for owners in encoded.owners]
+    assert sum(events_per_call) == len(users)
+    assert sum(calls[len(users)] for calls in per_call) == 2  # the long entry: two chunks, in consecutive calls
+    long_calls = [i for i, calls in enumerate(per_call) if calls[len(users)]]
+    assert long_calls[1] == long_calls[0] + 1
+    counts = await store.apply_appends(encoded)
+    assert [c.appended for c in counts] == [1] * len(users) + [n_long]
+    got = (await store.fetch(users[0], [], max_sequence_length=n_long)).sequence
+    np.testing.assert_array_equal(got.timestamp, 1_800_000_001 + np.arange(n_long))
 
 
 async def test_malformed_entries_go_to_dead_letters_and_the_rest_is_applied(
