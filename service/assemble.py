@@ -165,6 +165,19 @@ def _history_rows(tables: Tables, settings: RetrievalSettings, history: Sequence
                        gsu_keys[:n_distinct], item, category)
 
 
+def _candidate_rows(tables: Tables, cand_item: I64, cand_category: I64) -> tuple[F32, F32]:
+    """Each candidate's attention query and representation (item row + category row; ids clamped)."""
+    from service.retrieval.kernels import history as kernels  # loads (or compiles) on first use
+
+    n_cand = cand_item.shape[0]
+    query = np.empty((n_cand, tables.item_query.shape[1]), dtype=np.float32)
+    rep = np.empty((n_cand, tables.item_repr.shape[1]), dtype=np.float32)
+    kernels.candidate_rows(np.ascontiguousarray(cand_item, dtype=np.int64),
+                           np.ascontiguousarray(cand_category, dtype=np.int64), tables.item_query,
+                           tables.category_query, tables.item_repr, tables.category_repr, query, rep)
+    return query, rep
+
+
 def _cross_features(hist_item: I64, hist_action: npt.NDArray[np.integer], hist_ts: npt.NDArray[np.integer],
                     cand_item: I64, request_ts: int, n_actions: int) -> F32:
     """`feature_store.schema.cross_features`, bit for bit, by the numba kernel (one hash pass, no sort)."""
@@ -303,10 +316,7 @@ def scorer_inputs(
     # cache-resident [D, R] array is far cheaper than B*k random reads of the million-row tables
     rows = _history_rows(tables, settings, history, request_ts)
     lap("history rows")
-    query = np.ascontiguousarray(tables.item_query[cand_item] + tables.category_query[cand_category],
-                                 dtype=np.float32)  # [B, A]
-    cand_repr = np.ascontiguousarray(tables.item_repr[cand_item] + tables.category_repr[cand_category],
-                                     dtype=np.float32)
+    query, cand_repr = _candidate_rows(tables, cand_item, cand_category)  # [B, A], [B, R]
     lap("candidate rows")
     a_dim = query.shape[1]
     if settings.use_retrieval and length:

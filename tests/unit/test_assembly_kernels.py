@@ -39,20 +39,21 @@ def test_cross_features_kernel_empty_history_and_no_candidates() -> None:
     assert _cross_features(np.array([3]), np.array([1]), np.array([5]), empty, 10, 4).shape == (0, 6)
 
 
+@pytest.mark.parametrize(("slots", "r_dim"), [(24, 32), (64, 20), (1, 8)])  # whole and partial vector chunks
 @pytest.mark.parametrize("shared", [False, True])
-def test_attention_pool_kernel_is_the_model_pooling(shared: bool) -> None:
+def test_attention_pool_kernel_is_the_model_pooling(shared: bool, slots: int, r_dim: int) -> None:
     """The service's pooling over rows read in place equals `models.model.attention_pool` on gathered rows."""
     torch = pytest.importorskip("torch")
     from models.model import attention_pool
     from service.assemble import HistoryRows, _attention_pool
 
     rng = np.random.default_rng(3)
-    n_rows, n_cand, slots, a_dim, n_heads, r_dim = 300, 40, 24, 16, 2, 32
+    n_rows, n_cand, a_dim, n_heads = 300, 40, 16, 2
     key = rng.standard_normal((n_rows, a_dim + n_heads), dtype=np.float32) * 2
     rep = rng.standard_normal((n_rows, r_dim), dtype=np.float32)
     query = rng.standard_normal((n_cand, a_dim), dtype=np.float32)
     picked = rng.integers(0, n_rows, (1 if shared else n_cand, slots))
-    picked[0, :5] = -1  # padding slots
+    picked[0, : min(5, slots - 1)] = -1  # padding slots
     if not shared:
         picked[1] = -1  # a candidate with nothing to attend
     identity = np.arange(n_rows)
@@ -69,6 +70,21 @@ def test_attention_pool_kernel_is_the_model_pooling(shared: bool) -> None:
     assert np.array_equal(got_attended, want_attended.numpy())
     if not shared:
         assert not got_pooled[1].any() and got_attended[1, 0] == 0
+
+
+def test_candidate_rows_kernel_is_the_numpy_gathers() -> None:
+    from service.assemble import Tables, _candidate_rows
+
+    rng = np.random.default_rng(5)
+    shapes = {"item_query": (50, 16), "category_query": (7, 16), "item_repr": (50, 32), "category_repr": (7, 32)}
+    tables = Tables(**{name: rng.standard_normal(shapes.get(name, (3, 4)), dtype=np.float32)
+                       for name in Tables.__dataclass_fields__})
+    item, category = tables.clamp_rows(rng.integers(-2, 60, 500), rng.integers(-1, 9, 500))
+    query, rep = _candidate_rows(tables, item, category)
+    want_query = tables.item_query[item] + tables.category_query[category]
+    want_rep = tables.item_repr[item] + tables.category_repr[category]
+    assert np.array_equal(query.view(np.uint32), want_query.view(np.uint32))
+    assert np.array_equal(rep.view(np.uint32), want_rep.view(np.uint32))
 
 
 def test_gap_bucket_kernel_is_the_numpy_definition() -> None:
