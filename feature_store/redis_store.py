@@ -271,12 +271,13 @@ APPEND_CALLS_IN_FLIGHT = 4
 class EncodedAppends(NamedTuple):
     """`RedisOnlineStore.encode_appends`' script calls: the commands, per call the index of the
     append each user entry came from (a user with more than APPEND_ONCE_CHUNK events spans
-    entries), the number of appends, and whether cluster ids were sent."""
+    entries), the number of appends, whether cluster ids were sent, and per call its user ids."""
 
     commands: list[tuple[Any, ...]]
     owners: list[list[int]]
     users: int
     with_ids: bool
+    call_users: list[frozenset[int]]
 
 
 class _AppendCall:
@@ -1098,40 +1099,40 @@ class RedisOnlineStore(OnlineStore):
                          cluster_ids[lo * CLUSTER_ENTRY_SIZE : hi * CLUSTER_ENTRY_SIZE])
         sha = self._append_once_script.sha
         commands = [("EVALSHA", sha, len(call.keys), *call.keys, *fixed, *call.packed()) for call in calls]
-        return EncodedAppends(commands, [call.owners for call in calls], len(appends), with_ids)
+        return EncodedAppends(commands, [call.owners for call in calls], len(appends), with_ids,
+                              [frozenset(appends[k].user_id for k in call.owners) for call in calls])
 
     async def apply_appends(self, encoded: EncodedAppends) -> list[AppendCounts]:
         """Send the script calls `encode_appends` built; what was done per append.
 
-        On a single node at most APPEND_CALLS_IN_FLIGHT calls are in flight, each on its own
-        connection: sent as one pipeline, the server runs them back to back (every command of a
-        read from a client runs before it serves another client), and a serving fetch arriving
-        meanwhile waits for all of them; this way it waits for a few short calls at most, while
-        the server always has the next call to run. Two calls holding entries of the same user go
-        one after the other, so a user's events keep their order. In a Cluster, where each call
-        holds one user, they go as one pipeline per node.
+        On a single node at most APPEND_CALLS_IN_FLIGHT calls are in flight (fewer when the pool
+        has fewer connections), each on its own connection: sent as one pipeline, the server runs
+        them back to back (every command of a read from a client runs before it serves another
+        client), and a serving fetch arriving meanwhile waits for all of them; this way it waits
+        for a few short calls at most, while the server always has the next call to run. A call
+        holding a user of a call in flight waits for it, so a user's events keep their order. In
+        a Cluster, where each call holds one user, they go as one pipeline per node.
         """
         if not encoded.commands:
             return []
-        commands, owners = encoded.commands, encoded.owners
+        commands = encoded.commands
+        depth = min(APPEND_CALLS_IN_FLIGHT, self.config.pool_size)
 
         async def send() -> list[Any]:
             if self._cluster:
                 return await self._execute(commands)
             one = self._lean.execute if self._lean else self._execute
             replies: list[Any] = []
-            in_flight: collections.deque[asyncio.Future[list[Any]]] = collections.deque()
+            in_flight: collections.deque[tuple[asyncio.Future[list[Any]], frozenset[int]]] = collections.deque()
             try:
-                for i, command in enumerate(commands):
-                    # a user's entries are in consecutive calls: only the call before can share one
-                    shares_user = i > 0 and owners[i][0] == owners[i - 1][-1]
-                    while in_flight and (shares_user or len(in_flight) >= APPEND_CALLS_IN_FLIGHT):
-                        replies += await in_flight.popleft()
-                    in_flight.append(asyncio.ensure_future(one([command])))
+                for command, users in zip(commands, encoded.call_users, strict=True):
+                    while in_flight and (len(in_flight) >= depth or any(users & held for _, held in in_flight)):
+                        replies += await in_flight.popleft()[0]
+                    in_flight.append((asyncio.ensure_future(one([command])), users))
                 while in_flight:
-                    replies += await in_flight.popleft()
+                    replies += await in_flight.popleft()[0]
             finally:
-                for left in in_flight:  # after a failure: the other calls are cancelled, or their errors read
+                for left, _ in in_flight:  # after a failure: the other calls are cancelled, or their errors read
                     left.cancel()
                     with contextlib.suppress(Exception, asyncio.CancelledError):
                         await left

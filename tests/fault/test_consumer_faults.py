@@ -202,8 +202,15 @@ class ConsumerProc:
         return 0
 
     def sigterm(self, timeout: float = 60.0) -> int:
-        """SIGTERM and the exit code (killed, and the test failed, if it does not exit in time)."""
+        """SIGTERM and the exit code (killed, and the test failed, if it does not exit in time).
+
+        First until the consumer has started consuming: a consumer started late in a test (the
+        replacement of a killed one) may still be importing when the others have done the work,
+        and a SIGTERM before its handler is installed ends it with -15 instead of a clean stop."""
         assert self.proc is not None
+        deadline = time.monotonic() + timeout
+        while "consuming " not in self.logs() and self.proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
         self.proc.send_signal(signal.SIGTERM)
         try:
             return self.proc.wait(timeout)

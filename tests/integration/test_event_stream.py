@@ -189,6 +189,27 @@ async def test_a_burst_is_cut_into_short_script_calls(store: OnlineStore) -> Non
     np.testing.assert_array_equal(got.timestamp, 1_800_000_001 + np.arange(n_long))
 
 
+async def test_a_user_in_two_appends_of_one_batch_keeps_their_order(store: OnlineStore) -> None:
+    """Two entries of one user in calls that could be in flight together: the later call waits."""
+    from feature_store.codecs import encode_sequence
+    from feature_store.redis_store import APPEND_ONCE_USERS
+    from feature_store.store import UserAppend
+
+    assert isinstance(store, RedisOnlineStore)
+    await ingested(store)
+    user, others = 6_000_000, list(range(6_000_001, 6_000_001 + APPEND_ONCE_USERS + 4))
+
+    def one(u: int, t: int) -> UserAppend:
+        return UserAppend(u, encode_sequence([3], [1], [0], [t]), [b"%d-%d" % (u, t)])
+
+    appends = [one(user, 1_800_000_001)] + [one(u, 1_800_000_000) for u in others] + [one(user, 1_800_000_002)]
+    encoded = store.encode_appends(appends, (await store.active_version()) or "", cap=CAP)
+    assert user in encoded.call_users[0] and user in encoded.call_users[-1]  # the first and the last call
+    await store.apply_appends(encoded)
+    got = (await store.fetch(user, [], max_sequence_length=CAP)).sequence
+    assert got.timestamp.tolist() == [1_800_000_001, 1_800_000_002]
+
+
 async def test_malformed_entries_go_to_dead_letters_and_the_rest_is_applied(
     store: OnlineStore, backend: Backend
 ) -> None:
