@@ -13,7 +13,9 @@ float64 arithmetic, rounded to float32 at the same point, so the values are bit-
 (tests/unit/test_assembly_kernels.py checks them against the numpy definition).
 
 `history_rows` builds the history's scorer rows and GSU keys once per distinct (item, category,
-event) in one pass, bit-identical to the numpy gathers it replaced (tests/unit/test_export.py).
+event) in one pass, bit-identical to the numpy gathers it replaced (tests/unit/test_export.py);
+`candidate_rows` the candidates' query and representation rows, bit-identical to numpy's
+gathers and sums (tests/unit/test_assembly_kernels.py).
 """
 
 from __future__ import annotations
