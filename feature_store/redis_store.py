@@ -1105,8 +1105,8 @@ class RedisOnlineStore(OnlineStore):
     async def apply_appends(self, encoded: EncodedAppends) -> list[AppendCounts]:
         """Send the script calls `encode_appends` built; what was done per append.
 
-        On a single node at most APPEND_CALLS_IN_FLIGHT calls are in flight (fewer when the pool
-        has fewer connections), each on its own connection: sent as one pipeline, the server runs
+        On a single node at most APPEND_CALLS_IN_FLIGHT calls are in flight (at most half the
+        pool's connections), each on its own connection: sent as one pipeline, the server runs
         them back to back (every command of a read from a client runs before it serves another
         client), and a serving fetch arriving meanwhile waits for all of them; this way it waits
         for a few short calls at most, while the server always has the next call to run. A call
@@ -1116,7 +1116,9 @@ class RedisOnlineStore(OnlineStore):
         if not encoded.commands:
             return []
         commands = encoded.commands
-        depth = min(APPEND_CALLS_IN_FLIGHT, self.config.pool_size)
+        # half the pool at most: a consumer's blocking read (and its acknowledgements) hold
+        # connections of the same pool while a batch is applied
+        depth = min(APPEND_CALLS_IN_FLIGHT, max(1, self.config.pool_size // 2))
 
         async def send() -> list[Any]:
             if self._cluster:
