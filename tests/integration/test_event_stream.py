@@ -215,7 +215,7 @@ async def test_appends_leave_connections_for_a_blocking_read(
     store: OnlineStore, backend: Backend, lean_reads: bool
 ) -> None:
     """A consumer applies a batch while its next blocking read holds a connection of the same
-    pool: with a small pool the calls in flight must leave it room (they took all four once)."""
+    pool: with a pool of four, the calls in flight must leave the read its connection."""
     from feature_store.codecs import encode_sequence
     from feature_store.redis_store import create_store
     from feature_store.store import UserAppend
@@ -225,18 +225,17 @@ async def test_appends_leave_connections_for_a_blocking_read(
     await ingested(store)
     small = create_store(backend.store_config(pool_size=4, lean_reads=lean_reads))
     assert isinstance(small, RedisOnlineStore)
-    store = small
     try:
         appends = [UserAppend(u, encode_sequence([5], [1], [0], [1_800_000_000]), [b"%d" % u])
                    for u in range(7_000_000, 7_000_100)]
-        blocking = asyncio.ensure_future(store.execute(
+        blocking = asyncio.ensure_future(small.execute(
             "read events", [("XREAD", "BLOCK", 200, "STREAMS", "rs:test:none", "$")], retry=False))
         await asyncio.sleep(0.02)  # the read holds its connection
-        counts = await store.append_events_once(appends, cap=CAP)
+        counts = await small.append_events_once(appends, cap=CAP)
         assert [c.appended for c in counts] == [1] * len(appends)
         await blocking
     finally:
-        await store.aclose()
+        await small.aclose()
 
 
 async def test_malformed_entries_go_to_dead_letters_and_the_rest_is_applied(
