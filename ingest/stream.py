@@ -575,10 +575,13 @@ class StreamConsumer:
         cache = state.items
         missing = [k for k in wanted if k not in cache]
         if missing:
+            if len(cache) + len(missing) > _ITEM_CACHE_MAX:
+                # full: start over, with every item of this batch read (not only the missing
+                # ones: those cached so far go with the clear)
+                cache.clear()
+                missing = list(wanted)
             values = await self.store.read_items(state.version, missing)
             index, category, found, _ = decode_item_values(values, missing)
-            if len(cache) + len(missing) > _ITEM_CACHE_MAX:
-                cache.clear()
             packed = ((index << _CATEGORY_BITS) | category).tolist()
             for k, p, f in zip(missing, packed, found.tolist(), strict=True):
                 if f:  # not cached when unknown: a catalogue upsert may add it

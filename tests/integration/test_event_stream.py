@@ -96,6 +96,32 @@ async def test_streamed_events_are_appended_in_order_once(store: OnlineStore, ba
     await c.close()
 
 
+async def test_items_are_resolved_right_when_the_item_cache_fills(
+        store: OnlineStore, backend: Backend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch that fills the consumer's item cache clears it; the items of that batch that were
+    cached before still get their stored rows, not the unknown item's."""
+    monkeypatch.setattr("ingest.stream._ITEM_CACHE_MAX", 8)
+    events, schema = await ingested(store)
+    users = [int(u) for u in np.unique(events.user_id)[:3]]
+    items = [int(i) for i in np.unique(events.item_id)[:12]]
+    producer = ev.EventProducer(sync_client(backend), shards=SHARDS)
+    c = consumer(store)
+    sent = []
+    # the first batch caches items 0-5; the second holds three of them and six new ones (9 > 8)
+    for tag, batch_items, t0 in (("a", items[:6], 1_800_000_000), ("b", items[3:12], 1_800_000_100)):
+        batch = [ev.StreamEvent(f"{tag}-{user}-{k}", user, item, "buy", t0 + k)
+                 for user in users for k, item in enumerate(batch_items)]
+        producer.send(batch)
+        done = await drain(c)
+        assert (done.appended, done.dead_letters) == (len(batch), 0)
+        sent += batch
+    for user in users:
+        mine = [e for e in sent if e.user_id == user]
+        got = (await store.fetch(user, [], max_sequence_length=CAP)).sequence
+        np.testing.assert_array_equal(got.item[-len(mine):], schema.items.lookup(np.array([e.item_id for e in mine])))
+    await c.close()
+
+
 async def test_an_idle_consumer_waits_in_a_blocking_read(store: OnlineStore, backend: Backend) -> None:
     """A consumer on one node reads new entries in XREADGROUP BLOCK (no polling: an empty read
     waits) and what arrives meanwhile is read and appended; a Cluster's consumer polls. Redis
