@@ -26,8 +26,10 @@ import collections
 import contextlib
 import dataclasses
 import hashlib
+import itertools
 import json
 import logging
+import struct
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from collections.abc import Sequence as SequenceABC
@@ -280,39 +282,7 @@ class EncodedAppends(NamedTuple):
     call_users: list[frozenset[int]]
 
 
-class _AppendCall:
-    """One script call's user entries, gathered into the script's packed arguments."""
-
-    _NO_HEADER = bytes(CLUSTER_HEADER_SIZE)
-
-    def __init__(self, with_ids: bool) -> None:
-        self.with_ids = with_ids
-        self.owners: list[int] = []
-        self.keys: list[bytes] = []
-        self.counts: list[int] = []
-        self.events = 0
-        self.records: list[bytes] = []
-        self.event_ids: list[bytes] = []
-        self.headers: list[bytes] = []
-        self.cluster_ids: list[bytes] = []
-
-    def add(self, owner: int, user_keys: tuple[bytes, bytes, bytes], event_ids: SequenceABC[bytes],
-            records: bytes, header: bytes, cluster_ids: bytes) -> None:
-        n = len(event_ids)
-        self.owners.append(owner)
-        self.keys += user_keys
-        self.counts.append(n)
-        self.events += n
-        self.records.append(records)
-        self.event_ids += event_ids
-        if self.with_ids:
-            self.headers.append(header or self._NO_HEADER)
-            self.cluster_ids.append(cluster_ids or bytes(CLUSTER_ENTRY_SIZE * n))
-
-    def packed(self) -> tuple[bytes, ...]:
-        common = (np.array(self.counts, dtype="<u2").tobytes(), b"".join(self.records),
-                  b"".join(map(event_id_hash, self.event_ids)))
-        return (*common, b"".join(self.headers), b"".join(self.cluster_ids)) if self.with_ids else common
+_NO_CLUSTER_HEADER = bytes(CLUSTER_HEADER_SIZE)  # a user entry sent without cluster ids
 
 # Item caches are per version; more than a couple are alive only around a version switch.
 _MAX_ITEM_CACHES = 4
@@ -1074,33 +1044,63 @@ class RedisOnlineStore(OnlineStore):
         with_ids = any(a.cluster_ids for a in appends)
         fixed = (limit * SEQ_RECORD_SIZE, int(ttl_seconds or 0), CLUSTER_HEADER_SIZE_V1, SEQ_RECORD_SIZE,
                  CLUSTER_ENTRY_SIZE, int(id_window), int(id_ttl_s), b"1" if with_ids else b"0")
-        # calls of user entries: on a single node many users share a call, up to APPEND_ONCE_USERS
-        # entries and APPEND_ONCE_CHUNK events; in a Cluster each call holds one user (one slot)
-        calls: list[_AppendCall] = []
-        for k, append in enumerate(appends):
-            ids, records, cluster_ids = append.event_ids, append.records, append.cluster_ids
-            if len(records) != SEQ_RECORD_SIZE * len(ids):
-                raise ValueError(f"user {append.user_id}: {len(records)} record bytes for {len(ids)} event ids")
-            if cluster_ids and (len(cluster_ids) != CLUSTER_ENTRY_SIZE * len(ids)
-                                or len(append.cluster_header) != CLUSTER_HEADER_SIZE):
-                raise ValueError(f"user {append.user_id}: {len(cluster_ids)} cluster id bytes for {len(ids)} events"
-                                 f" (or a cluster header not of {CLUSTER_HEADER_SIZE} bytes)")
-            user_keys = keys.append_keys(ver, append.user_id)
-            for lo in range(0, len(ids), APPEND_ONCE_CHUNK):
-                hi = min(lo + APPEND_ONCE_CHUNK, len(ids))
-                if (not calls or self._cluster or calls[-1].events + hi - lo > APPEND_ONCE_CHUNK
-                        or len(calls[-1].owners) >= APPEND_ONCE_USERS):
-                    calls.append(_AppendCall(with_ids))
-                call = calls[-1]
-                whole = hi - lo == len(ids)
-                call.add(k, user_keys, ids if whole else ids[lo:hi],
-                         records if whole else records[lo * SEQ_RECORD_SIZE : hi * SEQ_RECORD_SIZE],
-                         append.cluster_header if cluster_ids else b"",
-                         cluster_ids[lo * CLUSTER_ENTRY_SIZE : hi * CLUSTER_ENTRY_SIZE])
+        counts = [len(a.event_ids) for a in appends]
+        if [len(a.records) for a in appends] != [SEQ_RECORD_SIZE * n for n in counts]:
+            bad = next(a for a in appends if len(a.records) != SEQ_RECORD_SIZE * len(a.event_ids))
+            raise ValueError(f"user {bad.user_id}: {len(bad.records)} record bytes for {len(bad.event_ids)} event ids")
+        for a in appends if with_ids else ():
+            if a.cluster_ids and (len(a.cluster_ids) != CLUSTER_ENTRY_SIZE * len(a.event_ids)
+                                  or len(a.cluster_header) != CLUSTER_HEADER_SIZE):
+                raise ValueError(f"user {a.user_id}: {len(a.cluster_ids)} cluster id bytes for {len(a.event_ids)}"
+                                 f" events (or a cluster header not of {CLUSTER_HEADER_SIZE} bytes)")
+        # user entries: one per append, except that an append of more than APPEND_ONCE_CHUNK
+        # events (rare: a backlog of one user) is cut into entries of that many; none for an append
+        # of no events
+        entries: SequenceABC[UserAppend] = appends
+        owners = list(range(len(appends)))
+        if counts and (max(counts) > APPEND_ONCE_CHUNK or min(counts) == 0):
+            entries, owners, counts = [], [], []
+            for k, a in enumerate(appends):
+                for lo in range(0, len(a.event_ids), APPEND_ONCE_CHUNK):
+                    hi = min(lo + APPEND_ONCE_CHUNK, len(a.event_ids))
+                    entries.append(UserAppend(a.user_id, a.records[lo * SEQ_RECORD_SIZE : hi * SEQ_RECORD_SIZE],
+                                              a.event_ids[lo:hi], a.cluster_header,
+                                              a.cluster_ids[lo * CLUSTER_ENTRY_SIZE : hi * CLUSTER_ENTRY_SIZE]))
+                    owners.append(k)
+                    counts.append(hi - lo)
+        # calls of consecutive entries: on a single node up to APPEND_ONCE_USERS entries and
+        # APPEND_ONCE_CHUNK events; in a Cluster one entry each (a script touches one slot)
+        bounds = [0]
+        held = 0
+        for k, n in enumerate(counts):
+            if k > bounds[-1] and (self._cluster or k - bounds[-1] >= APPEND_ONCE_USERS
+                                   or held + n > APPEND_ONCE_CHUNK):
+                bounds.append(k)
+                held = 0
+            held += n
+        bounds.append(len(entries))
+        # the packed arguments of all calls at once, each call's sliced out by its events
+        user_keys = keys.append_keys_of(ver, [a.user_id for a in entries])
+        records = b"".join([a.records for a in entries])
+        hashes = b"".join(map(event_id_hash, itertools.chain.from_iterable(a.event_ids for a in entries)))
+        if with_ids:
+            headers = b"".join([a.cluster_header if a.cluster_ids else _NO_CLUSTER_HEADER for a in entries])
+            cluster_ids = b"".join([a.cluster_ids or bytes(CLUSTER_ENTRY_SIZE * n)
+                                    for a, n in zip(entries, counts, strict=True)])
+        first_event = list(itertools.accumulate(counts, initial=0))
         sha = self._append_once_script.sha
-        commands = [("EVALSHA", sha, len(call.keys), *call.keys, *fixed, *call.packed()) for call in calls]
-        return EncodedAppends(commands, [call.owners for call in calls], len(appends), with_ids,
-                              [frozenset(appends[k].user_id for k in call.owners) for call in calls])
+        commands: list[tuple[Any, ...]] = []
+        for lo, hi in itertools.pairwise(bounds):
+            start, end = first_event[lo], first_event[hi]
+            packed = [struct.pack(f"<{hi - lo}H", *counts[lo:hi]),
+                      records[start * SEQ_RECORD_SIZE : end * SEQ_RECORD_SIZE], hashes[start * 8 : end * 8]]
+            if with_ids:
+                packed += [headers[lo * CLUSTER_HEADER_SIZE : hi * CLUSTER_HEADER_SIZE],
+                           cluster_ids[start * CLUSTER_ENTRY_SIZE : end * CLUSTER_ENTRY_SIZE]]
+            commands.append(("EVALSHA", sha, 3 * (hi - lo), *user_keys[3 * lo : 3 * hi], *fixed, *packed))
+        call_owners = [owners[lo:hi] for lo, hi in itertools.pairwise(bounds)]
+        return EncodedAppends(commands, call_owners, len(appends), with_ids,
+                              [frozenset(a.user_id for a in entries[lo:hi]) for lo, hi in itertools.pairwise(bounds)])
 
     async def apply_appends(self, encoded: EncodedAppends) -> list[AppendCounts]:
         """Send the script calls `encode_appends` built; what was done per append.
