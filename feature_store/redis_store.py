@@ -266,7 +266,8 @@ APPEND_ONCE_CHUNK = 256  # events per user entry, and per call
 APPEND_ONCE_USERS = 16  # user entries per call
 # calls sent before the first one's answer, each on its own connection: the server always has the
 # next one to run (one at a time halved the consumer's throughput), and a fetch waits for at most
-# this many calls (1 ms) where one pipelined batch of 1,000 events held it for about 16 ms
+# this many calls (1 ms) where one pipelined batch of 1,000 events held it for about 16 ms. A
+# consumer that keeps up sends one at a time (`apply_appends(in_flight=1)`): it has the time.
 APPEND_CALLS_IN_FLIGHT = 4
 
 
@@ -1102,39 +1103,41 @@ class RedisOnlineStore(OnlineStore):
         return EncodedAppends(commands, call_owners, len(appends), with_ids,
                               [frozenset(a.user_id for a in entries[lo:hi]) for lo, hi in itertools.pairwise(bounds)])
 
-    async def apply_appends(self, encoded: EncodedAppends) -> list[AppendCounts]:
+    async def apply_appends(self, encoded: EncodedAppends, *, in_flight: int = APPEND_CALLS_IN_FLIGHT,
+                            ) -> list[AppendCounts]:
         """Send the script calls `encode_appends` built; what was done per append.
 
-        On a single node at most APPEND_CALLS_IN_FLIGHT calls are in flight (at most half the
-        pool's connections), each on its own connection: sent as one pipeline, the server runs
-        them back to back (every command of a read from a client runs before it serves another
-        client), and a serving fetch arriving meanwhile waits for all of them; this way it waits
-        for a few short calls at most, while the server always has the next call to run. A call
-        holding a user of a call in flight waits for it, so a user's events keep their order. In
-        a Cluster, where each call holds one user, they go as one pipeline per node.
+        On a single node at most `in_flight` calls are in flight (APPEND_CALLS_IN_FLIGHT at most,
+        and at most half the pool's connections), each on its own connection: sent as one
+        pipeline, the server runs them back to back (every command of a read from a client runs
+        before it serves another client), and a serving fetch arriving meanwhile waits for all of
+        them; this way it waits for `in_flight` short calls at most, while the server has the
+        next call to run. A call holding a user of a call in flight waits for it, so a user's
+        events keep their order. In a Cluster, where each call holds one user, they go as one
+        pipeline per node.
         """
         if not encoded.commands:
             return []
         commands = encoded.commands
         # half the pool at most: a consumer's blocking read (and its acknowledgements) hold
         # connections of the same pool while a batch is applied
-        depth = min(APPEND_CALLS_IN_FLIGHT, max(1, self.config.pool_size // 2))
+        depth = max(1, min(in_flight, APPEND_CALLS_IN_FLIGHT, self.config.pool_size // 2))
 
         async def send() -> list[Any]:
             if self._cluster:
                 return await self._execute(commands)
             one = self._lean.execute if self._lean else self._execute
             replies: list[Any] = []
-            in_flight: collections.deque[tuple[asyncio.Future[list[Any]], frozenset[int]]] = collections.deque()
+            waiting: collections.deque[tuple[asyncio.Future[list[Any]], frozenset[int]]] = collections.deque()
             try:
                 for command, users in zip(commands, encoded.call_users, strict=True):
-                    while in_flight and (len(in_flight) >= depth or any(users & held for _, held in in_flight)):
-                        replies += await in_flight.popleft()[0]
-                    in_flight.append((asyncio.ensure_future(one([command])), users))
-                while in_flight:
-                    replies += await in_flight.popleft()[0]
+                    while waiting and (len(waiting) >= depth or any(users & held for _, held in waiting)):
+                        replies += await waiting.popleft()[0]
+                    waiting.append((asyncio.ensure_future(one([command])), users))
+                while waiting:
+                    replies += await waiting.popleft()[0]
             finally:
-                for left, _ in in_flight:  # after a failure: the other calls are cancelled, or their errors read
+                for left, _ in waiting:  # after a failure: the other calls are cancelled, or their errors read
                     left.cancel()
                     with contextlib.suppress(Exception, asyncio.CancelledError):
                         await left

@@ -85,7 +85,7 @@ from feature_store.codecs import (
 )
 from feature_store.errors import FeatureStoreError, UserError
 from feature_store.logs import RateLimitedLog
-from feature_store.redis_store import EncodedAppends, RedisOnlineStore, create_store
+from feature_store.redis_store import APPEND_CALLS_IN_FLIGHT, EncodedAppends, RedisOnlineStore, create_store
 from feature_store.schema import SchemaError, SchemaSpec
 from feature_store.store import AppendCounts, FeatureStoreConfig, UserAppend
 
@@ -176,6 +176,7 @@ class _Prepared:
     acks: list[tuple[Any, ...]]
     read_at: float
     events: int  # events read: decoded and dead-lettered
+    behind: bool  # read from a backlog (see `StreamConsumer._read`): its script calls go several at a time
     cluster_outcomes: list[str] | None = None  # per append, with a clusterer: see `_assign_clusters`
 
 
@@ -308,9 +309,9 @@ class StreamConsumer:
             pending, self._pending = self._pending, None
             commit = asyncio.create_task(self._commit(pending, result)) if pending is not None else None
             try:
-                entries, result.waited = await self._read() if self.owned else ([], False)
+                entries, result.waited, behind = await self._read() if self.owned else ([], False, False)
                 read_entries = sum(len(batch) for _, batch in entries)
-                prepared = await self._prepare(entries) if read_entries else None
+                prepared = await self._prepare(entries, behind) if read_entries else None
                 if prepared is not None:
                     result.read = prepared.events
                     self._events_per_entry = max(1.0, prepared.events / read_entries)
@@ -348,11 +349,12 @@ class StreamConsumer:
         if pending is not None:
             await self._commit(pending, result if result is not None else StepResult())
 
-    async def _read(self) -> tuple[list[tuple[int, list[tuple[bytes, dict[bytes, bytes]]]]], bool]:
-        """(shard, entries) of this step: pending entries being claimed first, else new ones; and
-        whether the read could block (new entries, on a single node). A read takes the entries
-        that held `batch` events in the last batch: entries hold 1 to 128 events, and a count of
-        entries alone would let a batch of packed entries grow 128 times."""
+    async def _read(self) -> tuple[list[tuple[int, list[tuple[bytes, dict[bytes, bytes]]]]], bool, bool]:
+        """(shard, entries) of this step: pending entries being claimed first, else new ones;
+        whether the read could block (new entries, on a single node); and whether the consumer is
+        behind: pending entries were claimed, or a shard had more new entries than the read took.
+        A read takes the entries that held `batch` events in the last batch: entries hold 1 to 128
+        events, and a count of entries alone would let a batch of packed entries grow 128 times."""
         count = max(1, round(self.config.batch / self._events_per_entry))
         if self._to_claim:
             shards = sorted(self._to_claim)
@@ -370,7 +372,7 @@ class StreamConsumer:
                     self._to_claim[shard] = cursor
                 entries = [(eid, fields) for eid, fields in claimed if fields is not None]
                 out.append((shard, entries))
-            return out, False
+            return out, False, True
         shards = sorted(self.owned)
         if self._block_ms:
             # One XREADGROUP BLOCK over all shards: it returns at once when entries are there, and
@@ -388,7 +390,8 @@ class StreamConsumer:
                                                       retry=False)
                 for key, batch in reply or []:
                     by_key.setdefault(bytes(key), []).extend(batch)
-            return [(s, by_key.get(k, [])) for s, k in zip(shards, keys, strict=True)], True
+            batches = [(s, by_key.get(k, [])) for s, k in zip(shards, keys, strict=True)]
+            return batches, True, any(len(batch) >= count for _, batch in batches)
         commands = [self._read_new([ev.stream_key(s)], count) for s in shards]
         # Not repeated after a failure the command may have reached Redis through (retry=False):
         # a repeated XREADGROUP ">" would read the entries after those the lost reply delivered,
@@ -397,7 +400,7 @@ class StreamConsumer:
         out = []
         for shard, reply in zip(shards, replies, strict=True):
             out.append((shard, list(reply[0][1]) if reply else []))
-        return out, False
+        return out, False, any(len(batch) >= count for _, batch in out)
 
     def _read_new(self, streams: list[bytes], count: int, block_ms: int = 0) -> tuple[Any, ...]:
         """XREADGROUP of up to `count` new entries per stream, waiting up to `block_ms` if any."""
@@ -419,7 +422,8 @@ class StreamConsumer:
         """Send the XACKs owed now."""
         await self._send_with_acks("acknowledge events", [])
 
-    async def _prepare(self, entries: list[tuple[int, list[tuple[bytes, dict[bytes, bytes]]]]]) -> _Prepared:
+    async def _prepare(self, entries: list[tuple[int, list[tuple[bytes, dict[bytes, bytes]]]]], behind: bool,
+                       ) -> _Prepared:
         """A batch decoded into the store's appends (the script calls built), its dead letters and
         its acknowledgements. The CPU work of a large batch runs in a worker thread, so the event
         loop meanwhile sends the previous batch's appends and waits for them; a small batch's runs
@@ -440,7 +444,7 @@ class StreamConsumer:
                 encoded = await _cpu(small, self._encode, state, appends)
         acks = [("XACK", ev.stream_key(shard), ev.GROUP, *(eid for eid, _ in batch)) for shard, batch in entries
                 if batch]
-        return _Prepared(encoded, dead, acks, time.perf_counter(), len(decoded) + len(dead), outcomes)
+        return _Prepared(encoded, dead, acks, time.perf_counter(), len(decoded) + len(dead), behind, outcomes)
 
     def _encode(self, state: _VersionState, appends: list[UserAppend]) -> EncodedAppends | None:
         if not appends:
@@ -472,7 +476,11 @@ class StreamConsumer:
         """Apply a prepared batch. Its acknowledgements ride on the next read (or `close()`): only
         after the appends succeeded, so a failure leaves the entries pending."""
         if batch.appends is not None:
-            counts = await self.store.apply_appends(batch.appends)
+            # Caught up, the calls go one at a time: a serving fetch then waits for one short call
+            # at most, and the batch is applied long before the next arrives. Behind, several go
+            # at once, so the server always has the next one (twice the events/s).
+            in_flight = APPEND_CALLS_IN_FLIGHT if batch.behind else 1
+            counts = await self.store.apply_appends(batch.appends, in_flight=in_flight)
             result.appended += sum(c.appended for c in counts)
             result.duplicates += sum(c.duplicates for c in counts)
             if batch.cluster_outcomes is not None:

@@ -52,7 +52,7 @@ async def drain(consumer: StreamConsumer, rounds: int = 200) -> StepResult:
 
 def consumer(store: OnlineStore, **overrides: Any) -> StreamConsumer:
     assert isinstance(store, RedisOnlineStore)
-    return StreamConsumer(store, ConsumerConfig(shards=SHARDS, batch=50, **overrides))
+    return StreamConsumer(store, ConsumerConfig(**({"shards": SHARDS, "batch": 50} | overrides)))
 
 
 def new_events(users: list[int], items: list[int], per_user: int, t0: int, tag: str) -> list[ev.StreamEvent]:
@@ -234,6 +234,87 @@ async def test_a_user_in_two_appends_of_one_batch_keeps_their_order(store: Onlin
     await store.apply_appends(encoded)
     got = (await store.fetch(user, [], max_sequence_length=CAP)).sequence
     assert got.timestamp.tolist() == [1_800_000_001, 1_800_000_002]
+
+
+@pytest.mark.parametrize("in_flight", [1, 4])
+async def test_script_calls_in_flight_are_bounded(store: OnlineStore, backend: Backend, in_flight: int) -> None:
+    """`apply_appends(in_flight=N)` keeps at most N calls in flight on a single node, and does
+    keep N in flight for a burst of more calls than that."""
+    from feature_store.codecs import encode_sequence
+    from feature_store.store import UserAppend
+
+    if backend.name == "cluster":
+        pytest.skip("a Cluster sends one pipeline per node")
+    assert isinstance(store, RedisOnlineStore)
+    await ingested(store)
+    version = await store.active_version()
+    assert version is not None
+    appends = [UserAppend(u, encode_sequence([5], [1], [0], [1_800_000_000]), [b"f%d" % u])
+               for u in range(8_000_000, 8_000_200)]
+    encoded = store.encode_appends(appends, version, cap=CAP)
+    assert len(encoded.commands) > 4
+    send = store._lean.execute if store._lean else store._execute
+    now = most = 0
+
+    async def counted(commands: list[tuple[Any, ...]]) -> list[Any]:
+        nonlocal now, most
+        now += 1
+        most = max(most, now)
+        try:
+            return await send(commands)
+        finally:
+            now -= 1
+
+    if store._lean:
+        store._lean.execute = counted  # type: ignore[method-assign]
+    else:
+        store._execute = counted  # type: ignore[method-assign]
+    try:
+        counts = await store.apply_appends(encoded, in_flight=in_flight)
+    finally:
+        vars(store._lean if store._lean else store).pop("execute" if store._lean else "_execute")
+    assert [c.appended for c in counts] == [1] * len(appends)
+    assert most == in_flight
+
+
+async def test_a_consumer_sends_calls_one_at_a_time_when_it_keeps_up_and_several_when_behind(
+    store: OnlineStore, backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Caught up (every shard's read took all there was), a batch's script calls go one at a
+    time, so a serving fetch waits for one short call at most; with a backlog (a read took as
+    many entries as it asks for), APPEND_CALLS_IN_FLIGHT at once."""
+    from feature_store.redis_store import APPEND_CALLS_IN_FLIGHT
+
+    assert isinstance(store, RedisOnlineStore)
+    events, _ = await ingested(store)
+    items = [int(i) for i in np.unique(events.item_id)[:5]]
+    apply = store.apply_appends
+    in_flight: list[int] = []
+
+    async def recorded(encoded: Any, **options: Any) -> Any:
+        in_flight.append(options["in_flight"])
+        return await apply(encoded, **options)
+
+    monkeypatch.setattr(store, "apply_appends", recorded)
+    producer = ev.EventProducer(sync_client(backend), shards=SHARDS)
+    c = consumer(store, batch=1000)
+    producer.send(new_events(list(range(9_000_000, 9_000_040)), items, per_user=1, t0=1_800_000_000, tag="k"))
+    assert (await drain(c)).appended == 40
+    assert in_flight == [1]
+    await c.close()  # gives its shards back
+
+    in_flight.clear()
+    client = sync_client(backend)
+    pipe = client.pipeline(transaction=False)
+    for event in new_events(list(range(9_000_000, 9_000_400)), items, per_user=1, t0=1_800_000_100, tag="b"):
+        pipe.xadd(ev.stream_key(ev.shard_of(str(event.user_id), SHARDS)),  # one event an entry: 100 a shard
+                  {"id": event.event_id, "u": str(event.user_id), "i": str(event.item_id), "a": event.action,
+                   "t": str(event.timestamp)})
+    pipe.execute()
+    behind = consumer(store, batch=50, name="behind")  # reads of 50 entries a shard: a backlog
+    assert (await drain(behind)).appended == 400
+    assert in_flight[0] == APPEND_CALLS_IN_FLIGHT
+    await behind.close()
 
 
 @pytest.mark.parametrize("lean_reads", [False, True])
@@ -437,12 +518,12 @@ async def test_a_batch_that_fails_during_a_claim_walk_is_claimed_again(
     apply = store.apply_appends
     calls = 0
 
-    async def second_apply_fails(encoded: Any) -> Any:  # the first batch of the walk lands; the next one fails
-        nonlocal calls
+    async def second_apply_fails(encoded: Any, **options: Any) -> Any:  # the first batch of the walk lands;
+        nonlocal calls  # the next one fails
         calls += 1
         if calls == 2:
             raise FeatureStoreError("injected: Redis went away while the batch was applied")
-        return await apply(encoded)
+        return await apply(encoded, **options)
 
     monkeypatch.setattr(store, "apply_appends", second_apply_fails)
     second = consumer(store, lease_ms=300, name="second")
