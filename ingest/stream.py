@@ -60,7 +60,7 @@ import signal
 import socket
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, TypeVar
 
@@ -577,9 +577,12 @@ class StreamConsumer:
         for outcome, n in tally.items():
             self.metrics.cluster_ids.labels(outcome).inc(n)
 
-    async def _resolve_items(self, state: _VersionState, wanted: set[int]) -> dict[int, int]:
-        """Item key -> its stored index and category, packed (`index << 24 | category`: plain ints,
-        so a million cached items are not a million objects for the garbage collector to walk)."""
+    async def _resolve_items(self, state: _VersionState, wanted: set[int]) -> Mapping[int, int]:
+        """The version's item cache, once it holds every item of `wanted` the store has: item key
+        -> its stored index and category, packed (`index << 24 | category`: plain ints, so a
+        million cached items are not a million objects for the garbage collector to walk). An
+        item the store lacks is not in it. Only this method changes the cache, one batch at a
+        time, so a worker thread may read it while the batch is encoded."""
         cache = state.items
         missing = [k for k in wanted if k not in cache]
         if missing:
@@ -591,10 +594,9 @@ class StreamConsumer:
             values = await self.store.read_items(state.version, missing)
             index, category, found, _ = decode_item_values(values, missing)
             packed = ((index << _CATEGORY_BITS) | category).tolist()
-            for k, p, f in zip(missing, packed, found.tolist(), strict=True):
-                if f:  # not cached when unknown: a catalogue upsert may add it
-                    cache[k] = p
-        return {k: cache.get(k, 0) for k in wanted}
+            known = found.tolist()  # not cached when unknown: a catalogue upsert may add it
+            cache.update(zip(itertools.compress(missing, known), itertools.compress(packed, known), strict=True))
+        return cache
 
     async def _update_lag(self) -> None:
         now = time.monotonic()
@@ -729,14 +731,15 @@ class CentroidCache:
         return entry
 
 
-def user_appends(decoded: list[ev.DecodedEvent], items: dict[int, int]) -> list[UserAppend]:
+def user_appends(decoded: list[ev.DecodedEvent], items: Mapping[int, int]) -> list[UserAppend]:
     """The batch's events per user, each user's in entry order, encoded as sequence records at once
-    (one numpy pass for the whole batch, not one per user). `items`: item key -> index << 24 | category."""
+    (one numpy pass for the whole batch, not one per user). `items`: item key -> index << 24 |
+    category; an item not in it gets index and category 0 (the unknown item's)."""
     event_ids, users, item_keys, actions, times = zip(*decoded, strict=True)
     n = len(decoded)
     user = np.fromiter(users, dtype=np.int64, count=n)
     order = np.argsort(user, kind="stable")
-    packed = np.fromiter((items[k] for k in item_keys), dtype=np.int64, count=n)[order]
+    packed = np.fromiter(map(items.get, item_keys, itertools.repeat(0)), dtype=np.int64, count=n)[order]
     records = encode_sequence(packed >> _CATEGORY_BITS, packed & ((1 << _CATEGORY_BITS) - 1),
                               np.asarray(actions, dtype=np.int64)[order], np.asarray(times, dtype=np.int64)[order])
     sorted_users = user[order]
