@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from loadtest.loadgen import print_report
 
 
 async def _case(url: str, users: int, rounds: int, cap: int, stored: int) -> dict[str, Any]:
@@ -81,9 +81,7 @@ def main(argv: list[str] | None = None) -> int:
              "|---|---|---|---|---|"]
     lines += [f"| {c['stored_events']:,} | {c['valkey_us_per_call']} | {c['valkey_us_per_event']} | "
               f"{c['calls_per_append']} | {c['wall_ms_per_append']} |" for c in cases]
-    sys.stdout.write("\n".join(lines) + "\n")
-    if args.out:
-        args.out.write_text(json.dumps(report, indent=1))
+    print_report(lines, report, args.out)
     return 0
 
 

@@ -15,15 +15,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from loadtest.loadgen import print_report
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,9 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     lines = ["| part | p50 ms | mean ms |", "|---|---|---|"]
     lines += [f"| {name} | {v['p50']} | {v['mean']} |" for name, v in report["parts_ms"].items()]
     lines.append(f"| **process CPU per request (inputs + scorer)** | | {report['cpu_ms_per_request']} |")
-    sys.stdout.write("\n".join(lines) + "\n")
-    if args.out:
-        args.out.write_text(json.dumps(report, indent=1))
+    print_report(lines, report, args.out)
     return 0
 
 

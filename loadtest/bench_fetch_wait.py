@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import multiprocessing
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from loadtest.loadgen import print_report
 
 VERSION = "waitbench"
 TICK_S = 0.02
@@ -142,9 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, s in report["phases"].items():
         lines.append(f"| {name} | {s['p50']} | {s['p99']} | {s['p99_9']} | {s['max']} | {s['mean']} | "
                      f"{s.get('valkey_us_per_script_call', '')} |")
-    sys.stdout.write("\n".join(lines) + "\n")
-    if args.out:
-        args.out.write_text(json.dumps(report, indent=1))
+    print_report(lines, report, args.out)
     return 0
 
 

@@ -17,10 +17,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import random
+import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -46,6 +49,13 @@ class LoadResult:
             "throughput_rps": round(len(self.latencies_ms) / self.seconds, 2) if self.seconds else 0.0,
             "errors": self.errors[:3],
         }
+
+
+def print_report(table: list[str], report: dict[str, Any], out: Path | None) -> None:
+    """Print a benchmark's markdown table; write its JSON report to `out` if given."""
+    sys.stdout.write("\n".join(table) + "\n")
+    if out is not None:
+        out.write_text(json.dumps(report, indent=1))
 
 
 def latency_summary(latencies_ms: Sequence[float]) -> dict[str, Any]:
