@@ -1069,6 +1069,8 @@ class RedisOnlineStore(OnlineStore):
                                               a.cluster_ids[lo * CLUSTER_ENTRY_SIZE : hi * CLUSTER_ENTRY_SIZE]))
                     owners.append(k)
                     counts.append(hi - lo)
+        if not entries:  # nothing to send: no appends, or none with an event
+            return EncodedAppends([], [], len(appends), with_ids, [])
         # calls of consecutive entries: on a single node up to APPEND_ONCE_USERS entries and
         # APPEND_ONCE_CHUNK events; in a Cluster one entry each (a script touches one slot)
         bounds = [0]
@@ -1116,8 +1118,8 @@ class RedisOnlineStore(OnlineStore):
         events keep their order. In a Cluster, where each call holds one user, they go as one
         pipeline per node.
         """
-        if not encoded.commands:
-            return []
+        if not encoded.commands:  # appends without events: nothing done, and nothing sent
+            return [AppendCounts(0, 0, 0)] * encoded.users
         commands = encoded.commands
         # half the pool at most: a consumer's blocking read (and its acknowledgements) hold
         # connections of the same pool while a batch is applied

@@ -382,6 +382,7 @@ class StreamConsumer:
             (reply,) = await self._send_with_acks("read events", [self._read_new(keys, count, self._block_ms)],
                                                   retry=False)
             by_key = {bytes(key): list(batch) for key, batch in reply or []}
+            behind = any(len(batch) >= count for batch in by_key.values())
             if count > 1 and sum(len(batch) for batch in by_key.values()) == 1:
                 # Woken by the first entry of a burst: Redis serves a blocked reader after the
                 # first command of a producer's pipeline of XADDs, so the rest is there by now and
@@ -389,9 +390,9 @@ class StreamConsumer:
                 (reply,) = await self._send_with_acks("read events", [self._read_new(keys, count - 1)],
                                                       retry=False)
                 for key, batch in reply or []:
+                    behind = behind or len(batch) >= count - 1  # all this read asked of that shard
                     by_key.setdefault(bytes(key), []).extend(batch)
-            batches = [(s, by_key.get(k, [])) for s, k in zip(shards, keys, strict=True)]
-            return batches, True, any(len(batch) >= count for _, batch in batches)
+            return [(s, by_key.get(k, [])) for s, k in zip(shards, keys, strict=True)], True, behind
         commands = [self._read_new([ev.stream_key(s)], count) for s in shards]
         # Not repeated after a failure the command may have reached Redis through (retry=False):
         # a repeated XREADGROUP ">" would read the entries after those the lost reply delivered,
