@@ -549,12 +549,20 @@ def _serving_rounds(server: ServerProcess, bodies: Sequence[bytes], redis_url: s
 
     phases = ["idle", "consuming"] + (["control"] if control_cores else [])
     lat: dict[str, list[float]] = {phase: [] for phase in phases}
+    idle_by_parity: tuple[list[float], list[float]] = ([], [])
     for r in range(rounds):
         # the order rotates, so that each phase comes first as often as the others
         for phase in phases[r % len(phases):] + phases[: r % len(phases)]:
             with beside(phase) as extra, meter.phase(phase, extra):
-                lat[phase] += asyncio.run(measure())
+                got = asyncio.run(measure())
+            lat[phase] += got
+            if phase == "idle":
+                idle_by_parity[r % 2].extend(got)
     summary = {k: latency_summary(v) for k, v in lat.items()}
+    # The same ratio between two halves of the idle phase (odd rounds over even rounds): what
+    # this measurement gives when nothing differs, at half the requests of each side.
+    idle_aa = (round(float(np.percentile(idle_by_parity[1], 99)) / float(np.percentile(idle_by_parity[0], 99)), 3)
+               if idle_by_parity[0] and idle_by_parity[1] else None)
 
     def ratio(phase: str, q: str) -> float:
         return round(float(summary[phase][q]) / float(summary["idle"][q]), 3)
@@ -565,6 +573,7 @@ def _serving_rounds(server: ServerProcess, bodies: Sequence[bytes], redis_url: s
                    "control_p50_ratio": ratio("control", "p50")}
     return summary | control | {
         "p99_ratio": ratio("consuming", "p99"), "p50_ratio": ratio("consuming", "p50"),
+        "idle_halves_p99_ratio": idle_aa,
         "background_events_per_s": round(float(np.mean(achieved))) if achieved else 0,
         "rounds": rounds, "requests_per_round": requests, "cores": meter.cores(),
         "valkey_command_cores": meter.valkey_commands(), "valkey_calls_per_s": meter.valkey_calls(),
@@ -595,6 +604,9 @@ def markdown_rows(doc: dict[str, Any]) -> list[str]:
         nice = f", consumer at nice {s['consumer_nice']}" if s.get("consumer_nice") else ""
         rows.append(f"| REST c=1 p99 idle / consuming ({s['background_events_per_s']:,} events/s{nice}) | "
                     f"{s['idle']['p99']} / {s['consuming']['p99']} ms (ratio {s['p99_ratio']}) |")
+        if s.get("idle_halves_p99_ratio") is not None:
+            rows.append(f"| REST c=1 p99 of the idle phase, odd rounds / even rounds (what the ratio is when nothing "
+                        f"differs) | {s['idle_halves_p99_ratio']} |")
         if "control" in s:
             rows.append(f"| REST c=1 p99 idle / beside {s['control_cores']} cores of plain CPU work (control, no "
                         f"events) | {s['idle']['p99']} / {s['control']['p99']} ms (ratio {s['control_p99_ratio']}) |")

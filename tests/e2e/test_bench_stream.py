@@ -34,6 +34,7 @@ def test_bench_stream_section(tmp_path: Path) -> None:
     serving = report["serving_while_consuming"]
     assert serving["idle"]["n"] == serving["consuming"]["n"] == serving["control"]["n"] == 2 * 40
     assert serving["control_cores"] == 0.1 and serving["control_p99_ratio"] > 0
+    assert serving["idle_halves_p99_ratio"] > 0  # one idle round of each parity
     assert serving["background_events_per_s"] > 0
     assert serving["consumer_nice"] == 5  # `consume --nice 5`, as the kernel reports the process
     cores = serving["cores"]
