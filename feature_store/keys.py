@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from collections.abc import Sequence as SequenceABC
 
 KEY_PREFIX = "rs"
 ACTIVE_KEY = b"rs:active"
@@ -79,16 +78,6 @@ def append_keys(version: str, user_id: int) -> tuple[bytes, bytes, bytes]:
     """The keys a streamed append writes: sequence, clusters, event ids (one prefix, built once)."""
     prefix = user_prefix(version, user_id)
     return prefix + b"seq", prefix + b"clu", prefix + b"evid"
-
-
-def append_keys_of(version: str, user_ids: SequenceABC[int]) -> list[bytes]:
-    """`append_keys` of each user, flat (sequence, clusters, event ids, then the next user's)."""
-    head = f"{KEY_PREFIX}:{version}:{{u"
-    out: list[bytes] = []
-    for user_id in user_ids:
-        prefix = f"{head}{int(user_id)}}}:".encode()
-        out += (prefix + b"seq", prefix + b"clu", prefix + b"evid")
-    return out
 
 
 def item_prefix(version: str) -> bytes:

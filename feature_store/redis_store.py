@@ -75,7 +75,6 @@ from feature_store.logs import RateLimitedLog
 from feature_store.store import (
     STATUS_COMPLETE,
     STATUS_DROPPING,
-    TRIM_SLACK_DIVISOR,
     AppendCounts,
     FeatureStoreConfig,
     FetchCounts,
@@ -86,6 +85,7 @@ from feature_store.store import (
     StoreHealth,
     UserAppend,
     VersionMeta,
+    trim_slack,
 )
 
 log = logging.getLogger(__name__)
@@ -100,14 +100,13 @@ AnyClient = Redis | RedisCluster
 # concurrent appends never interleave between the APPEND and the trim. `clu`, the user's
 # behaviour clusters (same hash tag, so legal in Cluster), covers the oldest events: when the
 # trim drops n records, the script drops their n cluster ids too, so the ids stay aligned.
-# ARGV of both scripts starts: cap bytes, ttl, old-format cluster header size, record size,
-# cluster entry size. `ids_offset` reads where a clustering's ids start from its header
-# (`codecs.decode_cluster_header`, whose magic and header size fill the placeholders): after the
-# header and C x D float32 centroids.
+# ARGV of both scripts starts (`_append_trim_args`): cap bytes, slack bytes, ttl, old-format
+# cluster header size, record size, cluster entry size. `ids_offset` reads where a clustering's
+# ids start from its header (`codecs.decode_cluster_header`, whose magic and header size fill the
+# placeholders): after the header and C x D float32 centroids.
 _APPEND_TRIM_LUA = """
-local cap, ttl = tonumber(ARGV[1]), tonumber(ARGV[2])
-local header_v1, size, entry = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
-local slack = math.max(1, math.floor(cap / size / $SLACK_DIVISOR)) * size
+local cap, slack, ttl = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local header_v1, size, entry = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
 local function ids_offset(h)
   if string.sub(h, 1, 4) == '$MAGIC' then
     local c = string.byte(h, 13) + 256 * string.byte(h, 14)
@@ -135,9 +134,8 @@ local function append_trim(seq, clu_key, payload)
   end
   return len
 end
-""".replace("$MAGIC", CLUSTER_MAGIC.decode()).replace("$HEADER", str(CLUSTER_HEADER_SIZE)).replace(
-    "$SLACK_DIVISOR", str(TRIM_SLACK_DIVISOR))
-# KEYS: sequence, clusters; ARGV 6: the records.
+""".replace("$MAGIC", CLUSTER_MAGIC.decode()).replace("$HEADER", str(CLUSTER_HEADER_SIZE))
+# KEYS: sequence, clusters; ARGV 7: the records.
 # `update_meta`: replace the meta key only while it exists and its status is not ARGV[2] (dropping);
 # one key, so one slot in a Cluster. A meta that is not JSON is replaced, as `put_meta` would.
 _UPDATE_META_LUA = """
@@ -148,7 +146,13 @@ if ok and type(doc) == 'table' and doc['status'] == ARGV[2] then return 0 end
 redis.call('SET', KEYS[1], ARGV[1])
 return 1
 """
-APPEND_SCRIPT = _APPEND_TRIM_LUA + "return append_trim(KEYS[1], KEYS[2], ARGV[6])\n"
+APPEND_SCRIPT = _APPEND_TRIM_LUA + "return append_trim(KEYS[1], KEYS[2], ARGV[7])\n"
+
+
+def _append_trim_args(cap: int, ttl_seconds: int | None) -> tuple[int, ...]:
+    """The ARGV both append scripts start with, for a sequence capped at `cap` events."""
+    return (cap * SEQ_RECORD_SIZE, trim_slack(cap) * SEQ_RECORD_SIZE, int(ttl_seconds or 0), CLUSTER_HEADER_SIZE_V1,
+            SEQ_RECORD_SIZE, CLUSTER_ENTRY_SIZE)
 
 # The streaming consumer's append, for one or more users in one call (one user per call in a
 # Cluster, whose scripts may touch one slot only). Each record comes with the 8-byte hash of its
@@ -160,19 +164,19 @@ APPEND_SCRIPT = _APPEND_TRIM_LUA + "return append_trim(KEYS[1], KEYS[2], ARGV[6]
 # id (the nearest centroid of the clustering whose 20-byte header is given): the fresh records'
 # ids are appended to the clustering when it is still that clustering (same header) and covers
 # every event before the append, so ids and events stay aligned; otherwise the new events stay
-# without an id. KEYS: sequence, clusters, id hashes, per user. ARGV 6: hashes kept per user, 7:
-# their TTL in seconds, 8: "1" when cluster ids follow, else "0"; then the call's users' data
+# without an id. KEYS: sequence, clusters, id hashes, per user. ARGV 7: hashes kept per user, 8:
+# their TTL in seconds, 9: "1" when cluster ids follow, else "0"; then the call's users' data
 # packed in a few strings, in KEYS order (thousands of small arguments cost the server more to
-# parse than the script's own work): 9: each user's event count n (u16 little-endian), 10: the
-# records, 11: the event id hashes, and with ids 12: each user's cluster header (all zero bytes:
-# none) and 13: one u16 id per event (ignored for a user without a header). Returns, flat, per
+# parse than the script's own work): 10: each user's event count n (u16 little-endian), 11: the
+# records, 12: the event id hashes, and with ids 13: each user's cluster header (all zero bytes:
+# none) and 14: one u16 id per event (ignored for a user without a header). Returns, flat, per
 # user {appended, duplicates} and with ids also the number of events stored with an id.
 APPEND_ONCE_SCRIPT = _APPEND_TRIM_LUA + """
-local window, id_ttl = tonumber(ARGV[6]) * 8, tonumber(ARGV[7])
-local with_ids = ARGV[8] == '1'
-local counts, records_all, hashes_all = ARGV[9], ARGV[10], ARGV[11]
+local window, id_ttl = tonumber(ARGV[7]) * 8, tonumber(ARGV[8])
+local with_ids = ARGV[9] == '1'
+local counts, records_all, hashes_all = ARGV[10], ARGV[11], ARGV[12]
 local headers, ids_all, header_size = '', '', $HEADER
-if with_ids then headers, ids_all = ARGV[12], ARGV[13] end
+if with_ids then headers, ids_all = ARGV[13], ARGV[14] end
 local no_header = string.rep('\\0', header_size)
 local function seen_in(hashes, h)
   local from = 1
@@ -1001,8 +1005,7 @@ class RedisOnlineStore(OnlineStore):
             payload = encode_sequence(events.item, events.category, events.action, events.timestamp)
         except CodecError as exc:
             raise FeatureStoreDataError(f"append for user {user_id}: {exc}") from exc
-        args: list[bytes | int] = [limit * SEQ_RECORD_SIZE, int(ttl_seconds or 0), CLUSTER_HEADER_SIZE_V1,
-                                   SEQ_RECORD_SIZE, CLUSTER_ENTRY_SIZE, payload]
+        args: list[bytes | int] = [*_append_trim_args(limit, ttl_seconds), payload]
         # APPEND is not idempotent: a lost reply could mean it was applied, so no retry here.
         # The error is still marked retriable; a caller that retries accepts at-least-once.
         length = await self._run(
@@ -1043,8 +1046,7 @@ class RedisOnlineStore(OnlineStore):
         if limit < 1 or id_window < 1 or id_ttl_s < 1:
             raise ValueError("cap, id_window and id_ttl_s must be >= 1")
         with_ids = any(a.cluster_ids for a in appends)
-        fixed = (limit * SEQ_RECORD_SIZE, int(ttl_seconds or 0), CLUSTER_HEADER_SIZE_V1, SEQ_RECORD_SIZE,
-                 CLUSTER_ENTRY_SIZE, int(id_window), int(id_ttl_s), b"1" if with_ids else b"0")
+        fixed = (*_append_trim_args(limit, ttl_seconds), int(id_window), int(id_ttl_s), b"1" if with_ids else b"0")
         counts = [len(a.event_ids) for a in appends]
         if [len(a.records) for a in appends] != [SEQ_RECORD_SIZE * n for n in counts]:
             bad = next(a for a in appends if len(a.records) != SEQ_RECORD_SIZE * len(a.event_ids))
@@ -1083,7 +1085,7 @@ class RedisOnlineStore(OnlineStore):
             held += n
         bounds.append(len(entries))
         # the packed arguments of all calls at once, each call's sliced out by its events
-        user_keys = keys.append_keys_of(ver, [a.user_id for a in entries])
+        user_keys = [key for a in entries for key in keys.append_keys(ver, a.user_id)]
         records = b"".join([a.records for a in entries])
         hashes = b"".join(map(event_id_hash, itertools.chain.from_iterable(a.event_ids for a in entries)))
         if with_ids:

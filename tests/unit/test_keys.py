@@ -68,9 +68,3 @@ def test_append_keys_are_the_users_keys() -> None:
     assert keys.append_keys("v1", 42) == (b"rs:v1:{u42}:seq", b"rs:v1:{u42}:clu", b"rs:v1:{u42}:evid")
     assert keys.append_keys("v1", 42) == (keys.sequence_key("v1", 42), keys.clusters_key("v1", 42),
                                           keys.event_ids_key("v1", 42))
-
-
-def test_append_keys_of_many_users_are_each_users_keys_in_order() -> None:
-    users = [42, 7, -3, 42]
-    assert keys.append_keys_of("v1", users) == [k for u in users for k in keys.append_keys("v1", u)]
-    assert keys.append_keys_of("v1", []) == []
